@@ -1,0 +1,200 @@
+"""Command line: each command is a thin shell over one library call."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+def model_options(f):
+    """Options shared by every command that loads a model and calibration text."""
+    opts = [
+        click.option("--model", "model", default=None, metavar="M",
+                     help="Recipe name (see `mka-edge recipes`), recipe .yaml, Hugging Face directory, .gguf file or hub id. Default: the embedded SmolLM2-135M."),
+        click.option("--device", default="auto", show_default=True, help="Where tensor work runs: auto, cpu or cuda."),
+        click.option("--dtype", default="auto", show_default=True, help="Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16."),
+        click.option("--calibration", type=click.Path(), default=None, help="Your calibration text: .txt (documents split by two blank lines) or .jsonl with a 'text' field. Default: packaged Wikipedia articles."),
+        click.option("--samples", type=int, default=None, help="Calibration sequences (default from the recipe, else 32)."),
+        click.option("--seq-len", type=int, default=None, help="Tokens per calibration sequence (default from the recipe, else 256)."),
+        click.option("--positions", type=int, default=None, help="Token vectors sampled per layer for the diffusion maps (default 512; position 0 is never sampled)."),
+        click.option("--repeats", type=int, default=8, show_default=True, help="Independent position subsamples whose NMI matrices are averaged (steadier ranking)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for window and position sampling and k-means."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub to run (off unless you ask)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _context(model, device, dtype, calibration, samples, seq_len, positions, repeats, seed, trust_remote_code, **extra):
+    from .device import resolve_device, resolve_dtype
+    from .mka.context import MergeContext, MergeSettings
+    from .models.loading import load_model
+
+    dev = resolve_device(device)
+    lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    cal = lm.recipe.get("calibration", {}) if lm.recipe else {}
+    settings = MergeSettings(
+        samples=samples or cal.get("samples", 32), seq_len=seq_len or cal.get("seq_len", 256),
+        positions=positions or cal.get("positions", 512), repeats=repeats, seed=seed,
+        calibration=str(calibration) if calibration else None, **extra)
+    return MergeContext(lm, settings, dev)
+
+
+def handle_errors(f):
+    @functools.wraps(f)
+    def wrapper(*a, **kw):
+        try:
+            return f(*a, **kw)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except torch_oom() as exc:  # type: ignore[misc]
+            click.echo(f"error: out of memory ({str(exc).splitlines()[0][:120]}); use fewer --samples or a smaller --seq-len", err=True)
+            sys.exit(3)
+    return wrapper
+
+
+def torch_oom():
+    try:
+        import torch
+
+        return torch.OutOfMemoryError
+    except (ImportError, AttributeError):
+        return MemoryError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="mka-edge")
+def cli() -> None:
+    """mka-edge: shrink a language model to fit an edge device by merging layers (MKA) and
+    quantizing, and check the result in its real runtime."""
+    _quiet_libraries()
+
+
+@cli.command()
+@handle_errors
+def recipes() -> None:
+    """List the model recipes shipped with mka-edge."""
+    from .models.recipes import find_recipe, known_recipes
+
+    for name in known_recipes():
+        r = find_recipe(name)
+        src = r["source"].get("hub_id") or r["source"].get("path") or ""
+        click.echo(f"{name:16} {r.get('architecture', '?'):8} {r.get('num_layers', '?'):>3} layers  {src}")
+
+
+@cli.command()
+@model_options
+@click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder for similarity.json and similarity.png.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Also rank the top adjacent pairs under this many seeds in all, to check stability.")
+@handle_errors
+def analyze(out, seeds, **opts) -> None:
+    """Layer similarity: diffusion maps of each layer's activations, NMI of their k-means labels.
+
+    One forward pass per calibration batch gathers every layer; writes similarity.json (the LxL
+    matrix) and a heatmap PNG, and prints the most similar adjacent pairs."""
+    from .analysis import analyze as run
+
+    ctx = _context(**opts)
+    res = run(ctx, Path(out), seeds=seeds)
+    click.echo(f"{res['num_layers']} layers; most similar adjacent pairs (NMI):")
+    for row in res["top_adjacent"]:
+        click.echo(f"  layers {row['pair'][0]:>2}-{row['pair'][1]:<2}  {row['similarity']:.3f}")
+    for s, rows in res.get("seed_check", {}).items():
+        click.echo(f"  seed {s}: " + ", ".join(f"{r['pair'][0]}-{r['pair'][1]}" for r in rows))
+    click.echo(f"wrote {Path(out) / 'similarity.json'} and {Path(out) / 'similarity.png'}")
+
+
+@cli.command()
+@model_options
+@click.option("--merge-layers", "-k", "k", type=int, required=True, help="How many layers to merge away (K): the result has L - K layers.")
+@click.option("--method", type=click.Choice(["auto", "mka", "mka-guided", "mka-oneshot", "drop-last", "shortgpt", "angular", "sleb"]),
+              default="auto", show_default=True,
+              help="auto: per K the least calibration-loss plan among mka-guided, sleb, shortgpt, angular, drop-last. "
+                   "mka: the literal paper method (iterative, most similar pair, alpha rule). mka-guided: protected "
+                   "first/last layer, loss-guided choice among the most similar pairs. Others: baselines.")
+@click.option("--alpha", default="calibrated", show_default=True,
+              help="Fusion weight rule: paper (alpha = NMI of the pair on the lower layer), calibrated (grid search "
+                   "on calibration loss), or a number in [0, 1].")
+@click.option("--loss-samples", type=int, default=4, show_default=True, help="Calibration sequences used to score candidate merges.")
+@click.option("--heldout-chunks", type=int, default=4, show_default=True, help="512-token held-out chunks for the quality after each step (0: skip).")
+@click.option("--no-cache", is_flag=True, help="Recompute the trajectory even if it is cached.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the merged Hugging Face model and merge_log.json.")
+@handle_errors
+def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, **opts) -> None:
+    """Merge K layers away and write a Hugging Face model directory that transformers loads."""
+    from .merging import merge as run
+    from .mka.methods import check_alpha
+
+    alpha = check_alpha(alpha)
+    if k < 1:
+        raise UserError(f"--merge-layers must be at least 1 (got {k})")
+    ctx = _context(loss_samples=loss_samples, **opts)
+    log = run(ctx, k, method, alpha, Path(out), heldout=heldout_chunks, use_cache=not no_cache)
+    click.echo(f"{log['layers_before']} -> {log['layers_after']} layers with {method} (alpha {alpha})")
+    for st in log["steps"]:
+        what = f"fuse {st['pair_sources'][0]}+{st['pair_sources'][1]} alpha {st['alpha']:.2f}" if st["action"] == "fuse" \
+            else f"remove {st.get('removed_now', st.get('removed'))}"
+        q = st.get("heldout") or {}
+        extra = f"  held-out KL {q['kl']:.4f}  ppl {q['ppl']:.2f}  top-1 {q['top1']:.3f}" if q else ""
+        click.echo(f"  K={st['k']:>2} [{st['method']}] {what:34} calib KL {st['calib_kl']:.4f}{extra}")
+    click.echo(f"wrote {out} (merge_log.json inside)")
+
+
+@cli.command(name="eval")
+@click.option("--model", "model", default=None, metavar="M", help="Model to measure (recipe, directory, .gguf, hub id).")
+@click.option("--reference", default=None, metavar="R", help="Reference model; default: the source named in the model's merge_log.json, else the model itself.")
+@click.option("--heldout-chunks", type=int, default=8, show_default=True, help="512-token held-out chunks for KL, perplexity and top-1.")
+@click.option("--mmlu-per-subject", type=int, default=2, show_default=True, help="MMLU questions per subject (57 subjects; 0 skips MMLU).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON here.")
+@handle_errors
+def eval_cmd(model, reference, heldout_chunks, mmlu_per_subject, device, out) -> None:
+    """Quality of a model against its reference: mean KL(ref || model) in nats on held-out text,
+    perplexity change, top-1 agreement, and MMLU (letter and cloze) beside chance."""
+    from .evaluation import evaluate
+
+    res = evaluate(model, reference, heldout_chunks, mmlu_per_subject, device)
+    q = res["heldout"]
+    click.echo(f"model {res['model']} vs reference {res['reference']}")
+    click.echo(f"  held-out ({q['tokens']} positions): KL {q['kl']:.4f} nats  ppl {q['ppl']:.2f} (ref {q['ref_ppl']:.2f}, "
+               f"{q['ppl_change_pct']:+.1f}%)  top-1 {100 * q['top1']:.1f}%")
+    for name in ("mmlu", "mmlu_cloze"):
+        if name in res:
+            m = res[name]
+            click.echo(f"  {name:10} {100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}] "
+                       f"on {m['n']} questions (chance 25%)")
+    if out:
+        from .cache import atomic_write_text
+
+        atomic_write_text(Path(out), json.dumps(res, indent=2))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Vendored data slices (see LICENSES.md next to this file)."""

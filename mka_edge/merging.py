@@ -1,0 +1,84 @@
+"""`mka-edge merge`: run (or read from cache) a merge trajectory and write the model at K."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calibration import heldout_chunks
+from .errors import UserError
+from .mka.context import MergeContext
+from .mka.fusion import identity, realize
+from .mka.layers import temporary_stack
+from .mka.output import build_model, layer_map, save_merged
+from .mka.trajectory import trajectory
+from .quality import Reference, compare
+
+ALPHA_RULES = {
+    "paper": "alpha = S(l, l+1), the NMI of the pair, on the lower layer l and 1 - alpha on l+1",
+    "calibrated": "alpha from the grid {0, .25, .5, .75, 1} with the least calibration KL; 0 or 1 is plain removal of one layer",
+}
+
+
+def check_k(k: int, n_layers: int) -> None:
+    if k < 1:
+        raise UserError(f"--merge-layers must be at least 1 (got {k})")
+    if k >= n_layers:
+        raise UserError(f"--merge-layers {k} would leave no layer: the model has {n_layers}; use at most {n_layers - 1}")
+
+
+def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress: bool) -> list[dict]:
+    """Held-out quality (KL, perplexity, top-1) of the stack after each step."""
+    if n_chunks <= 0:
+        return [{} for _ in steps]
+    chunks = heldout_chunks(ctx.lm.tokenizer, n_chunks)
+    ctx.reset()
+    ref = Reference(ctx.model, chunks, ctx.device)
+    for i in range(n_chunks):
+        ref.logp(i)
+    out = []
+    for st in tqdm(steps, desc="held-out quality per step", disable=not progress, leave=False):
+        layers = realize(ctx.originals, st["composition"], ctx.names)
+        with temporary_stack(ctx.model, ctx.arch, layers):
+            out.append(compare(ctx.model, ref).as_dict())
+    return out
+
+
+def merge(ctx: MergeContext, k: int, method: str, alpha: str, out: Path | None,
+          heldout: int = 4, use_cache: bool = True, progress: bool = True) -> dict:
+    check_k(k, ctx.n_original)
+    traj = trajectory(ctx, method, k, alpha, use_cache=use_cache, progress=progress)
+    steps = traj["steps"][:k]
+    quality = heldout_along(ctx, steps, heldout, progress)
+    comp = steps[-1]["composition"]
+    log = {
+        "mka_edge": __version__,
+        "source": ctx.lm.source,
+        "source_fingerprint": ctx.lm.fingerprint,
+        "method": method,
+        "alpha_rule": alpha,
+        "alpha_rule_means": ALPHA_RULES.get(alpha, f"alpha fixed at {alpha}"),
+        "merge_layers": k,
+        "layers_before": ctx.n_original,
+        "layers_after": len(comp),
+        "calibration": ctx.text_spec.key(),
+        "settings": ctx.settings.key(),
+        "device": str(ctx.device),
+        "trajectory_cached": traj["cached"],
+        "trajectory_seconds": traj["seconds"],
+        "layer_map": layer_map(comp),
+        "steps": [
+            {key: v for key, v in {**st, "heldout": q}.items() if key != "composition"}
+            | {"layers": layer_map(st["composition"])}
+            for st, q in zip(steps, quality)
+        ],
+        "timings": ctx.timer.as_dict(),
+    }
+    if out is not None:
+        model = build_model(ctx, comp)
+        save_merged(model, ctx.lm.tokenizer, log, Path(out))
+    ctx.apply(identity(ctx.n_original))
+    return log

@@ -1,0 +1,119 @@
+"""Shared state of one merge run: the model, its original blocks, calibration data, and caches."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..calibration import calibration_batch
+from ..models.loading import LoadedModel
+from . import activations as act
+from .diffusion import diffusion_map
+from .engine import CalibrationLoss
+from .fusion import Composition, identity, realize
+from .layers import get_layers, set_layers
+from .similarity import kmeans, nmi_matrix
+from .timing import PhaseTimer
+
+
+@dataclass
+class MergeSettings:
+    """Everything that changes a merge decision; part of every cache key."""
+    samples: int = 32           # calibration sequences for activations
+    seq_len: int = 256
+    positions: int = 512        # token vectors per layer for each diffusion map
+    repeats: int = 8            # independent position subsamples whose NMI matrices are averaged
+    loss_samples: int = 4       # of the calibration sequences, how many score candidate merges
+    dims: int = 8               # diffusion-map dimensions
+    clusters: int = 8           # k-means labels for the NMI
+    seed: int = 0
+    batch_size: int = 8
+    candidates: int = 6         # mka-guided: shortlist of most similar pairs scored by loss
+    alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    calibration: str | None = None
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Similarity:
+    matrix: torch.Tensor        # [L, L] NMI, on the CPU
+    embeddings: torch.Tensor    # [L, N, dims]
+    labels: torch.Tensor        # [L, N]
+
+    def adjacent(self) -> list[float]:
+        return [float(self.matrix[i, i + 1]) for i in range(self.matrix.shape[0] - 1)]
+
+
+class MergeContext:
+    def __init__(self, lm: LoadedModel, settings: MergeSettings, device: torch.device) -> None:
+        self.lm, self.settings, self.device = lm, settings, device
+        self.model, self.arch = lm.model, lm.arch
+        self.timer = PhaseTimer()
+        self.ids, self.text_spec = calibration_batch(lm.tokenizer, settings.calibration, settings.samples,
+                                                     settings.seq_len, settings.seed)
+        self.originals = list(get_layers(self.model, self.arch))
+        self.names = self.arch.block_params(self.model.config)
+        self.comp: Composition = identity(len(self.originals))
+        self._engine: CalibrationLoss | None = None
+
+    @property
+    def n_original(self) -> int:
+        return len(self.originals)
+
+    @property
+    def engine(self) -> CalibrationLoss:
+        if self._engine is None:
+            current = self.comp  # the reference log-probs must come from the original stack
+            self.apply(identity(self.n_original), refresh=False)
+            self._engine = CalibrationLoss(self.model, self.arch, self.ids[: self.settings.loss_samples],
+                                           self.device, self.settings.batch_size, self.timer)
+            self.apply(current, refresh=True)
+        return self._engine
+
+    def current_layers(self) -> list:
+        return list(get_layers(self.model, self.arch))
+
+    def apply(self, comp: Composition, refresh: bool = True) -> None:
+        """Make the working model's stack equal ``comp`` (original blocks are never modified)."""
+        with self.timer.phase("fusion", self.device):
+            set_layers(self.model, self.arch, realize(self.originals, comp, self.names))
+        self.comp = comp
+        if refresh and self._engine is not None:
+            self._engine.refresh()
+
+    def reset(self) -> None:
+        self.apply(identity(self.n_original))
+
+    def activations(self, seed: int | None = None, repeats: int = 1) -> act.Activations:
+        seed = self.settings.seed if seed is None else seed
+        pos = act.sample_positions(*self.ids.shape, self.settings.positions * repeats, seed)
+        return act.collect(self.model, self.arch, self.ids, pos, self.settings.batch_size, self.device, self.timer)
+
+    def similarity(self, seed: int | None = None) -> Similarity:
+        """NMI similarity of the current layers' diffusion embeddings (MKA steps 1-3).
+
+        One forward pass per batch gathers ``repeats`` x ``positions`` token vectors per layer;
+        each subsample of ``positions`` gets its own diffusion maps and k-means labels, and the
+        NMI matrices are averaged. Why: adjacent-layer NMIs sit close together (0.75-1.0 on
+        SmolLM2), and a single 512-sample estimate reorders them from seed to seed.
+        """
+        seed = self.settings.seed if seed is None else seed
+        n, reps = self.settings.positions, self.settings.repeats
+        acts = self.activations(seed, repeats=reps)
+        layer_states = acts.states[1:].to(self.device)          # outputs of each block
+        reps = max(1, min(reps, layer_states.shape[1] // n))
+        mats, embs, labs = [], [], []
+        for r in range(reps):
+            part = layer_states[:, r * n:(r + 1) * n]
+            with self.timer.phase("diffusion", self.device):
+                emb = torch.stack([diffusion_map(x, self.settings.dims) for x in part])
+            with self.timer.phase("similarity", self.device):
+                labels = torch.stack([kmeans(e, self.settings.clusters, seed * 1009 + r * 31 + i) for i, e in enumerate(emb)])
+                mats.append(nmi_matrix(labels, self.settings.clusters))
+            embs.append(emb)
+            labs.append(labels)
+        s = torch.stack(mats).mean(0)
+        return Similarity(matrix=s.cpu(), embeddings=embs[0].cpu(), labels=labs[0].cpu())

@@ -1,0 +1,84 @@
+"""Merge trajectories, cached by content hash.
+
+An iterative merge to K_max passes through every smaller K, so it runs once per (model,
+calibration, settings, method, alpha rule) and every later command (merge, benchmark, solver)
+reads the K it needs from the cache. Snapshots are compositions, a few bytes per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..cache import atomic_write_text, cache_root, stable_hash
+from .context import MergeContext
+from .methods import AUTO_POOL, METHODS
+
+ALGO_VERSION = 1  # bump when a method's decisions change, to invalidate cached trajectories
+
+
+class _Clock:
+    """Progress bar proxy that also notes when each step finished."""
+
+    def __init__(self, bar, t0: float) -> None:
+        self.bar, self.t0, self.times = bar, t0, []
+
+    def update(self, n: int = 1) -> None:
+        self.times.append(time.perf_counter() - self.t0)
+        self.bar.update(n)
+
+
+def _key(ctx: MergeContext, method: str, alpha: str) -> str:
+    return stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
+                        "alpha": alpha if method in ("mka", "mka-oneshot", "mka-guided") else None,
+                        "algo": ALGO_VERSION, "device": ctx.device.type, "dtype": str(ctx.model.dtype)})
+
+
+def _decode(steps: list[dict]) -> list[dict]:
+    for s in steps:
+        s["composition"] = [{int(i): w for i, w in c.items()} for c in s["composition"]]
+    return steps
+
+
+def trajectory(ctx: MergeContext, method: str, k_max: int, alpha: str = "calibrated",
+               use_cache: bool = True, progress: bool = True) -> dict:
+    """{'method', 'alpha', 'steps': [...], 'seconds', 'cached'} reaching at least ``k_max``."""
+    if method == "auto":
+        return _auto(ctx, k_max, alpha, use_cache, progress)
+    path = cache_root() / "trajectories" / f"{method}-{_key(ctx, method, alpha)}.json"
+    if use_cache and path.is_file():
+        data = json.loads(path.read_text())
+        if len(data["steps"]) >= k_max:
+            data["steps"] = _decode(data["steps"])[:k_max]
+            data["cached"] = True
+            return data
+    t0 = time.perf_counter()
+    with tqdm(total=k_max, desc=f"merge {method}", disable=not progress, unit="layer") as bar:
+        clock = _Clock(bar, t0)
+        steps = METHODS[method](ctx, k_max, alpha, clock)
+    for step, t in zip(steps, clock.times):
+        step["elapsed_s"] = round(t, 3)  # wall time from the start of the trajectory to this K
+    ctx.reset()
+    data = {"method": method, "alpha": alpha, "steps": steps, "seconds": round(time.perf_counter() - t0, 3),
+            "mka_edge": __version__, "cached": False}
+    atomic_write_text(path, json.dumps(data))
+    return data
+
+
+def _auto(ctx: MergeContext, k_max: int, alpha: str, use_cache: bool, progress: bool) -> dict:
+    """Per K, the plan with the least calibration KL among the methods in AUTO_POOL."""
+    runs = {m: trajectory(ctx, m, k_max, alpha, use_cache, progress) for m in AUTO_POOL}
+    steps = []
+    for k in range(1, k_max + 1):
+        options = {m: r["steps"][k - 1] for m, r in runs.items()}
+        best = min(options, key=lambda m: options[m]["calib_kl"])
+        step = dict(options[best])
+        step["chosen_from"] = {m: round(o["calib_kl"], 6) for m, o in options.items()}
+        step["method"] = best
+        steps.append(step)
+    return {"method": "auto", "alpha": alpha, "steps": steps,
+            "seconds": round(sum(r["seconds"] for r in runs.values()), 3),
+            "cached": all(r["cached"] for r in runs.values())}

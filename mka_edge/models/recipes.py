@@ -1,0 +1,49 @@
+"""Model recipes: small YAML files naming where a model's weights come from and its defaults."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+_KINDS = ("pip-gguf", "hub", "hf-dir", "gguf")
+
+
+def _recipe_dir() -> Path:
+    return Path(str(resources.files("mka_edge._recipes")))
+
+
+def known_recipes() -> list[str]:
+    return sorted(p.stem for p in _recipe_dir().glob("*.yaml"))
+
+
+def load_recipe_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read recipe {path}: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} is not a YAML mapping")
+    src = data.get("source")
+    if not isinstance(src, dict) or src.get("kind") not in _KINDS:
+        raise UserError(f"recipe {path}: field 'source.kind' must be one of {', '.join(_KINDS)}")
+    data.setdefault("name", Path(path).stem)
+    data.setdefault("calibration", {})
+    data["_path"] = str(path)
+    return data
+
+
+def find_recipe(name: str) -> dict[str, Any] | None:
+    """A recipe by name (``smollm2-135m``) or by path to a YAML file; None if it is neither."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return load_recipe_file(p)
+    candidate = _recipe_dir() / f"{name}.yaml"
+    if candidate.is_file():
+        return load_recipe_file(candidate)
+    return None

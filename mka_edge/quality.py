@@ -1,0 +1,132 @@
+"""Quality measurement, defined once and used everywhere (merge log, eval, solver, validation).
+
+Quality loss = mean KL(reference || model) in nats over every position of fixed 512-token
+held-out chunks; reported with the perplexity change in percent and top-1 agreement. Multiple
+choice (MMLU, plain letter and cloze) is reported beside its chance line with a 95% interval,
+because accuracy alone hides broken language modelling.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+import torch
+from tqdm.auto import tqdm
+
+from .mka.engine import kl_from_logits
+
+
+@dataclass
+class LMQuality:
+    kl: float             # mean KL(reference || model), nats
+    ppl: float            # model perplexity on held-out text
+    ref_ppl: float
+    ppl_change_pct: float
+    top1: float           # fraction of positions where argmax agrees with the reference
+    tokens: int
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+class Reference:
+    """A reference model whose held-out log-probabilities are computed once per chunk."""
+
+    def __init__(self, model, chunks: torch.Tensor, device: torch.device) -> None:
+        self.model, self.chunks, self.device = model, chunks, device
+        self._logp: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def logp(self, i: int) -> torch.Tensor:
+        if i not in self._logp:
+            ids = self.chunks[i:i + 1].to(self.device)
+            self._logp[i] = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), -1)[0]
+        return self._logp[i]
+
+
+@torch.no_grad()
+def compare(model, reference: Reference, progress: bool = False) -> LMQuality:
+    kl_sum = agree = n_pos = 0.0
+    nll = ref_nll = 0.0
+    n_tok = 0
+    it = range(len(reference.chunks))
+    for i in tqdm(it, desc="held-out quality", disable=not progress, leave=False):
+        ids = reference.chunks[i:i + 1].to(reference.device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()[0]
+        ref = reference.logp(i)
+        kl_sum += float(kl_from_logits(ref, logits).sum())
+        agree += float((logits.argmax(-1) == ref.argmax(-1)).sum())
+        n_pos += logits.shape[0]
+        target = ids[0, 1:]
+        logp = torch.log_softmax(logits, -1)
+        nll += float(-logp[:-1].gather(1, target[:, None]).sum())
+        ref_nll += float(-ref[:-1].gather(1, target[:, None]).sum())
+        n_tok += target.numel()
+    ppl, ref_ppl = math.exp(nll / n_tok), math.exp(ref_nll / n_tok)
+    return LMQuality(kl=kl_sum / n_pos, ppl=ppl, ref_ppl=ref_ppl, ppl_change_pct=100 * (ppl / ref_ppl - 1),
+                     top1=agree / n_pos, tokens=int(n_pos))
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def mmlu_questions(per_subject: int) -> list[dict]:
+    """A subject-stratified slice of the vendored MMLU test subset (evaluation only)."""
+    path = resources.files("mka_edge.data") / "mmlu_subset.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.open(str(path), "rt", encoding="utf-8")]
+    taken: dict[str, int] = defaultdict(int)
+    out = []
+    for r in rows:
+        if taken[r["subject"]] < per_subject:
+            taken[r["subject"]] += 1
+            out.append(r)
+    return out
+
+
+def _letter_prompt(q: dict) -> str:
+    opts = "\n".join(f"{l}. {c}" for l, c in zip("ABCD", q["choices"]))
+    return f"The following is a multiple choice question about {q['subject']}.\n\n{q['question']}\n{opts}\nAnswer:"
+
+
+@torch.no_grad()
+def mmlu(model, tokenizer, device: torch.device, per_subject: int = 2, progress: bool = False) -> dict:
+    """Zero-shot MMLU two ways: log-likelihood of the letters A-D, and of the answer texts (cloze,
+    mean log-probability per answer token, so longer answers are not penalised)."""
+    qs = mmlu_questions(per_subject)
+    letter_ids = [tokenizer(f" {l}", add_special_tokens=False)["input_ids"][-1] for l in "ABCD"]
+    plain = cloze = 0
+    for q in tqdm(qs, desc="MMLU", disable=not progress, leave=False):
+        ids = tokenizer(_letter_prompt(q), add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        last = model(input_ids=ids, use_cache=False).logits[0, -1]
+        plain += int(int(last[letter_ids].argmax()) == q["answer"])
+        ctx = tokenizer(f"Question: {q['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        conts = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for c in q["choices"]]
+        seqs = [ctx + c for c in conts]
+        width = max(map(len, seqs))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # right padding needs no mask: causal attention never looks at the pads to the right
+        batch = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
+        scores = []
+        for j, c in enumerate(conts):
+            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c), device=device)
+            scores.append(float(logp[j, pos, torch.tensor(c, device=device)].mean()))
+        cloze += int(max(range(4), key=scores.__getitem__) == q["answer"])
+    n = len(qs)
+    res = {}
+    for name, correct in (("mmlu", plain), ("mmlu_cloze", cloze)):
+        lo, hi = wilson(correct, n)
+        res[name] = {"accuracy": round(correct / n, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": n, "chance": 0.25}
+    return res
