@@ -73,6 +73,10 @@ def handle_errors(f):
         except torch_oom() as exc:  # type: ignore[misc]
             click.echo(f"error: out of memory ({str(exc).splitlines()[0][:120]}); use fewer --samples or a smaller --seq-len", err=True)
             sys.exit(3)
+        except OSError as exc:  # a folder that cannot be written, a full disk
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}; check the path, its permissions and free space", err=True)
+            sys.exit(2)
     return wrapper
 
 

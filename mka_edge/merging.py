@@ -47,9 +47,18 @@ def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress:
     return out
 
 
+def check_out(out: Path) -> None:
+    """Refuse to replace a folder that is not an earlier mka-edge merge (it would be lost)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "merge_log.json").is_file())):
+        raise UserError(f"--out {out} exists and is not an earlier merge output; choose a new folder")
+
+
 def merge(ctx: MergeContext, k: int, method: str, alpha: str, out: Path | None,
           heldout: int = 4, use_cache: bool = True, progress: bool = True) -> dict:
     check_k(k, ctx.n_original)
+    if out is not None:
+        check_out(out)
     traj = trajectory(ctx, method, k, alpha, use_cache=use_cache, progress=progress)
     steps = traj["steps"][:k]
     quality = heldout_along(ctx, steps, heldout, progress)

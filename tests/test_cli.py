@@ -100,3 +100,25 @@ def test_merge_and_eval_through_the_cli(tiny_dir, tmp_path):
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["reference"] == str(tiny_dir) and ev["layers"] == 4 and ev["reference_layers"] == 6
     assert ev["heldout"]["kl"] == pytest.approx(log["steps"][-1]["heldout"]["kl"], rel=1e-3)
+
+
+def test_merge_refuses_to_replace_a_folder_that_is_not_its_own(tiny_dir, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = run("merge", "--model", str(tiny_dir), "-k", "1", "--out", str(out), "--samples", "4", "--seq-len", "32")
+    one_line_error(res, "not an earlier merge output")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_unwritable_output_folder(tiny_dir, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/mka-edge-cannot-write-here"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "out")
+    res = run("merge", "--model", str(tiny_dir), "-k", "1", "--method", "drop-last", "--out", target,
+              "--samples", "4", "--seq-len", "32", "--heldout-chunks", "0")
+    one_line_error(res)

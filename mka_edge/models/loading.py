@@ -136,7 +136,7 @@ def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"{type(exc).__name__}"
         raise UserError(
-            f"cannot get '{hub_id}' from the Hugging Face hub or the local cache ({why}); "
+            f"cannot get '{hub_id}' from the Hugging Face hub or the local cache ({why}), and it is no local path; "
             f"download it where the hub is reachable (gated models need 'hf auth login'), "
             f"or pass a local directory or a recipe ({', '.join(known_recipes())})"
         ) from None
