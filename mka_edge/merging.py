@@ -37,8 +37,6 @@ def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress:
     chunks = heldout_chunks(ctx.lm.tokenizer, n_chunks)
     ctx.reset()
     ref = Reference(ctx.model, chunks, ctx.device)
-    for i in range(n_chunks):
-        ref.logp(i)
     out = []
     for st in tqdm(steps, desc="held-out quality per step", disable=not progress, leave=False):
         layers = realize(ctx.originals, st["composition"], ctx.names)

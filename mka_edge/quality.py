@@ -35,17 +35,19 @@ class LMQuality:
 
 
 class Reference:
-    """A reference model whose held-out log-probabilities are computed once per chunk."""
+    """A reference model's held-out log-probabilities, computed once, at construction.
 
-    def __init__(self, model, chunks: torch.Tensor, device: torch.device) -> None:
-        self.model, self.chunks, self.device = model, chunks, device
-        self._logp: dict[int, torch.Tensor] = {}
+    Eagerly, because callers go on to change the very model object (merge candidates swap its
+    block stack): a lazy cache would silently take a merged stack as the reference.
+    """
 
     @torch.no_grad()
+    def __init__(self, model, chunks: torch.Tensor, device: torch.device) -> None:
+        self.chunks, self.device = chunks, device
+        self._logp = [torch.log_softmax(model(input_ids=chunks[i:i + 1].to(device), use_cache=False).logits.float(), -1)[0]
+                      for i in range(len(chunks))]
+
     def logp(self, i: int) -> torch.Tensor:
-        if i not in self._logp:
-            ids = self.chunks[i:i + 1].to(self.device)
-            self._logp[i] = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), -1)[0]
         return self._logp[i]
 
 

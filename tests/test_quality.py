@@ -32,3 +32,12 @@ def test_mmlu_runs_and_reports_chance(tiny_dir):
         assert res[name]["n"] == 57 and res[name]["chance"] == 0.25
         lo, hi = res[name]["ci95"]
         assert lo <= res[name]["accuracy"] <= hi
+
+
+def test_reference_is_fixed_when_the_model_object_changes_afterwards(tiny_dir):
+    lm = load_model(str(tiny_dir))
+    chunks = heldout_chunks(lm.tokenizer, 1)
+    ref = Reference(lm.model, chunks, torch.device("cpu"))
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.up_proj.weight.mul_(4.0)
+    assert compare(lm.model, ref).kl > 1e-4
