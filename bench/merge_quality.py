@@ -25,8 +25,8 @@ from mka_edge.models.loading import load_model
 from mka_edge.quality import Reference, compare, mmlu
 
 ROWS = [("drop-last", "-"), ("shortgpt", "-"), ("angular", "-"), ("sleb", "-"),
-        ("mka", "paper"), ("mka", "calibrated"), ("mka-oneshot", "paper"), ("mka-oneshot", "calibrated"),
-        ("mka-guided", "calibrated"), ("auto", "calibrated")]
+        ("mka-guided", "calibrated"), ("auto", "calibrated"),
+        ("mka", "paper"), ("mka", "calibrated"), ("mka-oneshot", "paper"), ("mka-oneshot", "calibrated")]
 
 
 def alpha_histogram(steps) -> dict:
@@ -136,7 +136,7 @@ def render(out: Path, ks) -> str:
         best_baseline = min((r["kl"] for r in rows if r["method"] in ("drop-last", "shortgpt", "angular", "sleb")), default=None)
         for r in rows:
             kl = f"**{r['kl']:.4f}**" if best_baseline is not None and r["kl"] <= min(x["kl"] for x in rows) else f"{r['kl']:.4f}"
-            hist = ", ".join(f"{a}: {n}" for a, n in sorted(r["alpha_histogram"].items())) or "-"
+            hist = "-" if r["method"] == "auto" else ", ".join(f"{a}: {n}" for a, n in sorted(r["alpha_histogram"].items())) or "-"
             picked = r["chosen"] if r["method"] == "auto" else "-"
             lines.append(f"| {r['method']} | {r['alpha']} | {k} | {r['layers']} | {kl} | {r['ppl']:.2f} | {r['ppl_change_pct']:+.1f} | "
                          f"{r['top1']:.3f} | {mm(r, 'mmlu')} | {mm(r, 'mmlu_cloze')} | {r['calib_kl']:.4f} | "

@@ -37,7 +37,6 @@ def build_model(ctx: MergeContext, comp: Composition):
 def save_merged(model, tokenizer, log: dict, out: Path) -> Path:
     """Write config, safetensors, tokenizer and merge_log.json; nothing appears at ``out`` on failure."""
     with atomic_dir(Path(out)) as tmp:
-        model.to(torch.float32 if model.dtype == torch.float32 else model.dtype)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge_log.json").write_text(json.dumps(log, indent=2))
