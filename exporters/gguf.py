@@ -1,0 +1,239 @@
+"""Hugging Face model (merged or not) -> GGUF for llama.cpp.
+
+gguf-py writes the F32/F16 file (hyper-parameters, tokenizer, provenance, tensors under
+llama.cpp's names with the q/k layout its rope expects); every other type is made from that
+file by llama.cpp's own quantizer, so the tensor-type choices (mixes, fallbacks for rows that
+are not a multiple of 256) are exactly llama.cpp's.  Nothing appears at ``out`` unless the whole
+export succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mka_edge import __version__
+from mka_edge.errors import UserError
+
+from .gguf_inspect import inspect_gguf
+from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
+from .quant_types import QuantType, quant_type
+
+
+def _permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF keeps the two rotary halves of each head apart; llama.cpp's rope wants them interleaved."""
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _rope(config) -> tuple[float, dict]:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return theta, params
+
+
+def _llama3_rope_factors(params: dict, theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors for Llama 3 rope scaling, which llama.cpp reads from ``rope_freqs``."""
+    factor = float(params["factor"])
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _tokenizer_gguf(lm, merge_log: dict | None) -> Path | None:
+    """The GGUF whose tokenizer this model still uses, if it came from one."""
+    for src in (lm.source, (merge_log or {}).get("source") or {}):
+        if src.get("kind") == "gguf" and src.get("path") and Path(src["path"]).is_file():
+            return Path(src["path"])
+    return None
+
+
+def _hparams(writer, config, arch_name: str, n_vocab: int) -> None:
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(n_head))
+    writer.add_head_count_kv(int(n_kv))
+    writer.add_rope_dimension_count(int(head_dim))
+    if head_dim * n_head != config.hidden_size:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(n_vocab))
+    theta, params = _rope(config)
+    writer.add_rope_freq_base(theta)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind not in ("default", "llama3", None):
+        raise UserError(f"rope scaling '{kind}' is not supported by the GGUF exporter yet (supported: none, linear, llama3)")
+
+
+def _provenance(writer, lm, merge_log: dict | None) -> None:
+    log = merge_log or {}
+    writer.add_string("mka_edge.version", __version__)
+    writer.add_string("mka_edge.method", str(log.get("method", "none")))
+    writer.add_uint32("mka_edge.merge_layers", int(log.get("merge_layers", 0)))
+    writer.add_uint32("mka_edge.layers_before", int(log.get("layers_before", lm.num_layers)))
+    layer_map = log.get("layer_map") or [{"layers": {str(i): 1.0}} for i in range(lm.num_layers)]
+    writer.add_string("mka_edge.layer_map", json.dumps(layer_map, separators=(",", ":")))
+    writer.add_string("mka_edge.source", str((log.get("source") or lm.source).get("spec", "")))
+    writer.add_string("mka_edge.source_sha256", str(log.get("source_fingerprint", lm.fingerprint)))
+
+
+def _tensors(writer, lm, float_type: str, progress: bool) -> None:
+    import gguf
+
+    config, arch = lm.model.config, lm.arch
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
+    tmap = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in lm.model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"no GGUF name for tensor {hf_name}; the exporter does not know this layout")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if arch.rotary_permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = _permute_for_rope(data, n_head)
+        elif arch.rotary_permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = _permute_for_rope(data, n_kv)
+        if data.ndim >= 2 and float_type == "F16":
+            data = data.astype(np.float16)
+        writer.add_tensor(name, np.ascontiguousarray(data))
+    theta, params = _rope(config)
+    if params.get("rope_type") == "llama3":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(params, theta, head_dim))
+
+
+def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = None,
+                     pre_tokenizer: str | None = None, progress: bool = False) -> dict:
+    """Write an F32 or F16 GGUF of a loaded model to ``path`` (caller handles atomicity)."""
+    import gguf
+
+    config = lm.model.config
+    writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
+    try:
+        writer.add_name(str(lm.source.get("spec") or "model"))
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_type == "F32" else gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        src_gguf = _tokenizer_gguf(lm, merge_log)
+        if src_gguf is not None:
+            n_vocab = copy_tokenizer_fields(src_gguf, writer)
+            tok_info = {"carried_over_from": str(src_gguf), "n_vocab": n_vocab}
+        else:
+            folder = Path(lm.source.get("model_dir") or "")
+            if not folder.is_dir():
+                raise UserError("GGUF export needs the model's tokenizer files; pass a local directory or a recipe")
+            pre = pre_tokenizer or (lm.recipe.get("llama_cpp") or {}).get("pre_tokenizer")
+            tok_info = write_hf_tokenizer(folder, lm.tokenizer, writer, int(config.vocab_size), pre)
+            n_vocab = tok_info["n_vocab"]
+        if n_vocab != int(config.vocab_size):
+            raise UserError(f"tokenizer has {n_vocab} tokens but the model's embedding has {config.vocab_size} rows")
+        _hparams(writer, config, lm.arch.gguf_arch, n_vocab)
+        _provenance(writer, lm, merge_log)
+        _tensors(writer, lm, float_type, progress)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+    finally:
+        writer.close()
+    return tok_info
+
+
+def check_out_file(out: Path) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".gguf":
+        raise UserError(f"--out {out} must end in .gguf")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name ending in .gguf")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out.parent} ({exc.strerror}); choose a writable --out") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write into {out.parent}; choose a writable --out")
+    return out
+
+
+def _merge_log_of(lm) -> dict | None:
+    folder = lm.source.get("model_dir")
+    if folder and (Path(folder) / "merge_log.json").is_file():
+        return json.loads((Path(folder) / "merge_log.json").read_text())
+    return None
+
+
+def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str | None = None,
+                  threads: int | None = None, imatrix_texts=None, progress: bool = True) -> dict:
+    """Export a loaded model; returns the summary of the file written (types read back from it)."""
+    q = quant if isinstance(quant, QuantType) else quant_type(quant)
+    out = check_out_file(out)
+    merge_log = _merge_log_of(lm)
+    threads = threads or max(1, os.cpu_count() or 1)
+    with ExitStack() as stack:
+        tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent)))
+        base = tmpdir / ("base-f16.gguf" if q.name == "F16" else "base-f32.gguf")
+        tok_info = write_float_gguf(lm, base, "F16" if q.name == "F16" else "F32", merge_log, pre_tokenizer, progress)
+        if q.direct:
+            final_tmp = base
+        else:
+            imatrix = None
+            if q.needs_imatrix:
+                from .imatrix import compute_imatrix
+
+                imatrix = tmpdir / "imatrix.npz"
+                compute_imatrix(lm, imatrix, imatrix_texts, progress=progress)
+            from .llama_quantize import quantize
+
+            final_tmp = tmpdir / "quantized.gguf"
+            quantize(base, final_tmp, q.ftype, threads, imatrix)
+        summary = inspect_gguf(final_tmp)
+        os.replace(final_tmp, out)
+    summary["path"] = str(out)
+    summary["quant"] = q.name
+    summary["tokenizer"] = tok_info
+    return summary
+
+
+def export_gguf(model: str | None, out: Path, quant: str, *, pre_tokenizer: str | None = None,
+                threads: int | None = None, calibration: str | None = None, progress: bool = True) -> dict:
+    """`mka-edge export --format gguf`: load ``model`` (recipe, directory, GGUF, hub id) and export it."""
+    from mka_edge.models.loading import load_model
+
+    q = quant_type(quant)        # a bad name fails before the slow load
+    check_out_file(out)
+    lm = load_model(model, "cpu", torch.float32)
+    return export_loaded(lm, out, q, pre_tokenizer=pre_tokenizer, threads=threads,
+                         imatrix_texts=calibration, progress=progress)

@@ -1,0 +1,88 @@
+"""llama.cpp quantization types as data: the name users type, llama.cpp's file type, the tensor
+type it mainly writes, and whether llama.cpp only makes it with an importance matrix.
+
+Nominal bits per weight come from gguf-py's block sizes of the main tensor type; the figure a
+file really has depends on the mix llama.cpp chooses per tensor (and on fallbacks when rows are
+not a multiple of 256), so reports always read the types back from the written file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mka_edge.errors import UserError
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ftype: int              # llama_ftype (LLAMA_FTYPE_*)
+    main: str               # ggml type of most 2-D weights
+    needs_imatrix: bool = False
+    direct: bool = False    # written by gguf-py itself, without llama.cpp's quantizer
+    note: str = ""
+
+    @property
+    def nominal_bpw(self) -> float:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.main]]
+        return 8.0 * size / block
+
+
+_ROWS = [
+    QuantType("F32", 0, "F32", direct=True, note="reference precision"),
+    QuantType("F16", 1, "F16", direct=True),
+    QuantType("BF16", 32, "BF16"),
+    QuantType("Q8_0", 7, "Q8_0"),
+    QuantType("Q6_K", 18, "Q6_K"),
+    QuantType("Q5_K_M", 17, "Q5_K", note="mix: some tensors Q6_K"),
+    QuantType("Q5_K_S", 16, "Q5_K"),
+    QuantType("Q5_1", 9, "Q5_1"),
+    QuantType("Q5_0", 8, "Q5_0"),
+    QuantType("Q4_K_M", 15, "Q4_K", note="mix: attn_v/ffn_down partly Q6_K"),
+    QuantType("Q4_K_S", 14, "Q4_K"),
+    QuantType("Q4_1", 3, "Q4_1"),
+    QuantType("Q4_0", 2, "Q4_0"),
+    QuantType("IQ4_NL", 25, "IQ4_NL"),
+    QuantType("IQ4_XS", 30, "IQ4_XS"),
+    QuantType("Q3_K_L", 13, "Q3_K", note="mix: some tensors Q5_K"),
+    QuantType("Q3_K_M", 12, "Q3_K", note="mix: some tensors Q4_K/Q5_K"),
+    QuantType("Q3_K_S", 11, "Q3_K"),
+    QuantType("IQ3_M", 27, "IQ3_S"),
+    QuantType("IQ3_S", 26, "IQ3_S"),
+    QuantType("IQ3_XS", 22, "IQ3_S"),
+    QuantType("Q2_K", 10, "Q2_K", note="mix: some tensors Q3_K/Q4_K"),
+    QuantType("TQ2_0", 37, "TQ2_0", note="ternary models only"),
+    QuantType("TQ1_0", 36, "TQ1_0", note="ternary models only"),
+    QuantType("IQ3_XXS", 23, "IQ3_XXS", needs_imatrix=True),
+    QuantType("Q2_K_S", 21, "Q2_K", needs_imatrix=True),
+    QuantType("IQ2_M", 29, "IQ2_S", needs_imatrix=True),
+    QuantType("IQ2_S", 28, "IQ2_S", needs_imatrix=True),
+    QuantType("IQ2_XS", 20, "IQ2_XS", needs_imatrix=True),
+    QuantType("IQ2_XXS", 19, "IQ2_XXS", needs_imatrix=True),
+    QuantType("IQ1_M", 31, "IQ1_M", needs_imatrix=True),
+    QuantType("IQ1_S", 24, "IQ1_S", needs_imatrix=True),
+]
+QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _ROWS}
+
+
+def quant_type(name: str) -> QuantType:
+    q = QUANT_TYPES.get(name.upper())
+    if q is None:
+        raise UserError(f"unknown quant type '{name}'; valid: {', '.join(QUANT_TYPES)} (see --quant help)")
+    return q
+
+
+def quant_help() -> str:
+    lines = [f"{'type':<9} {'bpw':>6}  notes"]
+    for q in _ROWS:
+        notes = [q.note] if q.note else []
+        if q.needs_imatrix:
+            notes.append("llama.cpp needs an importance matrix (computed from the calibration set)")
+        if q.direct:
+            notes.append("written directly by gguf-py")
+        lines.append(f"{q.name:<9} {q.nominal_bpw:>6.2f}  {'; '.join(notes)}")
+    lines.append("bpw: nominal for the main tensor type; files report the real figure (llama.cpp mixes types "
+                 "and substitutes others when a row width is not a multiple of 256).")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Device profiles: schema, loading and validation.
+
+A profile is data about a device (memory, bandwidth, runtime) plus the bar an artifact must
+clear there (quality loss, tokens/s).  Errors name the file and the field, because profiles are
+the file users are most likely to write themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+RUNTIMES = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
+KV_TYPES = ("f16", "f32", "q8_0", "q4_0")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    memory_mb: int                 # total device memory (RAM, or unified memory)
+    reserve_mb: int                # kept for the OS and other apps
+    bandwidth_gbps: float          # peak memory bandwidth, GB/s
+    runtime: str                   # llama.cpp | onnxruntime
+    context_length: int
+    threads: int
+    min_tokens_per_s: float        # generation speed the device must reach
+    max_quality_loss: float        # mean KL(reference || artifact) in nats
+    kv_cache_type: str = "f16"
+    unified_memory: bool = False   # GPU and CPU share the memory (Jetson, Apple silicon)
+    path: str = ""
+
+    @property
+    def format(self) -> str:
+        return RUNTIMES[self.runtime]
+
+    @property
+    def budget_mb(self) -> int:
+        return self.memory_mb - self.reserve_mb
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"], d["budget_mb"] = self.format, self.budget_mb
+        return d
+
+
+_REQUIRED = {f.name: f.type for f in fields(Profile) if f.name not in ("path", "kv_cache_type", "unified_memory", "description")}
+
+
+def _profile_dir() -> Path:
+    return Path(str(resources.files("mka_edge._profiles")))
+
+
+def known_profiles() -> list[str]:
+    return sorted(p.stem for p in _profile_dir().glob("*.yaml"))
+
+
+def _check(data: dict, where: str) -> Profile:
+    for key in _REQUIRED:
+        if key not in data:
+            raise UserError(f"profile {where}: missing field '{key}'")
+    unknown = set(data) - {f.name for f in fields(Profile)}
+    if unknown:
+        raise UserError(f"profile {where}: unknown field(s) {', '.join(sorted(unknown))}")
+    for key in ("memory_mb", "reserve_mb", "context_length", "threads"):
+        if not isinstance(data[key], int) or data[key] < 0 or (key != "reserve_mb" and data[key] == 0):
+            raise UserError(f"profile {where}: field '{key}' must be a positive integer (got {data[key]!r})")
+    for key in ("bandwidth_gbps", "min_tokens_per_s", "max_quality_loss"):
+        if not isinstance(data[key], (int, float)) or data[key] < 0:
+            raise UserError(f"profile {where}: field '{key}' must be a non-negative number (got {data[key]!r})")
+    if data["reserve_mb"] >= data["memory_mb"]:
+        raise UserError(f"profile {where}: field 'reserve_mb' ({data['reserve_mb']}) leaves no memory of 'memory_mb' ({data['memory_mb']})")
+    if data["runtime"] not in RUNTIMES:
+        raise UserError(f"profile {where}: field 'runtime' must be one of {', '.join(RUNTIMES)} (got {data['runtime']!r})")
+    kv = data.get("kv_cache_type", "f16")
+    if kv not in KV_TYPES:
+        raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_TYPES)} (got {kv!r})")
+    data = dict(data)
+    data.setdefault("description", "")
+    for key in ("bandwidth_gbps", "min_tokens_per_s", "max_quality_loss"):
+        data[key] = float(data[key])
+    return Profile(**data, path=where)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = _profile_dir() / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise UserError(f"unknown profile '{name_or_path}'; known: {', '.join(known_profiles()) or 'none'} (or pass a .yaml path)")
+    elif not p.is_file():
+        raise UserError(f"profile file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read profile {p}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"profile {p} is not a YAML mapping")
+    data.setdefault("name", p.stem)
+    return _check(data, str(p))

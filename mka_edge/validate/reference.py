@@ -1,0 +1,81 @@
+"""The reference side of accuracy checks: a model's held-out log-probabilities in a compact form,
+cached by content hash so validating many artifacts against one reference computes it once.
+
+Compact form: per position the top-k log-probabilities with their token ids, plus the log-prob
+of the actual next token.  KL is then computed over the top-k tokens and one "tail" bucket for
+the rest, which is a lower bound on the full KL that is tight when the reference's mass sits in
+its top k (k = 256 here; the tail's share is stored so reports can show how much was bucketed).
+Full fp16 logits would be 200 MB for four 512-token chunks of a 49k vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import cache_root, stable_hash
+from ..calibration import heldout_chunks
+from ..quality import _letter_prompt, mmlu_questions, wilson
+
+TOP_K = 256
+
+
+def reference_key(fingerprint: str, ids: torch.Tensor, top_k: int = TOP_K) -> str:
+    return stable_hash({"model": fingerprint, "ids": stable_hash(ids.tolist()), "top_k": top_k, "v": 1})
+
+
+@torch.no_grad()
+def compact_reference(lm, n_chunks: int = 4, heldout: str | None = None, progress: bool = True,
+                      top_k: int = TOP_K) -> tuple[Path, dict]:
+    """Path of the cached .npz for ``lm`` on the held-out chunks (computed if missing) and a summary."""
+    ids = heldout_chunks(lm.tokenizer, n_chunks, path=heldout)
+    key = reference_key(lm.fingerprint, ids, top_k)
+    path = cache_root() / "references" / f"{key[:24]}.npz"
+    if not path.is_file():
+        device = next(lm.model.parameters()).device
+        top_idx, top_lp, tgt = [], [], []
+        for row in tqdm(ids, desc="reference log-probs", disable=not progress, leave=False):
+            lp = torch.log_softmax(lm.model(input_ids=row[None].to(device), use_cache=False).logits[0].double(), -1)
+            v, i = lp.topk(top_k, dim=-1)
+            top_idx.append(i.int().cpu().numpy())
+            top_lp.append(v.float().cpu().numpy())
+            tgt.append(lp[:-1].gather(1, row[1:, None].to(device))[:, 0].float().cpu().numpy())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
+        np.savez(tmp, ids=ids.int().numpy(), top_idx=np.stack(top_idx), top_logp=np.stack(top_lp), target_logp=np.stack(tgt))
+        tmp.replace(path)
+    data = np.load(path)
+    tail = 1.0 - np.exp(data["top_logp"].astype(np.float64)).sum(-1)
+    return path, {"chunks": int(ids.shape[0]), "chunk_len": int(ids.shape[1]), "top_k": top_k,
+                  "mean_tail_mass": float(tail.mean()), "cache": str(path)}
+
+
+def mmlu_jobs(tokenizer, per_subject: int) -> tuple[list[dict], list[int]]:
+    """MMLU letter prompts as token ids (the artifact is fed the reference tokenizer's ids)."""
+    qs = mmlu_questions(per_subject) if per_subject > 0 else []
+    letters = [tokenizer(f" {l}", add_special_tokens=False)["input_ids"][-1] for l in "ABCD"]
+    jobs = [{"ids": tokenizer(_letter_prompt(q), add_special_tokens=False)["input_ids"], "answer": q["answer"]} for q in qs]
+    return jobs, letters
+
+
+@torch.no_grad()
+def reference_mmlu(lm, jobs: list[dict], letters: list[int], progress: bool = True) -> dict:
+    if not jobs:
+        return {}
+    key = stable_hash({"model": lm.fingerprint, "jobs": stable_hash(jobs), "letters": letters})
+    path = cache_root() / "references" / f"mmlu-{key[:24]}.npy"
+    if path.is_file():
+        correct = int(np.load(path))
+    else:
+        device = next(lm.model.parameters()).device
+        correct = 0
+        for q in tqdm(jobs, desc="reference MMLU", disable=not progress, leave=False):
+            last = lm.model(input_ids=torch.tensor([q["ids"]], device=device), use_cache=False).logits[0, -1]
+            correct += int(int(last[letters].argmax()) == q["answer"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.array(correct))
+    lo, hi = wilson(correct, len(jobs))
+    return {"accuracy": correct / len(jobs), "ci95": [lo, hi], "n": len(jobs), "chance": 0.25}
