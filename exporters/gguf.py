@@ -101,7 +101,7 @@ def _provenance(writer, lm, merge_log: dict | None) -> None:
     writer.add_string("mka_edge.method", str(log.get("method", "none")))
     writer.add_uint32("mka_edge.merge_layers", int(log.get("merge_layers", 0)))
     writer.add_uint32("mka_edge.layers_before", int(log.get("layers_before", lm.num_layers)))
-    layer_map = log.get("layer_map") or [{"layers": {str(i): 1.0}} for i in range(lm.num_layers)]
+    layer_map = log.get("layer_map") or [{"layer": i, "sources": [i], "weights": [1.0]} for i in range(lm.num_layers)]
     writer.add_string("mka_edge.layer_map", json.dumps(layer_map, separators=(",", ":")))
     writer.add_string("mka_edge.source", str((log.get("source") or lm.source).get("spec", "")))
     writer.add_string("mka_edge.source_sha256", str(log.get("source_fingerprint", lm.fingerprint)))

@@ -55,6 +55,10 @@ def _pre_table() -> dict:
         return json.load(fh)
 
 
+def known_pre_tokenizers() -> list[str]:
+    return sorted({r["pre"] for r in _pre_table()["table"]} | {"default"})
+
+
 def pre_tokenizer_name(tokenizer) -> str | None:
     """llama.cpp's name for a byte-level BPE pre-tokenizer, found the way llama.cpp's converter finds
     it: the sha256 of the token ids of a fixed probe text, looked up in llama.cpp's own table."""
@@ -114,11 +118,13 @@ def write_hf_tokenizer(folder: Path, tokenizer, writer: gguf.GGUFWriter, n_vocab
         return {"tokenizer_model": "llama", "pre": "default", "n_vocab": len(tokens)}
     if model.get("type") != "BPE":
         raise UserError(f"{folder}: tokenizer type {model.get('type')} is not supported for GGUF export (BPE only)")
+    if pre_tokenizer is not None and pre_tokenizer not in known_pre_tokenizers():
+        raise UserError(f"unknown pre-tokenizer '{pre_tokenizer}'; llama.cpp knows: {', '.join(known_pre_tokenizers())}")
     pre = pre_tokenizer or pre_tokenizer_name(tokenizer)
     if pre is None:
         raise UserError(
             f"llama.cpp's table does not know the pre-tokenizer of {folder}; pass --pre-tokenizer NAME "
-            f"(e.g. llama-bpe, qwen2, smollm, gpt2) if you know which one it uses"
+            f"(e.g. llama-bpe, qwen2, smollm, gpt-2) if you know which one it uses"
         )
     tokens, types = _bpe_tokens(folder, n_vocab)
     writer.add_tokenizer_model("gpt2")
