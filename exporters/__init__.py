@@ -1,4 +1,9 @@
-"""Exporters turn a (merged) Hugging Face model into a runtime artifact (GGUF, ONNX).
+"""Exporters turn a (merged) Hugging Face model into a runtime artifact.
 
-They arrive with the export issues; the package exists so the layout reads as the pipeline.
+gguf.py          model -> GGUF (gguf-py writes F32/F16; llama.cpp's quantizer makes the rest)
+gguf_tokenizer   tokenizer metadata (carried over from a source GGUF, or built from tokenizer.json)
+gguf_inspect     read a GGUF back: integrity check, tensor types actually written, provenance
+quant_types      the llama.cpp quant types as data
+llama_quantize   llama.cpp's quantizer in a child process
+imatrix          importance matrix for the low-bit types, from the calibration text
 """
