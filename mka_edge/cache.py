@@ -46,6 +46,12 @@ def file_fingerprint(path: Path, full_limit: int = 2 << 30) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``final`` only if the block succeeds.
@@ -55,6 +61,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the result is for users to share
     try:
         yield tmp
         if final.exists():
@@ -74,6 +81,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

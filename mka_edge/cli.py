@@ -44,19 +44,10 @@ def model_options(f):
     return f
 
 
-def _context(model, device, dtype, calibration, samples, seq_len, positions, repeats, seed, trust_remote_code, **extra):
-    from .device import resolve_device, resolve_dtype
-    from .mka.context import MergeContext, MergeSettings
-    from .models.loading import load_model
+def _context(**opts):
+    from .mka.context import build_context
 
-    dev = resolve_device(device)
-    lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
-    cal = lm.recipe.get("calibration", {}) if lm.recipe else {}
-    settings = MergeSettings(
-        samples=samples or cal.get("samples", 32), seq_len=seq_len or cal.get("seq_len", 256),
-        positions=positions or cal.get("positions", 512), repeats=repeats, seed=seed,
-        calibration=str(calibration) if calibration else None, **extra)
-    return MergeContext(lm, settings, dev)
+    return build_context(**opts)
 
 
 def handle_errors(f):
@@ -268,6 +259,76 @@ def validate(artifact, reference, profile, threads, context, kv_type, max_kld, m
         failed = "; ".join(f"{c['check']}: {c['value']:.4g} vs {c['limit']:.4g}" for c in r["checks"] if not c["passed"])
         click.echo(f"error: validation failed ({failed})", err=True)
         sys.exit(1)
+
+
+@cli.command()
+@handle_errors
+def profiles() -> None:
+    """List the device profiles shipped with mka-edge (profiles/*.yaml)."""
+    from .profiles import known_profiles, load_profile
+
+    click.echo(f"{'profile':22} {'runtime':12} {'memory':>8} {'budget':>8} {'GB/s':>7} {'ctx':>6} {'tok/s':>6} {'max KL':>7}")
+    for name in known_profiles():
+        p = load_profile(name)
+        click.echo(f"{p.name:22} {p.runtime:12} {p.memory_mb:>6}MB {p.budget_mb:>6}MB {p.bandwidth_gbps:>7.1f} "
+                   f"{p.context_length:>6} {p.min_tokens_per_s:>6g} {p.max_quality_loss:>7g}")
+
+
+@cli.command()
+@click.option("--profile", required=True, metavar="P", help="Device profile: a name from `mka-edge profiles` or a .yaml file.")
+@model_options
+@click.option("--budget-mb", type=float, default=None, help="Memory budget in MB (default: the profile's memory minus its reserve).")
+@click.option("--context", type=int, default=None, help="Context length the KV cache must hold (default: the profile's).")
+@click.option("--max-quality-loss", type=float, default=None, help="Quality bar: mean KL to the reference in nats (default: the profile's).")
+@click.option("--method", default="sleb", show_default=True,
+              help="Merge method whose quality curve the plan uses (see `mka-edge merge --help`). sleb is the default "
+                   "here because it was never beaten on held-out quality by more than 2% and costs a fraction of auto.")
+@click.option("--max-merge", type=int, default=None, help="Largest K considered (default: a third of the layers, at most 8).")
+@click.option("--quants", default=None, help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for plan.json (default: print only).")
+@handle_errors
+def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, out, **opts) -> None:
+    """Pick the merge ratio and quant type that fit a device, and say why; exports nothing.
+
+    Computes (or reads from cache) the merge-quality curve and each quant type's cost on this
+    model, predicts memory, device tokens/s and quality loss for every (K, type) pair, and prints
+    the Pareto table and the choice."""
+    from .planning import make_plan, plan_table, write_plan
+
+    p = make_plan(profile, opts.pop("model"), budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
+                  method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts)
+    click.echo(plan_table(p))
+    if out:
+        click.echo(f"wrote {write_plan(p, Path(out))}")
+
+
+@cli.command()
+@click.option("--profile", required=True, metavar="P", help="Device profile: a name from `mka-edge profiles` or a .yaml file.")
+@model_options
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Package folder: artifact, manifest.json, report.md, plots, model card, run commands.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--budget-mb", type=float, default=None, help="Memory budget in MB (default: the profile's memory minus its reserve).")
+@click.option("--context", type=int, default=None, help="Context length (default: the profile's).")
+@click.option("--max-quality-loss", type=float, default=None, help="Quality bar, mean KL in nats (default: the profile's).")
+@click.option("--method", default="sleb", show_default=True, help="Merge method (see `mka-edge merge --help` and `mka-edge plan --help`).")
+@click.option("--max-merge", type=int, default=None, help="Largest K considered (default: a third of the layers, at most 8).")
+@click.option("--quants", default=None, help="Comma-separated quant types to consider (default: see `mka-edge plan --help`).")
+@click.option("--max-tries", type=int, default=3, show_default=True, help="Plans tried, best first, when an artifact misses the measured quality bar.")
+@click.option("--mmlu-per-subject", type=int, default=1, show_default=True, help="MMLU questions per subject in the validation (0 skips).")
+@handle_errors
+def build(profile, out, force, budget_mb, context, max_quality_loss, method, max_merge, quants, max_tries,
+          mmlu_per_subject, **opts) -> None:
+    """Plan, merge, export, validate and package a model for a device, in one go."""
+    from .build import build as run
+
+    if max_tries < 1:
+        raise UserError("--max-tries must be at least 1")
+    m = run(profile, opts.pop("model"), Path(out), force=force, budget_mb=budget_mb, context=context,
+            max_quality_loss=max_quality_loss, method=method, k_max=max_merge, quants=quants.split(",") if quants else None,
+            max_tries=max_tries, mmlu_per_subject=mmlu_per_subject, merge_opts=opts, log=click.echo)
+    click.echo(f"built {m['out']}/{m['artifact']}: K={m['plan']['k']}, {m['plan']['quant']}; "
+               f"measured KL {m['host_figures']['accuracy']['kl']:.3f}; predicted device memory "
+               f"{m['device_predictions']['memory_mb']:.0f} MB; see {m['out']}/report.md")
 
 
 def main() -> None:

@@ -182,3 +182,20 @@ def test_validate_reports_and_fails_on_missed_threshold(tmp_path, tiny_dir):
                         "--chunks", "1", "--repeats", "1", "--mmlu-per-subject", "0", "--max-kld", "1", "--out", str(out)],
                        capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == 0 and json.loads((out / "validation.json").read_text())["passed"] is True
+
+
+def test_importance_matrix_types_export(tmp_path, tiny_dir, monkeypatch):
+    """IQ2_XS needs an importance matrix: one is computed from calibration text and handed to llama.cpp."""
+    import exporters.imatrix as im
+
+    seen = {}
+    real = im.compute_imatrix
+
+    def spy(lm, out, *a, **k):
+        seen.update(real(lm, out, *a, samples=2, seq_len=64, progress=False))
+        return seen
+
+    monkeypatch.setattr(im, "compute_imatrix", spy)
+    s = _export(tiny_dir, tmp_path / "iq2.gguf", "IQ2_XS")
+    assert "blk.0.attn_q.weight" in seen and "blk.0.ffn_down.weight" in seen and seen["blk.0.ffn_down.weight"] == 128
+    assert s["bits_per_weight"] < 16 and (tmp_path / "iq2.gguf").is_file()

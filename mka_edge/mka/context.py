@@ -117,3 +117,19 @@ class MergeContext:
             labs.append(labels)
         s = torch.stack(mats).mean(0)
         return Similarity(matrix=s.cpu(), embeddings=embs[0].cpu(), labels=labs[0].cpu())
+
+
+def build_context(model=None, device="auto", dtype="auto", calibration=None, samples=None, seq_len=None,
+                  positions=None, repeats=8, seed=0, trust_remote_code=False, **extra) -> MergeContext:
+    """Load a model and its calibration batch; recipe calibration defaults fill what is not given."""
+    from ..device import resolve_device, resolve_dtype
+    from ..models.loading import load_model
+
+    dev = resolve_device(device)
+    lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    cal = lm.recipe.get("calibration", {}) if lm.recipe else {}
+    settings = MergeSettings(
+        samples=samples or cal.get("samples", 32), seq_len=seq_len or cal.get("seq_len", 256),
+        positions=positions or cal.get("positions", 512), repeats=repeats, seed=seed,
+        calibration=str(calibration) if calibration else None, **extra)
+    return MergeContext(lm, settings, dev)

@@ -1,0 +1,111 @@
+"""`mka-edge plan`: profile + model -> the (K, quant type) plan that fits, with the reason.
+
+Nothing is exported: the merge-quality curve comes from the cached trajectory (computed, with
+progress, if missing) and the quant costs from quantizing the unmerged model once per type.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from .cache import atomic_write_text
+from .errors import UserError
+from .profiles import load_profile
+
+GGUF_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+
+
+def make_plan(profile: str, model: str | None = None, **kw) -> dict:
+    return plan_with_context(profile, model, **kw)[0]
+
+
+def plan_with_context(profile: str, model: str | None = None, *, budget_mb: float | None = None, context: int | None = None,
+              max_quality_loss: float | None = None, method: str = "sleb", alpha: str = "calibrated",
+              k_max: int | None = None, quants: list[str] | None = None, progress: bool = True,
+              merge_opts: dict | None = None) -> tuple[dict, object]:
+    """The plan and the loaded merge context (build goes on to merge with it)."""
+    from .mka.context import build_context
+    from .solver import speed
+    from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
+    from .solver.quality import merge_curve
+    from .solver.quant_probe import probe
+    from .solver.search import choose, pareto
+    from .solver.search import candidates as enumerate_candidates
+
+    prof = load_profile(profile)
+    if prof.format != "gguf":
+        raise UserError(f"profile {prof.name} runs {prof.runtime} (ONNX); ONNX plans arrive with the ONNX exporter — "
+                        f"pick a llama.cpp profile for now (mka-edge profiles)")
+    budget = float(budget_mb if budget_mb is not None else prof.budget_mb)
+    context = int(context or prof.context_length)
+    max_kl = float(max_quality_loss if max_quality_loss is not None else prof.max_quality_loss)
+    if budget <= 0 or context < 1:
+        raise UserError("--budget-mb and --context must be positive")
+    ctx = build_context(model=model, **(merge_opts or {}))
+    n = ctx.n_original
+    k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
+    quants = quants or GGUF_QUANTS
+    from exporters.quant_types import quant_type
+
+    for q in quants:
+        if quant_type(q).needs_imatrix:
+            raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
+    curve = merge_curve(ctx, method, k_max, alpha, progress=progress)
+    eff, eff_source = speed.efficiency()
+    costs = probe(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
+    eff, eff_source = speed.efficiency()
+    shape = Shape.from_config(ctx.model.config)
+    cands = enumerate_candidates(shape, curve["kl"], curve["kept"], costs, context=context, kv_type=prof.kv_cache_type,
+                                 budget_mb=budget, bandwidth_gbps=prof.bandwidth_gbps, efficiency=eff,
+                                 min_tps=prof.min_tokens_per_s, max_kl=max_kl, overhead_mb=DEFAULT_OVERHEAD_MB)
+    ranked, reason = choose(cands, budget, prof.min_tokens_per_s, context)
+    best = ranked[0]
+    plan = {
+        "mka_edge": __version__,
+        "profile": prof.as_dict(),
+        "model": {"spec": model or "smollm2-135m", "fingerprint": ctx.lm.fingerprint, "layers": n},
+        "budget": {"memory_mb": budget, "context": context, "kv_cache_type": prof.kv_cache_type,
+                   "min_tokens_per_s": prof.min_tokens_per_s, "max_quality_loss": max_kl},
+        "choice": {"method": method, "alpha": alpha, "k": best.k, "quant": best.quant, "layers_after": best.layers,
+                   "kept_layers": curve["kept"][best.k], "predicted": best.as_dict()},
+        "reason": reason,
+        "alternatives": [c.as_dict() for c in ranked[1:6]],
+        "pareto": [c.as_dict() for c in pareto(cands)],
+        "models": {
+            "quality": "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model (measured here)",
+            "memory": "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend",
+            "speed": f"efficiency {eff:.3f} ({eff_source}) x device bandwidth / bytes per token; a device prediction, not a measurement",
+        },
+        "curve": {"kl": curve["kl"], "method": method},
+        "quant_costs": {q: {"kl": c["kl"], "bytes": sum(c["per_layer"]) + c["other"], "tensor_types": c["tensor_types"]}
+                        for q, c in costs.items()},
+        "candidates": [c.as_dict() for c in cands],
+        "ranked": [{"k": c.k, "quant": c.quant, "kl": c.kl} for c in ranked],
+    }
+    return plan, ctx
+
+
+def plan_table(plan: dict) -> str:
+    """The Pareto table and the choice, for people."""
+    b = plan["budget"]
+    lines = [f"profile {plan['profile']['name']}: budget {b['memory_mb']:.0f} MB, context {b['context']}, "
+             f">= {b['min_tokens_per_s']:g} tok/s, quality loss <= {b['max_quality_loss']:g} nats",
+             "", f"{'K':>3} {'layers':>6} {'quant':<7} {'memory MB':>10} {'tok/s (device, pred.)':>22} {'KL (pred.)':>10}  fits"]
+    for c in plan["pareto"]:
+        fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("memory" if not c["fits_memory"] else "speed")
+        mark = "  <- chosen" if (c["k"], c["quant"]) == (plan["choice"]["k"], plan["choice"]["quant"]) else ""
+        lines.append(f"{c['k']:>3} {c['layers']:>6} {c['quant']:<7} {c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f}  "
+                     f"{fits if fits != 'yes' else 'yes'}{mark}")
+    ch = plan["choice"]
+    lines += ["", f"choice: merge K={ch['k']} ({ch['method']}) -> {ch['layers_after']} layers, {ch['quant']}",
+              f"why: {plan['reason']}"]
+    return "\n".join(lines)
+
+
+def write_plan(plan: dict, out: Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "plan.json", json.dumps(plan, indent=2))
+    return out / "plan.json"

@@ -1,0 +1,99 @@
+"""Predicted peak memory (resident) of a GGUF artifact running in llama.cpp (CPU backend).
+
+peak = weights      bytes of the tensor types actually written, plus the copy llama.cpp makes
+                    of Q4_0/IQ4_NL block weights when it repacks them for the CPU (the mapped
+                    originals were read at load, so both stay resident)
+     + KV cache     2 x layers x context x KV width x bytes per element (full context used)
+     + attention    the K·Q scores llama.cpp materialises without flash attention:
+                    heads x context x micro-batch x 4 B x KQ_FACTOR
+     + overhead     process, Python and libraries, allocator slack: fitted on one configuration.
+
+llama.cpp reserves a larger compute buffer (it sizes it for logits of a whole 512-token
+micro-batch, n_ubatch x n_vocab x 4 B), but a run without all-position logits never touches most
+of it, so resident memory — what the device must hold — is modelled, and the reserved figure is
+reported beside it (``reserved_compute_bytes``) for checks against llama.cpp's own log.
+Fits and errors: bench/memory_model.py, docs/results.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MIB = 2**20
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+N_UBATCH = 512
+REPACKED_TYPES = ("Q4_0", "IQ4_NL")
+# Fitted on this host (bench/memory_model.py): KQ_FACTOR from the context slope of SmolLM2 F16
+# (512 -> 4096), the overhead on SmolLM2 Q8_0 at context 512; the other configurations (other
+# types, the synthetic 1B model) are predictions.
+KQ_FACTOR = 1.4
+DEFAULT_OVERHEAD_MB = 69.8
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on, read from a config."""
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+    tied_embeddings: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "Shape":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(int(cfg.num_hidden_layers), int(cfg.hidden_size), int(cfg.num_attention_heads),
+                   int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads), int(head_dim),
+                   int(cfg.intermediate_size), int(cfg.vocab_size), bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    def with_layers(self, n: int) -> "Shape":
+        return Shape(**{**asdict(self), "n_layers": n})
+
+
+@dataclass
+class MemoryPrediction:
+    weights_mb: float
+    repack_mb: float
+    kv_mb: float
+    attention_mb: float
+    overhead_mb: float
+
+    @property
+    def total_mb(self) -> float:
+        return self.weights_mb + self.repack_mb + self.kv_mb + self.attention_mb + self.overhead_mb
+
+    def as_dict(self) -> dict:
+        d = {k: round(v, 2) for k, v in asdict(self).items()}
+        d["total_mb"] = round(self.total_mb, 2)
+        return d
+
+
+def kv_bytes(shape: Shape, context: int, kv_type: str = "f16") -> float:
+    return 2.0 * shape.n_layers * context * shape.n_kv_head * shape.head_dim * KV_BYTES[kv_type]
+
+
+def attention_bytes(shape: Shape, context: int, n_ubatch: int = N_UBATCH) -> float:
+    return 4.0 * shape.n_head * context * min(n_ubatch, context) * KQ_FACTOR
+
+
+def reserved_compute_bytes(shape: Shape, context: int, n_ubatch: int = N_UBATCH) -> float:
+    """llama.cpp's reserved CPU compute buffer: the larger of the micro-batch logits and the K·Q
+    scores (the allocator reuses one region for both), plus a few activation rows."""
+    u = min(n_ubatch, context)
+    return 4.0 * u * max(shape.n_vocab, shape.n_head * context) + 4.0 * u * 2 * shape.n_embd + 330.0 * context
+
+
+def predict(shape: Shape, weight_bytes: float, context: int, kv_type: str = "f16", repack_bytes: float = 0.0,
+            overhead_mb: float = DEFAULT_OVERHEAD_MB, kv_tokens: int | None = None) -> MemoryPrediction:
+    """Resident peak for a run that fills ``kv_tokens`` cells of the cache (default: all of it).
+    The K·Q scores are sized by the allocated context whatever the fill (measured)."""
+    return MemoryPrediction(
+        weights_mb=weight_bytes / MIB,
+        repack_mb=repack_bytes / MIB,
+        kv_mb=kv_bytes(shape, min(context, kv_tokens or context), kv_type) / MIB,
+        attention_mb=attention_bytes(shape, context) / MIB,
+        overhead_mb=overhead_mb,
+    )

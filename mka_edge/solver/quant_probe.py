@@ -1,0 +1,114 @@
+"""What each quant type costs on the model at hand: bytes (per block and outside the blocks, from
+the tensor types llama.cpp actually writes) and quality loss (KL to the reference), measured by
+quantizing the unmerged model once per type with llama.cpp and running it.  Cached by content
+hash, so a second plan or build skips it.
+
+Measuring beats any published table on small models: on SmolLM2 llama.cpp swaps most K-quant
+tensors for legacy types (576-wide rows), so nominal bits per weight are off by a third.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..cache import atomic_write_text, cache_root, stable_hash
+
+PROBE_VERSION = 2
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def tensor_bytes_split(path: Path) -> dict:
+    """Bytes inside transformer blocks (per layer) and outside them (embeddings, output, norms)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    from .memory import REPACKED_TYPES
+
+    per_layer: dict[int, int] = defaultdict(int)
+    repack: dict[int, int] = defaultdict(int)
+    other = 0
+    for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        if m:
+            per_layer[int(m.group(1))] += int(t.n_bytes)
+            if t.tensor_type.name in REPACKED_TYPES and len(t.shape) == 2:
+                repack[int(m.group(1))] += int(t.n_bytes)
+        else:
+            other += int(t.n_bytes)
+    layers = sorted(per_layer)
+    return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [repack[i] for i in layers], "other": other}
+
+
+def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> None:
+    """Host decode speed of the Q8_0 probe file: the efficiency the speed model starts from."""
+    import numpy as np
+
+    from ..validate.gguf import WORKER
+    from ..validate.runner import run_child
+    from .speed import calibrate
+
+    prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
+    lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "kv_type": "f16",
+                             "context": 512, "prompt_ids": prompt, "gen_tokens": 64, "repeats": 3}, 600, "speed calibration")
+    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"])
+
+
+def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True,
+          calibrate_speed: bool = False) -> dict[str, dict]:
+    """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...}}}."""
+    from exporters.gguf import write_float_gguf
+    from exporters.gguf_inspect import inspect_gguf
+    from exporters.llama_quantize import quantize
+    from exporters.quant_types import quant_type
+    from ..validate.gguf import WORKER
+    from ..validate.reference import compact_reference
+    from ..validate.runner import run_child
+
+    folder = cache_root() / "quant_probe"
+    keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "v": PROBE_VERSION}) for q in quants}
+    results, missing = {}, []
+    for q in quants:
+        path = folder / f"{q}-{keys[q][:20]}.json"
+        if path.is_file():
+            results[q] = json.loads(path.read_text())
+        else:
+            missing.append(q)
+    if not missing:
+        return results
+    ref_path, _ = compact_reference(lm, chunks, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="mka-edge-probe-") as tmp:
+        base = Path(tmp) / "base-f32.gguf"
+        write_float_gguf(lm, base, "F32")
+        for q in tqdm(missing, desc="measuring quant types", disable=not progress, leave=False):
+            qt = quant_type(q)
+            art = base if q == "F32" else Path(tmp) / f"{q}.gguf"
+            if q == "F16":
+                write_float_gguf(lm, art, "F16")
+            elif q != "F32":
+                quantize(base, art, qt.ftype, threads)
+            acc = run_child(WORKER, {"task": "accuracy", "artifact": str(art), "threads": threads, "kv_type": "f16",
+                                     "reference": str(ref_path)}, 3600, f"probe of {q}")
+            res = {**tensor_bytes_split(art), "kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl"],
+                   "tensor_types": inspect_gguf(art)["tensor_types"], "measured_on": f"{chunks} x 512 held-out tokens"}
+            if q == "Q8_0" and calibrate_speed:
+                _calibrate_speed(art, res, ref_path, threads)
+            atomic_write_text(folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
+            results[q] = res
+            if art != base:
+                art.unlink()
+    return results
+
+
+def weight_bytes(entry: dict, kept_layers: list[int] | int) -> tuple[float, float]:
+    """(weight bytes, repacked-copy bytes) of a model keeping these original layers (or this many,
+    at the mean layer size)."""
+    per, rep = entry["per_layer"], entry.get("repack_per_layer") or [0] * len(entry["per_layer"])
+    if isinstance(kept_layers, int):
+        return entry["other"] + kept_layers * (sum(per) / len(per)), kept_layers * (sum(rep) / len(rep))
+    return entry["other"] + sum(per[i] for i in kept_layers), float(sum(rep[i] for i in kept_layers))

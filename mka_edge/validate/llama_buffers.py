@@ -1,0 +1,40 @@
+"""What llama.cpp itself reports for its buffers when it loads a GGUF (model, KV cache, compute,
+output), read from its load log in a child process.  The memory model is checked against these."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+_PATTERNS = {
+    "model_mb": re.compile(r"model buffer size\s*=\s*([\d.]+) MiB"),
+    "kv_mb": re.compile(r"KV buffer size\s*=\s*([\d.]+) MiB"),
+    "compute_mb": re.compile(r"compute buffer size\s*=\s*([\d.]+) MiB"),
+    "output_mb": re.compile(r"output buffer size\s*=\s*([\d.]+) MiB"),
+}
+
+
+def parse(log: str) -> dict:
+    out = {}
+    for key, pat in _PATTERNS.items():
+        vals = [float(v) for v in pat.findall(log)]
+        if vals:
+            out[key] = vals[0] if key != "model_mb" else sum(vals)
+    return out
+
+
+def reported_buffers(artifact: str, context: int, threads: int = 2, kv_type: int = 1) -> dict:
+    code = ("from llama_cpp import Llama; "
+            f"Llama(model_path={artifact!r}, n_ctx={context}, n_batch=512, n_ubatch=512, n_threads={threads}, "
+            f"type_k={kv_type}, type_v={kv_type}, verbose=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    res = parse(proc.stderr + proc.stdout)
+    if proc.returncode != 0 or "model_mb" not in res:
+        raise RuntimeError(f"llama.cpp did not load {artifact}: {proc.stderr.strip().splitlines()[-1:]}")
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(reported_buffers(sys.argv[1], int(sys.argv[2]))))

@@ -1,0 +1,73 @@
+"""Integration: a full offline `build` of SmolLM2, twice with fresh caches (byte-identical artifacts)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+FAST = ["--method", "shortgpt", "--samples", "8", "--seq-len", "128", "--positions", "128", "--repeats", "2",
+        "--max-merge", "3", "--quants", "Q8_0,Q4_K_M", "--mmlu-per-subject", "0", "--context", "1024"]
+
+
+def _offline(cmd: list[str]) -> list[str]:
+    """Cut the network when the host allows it (unshare -n); the hub is switched off either way."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n", *cmd]
+    return cmd
+
+
+def _build(out, cache, *extra):
+    env = dict(os.environ, MKA_EDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run(_offline([sys.executable, "-m", "mka_edge.cli", "build", "--profile", "laptop-8gb",
+                                    *FAST, *extra, "--out", str(out)]), capture_output=True, text=True, env=env, timeout=1800)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_offline_build_is_complete_and_reproducible(tmp_path):
+    # a budget below every unmerged plan's footprint, so the plan has to merge
+    r = _build(tmp_path / "a", tmp_path / "cache-a", "--budget-mb", "300")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pkg = tmp_path / "a"
+    m = json.loads((pkg / "manifest.json").read_text())
+    for name in ("report.md", "README.md", "RUN.md", "Modelfile", "plan.json", "validation.json", "pareto.png", "similarity.png", m["artifact"]):
+        assert (pkg / name).is_file(), name
+    for name, meta in m["files"].items():         # the manifest's hashes are the files'
+        assert _sha(pkg / name) == meta["sha256"] and (pkg / name).stat().st_size == meta["bytes"]
+    assert m["plan"]["k"] > 0 and m["device_predictions"]["memory_mb"] <= 300
+    assert m["versions"]["llama-cpp-python"] and "host" in m["host_figures"]["label"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]       # no temp folder left
+    # same inputs and plan, fresh cache: the same bytes
+    r = _build(tmp_path / "b", tmp_path / "cache-b", "--budget-mb", "300")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m2 = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m2["artifact"] == m["artifact"] and m2["files"][m["artifact"]]["sha256"] == m["files"][m["artifact"]]["sha256"]
+
+
+def test_build_refuses_bad_input(tmp_path):
+    env = dict(os.environ)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("mine")
+    cases = [(["--profile", "toaster", "--out", str(tmp_path / "o")], "unknown profile 'toaster'; known: desktop"),
+             (["--profile", "laptop-8gb", "--out", str(busy)], "exists and is not empty"),
+             (["--profile", "phone-4gb", "--out", str(tmp_path / "o")], "onnxruntime")]
+    for args, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "build", *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (busy / "x").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_plan_with_an_impossible_budget_names_the_smallest_footprint(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "plan", "--profile", "laptop-8gb", *FAST[:-4],
+                        "--budget-mb", "20"], capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    assert r.returncode == 2 and "smallest footprint reachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
