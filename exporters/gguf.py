@@ -95,6 +95,16 @@ def _hparams(writer, config, arch_name: str, n_vocab: int) -> None:
         raise UserError(f"rope scaling '{kind}' is not supported by the GGUF exporter yet (supported: none, linear, llama3)")
 
 
+def _model_name(lm, merge_log: dict | None) -> str:
+    """general.name: the source model's name (never a local path, which would make two otherwise
+    identical builds differ), with the merge noted."""
+    spec = str(((merge_log or {}).get("source") or lm.source).get("spec") or "model")
+    name = Path(spec).name if ("/" in spec and Path(spec).exists()) or spec.endswith((".gguf", ".yaml")) else spec
+    name = name.removesuffix(".gguf").removesuffix(".yaml")
+    k = int((merge_log or {}).get("merge_layers", 0))
+    return f"{name}-merged-K{k}" if k else name
+
+
 def _provenance(writer, lm, merge_log: dict | None) -> None:
     log = merge_log or {}
     writer.add_string("mka_edge.version", __version__)
@@ -146,7 +156,7 @@ def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = N
     config = lm.model.config
     writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
     try:
-        writer.add_name(str(lm.source.get("spec") or "model"))
+        writer.add_name(_model_name(lm, merge_log))
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_type == "F32" else gguf.LlamaFileType.MOSTLY_F16))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         src_gguf = _tokenizer_gguf(lm, merge_log)

@@ -67,7 +67,7 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
     log("[1/5] plan")
     plan, ctx = plan_with_context(profile, model, budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                                   method=method, alpha=alpha, k_max=k_max, quants=quants, progress=progress,
-                                  merge_opts=merge_opts)
+                                  merge_opts=merge_opts, log=log)
     check_host(sum(p.numel() for p in ctx.model.parameters()), out)
     max_kl = plan["budget"]["max_quality_loss"]
     ref_spec = model or "smollm2-135m"

@@ -285,9 +285,12 @@ def profiles() -> None:
                    "here because it was never beaten on held-out quality by more than 2% and costs a fraction of auto.")
 @click.option("--max-merge", type=int, default=None, help="Largest K considered (default: a third of the layers, at most 8).")
 @click.option("--quants", default=None, help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K).")
+@click.option("--quality-prior", is_flag=True,
+              help="Use llama.cpp's published Llama-3-8B quant costs instead of measuring each type on this model "
+                   "(automatic above 3B parameters, where measuring costs more than the build).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for plan.json (default: print only).")
 @handle_errors
-def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, out, **opts) -> None:
+def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, quality_prior, out, **opts) -> None:
     """Pick the merge ratio and quant type that fit a device, and say why; exports nothing.
 
     Computes (or reads from cache) the merge-quality curve and each quant type's cost on this
@@ -296,7 +299,8 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
     from .planning import make_plan, plan_table, write_plan
 
     p = make_plan(profile, opts.pop("model"), budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
-                  method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts)
+                  method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts,
+                  quality_prior=quality_prior, log=lambda m: click.echo(m, err=True))
     click.echo(plan_table(p))
     if out:
         click.echo(f"wrote {write_plan(p, Path(out))}")

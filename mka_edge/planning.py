@@ -13,7 +13,22 @@ from . import __version__
 from .cache import atomic_write_text
 from .errors import UserError
 from .profiles import load_profile
+from .solver.quant_prior import SOURCE as PRIOR_SOURCE
 
+
+def prior_costs(ctx, quants: list[str]) -> dict:
+    """Quant costs from llama.cpp's published Llama-3-8B table, sized for this model."""
+    from .solver.quant_prior import PUBLISHED, prior_entry
+
+    unknown = [q for q in quants if q not in PUBLISHED]
+    if unknown:
+        raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(PUBLISHED)}")
+    layers = ctx.originals
+    block = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    total = sum(p.numel() for p in ctx.model.parameters())
+    return {q: prior_entry(q, block, total - sum(block)) for q in quants}
+
+PROBE_MAX_PARAMS = 3e9   # above this, quantizing every type to measure it costs more than the build
 GGUF_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 
 
@@ -24,7 +39,7 @@ def make_plan(profile: str, model: str | None = None, **kw) -> dict:
 def plan_with_context(profile: str, model: str | None = None, *, budget_mb: float | None = None, context: int | None = None,
               max_quality_loss: float | None = None, method: str = "sleb", alpha: str = "calibrated",
               k_max: int | None = None, quants: list[str] | None = None, progress: bool = True,
-              merge_opts: dict | None = None) -> tuple[dict, object]:
+              merge_opts: dict | None = None, quality_prior: bool = False, log=print) -> tuple[dict, object]:
     """The plan and the loaded merge context (build goes on to merge with it)."""
     from .mka.context import build_context
     from .solver import speed
@@ -52,9 +67,16 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     for q in quants:
         if quant_type(q).needs_imatrix:
             raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
-    curve = merge_curve(ctx, method, k_max, alpha, progress=progress)
+    curve = merge_curve(ctx, method, k_max, alpha, progress=progress, log=log)
     eff, eff_source = speed.efficiency()
-    costs = probe(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
+    n_params = sum(p.numel() for p in ctx.model.parameters())
+    if n_params <= PROBE_MAX_PARAMS and not quality_prior:
+        log("measuring each quant type on this model with llama.cpp (cached after the first plan)")
+        costs = probe(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
+        quant_source = "measured on this model (llama.cpp quantizer, held-out KL)"
+    else:
+        costs = prior_costs(ctx, quants)
+        quant_source = f"prior: {PRIOR_SOURCE}; measured on Llama-3-8B, it does not transfer to every model"
     eff, eff_source = speed.efficiency()
     shape = Shape.from_config(ctx.model.config)
     cands = enumerate_candidates(shape, curve["kl"], curve["kept"], costs, context=context, kv_type=prof.kv_cache_type,
@@ -74,7 +96,8 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         "alternatives": [c.as_dict() for c in ranked[1:6]],
         "pareto": [c.as_dict() for c in pareto(cands)],
         "models": {
-            "quality": "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model (measured here)",
+            "quality": "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model",
+            "quant_cost": quant_source,
             "memory": "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend",
             "speed": f"efficiency {eff:.3f} ({eff_source}) x device bandwidth / bytes per token; a device prediction, not a measurement",
         },

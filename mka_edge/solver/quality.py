@@ -18,7 +18,7 @@ CURVE_VERSION = 1
 
 
 def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks: int = 2,
-                progress: bool = True) -> dict:
+                progress: bool = True, log=None) -> dict:
     """{'kl': [KL at K=0..k_max], 'ppl': [...], 'kept': [[original layers kept at K], ...], 'steps': ...}."""
     from ..merging import heldout_along
     from ..mka.trajectory import trajectory
@@ -28,6 +28,8 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
     path = cache_root() / "curves" / f"{method}-{key[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
+    if log:
+        log(f"merge-quality curve for {method} up to K={k_max} is not cached yet: computing it")
     traj = trajectory(ctx, method, k_max, alpha, progress=progress)
     steps = traj["steps"][:k_max]
     quality = heldout_along(ctx, steps, chunks, progress)
