@@ -67,7 +67,7 @@ def _tokenizer_gguf(lm, merge_log: dict | None) -> Path | None:
     return None
 
 
-def _hparams(writer, config, arch_name: str, n_vocab: int) -> None:
+def _hparams(writer, config, n_vocab: int) -> None:
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -117,12 +117,17 @@ def _provenance(writer, lm, merge_log: dict | None) -> None:
     writer.add_string("mka_edge.source_sha256", str(log.get("source_fingerprint", lm.fingerprint)))
 
 
-def _tensors(writer, lm, float_type: str, progress: bool) -> None:
+def tensor_name_map(lm):
+    """gguf-py's HF -> GGUF tensor-name map for this model's architecture and depth."""
     import gguf
 
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == lm.arch.gguf_arch)
+    return gguf.get_tensor_name_map(model_arch, int(lm.model.config.num_hidden_layers))
+
+
+def _tensors(writer, lm, float_type: str) -> None:
     config, arch = lm.model.config, lm.arch
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
-    tmap = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    tmap = tensor_name_map(lm)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -172,9 +177,9 @@ def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = N
             n_vocab = tok_info["n_vocab"]
         if n_vocab != int(config.vocab_size):
             raise UserError(f"tokenizer has {n_vocab} tokens but the model's embedding has {config.vocab_size} rows")
-        _hparams(writer, config, lm.arch.gguf_arch, n_vocab)
+        _hparams(writer, config, n_vocab)
         _provenance(writer, lm, merge_log)
-        _tensors(writer, lm, float_type, progress)
+        _tensors(writer, lm, float_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)

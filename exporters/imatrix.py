@@ -19,11 +19,10 @@ from mka_edge.calibration import calibration_batch
 @torch.no_grad()
 def compute_imatrix(lm, out: Path, calibration: str | None = None, samples: int = 16, seq_len: int = 256,
                     progress: bool = True) -> dict[str, int]:
-    import gguf
+    from .gguf import tensor_name_map
 
     config = lm.model.config
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == lm.arch.gguf_arch)
-    tmap = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    tmap = tensor_name_map(lm)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []

@@ -128,17 +128,14 @@ def package(folder: Path, plan: dict, ctx, chosen: dict, summary: dict, val: dic
     folder = Path(folder)
     context = plan["budget"]["context"]
     shape = Shape.from_config(ctx.model.config).with_layers(summary["block_count"])
-    from .solver.memory import DEFAULT_OVERHEAD_MB
-
     from .solver.quant_probe import tensor_bytes_split
 
     split = tensor_bytes_split(folder / chosen["artifact"])
     repack = float(sum(split["repack_per_layer"]))
-    dev = predict(shape, summary["tensor_bytes"], context, prof.kv_cache_type, repack_bytes=repack, overhead_mb=DEFAULT_OVERHEAD_MB)
+    dev = predict(shape, summary["tensor_bytes"], context, prof.kv_cache_type, repack_bytes=repack)
     # the validation run fills only prompt + generated tokens of the cache; predict that run too
     used = min(context, val["latency"]["prompt_tokens"] + val["latency"]["gen_tokens"])
-    host = predict(shape, summary["tensor_bytes"], context, prof.kv_cache_type, repack_bytes=repack,
-                   overhead_mb=DEFAULT_OVERHEAD_MB, kv_tokens=used)
+    host = predict(shape, summary["tensor_bytes"], context, prof.kv_cache_type, repack_bytes=repack, kv_tokens=used)
     eff, eff_src = efficiency()
     device_tps = predict_tps(prof.bandwidth_gbps, bytes_per_token(summary["tensor_bytes"], kv_bytes(shape, context, prof.kv_cache_type),
                                                                   shape.tied_embeddings), eff)
