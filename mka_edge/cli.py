@@ -189,46 +189,66 @@ def eval_cmd(model, reference, heldout_chunks, mmlu_per_subject, device, out) ->
 
 def _quant_arg(ctx, param, value):
     if value and value.lower() == "help":
+        from exporters.onnx import quant_help as onnx_help
         from exporters.quant_types import quant_help
 
-        click.echo(quant_help())
+        click.echo(quant_help() + "\n\n" + onnx_help())
         ctx.exit(0)
     return value
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True,
-              help="Artifact format: gguf (llama.cpp, llama-cpp-python, Ollama, LM Studio).")
-@click.option("--quant", default="Q4_K_M", show_default=True, callback=_quant_arg, is_eager=True,
-              help="Quantization type (F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ...); "
-                   "`--quant help` lists all with bits per weight. Everything but F32/F16 is made by llama.cpp's own quantizer.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
+              help="Artifact format: gguf (llama.cpp, llama-cpp-python, Ollama, LM Studio) or onnx (onnxruntime and "
+                   "onnxruntime-genai; a folder with model.onnx, its weights, tokenizer and genai_config.json).")
+@click.option("--quant", default=None, callback=_quant_arg, is_eager=True,
+              help="Quantization type. GGUF: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M (default), Q4_0, IQ4_XS, ... "
+                   "(everything but F32/F16 made by llama.cpp's own quantizer). ONNX: fp32, fp16, int8, int4, "
+                   "int4-mixed (default; onnxruntime's MatMulNBits quantizer). `--quant help` lists all.")
 @click.option("--model", "model", default=None, metavar="M",
               help="A merged model folder (from `mka-edge merge`), recipe name, Hugging Face directory, .gguf or hub id. Default: the embedded SmolLM2-135M.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .gguf file to write (written to a temporary name, renamed at the end).")
+@click.option("--out", type=click.Path(), required=True,
+              help="GGUF: the .gguf file to write. ONNX: the folder to write. Written under a temporary name and renamed at the end.")
 @click.option("--pre-tokenizer", default=None, metavar="NAME",
-              help="llama.cpp pre-tokenizer name, only needed when llama.cpp's table does not recognise a byte-level BPE tokenizer.")
-@click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all cores).")
+              help="GGUF only: llama.cpp pre-tokenizer name, only needed when llama.cpp's table does not recognise a byte-level BPE tokenizer.")
+@click.option("--threads", type=int, default=None, help="GGUF only: threads for llama.cpp's quantizer (default: all cores).")
 @click.option("--calibration", type=click.Path(), default=None,
-              help="Text for the importance matrix of IQ1/IQ2/IQ3_XXS/Q2_K_S types (default: packaged Wikipedia articles).")
+              help="GGUF only: text for the importance matrix of IQ1/IQ2/IQ3_XXS/Q2_K_S types (default: packaged Wikipedia articles).")
+@click.option("--context", type=int, default=None,
+              help="ONNX only: the maximum sequence length onnxruntime-genai allocates its KV cache for (default: the model's).")
+@click.option("--single-file", is_flag=True,
+              help="ONNX only: embed the weights in model.onnx instead of model.onnx.data (refused above the 2 GB protobuf limit).")
 @handle_errors
-def export(fmt, quant, model, out, pre_tokenizer, threads, calibration) -> None:
+def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, context, single_file) -> None:
     """Write a model (merged or not) as a quantized artifact for an edge runtime."""
+    if fmt == "onnx":
+        from exporters.onnx import export_onnx
+
+        if pre_tokenizer or calibration:
+            raise UserError("--pre-tokenizer and --calibration apply to GGUF only")
+        s = export_onnx(model, Path(out), quant or "int4-mixed", context=context, single_file=single_file)
+        ops = ", ".join(f"{k} x{v}" for k, v in s["quantized_ops"].items()) or "no quantized ops"
+        click.echo(f"wrote {s['path']}: {s['model_bytes'] / 2**20:.1f} MiB of model files, {s['block_count']} layers, "
+                   f"{s['quant']} ({ops}), KV cache sized for {s['context']} tokens")
+        return
     from exporters.gguf import export_gguf
 
-    s = export_gguf(model, Path(out), quant, pre_tokenizer=pre_tokenizer, threads=threads, calibration=calibration)
+    if context or single_file:
+        raise UserError("--context and --single-file apply to ONNX only (llama.cpp sets the context when it loads the file)")
+    s = export_gguf(model, Path(out), quant or "Q4_K_M", pre_tokenizer=pre_tokenizer, threads=threads, calibration=calibration)
     types = ", ".join(f"{k} x{v}" for k, v in s["tensor_types"].items())
     click.echo(f"wrote {s['path']}: {s['file_bytes'] / 2**20:.1f} MiB, {s['block_count']} layers, "
                f"{s['bits_per_weight']:.2f} bits/weight ({types})")
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("artifact", type=click.Path())
 @click.option("--reference", default=None, metavar="REF",
               help="The model to compare against (recipe, folder, .gguf, hub id). Default: the source recorded in the artifact.")
 @click.option("--profile", default=None, metavar="P", help="Device profile (name or .yaml): its thresholds, threads, context and KV type apply unless given here.")
-@click.option("--threads", type=int, default=None, help="llama.cpp threads (default: the profile's, else all cores).")
+@click.option("--threads", type=int, default=None, help="Runtime threads, llama.cpp or onnxruntime (default: the profile's, else all cores).")
 @click.option("--context", type=int, default=None, help="Context length to allocate (default: the profile's, else 2048).")
-@click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0", "q4_0"]), default=None, help="KV cache type (default: the profile's, else f16).")
+@click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0", "q4_0"]), default=None, help="GGUF only: llama.cpp KV cache type (default: the profile's, else f16). ONNX keeps the cache in the model's I/O type.")
 @click.option("--max-kld", type=float, default=None, help="Fail when the mean KL to the reference (nats) is above this.")
 @click.option("--min-tokens-per-s", type=float, default=None, help="Fail when generation tokens/s on this host is below this.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Latency runs; median, min and max are reported.")
@@ -238,19 +258,17 @@ def export(fmt, quant, model, out, pre_tokenizer, threads, calibration) -> None:
 @handle_errors
 def validate(artifact, reference, profile, threads, context, kv_type, max_kld, min_tokens_per_s, repeats, chunks,
              mmlu_per_subject, out) -> None:
-    """Run ARTIFACT in its real runtime (each measurement in a child process) and check it: latency
+    """Run ARTIFACT (a .gguf file, or an ONNX export folder) in its real runtime (each measurement in a child process) and check it: latency
     (prompt and generation tokens/s, time to first token, load time, peak RSS), accuracy against
     the reference (mean KL, perplexity change, top-1, MMLU). Exit code 1 when a threshold is missed."""
     from .profiles import load_profile
     from .validate.checks import Thresholds
-    from .validate.gguf import validate_gguf
+    from .validate.core import validate_artifact
 
     if repeats < 1 or chunks < 1:
         raise UserError("--repeats and --chunks must be at least 1")
     prof = load_profile(profile) if profile else None
-    if prof is not None and prof.format != "gguf":
-        raise UserError(f"profile {prof.name} runs {prof.runtime}; validating ONNX artifacts arrives with the ONNX exporter")
-    r = validate_gguf(artifact, reference, profile=prof, threads=threads, context=context, out=out,
+    r = validate_artifact(artifact, reference, profile=prof, threads=threads, context=context, out=out,
                       thresholds=Thresholds(max_kld, min_tokens_per_s), repeats=repeats, chunks=chunks,
                       mmlu_per_subject=mmlu_per_subject, kv_type=kv_type)
     click.echo(Path(r["out"], "validation.md").read_text())

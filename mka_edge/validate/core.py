@@ -1,0 +1,139 @@
+"""`mka-edge validate`, format-independent: the reference model runs here in PyTorch, once, and is
+cached; the artifact runs in its real runtime in child processes (one for accuracy, one for
+latency, so a crash in the runtime cannot take the caller down and peak RSS is the runtime's).
+What differs per format — how to read the artifact back, check its vocabulary, which worker runs
+it and how the report describes it — lives in `formats.py`."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+from pathlib import Path
+
+from .. import __version__
+from ..cache import atomic_write_text
+from ..errors import UserError
+from ..quality import wilson
+from .checks import Thresholds, evaluate
+from .formats import adapter_for
+from .reference import compact_reference, mmlu_jobs, reference_mmlu
+from .runner import run_child
+
+
+def reference_spec(info: dict, reference: str | None) -> str:
+    if reference:
+        return reference
+    src = (info.get("provenance") or {}).get("source")
+    if not src:
+        raise UserError(f"{info['path']} does not say which model it came from; pass --reference MODEL")
+    return src
+
+
+def validate_artifact(artifact: str | Path, reference: str | None = None, *, profile=None, threads: int | None = None,
+                      context: int | None = None, out: str | Path | None = None, thresholds: Thresholds | None = None,
+                      repeats: int = 3, chunks: int = 4, gen_tokens: int = 128, prompt_tokens: int = 512,
+                      mmlu_per_subject: int = 1, kv_type: str | None = None, progress: bool = True,
+                      timeout_s: float = 3600) -> dict:
+    from ..models.loading import load_model
+
+    artifact = Path(artifact)
+    fmt = adapter_for(artifact)
+    if profile is not None and profile.format != fmt.name:
+        raise UserError(f"profile {profile.name} runs {profile.runtime} ({profile.format}) but {artifact} is {fmt.name}; "
+                        f"validate it with a {fmt.name} profile or without --profile")
+    info = fmt.inspect(artifact)                 # refuses corrupt/truncated artifacts before the runtime sees them
+    out = Path(out) if out else fmt.default_out(artifact)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    ref_spec = reference_spec(info, reference)
+    lm = load_model(ref_spec)
+    fmt.check_vocab(artifact, info, lm)
+    ref_path, ref_summary = compact_reference(lm, chunks, progress=progress)
+    jobs, letters = mmlu_jobs(lm.tokenizer, mmlu_per_subject)
+    ref_mmlu = reference_mmlu(lm, jobs, letters, progress=progress)
+    import numpy as np
+
+    prompt = np.load(ref_path)["ids"].reshape(-1)[:prompt_tokens].tolist()
+    if len(prompt) < prompt_tokens:
+        raise UserError(f"held-out text gives only {len(prompt)} prompt tokens; lower --prompt-tokens")
+    del lm
+    gc.collect()
+
+    threads = threads or (profile.threads if profile else None) or max(1, os.cpu_count() or 1)
+    kv_type = fmt.kv_type(kv_type or (profile.kv_cache_type if profile else None), info)
+    need = prompt_tokens + gen_tokens + 16
+    context = context or (profile.context_length if profile else 2048)
+    if context < need:
+        raise UserError(f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}")
+    base = {"artifact": str(info.get("model_path", artifact)), "threads": threads, "kv_type": kv_type}
+    acc = run_child(fmt.worker, {**base, "task": "accuracy", "reference": str(ref_path), "mmlu": jobs, "letter_ids": letters},
+                    timeout_s, "accuracy run")
+    lat = run_child(fmt.worker, {**base, "task": "latency", "context": context, "prompt_ids": prompt,
+                                 "gen_tokens": gen_tokens, "repeats": repeats}, timeout_s, "latency run")
+    if "mmlu_correct" in acc:
+        lo, hi = wilson(acc["mmlu_correct"], acc["mmlu_n"])
+        acc["mmlu"] = {"accuracy": acc.pop("mmlu_correct") / acc["mmlu_n"], "ci95": [lo, hi], "n": acc.pop("mmlu_n"), "chance": 0.25}
+
+    th = thresholds or Thresholds()
+    if profile is not None:
+        th = Thresholds(th.max_kld if th.max_kld is not None else profile.max_quality_loss,
+                        th.min_tokens_per_s if th.min_tokens_per_s is not None else profile.min_tokens_per_s)
+    checks = evaluate(th, acc["kl"], lat["gen_tps"]["median"])
+    result = {
+        "mka_edge": __version__,
+        "format": fmt.name,
+        "artifact": {k: v for k, v in info.items() if k != "provenance"} | {"provenance": info.get("provenance")},
+        "reference": {"model": ref_spec, **ref_summary, "mmlu": ref_mmlu},
+        "runtime": {"name": fmt.runtime_name, "version": fmt.runtime_version(), "threads": threads,
+                    "kv_cache_type": kv_type, "context": context},
+        "host": {"label": "host figures: measured on this machine, not predictions for the target device",
+                 "machine": platform.machine(), "cpus": os.cpu_count(), "system": platform.system()},
+        "accuracy": acc,
+        "latency": lat | {"prompt_tokens": len(prompt), "gen_tokens": gen_tokens, "repeats": repeats},
+        "profile": profile.name if profile else None,
+        "thresholds": th.as_dict(),
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "validation.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "validation.md", markdown(result, fmt.artifact_rows(result["artifact"])))
+    result["out"] = str(out)
+    return result
+
+
+def markdown(r: dict, artifact_rows: list[tuple[str, str]]) -> str:
+    a, lat, art = r["accuracy"], r["latency"], r["artifact"]
+    rows = artifact_rows + [
+        ("layers", str(art["block_count"])),
+        ("mean KL to reference (nats)", f"{a['kl']:.4f}"),
+        ("perplexity (reference)", f"{a['ppl']:.2f} ({a['ref_ppl']:.2f}), {a['ppl_change_pct']:+.1f}%"),
+        ("top-1 agreement", f"{100 * a['top1']:.1f}%"),
+    ]
+    if "mmlu" in a:
+        m, rm = a["mmlu"], r["reference"].get("mmlu") or {}
+        rows.append(("MMLU letter accuracy [95% CI] (reference)",
+                     f"{100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f}] of {m['n']}"
+                     + (f" ({100 * rm['accuracy']:.1f}%)" if rm else "") + ", chance 25%"))
+    for key, label in (("prompt_tps", f"prompt tokens/s ({lat['prompt_tokens']}-token prompt)"),
+                       ("gen_tps", f"generation tokens/s ({lat['gen_tokens']} tokens)"), ("ttft_s", "time to first token (s)")):
+        v = lat[key]
+        rows.append((label, f"{v['median']:.3g} (min {v['min']:.3g}, max {v['max']:.3g}, {lat['repeats']} runs)"))
+    rows += [("load time (s)", f"{lat['load_s']:.2f}"),
+             ("peak RSS (MiB, process incl. Python)", f"{lat['peak_rss_mb']:.0f} (baseline before load {lat['baseline_rss_mb']:.0f})")]
+    name = Path(art["path"]).name
+    lines = [f"# Validation of `{name}`", "",
+             f"Runtime: {r['runtime']['name']} {r['runtime']['version']}, {r['runtime']['threads']} threads, "
+             f"KV cache {r['runtime']['kv_cache_type']}, context {r['runtime']['context']}. "
+             f"Reference: `{r['reference']['model']}` on {r['reference']['chunks']} x {r['reference']['chunk_len']} held-out tokens.", "",
+             f"**{r['host']['label']}.**", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if r["checks"]:
+        lines += ["", "| check | value | limit | result |", "|---|---|---|---|"]
+        lines += [f"| {c['check']} | {c['value']:.4g} | {c['limit']:.4g} | {'pass' if c['passed'] else 'FAIL'} |" for c in r["checks"]]
+        lines += ["", f"**{'PASSED' if r['passed'] else 'FAILED'}**"]
+    else:
+        lines += ["", "No thresholds were set (use --profile, --max-kld or --min-tokens-per-s)."]
+    return "\n".join(lines) + "\n"
