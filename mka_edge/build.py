@@ -1,4 +1,5 @@
 """`mka-edge build`: plan -> merge -> export -> validate -> package.  Nothing else orchestrates.
+The profile's runtime decides the format: GGUF for llama.cpp, an ONNX folder for onnxruntime.
 
 The package folder is assembled under a temporary name and renamed at the end, so an
 interrupted or failed build leaves nothing at --out.  If the artifact misses the profile's
@@ -53,17 +54,19 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
           mmlu_per_subject: int = 1, repeats: int = 3, merge_opts: dict | None = None, progress: bool = True,
           log=print) -> dict:
     from exporters.gguf import export_loaded
+    from exporters.onnx import export_loaded_onnx
     from .merging import merge
     from .models.loading import load_model
     from .planning import plan_with_context
     from .profiles import load_profile
     from .report import package
     from .validate.checks import Thresholds
-    from .validate.gguf import validate_gguf
+    from .validate.core import validate_artifact
 
     out = Path(out)
     check_out(out, force)
     prof = load_profile(profile)
+    onnx = prof.format == "onnx"
     log("[1/5] plan")
     plan, ctx = plan_with_context(profile, model, budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                                   method=method, alpha=alpha, k_max=k_max, quants=quants, progress=progress,
@@ -84,19 +87,25 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
                 lm = load_model(str(merged_dir))
             else:
                 merged_dir, lm = None, ctx.lm
-            log(f"[3/5] export: GGUF {quant}")
-            art = tmp / f"{tag}.gguf"
-            summary = export_loaded(lm, art, quant, progress=progress)
-            log("[4/5] validate in llama.cpp")
-            val = validate_gguf(art, ref_spec, threads=os.cpu_count(), context=plan["budget"]["context"],
-                                kv_type=prof.kv_cache_type, out=work / f"validation-{i}",
-                                thresholds=Thresholds(max_kld=max_kl), repeats=repeats, mmlu_per_subject=mmlu_per_subject,
-                                progress=progress)
+            if onnx:
+                log(f"[3/5] export: ONNX {quant} (onnxruntime-genai builder)")
+                art = tmp / f"{tag}-onnx"
+                summary = export_loaded_onnx(lm, art, quant, context=plan["budget"]["context"], progress=progress)
+                log("[4/5] validate in onnxruntime")
+            else:
+                log(f"[3/5] export: GGUF {quant}")
+                art = tmp / f"{tag}.gguf"
+                summary = export_loaded(lm, art, quant, progress=progress)
+                log("[4/5] validate in llama.cpp")
+            val = validate_artifact(art, ref_spec, threads=os.cpu_count(), context=plan["budget"]["context"],
+                                    kv_type=None if onnx else prof.kv_cache_type, out=work / f"validation-{i}",
+                                    thresholds=Thresholds(max_kld=max_kl), repeats=repeats,
+                                    mmlu_per_subject=mmlu_per_subject, progress=progress)
             attempts.append({"k": k, "quant": quant, "measured_kl": val["accuracy"]["kl"], "passed": val["passed"]})
             if val["passed"]:
                 break
             log(f"      measured KL {val['accuracy']['kl']:.3f} misses the bar {max_kl:g}; trying the next plan")
-            art.unlink()
+            shutil.rmtree(art) if art.is_dir() else art.unlink()
         else:
             raise UserError(f"no plan met the quality bar ({max_kl:g} nats) in {len(attempts)} tries: "
                             + ", ".join(f"K={a['k']} {a['quant']}: {a['measured_kl']:.3f}" for a in attempts)

@@ -30,6 +30,29 @@ def prior_costs(ctx, quants: list[str]) -> dict:
 
 PROBE_MAX_PARAMS = 3e9   # above this, quantizing every type to measure it costs more than the build
 GGUF_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+# fp16 is left out by default: on the CPU provider the builder writes an unfused fp16 graph that
+# is slower than fp32 (docs/results.md); ask for it with --quants.
+ONNX_QUANTS = ["fp32", "int8", "int4-mixed", "int4"]
+# ONNX types mapped to the llama.cpp type with the nearest scheme, for the published prior.
+ONNX_PRIOR_AS = {"fp32": "F16", "fp16": "F16", "int8": "Q8_0", "int4-mixed": "Q4_K_M", "int4": "Q4_0"}
+
+
+def onnx_prior_costs(ctx, quants: list[str]) -> dict:
+    """ONNX quant costs without measuring: bytes from each type's nominal bytes per weight, KL from
+    llama.cpp's published table for the nearest llama.cpp scheme (a prior, labelled so)."""
+    from exporters.onnx import onnx_quant
+
+    from .solver.quant_prior import PUBLISHED
+
+    block = [sum(p.numel() for p in layer.parameters()) for layer in ctx.originals]
+    other = sum(p.numel() for p in ctx.model.parameters()) - sum(block)
+    out = {}
+    for q in quants:
+        bpw = onnx_quant(q).bytes_per_weight
+        out[q] = {"per_layer": [p * bpw for p in block], "repack_per_layer": [0.0] * len(block), "other": other * bpw,
+                  "kl": PUBLISHED[ONNX_PRIOR_AS[q]][1], "resident_ratio": 1.0, "format": "onnx", "tensor_types": {},
+                  "source": f"prior: llama.cpp {ONNX_PRIOR_AS[q]} figure"}
+    return out
 
 
 def make_plan(profile: str, model: str | None = None, **kw) -> dict:
@@ -50,9 +73,7 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     from .solver.search import candidates as enumerate_candidates
 
     prof = load_profile(profile)
-    if prof.format != "gguf":
-        raise UserError(f"profile {prof.name} runs {prof.runtime} (ONNX); ONNX plans arrive with the ONNX exporter — "
-                        f"pick a llama.cpp profile for now (mka-edge profiles)")
+    onnx = prof.format == "onnx"
     budget = float(budget_mb if budget_mb is not None else prof.budget_mb)
     context = int(context or prof.context_length)
     max_kl = float(max_quality_loss if max_quality_loss is not None else prof.max_quality_loss)
@@ -61,23 +82,38 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     ctx = build_context(model=model, **(merge_opts or {}))
     n = ctx.n_original
     k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
-    quants = quants or GGUF_QUANTS
-    from exporters.quant_types import quant_type
+    if onnx:
+        from exporters.onnx import onnx_quant
 
-    for q in quants:
-        if quant_type(q).needs_imatrix:
-            raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
+        quants = [onnx_quant(q).name for q in (quants or ONNX_QUANTS)]
+    else:
+        from exporters.quant_types import quant_type
+
+        quants = quants or GGUF_QUANTS
+        for q in quants:
+            if quant_type(q).needs_imatrix:
+                raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
     curve = merge_curve(ctx, method, k_max, alpha, progress=progress, log=log)
-    eff, eff_source = speed.efficiency()
+    eff, eff_source = speed.efficiency(prof.format)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     if n_params <= PROBE_MAX_PARAMS and not quality_prior:
-        log("measuring each quant type on this model with llama.cpp (cached after the first plan)")
-        costs = probe(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
-        quant_source = "measured on this model (llama.cpp quantizer, held-out KL)"
+        if onnx:
+            from .solver.onnx_probe import probe_onnx
+
+            log("measuring each ONNX quant type on this model in onnxruntime (cached after the first plan)")
+            costs = probe_onnx(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
+            quant_source = "measured on this model (onnxruntime-genai builder + onnxruntime quantizer, held-out KL in onnxruntime)"
+        else:
+            log("measuring each quant type on this model with llama.cpp (cached after the first plan)")
+            costs = probe(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
+            quant_source = "measured on this model (llama.cpp quantizer, held-out KL)"
+    elif onnx:
+        costs = onnx_prior_costs(ctx, quants)
+        quant_source = f"prior: {PRIOR_SOURCE}, each ONNX type read as the nearest llama.cpp scheme; it does not transfer to every model"
     else:
         costs = prior_costs(ctx, quants)
         quant_source = f"prior: {PRIOR_SOURCE}; measured on Llama-3-8B, it does not transfer to every model"
-    eff, eff_source = speed.efficiency()
+    eff, eff_source = speed.efficiency(prof.format)
     shape = Shape.from_config(ctx.model.config)
     cands = enumerate_candidates(shape, curve["kl"], curve["kept"], costs, context=context, kv_type=prof.kv_cache_type,
                                  budget_mb=budget, bandwidth_gbps=prof.bandwidth_gbps, efficiency=eff,
@@ -88,7 +124,9 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         "mka_edge": __version__,
         "profile": prof.as_dict(),
         "model": {"spec": model or "smollm2-135m", "fingerprint": ctx.lm.fingerprint, "layers": n},
-        "budget": {"memory_mb": budget, "context": context, "kv_cache_type": prof.kv_cache_type,
+        "format": prof.format,
+        "budget": {"memory_mb": budget, "context": context,
+                   "kv_cache_type": "model I/O type (f32; f16 for fp16)" if onnx else prof.kv_cache_type,
                    "min_tokens_per_s": prof.min_tokens_per_s, "max_quality_loss": max_kl},
         "choice": {"method": method, "alpha": alpha, "k": best.k, "quant": best.quant, "layers_after": best.layers,
                    "kept_layers": curve["kept"][best.k], "predicted": best.as_dict()},
@@ -98,11 +136,14 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         "models": {
             "quality": "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model",
             "quant_cost": quant_source,
-            "memory": "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend",
+            "memory": ("weights x resident ratio (measured per type) + KV buffer of the whole context + prefill logits "
+                       "(512-token prompt) + overhead, onnxruntime-genai CPU provider" if onnx else
+                       "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend"),
             "speed": f"efficiency {eff:.3f} ({eff_source}) x device bandwidth / bytes per token; a device prediction, not a measurement",
         },
         "curve": {"kl": curve["kl"], "method": method},
-        "quant_costs": {q: {"kl": c["kl"], "bytes": sum(c["per_layer"]) + c["other"], "tensor_types": c["tensor_types"]}
+        "quant_costs": {q: {"kl": c["kl"], "bytes": sum(c["per_layer"]) + c["other"], "tensor_types": c["tensor_types"],
+                            **({"resident_ratio": c["resident_ratio"]} if "resident_ratio" in c else {})}
                         for q, c in costs.items()},
         "candidates": [c.as_dict() for c in cands],
         "ranked": [{"k": c.k, "quant": c.quant, "kl": c.kl} for c in ranked],
@@ -115,11 +156,11 @@ def plan_table(plan: dict) -> str:
     b = plan["budget"]
     lines = [f"profile {plan['profile']['name']}: budget {b['memory_mb']:.0f} MB, context {b['context']}, "
              f">= {b['min_tokens_per_s']:g} tok/s, quality loss <= {b['max_quality_loss']:g} nats",
-             "", f"{'K':>3} {'layers':>6} {'quant':<7} {'memory MB':>10} {'tok/s (device, pred.)':>22} {'KL (pred.)':>10}  fits"]
+             "", f"{'K':>3} {'layers':>6} {'quant':<10} {'memory MB':>10} {'tok/s (device, pred.)':>22} {'KL (pred.)':>10}  fits"]
     for c in plan["pareto"]:
         fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("memory" if not c["fits_memory"] else "speed")
         mark = "  <- chosen" if (c["k"], c["quant"]) == (plan["choice"]["k"], plan["choice"]["quant"]) else ""
-        lines.append(f"{c['k']:>3} {c['layers']:>6} {c['quant']:<7} {c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f}  "
+        lines.append(f"{c['k']:>3} {c['layers']:>6} {c['quant']:<10} {c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f}  "
                      f"{fits if fits != 'yes' else 'yes'}{mark}")
     ch = plan["choice"]
     lines += ["", f"choice: merge K={ch['k']} ({ch['method']}) -> {ch['layers_after']} layers, {ch['quant']}",

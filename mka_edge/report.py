@@ -23,7 +23,7 @@ def _sha256(path: Path) -> str:
 
 def _versions() -> dict:
     out = {"mka-edge": __version__}
-    for dist in ("torch", "transformers", "gguf", "llama-cpp-python", "numpy"):
+    for dist in ("torch", "transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime", "onnxruntime-genai", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -63,17 +63,55 @@ ollama create my-edge-model -f Modelfile && ollama run my-edge-model
 """
 
 
+def onnx_run_commands(artifact: str, context: int, threads: int) -> str:
+    return f"""# Running `{artifact}/`
+
+The folder is a complete onnxruntime-genai model: `model.onnx` (+ `model.onnx.data`, the weights),
+`genai_config.json` (KV cache sized for {context} tokens), tokenizer files.
+
+Python (`pip install onnxruntime-genai`):
+
+```python
+import onnxruntime_genai as og
+
+model = og.Model("{artifact}")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length={context})
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("The capital of France is"))
+stream = tokenizer.create_stream()
+while not generator.is_done():
+    generator.generate_next_token()
+    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)
+```
+
+Threads: set `"intra_op_num_threads": {threads}` under `model.decoder.session_options` in
+`genai_config.json`. Android and iOS: the onnxruntime-genai mobile packages load the same folder.
+Plain onnxruntime can run `model.onnx` too (inputs `input_ids`, `attention_mask`,
+`past_key_values.N.key/value`), but then the application owns the KV cache and the sampling loop.
+"""
+
+
+def _artifact_line(chosen: dict, summary: dict, layers: int) -> str:
+    if summary.get("format") == "onnx":
+        ops = ", ".join(f"{k} x{v}" for k, v in summary["quantized_ops"].items()) or "float weights"
+        return (f"`{chosen['artifact']}/` — ONNX, {summary['model_bytes'] / 2**20:.1f} MiB of model files, "
+                f"{summary['block_count']} of {layers} layers, {chosen['quant']} ({ops})")
+    return (f"`{chosen['artifact']}` — {summary['file_bytes'] / 2**20:.1f} MiB, {summary['block_count']} of "
+            f"{layers} layers, {summary['bits_per_weight']:.2f} bits/weight")
+
+
 def _report(plan: dict, chosen: dict, summary: dict, val: dict, attempts: list, mem: dict, device_tps: float) -> str:
     p, ch, a, lat = plan["profile"], plan["choice"], val["accuracy"], val["latency"]
     pred = next((c for c in plan["candidates"] if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"])), ch["predicted"])
     lines = [f"# mka-edge build report: {plan['model']['spec']} for {p['name']}", "",
              f"{p['description']}", "",
-             f"**Artifact:** `{chosen['artifact']}` — {summary['file_bytes'] / 2**20:.1f} MiB, {summary['block_count']} of "
-             f"{plan['model']['layers']} layers, {summary['bits_per_weight']:.2f} bits/weight.", "",
+             f"**Artifact:** {_artifact_line(chosen, summary, plan['model']['layers'])}.", "",
              f"**Why this plan:** {plan['reason']}.", "",
              "## Predicted on the device vs measured on the build host", "",
              "| measure | predicted (device) | measured (build host) |", "|---|---|---|",
-             f"| peak memory (llama.cpp) | {mem['predicted_device_mb']:.0f} MB of {plan['budget']['memory_mb']:.0f} MB budget "
+             f"| peak memory ({mem['runtime']}) | {mem['predicted_device_mb']:.0f} MB of {plan['budget']['memory_mb']:.0f} MB budget "
              f"| {mem['measured_host_rss_mb']:.0f} MB peak RSS over a {mem['predicted_host_context']}-token run (predicted for that run: {mem['predicted_host_mb']:.0f} MB) |",
              f"| generation tokens/s | {device_tps:.1f} (from {p['bandwidth_gbps']:g} GB/s) | {lat['gen_tps']['median']:.1f} (host, not the device) |",
              f"| quality loss (mean KL, nats) | {pred['kl']:.3f} | {a['kl']:.3f} (bar {plan['budget']['max_quality_loss']:g}) |",
@@ -97,18 +135,28 @@ def _report(plan: dict, chosen: dict, summary: dict, val: dict, attempts: list, 
 
 
 def _model_card(plan: dict, chosen: dict, summary: dict, val: dict) -> str:
+    if summary.get("format") == "onnx":
+        how = "exported by onnxruntime-genai's model builder and quantized by onnxruntime's MatMulNBits quantizer"
+        fmt = "ONNX folder for onnxruntime-genai / onnxruntime (CPU provider)"
+        size = f"{summary['model_bytes'] / 2**20:.1f} MiB of model files"
+        prov = "`mka_edge.json` in the folder and `mka_edge.*` metadata in model.onnx"
+    else:
+        how = "quantized by llama.cpp's quantizer"
+        fmt = "GGUF (llama.cpp, llama-cpp-python, Ollama, LM Studio)"
+        size = f"{summary['file_bytes'] / 2**20:.1f} MiB, {summary['bits_per_weight']:.2f} bits/weight"
+        prov = "the GGUF's `mka_edge.*` metadata"
     return f"""# {Path(chosen['artifact']).stem}
 
 {plan['model']['spec']} packaged by mka-edge {__version__} for **{plan['profile']['name']}**:
 {chosen['k']} of {plan['model']['layers']} transformer layers merged away ({plan['choice']['method']}), then
-quantized to {chosen['quant']} by llama.cpp's quantizer.
+{chosen['quant']}, {how}.
 
-- Format: GGUF (llama.cpp, llama-cpp-python, Ollama, LM Studio)
-- Size: {summary['file_bytes'] / 2**20:.1f} MiB, {summary['bits_per_weight']:.2f} bits/weight
+- Format: {fmt}
+- Size: {size}
 - Quality loss against the source model: mean KL {val['accuracy']['kl']:.3f} nats, perplexity {val['accuracy']['ppl_change_pct']:+.1f}%,
   top-1 agreement {100 * val['accuracy']['top1']:.1f}% on held-out Wikipedia text
 - Licence: that of the source model; calibration text: Wikipedia (CC BY-SA)
-- Provenance: the GGUF's `mka_edge.*` metadata (method, merged-layer map, source hash); details in report.md
+- Provenance: {prov} (method, merged-layer map, source hash); details in report.md
 
 Merged models lose knowledge and fluency in ways the figures above only sample: test on your task.
 """
@@ -128,18 +176,32 @@ def package(folder: Path, plan: dict, ctx, chosen: dict, summary: dict, val: dic
     folder = Path(folder)
     context = plan["budget"]["context"]
     shape = Shape.from_config(ctx.model.config).with_layers(summary["block_count"])
-    from .solver.quant_probe import tensor_bytes_split
+    onnx = summary.get("format") == "onnx"
+    if onnx:
+        from .solver.onnx_memory import onnx_kv_bytes, predict_onnx
 
-    split = tensor_bytes_split(folder / chosen["artifact"])
-    repack = float(sum(split["repack_per_layer"]))
-    dev = predict(shape, summary["tensor_bytes"], context, prof.kv_cache_type, repack_bytes=repack)
-    # the validation run fills only prompt + generated tokens of the cache; predict that run too
-    used = min(context, val["latency"]["prompt_tokens"] + val["latency"]["gen_tokens"])
-    host = predict(shape, summary["tensor_bytes"], context, prof.kv_cache_type, repack_bytes=repack, kv_tokens=used)
-    eff, eff_src = efficiency()
-    device_tps = predict_tps(prof.bandwidth_gbps, bytes_per_token(summary["tensor_bytes"], kv_bytes(shape, context, prof.kv_cache_type),
-                                                                  shape.tied_embeddings), eff)
-    mem = {"predicted_device_mb": dev.total_mb, "predicted_device_terms": dev.as_dict(),
+        ratio = plan["quant_costs"][chosen["quant"]].get("resident_ratio", 1.0)
+        weights = float(summary["weight_bytes"])
+        dev = predict_onnx(shape, weights, ratio, context, chosen["quant"])
+        # onnxruntime-genai allocates the whole context's KV buffer up front: the validation run is the device run
+        used = context
+        host = predict_onnx(shape, weights, ratio, context, chosen["quant"], prompt_tokens=val["latency"]["prompt_tokens"])
+        kv_full = onnx_kv_bytes(shape, context, chosen["quant"])
+    else:
+        from .solver.quant_probe import tensor_bytes_split
+
+        split = tensor_bytes_split(folder / chosen["artifact"])
+        repack = float(sum(split["repack_per_layer"]))
+        weights = float(summary["tensor_bytes"])
+        dev = predict(shape, weights, context, prof.kv_cache_type, repack_bytes=repack)
+        # the validation run fills only prompt + generated tokens of the cache; predict that run too
+        used = min(context, val["latency"]["prompt_tokens"] + val["latency"]["gen_tokens"])
+        host = predict(shape, weights, context, prof.kv_cache_type, repack_bytes=repack, kv_tokens=used)
+        kv_full = kv_bytes(shape, context, prof.kv_cache_type)
+    eff, eff_src = efficiency(prof.format)
+    device_tps = predict_tps(prof.bandwidth_gbps, bytes_per_token(weights, kv_full, shape.tied_embeddings), eff)
+    mem = {"runtime": "onnxruntime-genai" if onnx else "llama.cpp",
+           "predicted_device_mb": dev.total_mb, "predicted_device_terms": dev.as_dict(),
            "predicted_host_mb": host.total_mb, "predicted_host_context": used,
            "measured_host_rss_mb": val["latency"]["peak_rss_mb"],
            "host_error_pct": 100 * (host.total_mb / val["latency"]["peak_rss_mb"] - 1)}
@@ -154,14 +216,19 @@ def package(folder: Path, plan: dict, ctx, chosen: dict, summary: dict, val: dic
                 f"{plan['model']['spec']} on {prof.name}: plans")
     atomic_write_text(folder / "report.md", _report(plan, chosen, summary, val, attempts, mem, device_tps))
     atomic_write_text(folder / "README.md", _model_card(plan, chosen, summary, val))
-    atomic_write_text(folder / "RUN.md", run_commands(chosen["artifact"], context, prof.threads))
-    atomic_write_text(folder / "Modelfile", _modelfile(chosen["artifact"], context))
+    if onnx:
+        atomic_write_text(folder / "RUN.md", onnx_run_commands(chosen["artifact"], context, prof.threads))
+    else:
+        atomic_write_text(folder / "RUN.md", run_commands(chosen["artifact"], context, prof.threads))
+        atomic_write_text(folder / "Modelfile", _modelfile(chosen["artifact"], context))
     files = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name != "manifest.json" and not f.name.startswith("."):
-            files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and rel != "manifest.json" and not any(part.startswith(".") for part in f.relative_to(folder).parts):
+            files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
     manifest = {
         "mka_edge": __version__, "versions": _versions(), "profile": prof.name, "model": plan["model"],
+        "format": summary.get("format", "gguf"),
         "artifact": chosen["artifact"], "files": files, "plan": plan["choice"], "reason": plan["reason"],
         "host_figures": {"label": "measured on the build host, not the device", "latency": val["latency"],
                          "accuracy": val["accuracy"]},

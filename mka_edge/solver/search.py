@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import UserError
 from .memory import Shape, kv_bytes, predict
+from .onnx_memory import onnx_kv_bytes, predict_onnx
 from .quant_probe import weight_bytes
 from .speed import bytes_per_token, predict_tps
 
@@ -41,8 +42,13 @@ def candidates(shape: Shape, curve_kl: list[float], kept: list[list[int]], probe
         sh = shape.with_layers(layers)
         for quant, entry in probe.items():
             wb, rb = weight_bytes(entry, kept[k] if k < len(kept) else layers)
-            mem = predict(sh, wb, context, kv_type, repack_bytes=rb, overhead_mb=overhead_mb)
-            tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv_bytes(sh, context, kv_type), shape.tied_embeddings), efficiency)
+            if entry.get("format") == "onnx":
+                mem = predict_onnx(sh, wb, entry["resident_ratio"], context, quant)
+                kv = onnx_kv_bytes(sh, context, quant)
+            else:
+                mem = predict(sh, wb, context, kv_type, repack_bytes=rb, overhead_mb=overhead_mb)
+                kv = kv_bytes(sh, context, kv_type)
+            tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
             kl = kl_merge + entry["kl"]
             out.append(Candidate(k, quant, layers, mem.total_mb, mem.as_dict(), kl, tps,
                                  mem.total_mb <= budget_mb, tps >= min_tps, kl <= max_kl))

@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once (the tied embedding included, as the output
 projection) plus the KV cache so far, so tokens/s ~ efficiency x bandwidth / bytes per token.
-The efficiency is calibrated on this host: measured tokens/s x bytes per token / the host's
+The efficiency is calibrated on this host, per runtime: measured tokens/s x bytes per token / the host's
 measured copy bandwidth.  Device figures are predictions from the device's published peak
 bandwidth and are labelled so; host figures are never passed off as device figures.
 """
@@ -38,17 +38,22 @@ def bytes_per_token(weight_bytes: float, kv_bytes_full: float, tied: bool, embd_
     return weight_bytes - (0.0 if tied else embd_bytes) + 0.5 * kv_bytes_full
 
 
-def calibrate(measured_tps: float, bytes_tok: float, host_gbps: float | None = None) -> dict:
+def _calibration_file(fmt: str):
+    return cache_root() / ("speed_calibration.json" if fmt == "gguf" else f"speed_calibration-{fmt}.json")
+
+
+def calibrate(measured_tps: float, bytes_tok: float, host_gbps: float | None = None, fmt: str = "gguf") -> dict:
     host_gbps = host_gbps or host_bandwidth_gbps()
     eff = measured_tps * bytes_tok / (host_gbps * 1e9)
     rec = {"efficiency": eff, "host_copy_gbps": host_gbps, "measured_tps": measured_tps,
            "bytes_per_token": bytes_tok, "host": platform.node(), "time": time.time()}
-    atomic_write_text(cache_root() / "speed_calibration.json", json.dumps(rec))
+    atomic_write_text(_calibration_file(fmt), json.dumps(rec))
     return rec
 
 
-def efficiency() -> tuple[float, str]:
-    path = cache_root() / "speed_calibration.json"
+def efficiency(fmt: str = "gguf") -> tuple[float, str]:
+    """Per runtime: llama.cpp and onnxruntime use the same bandwidth very differently."""
+    path = _calibration_file(fmt)
     if path.is_file():
         rec = json.loads(path.read_text())
         return float(rec["efficiency"]), f"calibrated on this host ({rec['measured_tps']:.1f} tok/s measured)"

@@ -81,6 +81,7 @@ def latency(job: dict) -> dict:
     t0 = time.perf_counter()
     og, model = _genai_model(job["artifact"], job["threads"])
     load_s = time.perf_counter() - t0
+    loaded_rss = metrics.status_mb("VmRSS")
     prompt, n_gen, context = job["prompt_ids"], job["gen_tokens"], job["context"]
     warm = _generator(og, model, prompt[:16], context)     # the first run after loading is not representative
     warm.generate_next_token()
@@ -97,7 +98,8 @@ def latency(job: dict) -> dict:
         runs.append({"ttft_s": t_first - t_start, "prompt_tps": len(prompt) / (t_first - t_start),
                      "gen_tps": n_gen / (t_end - t_first)})
         del gen
-    return metrics.summarize_runs(runs, {"load_s": load_s, "baseline_rss_mb": base_rss, "peak_rss_mb": metrics.status_mb("VmHWM")})
+    return metrics.summarize_runs(runs, {"load_s": load_s, "baseline_rss_mb": base_rss, "loaded_rss_mb": loaded_rss,
+                                         "peak_rss_mb": metrics.status_mb("VmHWM")})
 
 
 def greedy(job: dict) -> dict:

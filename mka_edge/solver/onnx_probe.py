@@ -1,0 +1,94 @@
+"""What each ONNX quant type costs on the model at hand: weight bytes per layer and outside the
+layers (read from the written initializers), quality loss (KL to the reference in onnxruntime),
+and how much of the weights onnxruntime keeps resident after loading.  Measured by exporting the
+unmerged model once per type; cached by content hash like the GGUF probe."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..cache import atomic_write_text, cache_root, stable_hash
+from .onnx_memory import ONNX_OVERHEAD_MB
+
+PROBE_VERSION = 1
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+WORKER = "mka_edge.validate.onnx_worker"
+
+
+def initializer_bytes_split(folder: Path) -> dict:
+    """Bytes inside transformer layers (per layer) and outside them, from the initializers' names."""
+    import onnx
+
+    from exporters.onnx_inspect import _DTYPE_BYTES, _numel, resolve
+
+    _, model_file = resolve(folder)
+    model = onnx.load(str(model_file), load_external_data=False)
+    per_layer: dict[int, int] = defaultdict(int)
+    other = 0
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            n = int({e.key: e.value for e in init.external_data}.get("length", 0))
+        else:
+            n = len(init.raw_data) if init.raw_data else _numel(init.dims) * _DTYPE_BYTES.get(init.data_type, 4)
+        m = _LAYER.match(init.name)
+        if m:
+            per_layer[int(m.group(1))] += n
+        else:
+            other += n
+    layers = sorted(per_layer)
+    return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [0] * len(layers), "other": other}
+
+
+def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True,
+               calibrate_speed: bool = False) -> dict[str, dict]:
+    """{quant: {'per_layer', 'other', 'kl', 'top1', 'ppl', 'resident_ratio', 'quantized_ops', 'format': 'onnx'}}."""
+    import numpy as np
+
+    from exporters.onnx import export_loaded_onnx, onnx_quant
+    from exporters.onnx_inspect import inspect_onnx
+    from ..validate.reference import compact_reference
+    from ..validate.runner import run_child
+
+    folder = cache_root() / "quant_probe"
+    keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "format": "onnx", "v": PROBE_VERSION})
+            for q in quants}
+    results, missing = {}, []
+    for q in quants:
+        onnx_quant(q)
+        path = folder / f"onnx-{q}-{keys[q][:20]}.json"
+        if path.is_file():
+            results[q] = json.loads(path.read_text())
+        else:
+            missing.append(q)
+    if not missing:
+        return results
+    ref_path, _ = compact_reference(lm, chunks, progress=progress)
+    prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
+    with tempfile.TemporaryDirectory(prefix="mka-edge-onnx-probe-") as tmp:
+        for q in tqdm(missing, desc="measuring ONNX quant types", disable=not progress, leave=False):
+            art = Path(tmp) / q
+            export_loaded_onnx(lm, art, q, progress=False)
+            acc = run_child(WORKER, {"task": "accuracy", "artifact": str(art), "threads": threads,
+                                     "reference": str(ref_path)}, 3600, f"ONNX probe of {q}")
+            lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "context": 256,
+                                     "prompt_ids": prompt, "gen_tokens": 32, "repeats": 2}, 1200, f"ONNX probe of {q}")
+            split = initializer_bytes_split(art)
+            wb = sum(split["per_layer"]) + split["other"]
+            info = inspect_onnx(art)
+            res = {**split, "format": "onnx", "kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl"],
+                   "resident_ratio": (lat["loaded_rss_mb"] - ONNX_OVERHEAD_MB) * 2**20 / wb,
+                   "loaded_rss_mb": lat["loaded_rss_mb"], "host_gen_tps": lat["gen_tps"]["median"],
+                   "tensor_types": info["quantized_ops"] or {"float": 1}, "measured_on": f"{chunks} x 512 held-out tokens"}
+            if q == "int8" and calibrate_speed:
+                from .speed import calibrate
+
+                calibrate(lat["gen_tps"]["median"], wb, fmt="onnx")
+            atomic_write_text(folder / f"onnx-{q}-{keys[q][:20]}.json", json.dumps(res))
+            results[q] = res
+    return results
