@@ -100,6 +100,14 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
+def check_single_file(n_params: int, q: OnnxQuant) -> None:
+    """Refuse before exporting when the weights cannot fit in one protobuf file."""
+    need = n_params * q.bytes_per_weight
+    if need > 0.95 * PROTOBUF_LIMIT:
+        raise UserError(f"{n_params / 1e9:.2f}B parameters in {q.name} need about {need / 2**30:.1f} GiB, over the 2 GB "
+                        f"limit of a single ONNX file; drop --single-file (weights then go to model.onnx.data)")
+
+
 def _merge_log(model_dir: str | None) -> dict | None:
     if model_dir and (Path(model_dir) / "merge_log.json").is_file():
         return json.loads((Path(model_dir) / "merge_log.json").read_text())
@@ -213,12 +221,13 @@ def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | 
 
     q = quant if isinstance(quant, OnnxQuant) else onnx_quant(quant)
     out = check_out_dir(Path(out))
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    if single_file and n_params * q.bytes_per_weight > 0.95 * PROTOBUF_LIMIT:
-        raise UserError(f"{n_params / 1e9:.2f}B parameters in {q.name} need about {n_params * q.bytes_per_weight / 2**30:.1f} GiB, "
-                        f"over the 2 GB limit of a single ONNX file; drop --single-file (weights then go to model.onnx.data)")
+    if single_file:
+        check_single_file(sum(p.numel() for p in lm.model.parameters()), q)
+    model_ctx = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
     if context is not None and context < 1:
         raise UserError("--context must be positive")
+    if context and model_ctx and context > model_ctx:
+        raise UserError(f"--context {context} is longer than the model's context length ({model_ctx}); use at most {model_ctx}")
     merge_log = _merge_log(lm.source.get("model_dir"))
     with ExitStack() as stack:
         src = _source_dir(lm, stack, out.parent)

@@ -97,6 +97,7 @@ def inspect_onnx(path: str | Path) -> dict:
         "n_vocab": cfg.get("model", {}).get("vocab_size"),
         "n_kv_heads": dec.get("num_key_value_heads"), "head_size": dec.get("head_size"),
         "context": cfg.get("search", {}).get("max_length"),
+        "model_context": cfg.get("model", {}).get("context_length"),
         "inputs": [i.name for i in model.graph.input][:3],
         "quant": (prov or {}).get("quant"),
         "provenance": prov,

@@ -79,9 +79,6 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     max_kl = float(max_quality_loss if max_quality_loss is not None else prof.max_quality_loss)
     if budget <= 0 or context < 1:
         raise UserError("--budget-mb and --context must be positive")
-    ctx = build_context(model=model, **(merge_opts or {}))
-    n = ctx.n_original
-    k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
     if onnx:
         from exporters.onnx import onnx_quant
 
@@ -93,6 +90,9 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         for q in quants:
             if quant_type(q).needs_imatrix:
                 raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
+    ctx = build_context(model=model, **(merge_opts or {}))
+    n = ctx.n_original
+    k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
     curve = merge_curve(ctx, method, k_max, alpha, progress=progress, log=log)
     eff, eff_source = speed.efficiency(prof.format)
     n_params = sum(p.numel() for p in ctx.model.parameters())

@@ -74,3 +74,17 @@ def tiny_context(path: Path, **overrides):
 
     lm = load_model(str(path), "cpu")
     return MergeContext(lm, MergeSettings(**{**SMALL, **overrides}), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def merged_smollm2(tmp_path_factory) -> Path:
+    """SmolLM2 with 3 layers merged away (shortgpt, small calibration), shared by the export tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smol") / "k3"
+    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", "3", "--method", "shortgpt", "--samples", "8",
+                        "--seq-len", "128", "--positions", "128", "--repeats", "2", "--heldout-chunks", "0", "--out", str(out)],
+                       capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out

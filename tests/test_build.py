@@ -62,7 +62,7 @@ def test_build_refuses_bad_input(tmp_path):
     (busy / "x").write_text("mine")
     cases = [(["--profile", "toaster", "--out", str(tmp_path / "o")], "unknown profile 'toaster'; known: desktop"),
              (["--profile", "laptop-8gb", "--out", str(busy)], "exists and is not empty"),
-             (["--profile", "phone-4gb", "--out", str(tmp_path / "o")], "onnxruntime")]
+             (["--profile", "phone-4gb", "--quants", "Q4_K_M", "--out", str(tmp_path / "o")], "unknown ONNX quant type 'Q4_K_M'")]
     for args, needle in cases:
         r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "build", *args], capture_output=True, text=True, env=env)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -73,3 +73,37 @@ def test_plan_with_an_impossible_budget_names_the_smallest_footprint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "plan", "--profile", "laptop-8gb", *FAST[:-4],
                         "--budget-mb", "20"], capture_output=True, text=True, env=dict(os.environ), timeout=1800)
     assert r.returncode == 2 and "smallest footprint reachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_onnx_build_end_to_end(tmp_path):
+    """An onnxruntime profile builds, validates and packages an ONNX folder; the budget is set just
+    under the smallest unmerged plan, so the plan has to merge."""
+    fast = [a for a in FAST if a not in ("Q8_0,Q4_K_M",)]
+    fast[fast.index("--quants") + 1:fast.index("--quants") + 1] = ["fp32,int8"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cli = [sys.executable, "-m", "mka_edge.cli"]
+    r = subprocess.run([*cli, "plan", "--profile", "phone-4gb", *[a for a in fast if a not in ("--repeats", "2", "--mmlu-per-subject", "0")],
+                        "--out", str(tmp_path / "plan")], capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert plan["format"] == "onnx" and set(plan["quant_costs"]) == {"fp32", "int8"}
+    smallest_unmerged = min(c["memory_mb"] for c in plan["candidates"] if c["k"] == 0)
+    budget = f"{smallest_unmerged - 0.5:.1f}"
+    r = subprocess.run(_offline([*cli, "build", "--profile", "phone-4gb", *fast, "--budget-mb", budget,
+                                 "--out", str(tmp_path / "pkg")]), capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pkg = tmp_path / "pkg"
+    m = json.loads((pkg / "manifest.json").read_text())
+    art = pkg / m["artifact"]
+    assert m["format"] == "onnx" and art.is_dir() and m["plan"]["k"] > 0 and m["plan"]["quant"] == "int8"
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "mka_edge.json"):
+        assert f"{m['artifact']}/{name}" in m["files"], name
+    for name, meta in m["files"].items():
+        assert _sha(pkg / name) == meta["sha256"], name
+    assert not (pkg / "Modelfile").exists() and "onnxruntime_genai" in (pkg / "RUN.md").read_text()
+    val = json.loads((pkg / "validation.json").read_text())
+    assert val["format"] == "onnx" and val["passed"] and val["artifact"]["block_count"] == 30 - m["plan"]["k"]
+    assert json.loads((art / "genai_config.json").read_text())["search"]["max_length"] == 1024
+    assert m["device_predictions"]["memory_mb"] <= float(budget)
+    assert abs(m["memory"]["host_error_pct"]) < 15, m["memory"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg.")]

@@ -24,10 +24,8 @@ def cli(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "k3"
-    cli("merge", "-k", "3", "--method", "shortgpt", *SMALL, "--heldout-chunks", "0", "--out", str(out))
-    return out
+def merged(merged_smollm2):
+    return merged_smollm2
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 
 peak = overhead     Python + onnxruntime + onnxruntime-genai loaded, no model: measured on a tiny
                     model (bench/memory_model.py)
-     + weights x r  resident weights after the session is created.  onnxruntime does not simply
-                    map the weights: it prepacks MatMulNBits blocks for the CPU kernels, folds
-                    constants (fp32 tied embeddings get a transposed copy), and leaves untouched
-                    pages of a gathered embedding out of RSS.  r is measured per quant type on the
-                    unmerged model (loaded RSS - overhead) / weight bytes, and applied to a merged
-                    model's own weight bytes.
+     + weights x r  resident weights.  onnxruntime does not simply map the weights: it prepacks
+                    MatMulNBits blocks for the CPU kernels, folds constants (fp32 tied embeddings
+                    get a transposed copy), and leaves untouched rows of a gathered float embedding
+                    out of RSS.  r is measured per quant type on the unmerged model, from the peak
+                    of a 512-token run at context 1024 less the other terms, and applied to a
+                    merged model's own weight bytes and to other contexts.
      + KV cache     onnxruntime-genai allocates past/present as one buffer of max_length tokens
                     (past_present_share_buffer), in the model's I/O type (float32 on CPU except fp16),
                     so the whole context counts from the first token.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from .memory import MIB, MemoryPrediction, Shape
 
 # Fitted on this host (bench/memory_model.py, ONNX rows).
-ONNX_OVERHEAD_MB = 86.0
+ONNX_OVERHEAD_MB = 70.0
 ACT_FACTOR = 1.17
 PROMPT_TOKENS = 512          # prefill size the device prediction assumes (the validation prompt)
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..cache import atomic_write_text, cache_root, stable_hash
-from .onnx_memory import ONNX_OVERHEAD_MB
+from .memory import Shape
+from .onnx_memory import PROMPT_TOKENS, predict_onnx
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
+RATIO_CONTEXT = 1024
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 WORKER = "mka_edge.validate.onnx_worker"
 
@@ -69,21 +71,25 @@ def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progres
     if not missing:
         return results
     ref_path, _ = compact_reference(lm, chunks, progress=progress)
-    prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
+    prompt = np.load(ref_path)["ids"].reshape(-1)[:PROMPT_TOKENS].tolist()
+    shape = Shape.from_config(lm.model.config)
     with tempfile.TemporaryDirectory(prefix="mka-edge-onnx-probe-") as tmp:
         for q in tqdm(missing, desc="measuring ONNX quant types", disable=not progress, leave=False):
             art = Path(tmp) / q
             export_loaded_onnx(lm, art, q, progress=False)
             acc = run_child(WORKER, {"task": "accuracy", "artifact": str(art), "threads": threads,
                                      "reference": str(ref_path)}, 3600, f"ONNX probe of {q}")
-            lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "context": 256,
-                                     "prompt_ids": prompt, "gen_tokens": 32, "repeats": 2}, 1200, f"ONNX probe of {q}")
+            lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "context": RATIO_CONTEXT,
+                                     "prompt_ids": prompt, "gen_tokens": 32, "repeats": 1}, 1200, f"ONNX probe of {q}")
             split = initializer_bytes_split(art)
             wb = sum(split["per_layer"]) + split["other"]
             info = inspect_onnx(art)
+            # what onnxruntime keeps of the weights during a validation-sized run: the peak less
+            # every other term of the model (the terms are the ones predictions use)
+            rest = predict_onnx(shape, 0.0, 1.0, RATIO_CONTEXT, q, prompt_tokens=len(prompt)).total_mb
             res = {**split, "format": "onnx", "kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl"],
-                   "resident_ratio": (lat["loaded_rss_mb"] - ONNX_OVERHEAD_MB) * 2**20 / wb,
-                   "loaded_rss_mb": lat["loaded_rss_mb"], "host_gen_tps": lat["gen_tps"]["median"],
+                   "resident_ratio": (lat["peak_rss_mb"] - rest) * 2**20 / wb,
+                   "loaded_rss_mb": lat["loaded_rss_mb"], "peak_rss_mb": lat["peak_rss_mb"], "host_gen_tps": lat["gen_tps"]["median"],
                    "tensor_types": info["quantized_ops"] or {"float": 1}, "measured_on": f"{chunks} x 512 held-out tokens"}
             if q == "int8" and calibrate_speed:
                 from .speed import calibrate

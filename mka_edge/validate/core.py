@@ -65,6 +65,9 @@ def validate_artifact(artifact: str | Path, reference: str | None = None, *, pro
     kv_type = fmt.kv_type(kv_type or (profile.kv_cache_type if profile else None), info)
     need = prompt_tokens + gen_tokens + 16
     context = context or (profile.context_length if profile else 2048)
+    if info.get("model_context") and context > int(info["model_context"]):
+        raise UserError(f"--context {context} is longer than the model's context length ({info['model_context']}); "
+                        f"use at most {info['model_context']}")
     if context < need:
         raise UserError(f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}")
     base = {"artifact": str(info.get("model_path", artifact)), "threads": threads, "kv_type": kv_type}
