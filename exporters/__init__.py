@@ -6,4 +6,7 @@ gguf_inspect     read a GGUF back: integrity check, tensor types actually writte
 quant_types      the llama.cpp quant types as data
 llama_quantize   llama.cpp's quantizer in a child process
 imatrix          importance matrix for the low-bit types, from the calibration text
+onnx.py          model -> ONNX folder (onnxruntime-genai builder; onnxruntime quantizer for int8/int4)
+onnx_inspect     read an ONNX export back: integrity, weight bytes, quantized ops, provenance
+paths            output-path checks shared by the exporters
 """

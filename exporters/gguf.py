@@ -23,6 +23,8 @@ import torch
 from mka_edge import __version__
 from mka_edge.errors import UserError
 
+from .paths import ensure_writable_parent
+
 from .gguf_inspect import inspect_gguf
 from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
 from .quant_types import QuantType, quant_type
@@ -194,13 +196,7 @@ def check_out_file(out: Path) -> Path:
         raise UserError(f"--out {out} must end in .gguf")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name ending in .gguf")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {out.parent} ({exc.strerror}); choose a writable --out") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write into {out.parent}; choose a writable --out")
-    return out
+    return ensure_writable_parent(out)
 
 
 def _merge_log_of(lm) -> dict | None:

@@ -32,6 +32,8 @@ from pathlib import Path
 from mka_edge import __version__
 from mka_edge.errors import UserError
 
+from .paths import ensure_writable_parent
+
 PROVENANCE_FILE = "mka_edge.json"
 PROTOBUF_LIMIT = 2**31 - 1          # one ONNX protobuf file cannot exceed 2 GB
 
@@ -91,13 +93,7 @@ def check_out_dir(out: Path) -> Path:
         raise UserError(f"--out {out} exists and is a file; choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not (out / PROVENANCE_FILE).is_file():
         raise UserError(f"--out {out} is a non-empty folder that is not an mka-edge ONNX export; choose a new folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {out.parent} ({exc.strerror}); choose a writable --out") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write into {out.parent}; choose a writable --out")
-    return out
+    return ensure_writable_parent(out)
 
 
 def check_single_file(n_params: int, q: OnnxQuant) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..cache import atomic_write_text, cache_root, stable_hash
 from .memory import Shape
+from .quant_probe import cached_entries
 from .onnx_memory import PROMPT_TOKENS, predict_onnx
 
 PROBE_VERSION = 2
@@ -60,14 +61,9 @@ def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progres
     folder = cache_root() / "quant_probe"
     keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "format": "onnx", "v": PROBE_VERSION})
             for q in quants}
-    results, missing = {}, []
     for q in quants:
         onnx_quant(q)
-        path = folder / f"onnx-{q}-{keys[q][:20]}.json"
-        if path.is_file():
-            results[q] = json.loads(path.read_text())
-        else:
-            missing.append(q)
+    results, missing = cached_entries(folder, "onnx-", keys)
     if not missing:
         return results
     ref_path, _ = compact_reference(lm, chunks, progress=progress)

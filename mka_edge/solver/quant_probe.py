@@ -45,6 +45,18 @@ def tensor_bytes_split(path: Path) -> dict:
     return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [repack[i] for i in layers], "other": other}
 
 
+def cached_entries(folder: Path, prefix: str, keys: dict[str, str]) -> tuple[dict[str, dict], list[str]]:
+    """Probe results already in the cache, and the quant types still to measure."""
+    results, missing = {}, []
+    for q, key in keys.items():
+        path = folder / f"{prefix}{q}-{key[:20]}.json"
+        if path.is_file():
+            results[q] = json.loads(path.read_text())
+        else:
+            missing.append(q)
+    return results, missing
+
+
 def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> None:
     """Host decode speed of the Q8_0 probe file: the efficiency the speed model starts from."""
     import numpy as np
@@ -72,13 +84,7 @@ def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bo
 
     folder = cache_root() / "quant_probe"
     keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "v": PROBE_VERSION}) for q in quants}
-    results, missing = {}, []
-    for q in quants:
-        path = folder / f"{q}-{keys[q][:20]}.json"
-        if path.is_file():
-            results[q] = json.loads(path.read_text())
-        else:
-            missing.append(q)
+    results, missing = cached_entries(folder, "", keys)
     if not missing:
         return results
     ref_path, _ = compact_reference(lm, chunks, progress=progress)
