@@ -37,9 +37,9 @@ QUANTS = ["fp32", "int8", "int4-mixed", "int4"]
 
 
 def _merged(work: Path, k: int) -> Path:
-    out = work / f"sleb-k{k}"
+    out = work / f"mka-guided-k{k}"
     if not (out / "merge_log.json").is_file():
-        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", "sleb",
+        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", "mka-guided",
                         "--heldout-chunks", "0", "--out", str(out)], check=True)
     return out
 
@@ -85,7 +85,7 @@ def main() -> None:
     models = [("SmolLM2-135M", lm, shape)]
     for k in (6, 12):
         mlm = load_model(str(_merged(work, k)), "cpu", torch.float32)
-        models.append((f"SmolLM2 sleb K={k}", mlm, Shape.from_config(mlm.model.config)))
+        models.append((f"SmolLM2 mka-guided K={k}", mlm, Shape.from_config(mlm.model.config)))
     for name, m, sh in models:
         for q in QUANTS:
             art = _export(m, work / f"{name.replace(' ', '_').replace('=', '')}-{q}", q)
