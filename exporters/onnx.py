@@ -45,11 +45,16 @@ class OnnxQuant:
     extra: tuple[str, ...]           # the builder's --extra_options
     bytes_per_weight: float          # nominal, for the single-file size check before exporting
     description: str
+    builder_ep: str = "cpu"          # the builder's --execution_provider (the graph it writes)
 
 
 ONNX_QUANTS = {q.name: q for q in (
     OnnxQuant("fp32", "fp32", (), 4.0, "float32 weights and activations (the fidelity reference)"),
-    OnnxQuant("fp16", "fp16", (), 2.0, "float16 weights (on the CPU provider the builder writes an unfused graph)"),
+    # The builder's CPU fp16 graph is unfused and onnxruntime-genai cannot run it on CPU (a Cast
+    # in repeat_kv fails); its CUDA fp16 graph (fused GroupQueryAttention) runs on both, so fp16
+    # is built for CUDA and the provider list is cleared: CPU by default, a GPU where configured.
+    OnnxQuant("fp16", "fp16", (), 2.0, "float16 weights and KV cache, fused graph (for GPUs/NPUs; also runs on CPU)",
+              builder_ep="cuda"),
     OnnxQuant("int8", "int8", (), 1.07, "8-bit weight-only MatMulNBits, block 32, symmetric (onnxruntime quantizer); "
                                         "the embedding stays float32 when tied"),
     OnnxQuant("int4", "int4", (), 0.57, "4-bit weight-only MatMulNBits, block 32, RTN (onnxruntime quantizer); "
@@ -125,7 +130,7 @@ def _run_builder(src: Path, out: Path, q: OnnxQuant, n_layers: int, progress: bo
     from tqdm.auto import tqdm
 
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
-           "-p", q.precision, "-e", "cpu", "-c", str(out / ".builder-cache")]
+           "-p", q.precision, "-e", q.builder_ep, "-c", str(out / ".builder-cache")]
     if q.extra:
         cmd += ["--extra_options", *q.extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -167,12 +172,13 @@ def _finish(out: Path, q: OnnxQuant, lm, merge_log: dict | None, context: int | 
     cfg = json.loads(cfg_path.read_text())
     if context:
         cfg["search"]["max_length"] = int(context)      # onnxruntime-genai sizes its KV buffer by this
+    cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []   # CPU unless configured
     cfg_path.write_text(json.dumps(cfg, indent=4))
     log = merge_log or {}
     layer_map = log.get("layer_map") or [{"layer": i, "sources": [i], "weights": [1.0]} for i in range(lm.num_layers)]
     prov = {
         "mka_edge": __version__, "format": "onnx", "quant": q.name, "builder_precision": q.precision,
-        "builder_extra_options": list(q.extra), "execution_provider": "cpu", "versions": versions(),
+        "builder_extra_options": list(q.extra), "builder_execution_provider": q.builder_ep, "versions": versions(),
         "method": str(log.get("method", "none")), "merge_layers": int(log.get("merge_layers", 0)),
         "layers_before": int(log.get("layers_before", lm.num_layers)), "layers": lm.num_layers, "layer_map": layer_map,
         "source": str((log.get("source") or lm.source).get("spec", "")),

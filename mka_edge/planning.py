@@ -30,8 +30,8 @@ def prior_costs(ctx, quants: list[str]) -> dict:
 
 PROBE_MAX_PARAMS = 3e9   # above this, quantizing every type to measure it costs more than the build
 GGUF_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-# fp16 is left out by default: on the CPU provider the builder writes an unfused fp16 graph that
-# is slower than fp32 (docs/results.md); ask for it with --quants.
+# fp16 is left out by default: the CPU provider runs it upcast, with more memory than fp32 and no
+# more speed (docs/results.md); it is for GPU/NPU devices; ask for it with --quants.
 ONNX_QUANTS = ["fp32", "int8", "int4-mixed", "int4"]
 # ONNX types mapped to the llama.cpp type with the nearest scheme, for the published prior.
 ONNX_PRIOR_AS = {"fp32": "F16", "fp16": "F16", "int8": "Q8_0", "int4-mixed": "Q4_K_M", "int4": "Q4_0"}

@@ -112,7 +112,7 @@ def _report(plan: dict, chosen: dict, summary: dict, val: dict, attempts: list, 
              "## Predicted on the device vs measured on the build host", "",
              "| measure | predicted (device) | measured (build host) |", "|---|---|---|",
              f"| peak memory ({mem['runtime']}) | {mem['predicted_device_mb']:.0f} MB of {plan['budget']['memory_mb']:.0f} MB budget "
-             f"| {mem['measured_host_rss_mb']:.0f} MB peak RSS over a {mem['predicted_host_context']}-token run (predicted for that run: {mem['predicted_host_mb']:.0f} MB) |",
+             f"| {mem['measured_host_rss_mb']:.0f} MB peak RSS over {mem['host_run']} (predicted for that run: {mem['predicted_host_mb']:.0f} MB) |",
              f"| generation tokens/s | {device_tps:.1f} (from {p['bandwidth_gbps']:g} GB/s) | {lat['gen_tps']['median']:.1f} (host, not the device) |",
              f"| quality loss (mean KL, nats) | {pred['kl']:.3f} | {a['kl']:.3f} (bar {plan['budget']['max_quality_loss']:g}) |",
              f"| perplexity change | | {a['ppl_change_pct']:+.1f}% ({a['ppl']:.2f} vs {a['ref_ppl']:.2f}) |",
@@ -200,7 +200,10 @@ def package(folder: Path, plan: dict, ctx, chosen: dict, summary: dict, val: dic
         kv_full = kv_bytes(shape, context, prof.kv_cache_type)
     eff, eff_src = efficiency(prof.format)
     device_tps = predict_tps(prof.bandwidth_gbps, bytes_per_token(weights, kv_full, shape.tied_embeddings), eff)
-    mem = {"runtime": "onnxruntime-genai" if onnx else "llama.cpp",
+    lat = val["latency"]
+    run = (f"a {lat['prompt_tokens']}-token prompt + {lat['gen_tokens']} tokens with the KV buffer for {context}" if onnx
+           else f"a {used}-token run")
+    mem = {"runtime": "onnxruntime-genai" if onnx else "llama.cpp", "host_run": run,
            "predicted_device_mb": dev.total_mb, "predicted_device_terms": dev.as_dict(),
            "predicted_host_mb": host.total_mb, "predicted_host_context": used,
            "measured_host_rss_mb": val["latency"]["peak_rss_mb"],
