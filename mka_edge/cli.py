@@ -122,6 +122,33 @@ def analyze(out, seeds, **opts) -> None:
     click.echo(f"wrote {Path(out) / 'similarity.json'} and {Path(out) / 'similarity.png'}")
 
 
+def heal_options(f):
+    """Options of a heal, shared by `heal` and the commands that can heal as they go."""
+    opts = [
+        click.option("--train", "heal_train", type=click.Choice(["all", "changed", "lora"]), default="all", show_default=True,
+                     help="What the heal trains: all parameters; only the layers the merge changed and their neighbours; "
+                          "or LoRA adapters on every block's linear layers, merged back at the end."),
+        click.option("--lr", "heal_lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (constant)."),
+        click.option("--heal-batch", type=int, default=2, show_default=True, help="Calibration windows per step."),
+        click.option("--heal-seq-len", type=int, default=256, show_default=True, help="Tokens per calibration window."),
+        click.option("--lora-rank", type=int, default=16, show_default=True, help="Rank of the LoRA adapters (--train lora)."),
+        click.option("--checkpoint-every", type=int, default=10, show_default=True,
+                     help="Steps between checkpoints (beside --out); an interrupted heal rerun with the same settings resumes."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, calibration=None, seed=0):
+    from .heal.distill import HealConfig
+
+    cfg = HealConfig(steps=steps, train=heal_train, lr=heal_lr, batch=heal_batch, seq_len=heal_seq_len, seed=seed,
+                     lora_rank=lora_rank, checkpoint_every=checkpoint_every, calibration=calibration)
+    cfg.check()
+    return cfg
+
+
 @cli.command()
 @model_options
 @click.option("--merge-layers", "-k", "k", type=int, required=True, help="How many layers to merge away (K): the result has L - K layers.")
@@ -137,17 +164,45 @@ def analyze(out, seeds, **opts) -> None:
 @click.option("--heldout-chunks", type=int, default=4, show_default=True, help="512-token held-out chunks for the quality after each step (0: skip).")
 @click.option("--no-cache", is_flag=True, help="Recompute the trajectory even if it is cached.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the merged Hugging Face model and merge_log.json.")
+@click.option("--heal-steps", type=int, default=0, show_default=True,
+              help="Heal the merged model by this many distillation steps from the original (see `mka-edge heal --help`); 0: no healing.")
+@heal_options
 @handle_errors
-def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, **opts) -> None:
-    """Merge K layers away and write a Hugging Face model directory that transformers loads."""
+def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, heal_steps, heal_train, heal_lr, heal_batch,
+          heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
+    """Merge K layers away and write a Hugging Face model directory that transformers loads
+    (healed by a short distillation when --heal-steps is given)."""
+    from .merging import check_out
     from .merging import merge as run
     from .mka.methods import check_alpha
 
     alpha = check_alpha(alpha)
     if k < 1:
         raise UserError(f"--merge-layers must be at least 1 (got {k})")
+    cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                       opts.get("calibration"), opts.get("seed") or 0) if heal_steps else None
+    out = Path(out)
+    check_out(out)
     ctx = _context(loss_samples=loss_samples, **opts)
-    log = run(ctx, k, method, alpha, Path(out), heldout=heldout_chunks, use_cache=not no_cache)
+    if cfg:
+        import shutil
+
+        from .heal.distill import heal
+
+        unhealed = out.with_name(f".{out.name}.unhealed")
+        shutil.rmtree(unhealed, ignore_errors=True)
+        log = run(ctx, k, method, alpha, unhealed, heldout=heldout_chunks, use_cache=not no_cache)
+        device = opts.get("device") or "auto"
+        del ctx
+        try:
+            rec = heal(str(unhealed), out, cfg, device=device, log=lambda m: click.echo(m, err=True))
+        finally:
+            shutil.rmtree(unhealed, ignore_errors=True)
+        b, a = rec["heldout_before"], rec["heldout_after"]
+        click.echo(f"healed {heal_steps} steps ({heal_train}): held-out KL {b['kl']:.4f} -> {a['kl']:.4f}, "
+                   f"perplexity {b['ppl']:.2f} -> {a['ppl']:.2f}")
+    else:
+        log = run(ctx, k, method, alpha, out, heldout=heldout_chunks, use_cache=not no_cache)
     click.echo(f"{log['layers_before']} -> {log['layers_after']} layers with {method} (alpha {alpha})")
     for st in log["steps"]:
         what = f"fuse {st['pair_sources'][0]}+{st['pair_sources'][1]} alpha {st['alpha']:.2f}" if st["action"] == "fuse" \
@@ -156,6 +211,39 @@ def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, **opts)
         extra = f"  held-out KL {q['kl']:.4f}  ppl {q['ppl']:.2f}  top-1 {q['top1']:.3f}" if q else ""
         click.echo(f"  K={st['k']:>2} [{st['method']}] {what:34} calib KL {st['calib_kl']:.4f}{extra}")
     click.echo(f"wrote {out} (merge_log.json inside)")
+
+
+@cli.command()
+@click.option("--model", "model", required=True, metavar="DIR", help="The merged model folder (from `mka-edge merge`) to heal.")
+@click.option("--reference", default=None, metavar="REF",
+              help="The model to distil from (recipe, folder, .gguf, hub id). Default: the source in the folder's merge_log.json.")
+@click.option("--steps", type=int, required=True, help="Optimizer steps (each on --heal-batch calibration windows; every window is used once).")
+@heal_options
+@click.option("--calibration", type=click.Path(), default=None,
+              help="Training text (.txt or .jsonl with 'text'). Default: the packaged Wikipedia calibration articles (never the held-out ones).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the order and choice of calibration windows.")
+@click.option("--heldout-chunks", type=int, default=2, show_default=True, help="512-token held-out chunks for the quality before and after.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the healed Hugging Face model (merge_log.json and heal_log.json inside).")
+@handle_errors
+def heal(model, reference, steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+         calibration, seed, heldout_chunks, device, out) -> None:
+    """Heal a merged model: a short distillation from the original model's next-token
+    distributions (loss KL(reference || model) on calibration text). Prints the running loss,
+    checkpoints as it goes, and reports held-out KL and perplexity before and after."""
+    from dataclasses import replace
+
+    from .heal.distill import heal as run
+
+    cfg = replace(_heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                               calibration, seed), heldout_chunks=heldout_chunks)
+    cfg.check()
+    rec = run(model, Path(out), cfg, reference=reference, device=device, log=lambda m: click.echo(m, err=True))
+    b, a = rec["heldout_before"], rec["heldout_after"]
+    click.echo(f"healed {model} -> {out}: {rec['trained'][0]}, {rec['steps_run_here']} steps in {rec['seconds']:.0f} s "
+               f"({rec['seconds_per_step']:.2f} s/step)")
+    click.echo(f"held-out KL {b['kl']:.4f} -> {a['kl']:.4f}; perplexity {b['ppl']:.2f} -> {a['ppl']:.2f} "
+               f"(reference {a['ref_ppl']:.2f}); top-1 {100 * b['top1']:.1f}% -> {100 * a['top1']:.1f}%")
 
 
 @cli.command(name="eval")

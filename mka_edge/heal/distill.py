@@ -1,0 +1,207 @@
+"""`mka-edge heal`: distil the merged model from the original on calibration text.
+
+Loss: KL(reference || student) per position, averaged — the same quantity every quality figure
+in mka-edge reports, so the heal optimises what is measured (on calibration windows; the
+held-out text is never trained on).  Checkpoints (trainable tensors as safetensors, optimizer
+state loaded with ``weights_only=True``, step and losses) are written beside --out every
+``checkpoint_every`` steps; a rerun with the same settings resumes from the last one, and the data
+order is fixed by the seed, so a resumed heal ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..cache import atomic_write_text, stable_hash
+from ..errors import UserError
+from .targets import MODES, select
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    steps: int
+    train: str = "all"
+    lr: float = 5e-5
+    batch: int = 2
+    seq_len: int = 256
+    seed: int = 0
+    lora_rank: int = 16
+    checkpoint_every: int = 10
+    calibration: str | None = None
+    heldout_chunks: int = 2
+
+    def check(self) -> None:
+        if self.steps < 0:
+            raise UserError(f"--steps must be 0 or more (got {self.steps})")
+        if self.train not in MODES:
+            raise UserError(f"unknown --train '{self.train}'; choose one of {', '.join(MODES)}")
+        if self.batch < 1 or self.seq_len < 8 or self.lr <= 0 or self.checkpoint_every < 1 or self.heldout_chunks < 1:
+            raise UserError("--batch, --checkpoint-every and --heldout-chunks must be >= 1, --seq-len >= 8 and --lr > 0")
+
+
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def _check_pair(student, ref) -> None:
+    sv, rv = int(student.model.config.vocab_size), int(ref.model.config.vocab_size)
+    if sv != rv or len(student.tokenizer) != len(ref.tokenizer):
+        raise UserError(f"the reference's vocabulary ({rv} tokens) differs from the model's ({sv}); "
+                        f"heal against the model this one was merged from (--reference)")
+    sh, rh = int(student.model.config.hidden_size), int(ref.model.config.hidden_size)
+    if sh != rh:
+        raise UserError(f"the reference's hidden size ({rh}) differs from the model's ({sh}); "
+                        f"heal against the model this one was merged from (--reference)")
+
+
+def _windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
+    from ..calibration import calibration_batch
+
+    need = cfg.steps * cfg.batch
+    try:
+        ids, _ = calibration_batch(tokenizer, cfg.calibration, need, cfg.seq_len, cfg.seed)
+    except UserError as exc:
+        raise UserError(f"{cfg.steps} steps x {cfg.batch} windows of {cfg.seq_len} tokens need {need} distinct "
+                        f"calibration windows, but {str(exc).split(';')[0].replace('calibration text has', 'the text has')}; "
+                        f"lower --steps, --batch or --seq-len, or give more text with --calibration") from None
+    return ids
+
+
+class Checkpoint:
+    """Trainable tensors + optimizer state + progress, beside --out (never inside it)."""
+
+    def __init__(self, out: Path, key: str):
+        self.dir = out.parent / f".{out.name}.heal-checkpoint"
+        self.key = key
+
+    def load(self, model, opt) -> tuple[int, list[float]]:
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            return 0, []
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != self.key:
+            return 0, []                     # other settings: start over (the old checkpoint is replaced)
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.dir / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device))
+        opt.load_state_dict(torch.load(self.dir / "optimizer.pt", map_location="cpu", weights_only=True))
+        return int(meta["step"]), list(meta["losses"])
+
+    def save(self, model, opt, step: int, losses: list[float]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "meta.json").write_text(json.dumps({"key": self.key, "step": step, "losses": losses}))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        tmp.rename(self.dir)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | None = None, device: str = "auto",
+         progress: bool = True, log: Callable[[str], None] = print,
+         on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Heal ``model_spec`` (a merged folder) into ``out``; returns the heal log (also in heal_log.json)."""
+    from ..device import resolve_device
+    from ..evaluation import default_reference
+    from ..merging import check_out
+    from ..mka.output import save_merged
+    from ..models.loading import load_model
+    from ..quality import Reference, compare
+    from ..calibration import heldout_chunks
+
+    cfg.check()
+    out = Path(out)
+    check_out(out)
+    dev = resolve_device(device)
+    ref_spec = reference or default_reference(model_spec)
+    if not ref_spec:
+        raise UserError(f"{model_spec} has no merge_log.json naming its source; pass --reference MODEL")
+    student = load_model(model_spec, dev, torch.float32)
+    ref = load_model(ref_spec, dev, torch.float32)
+    _check_pair(student, ref)
+    windows = _windows(student.tokenizer, cfg) if cfg.steps else None
+    folder = Path(student.source.get("model_dir") or "")
+    merge_log = json.loads((folder / "merge_log.json").read_text()) if (folder / "merge_log.json").is_file() else {}
+    for p in ref.model.parameters():
+        p.requires_grad_(False)
+    heldout = Reference(ref.model, heldout_chunks(student.tokenizer, cfg.heldout_chunks), dev)
+    before = compare(student.model, heldout).as_dict()
+    log(f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})")
+    model, what = select(student.model, cfg.train, merge_log.get("layer_map"), cfg.lora_rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    ckpt = Checkpoint(out, stable_hash({"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "v": 1}))
+    start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
+    if start:
+        log(f"resuming from the checkpoint at step {start} of {cfg.steps}")
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), desc="healing", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        ids = windows[step * cfg.batch:(step + 1) * cfg.batch].to(dev)
+        with torch.no_grad():
+            teacher = ref.model(input_ids=ids, use_cache=False).logits
+        loss = _kl(teacher, model(input_ids=ids, use_cache=False).logits)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            ckpt.save(model, opt, done, losses)
+        if on_step:
+            on_step(done, losses[-1])
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    if cfg.train == "lora":
+        model = model.merge_and_unload()
+    healed = model
+    for p in healed.parameters():
+        p.requires_grad_(False)
+    after = compare(healed, heldout).as_dict()
+    log(f"held-out after {cfg.steps} steps: KL {after['kl']:.4f}, perplexity {after['ppl']:.2f}")
+    record = {
+        "mka_edge": __version__, "model": model_spec, "reference": ref_spec, "config": asdict(cfg),
+        "trained": what, "trainable_params": n_train, "device": str(dev),
+        "steps_run_here": cfg.steps - start, "resumed_from": start, "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(1, cfg.steps - start), 4),
+        "losses": [round(x, 6) for x in losses], "heldout_before": before, "heldout_after": after,
+    }
+    new_log = dict(merge_log) if merge_log else {"mka_edge": __version__, "source": student.source,
+                                                   "source_fingerprint": student.fingerprint, "merge_layers": 0,
+                                                   "layers_before": student.num_layers}
+    new_log["heal"] = {k: v for k, v in record.items() if k != "losses"}
+    save_merged(healed, student.tokenizer, new_log, out)
+    atomic_write_text(out / "heal_log.json", json.dumps(record, indent=2))
+    ckpt.remove()
+    return record
+
+
+def heal_ok(record: dict) -> bool:
+    return math.isfinite(record["heldout_after"]["kl"])

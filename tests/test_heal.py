@@ -1,0 +1,157 @@
+"""Healing: distillation of a merged tiny model from its original (fast), and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny, tiny_context
+
+
+@pytest.fixture(scope="module")
+def merged_tiny(tmp_path_factory):
+    from mka_edge.merging import merge
+
+    root = tmp_path_factory.mktemp("heal")
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny(root / "src", "llama", layers=6, seed=21)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():          # layers that move the residual stream, so merging two of them costs something
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(6)
+    model.save_pretrained(src, safe_serialization=True)
+    out = root / "merged"
+    merge(tiny_context(src), 2, "mka-guided", "0.5", out, heldout=0, progress=False)
+    return out
+
+
+def _cfg(**kw):
+    from mka_edge.heal.distill import HealConfig
+
+    base = dict(steps=24, lr=3e-4, batch=2, seq_len=64, checkpoint_every=4, heldout_chunks=1)
+    return HealConfig(**{**base, **kw})
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_heal_lowers_heldout_kl_and_writes_a_plain_model(tmp_path, merged_tiny):
+    from mka_edge.heal.distill import heal
+    from mka_edge.models.loading import load_model
+
+    rec = heal(str(merged_tiny), tmp_path / "healed", _cfg(), progress=False, log=lambda m: None)
+    b, a = rec["heldout_before"]["kl"], rec["heldout_after"]["kl"]
+    assert a < 0.7 * b, (b, a)
+    assert rec["losses"][-1] < rec["losses"][0]
+    lm = load_model(str(tmp_path / "healed"))                       # a plain Hugging Face folder
+    assert lm.num_layers == 4
+    log = json.loads((tmp_path / "healed" / "merge_log.json").read_text())
+    assert log["merge_layers"] == 2 and log["heal"]["heldout_after"]["kl"] == pytest.approx(a)
+    assert not list(tmp_path.glob(".healed*"))                        # checkpoint removed
+
+
+def test_interrupted_heal_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, merged_tiny):
+    from mka_edge.heal.distill import heal
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        heal(str(merged_tiny), out, _cfg(steps=10), progress=False, log=lambda m: None, on_step=stop_at_7)
+    assert not out.exists() and (tmp_path / ".resumed.heal-checkpoint" / "meta.json").is_file()
+    rec = heal(str(merged_tiny), out, _cfg(steps=10), progress=False, log=lambda m: None)
+    assert rec["resumed_from"] == 4 and rec["steps_run_here"] == 6 and len(rec["losses"]) == 10
+    straight = heal(str(merged_tiny), tmp_path / "straight", _cfg(steps=10), progress=False, log=lambda m: None)
+    assert straight["resumed_from"] == 0
+    w1, w2 = _weights(out), _weights(tmp_path / "straight")
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["changed", "lora"])
+def test_partial_heals_train_what_they_say(tmp_path, merged_tiny, mode):
+    from mka_edge.heal.distill import heal
+    from mka_edge.heal.targets import changed_layers
+
+    rec = heal(str(merged_tiny), tmp_path / mode, _cfg(train=mode, steps=24, lr=3e-4 if mode == "changed" else 2e-3), progress=False, log=lambda m: None)
+    assert rec["heldout_after"]["kl"] < rec["heldout_before"]["kl"]
+    before, after = _weights(merged_tiny), _weights(tmp_path / mode)
+    assert set(before) == set(after)                                   # LoRA merged back: same tensors as before
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    if mode == "changed":
+        layer_map = json.loads((merged_tiny / "merge_log.json").read_text())["layer_map"]
+        idx = changed_layers(layer_map, 4)
+        assert changed and all(any(f"layers.{i}." in n for i in idx) for n in changed)
+        assert any(f"layers.{i}." in n for i in range(4) if i not in idx for n in before)  # some layers frozen
+    else:
+        assert changed and all(n.endswith("proj.weight") for n in changed)   # only the adapted linears
+
+
+def test_changed_layers_finds_fusions_and_gaps():
+    from mka_edge.heal.targets import changed_layers
+
+    lm = [{"sources": [0], "weights": [1.0]}, {"sources": [1, 2], "weights": [0.5, 0.5]}, {"sources": [3], "weights": [1.0]},
+          {"sources": [5], "weights": [1.0]}, {"sources": [6], "weights": [1.0]}, {"sources": [7], "weights": [1.0]}]
+    assert changed_layers(lm, 6) == [0, 1, 2, 3]          # fusion at 1 (+ neighbours), gap between 3 and 5
+
+
+def test_healed_model_exports_to_gguf(tmp_path, merged_tiny):
+    from exporters.gguf import export_loaded
+    from mka_edge.heal.distill import heal
+    from mka_edge.models.loading import load_model
+
+    heal(str(merged_tiny), tmp_path / "healed", _cfg(steps=4), progress=False, log=lambda m: None)
+    s = export_loaded(load_model(str(tmp_path / "healed")), tmp_path / "healed.gguf", "F32", pre_tokenizer="gpt-2", progress=False)
+    assert s["block_count"] == 4 and s["provenance"]["merge_layers"] == 2
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(tmp_path / "healed.gguf"), n_ctx=64, verbose=False)
+    assert len(llm.tokenize(b"hello there")) > 0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)
+
+
+def test_heal_refuses_bad_input(tmp_path, merged_tiny):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wide = tmp_path / "wide"
+    make_tiny(wide, "llama", layers=2, seed=1)
+    cfg = AutoConfig.from_pretrained(wide)
+    cfg.hidden_size, cfg.intermediate_size = 32, 64
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(wide, safe_serialization=True)
+    small = tmp_path / "small.txt"
+    small.write_text("Only a few words of text here.")
+    common = ["--model", str(merged_tiny), "--heal-seq-len", "64"]
+    cases = [
+        (["--steps", "-1"], "--steps must be 0 or more"),
+        (["--steps", "3", "--reference", str(wide)], "hidden size"),
+        (["--steps", "100000"], "distinct calibration windows"),
+        (["--steps", "3", "--calibration", str(small)], "distinct calibration windows"),
+        (["--steps", "3", "--device", "cuda"], "no CUDA GPU"),
+    ]
+    for extra, needle in cases:
+        if "cuda" in extra and torch.cuda.is_available():
+            continue
+        r = _cli("heal", *common, *extra, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-800:])
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
