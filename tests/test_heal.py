@@ -155,3 +155,26 @@ def test_heal_refuses_bad_input(tmp_path, merged_tiny):
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-800:])
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_footprint_on_paper_matches_llama3_8b_and_orders_the_choices():
+    from mka_edge.heal.footprint import LLAMA3_8B, heal_footprint
+
+    assert abs(LLAMA3_8B.params() - 8.03e9) < 0.01e9          # the published parameter count
+    full, changed, lora = (heal_footprint(LLAMA3_8B, 8, m) for m in ("all", "changed", "lora"))
+    assert lora["total"] < changed["total"] < full["total"]
+    assert full["trained_params_B"] == round(LLAMA3_8B.params(24) / 1e9, 2)
+    assert lora["trained_params_B"] < 0.01 * full["trained_params_B"]
+
+
+def test_merge_with_heal_steps_writes_a_healed_merge(tmp_path):
+    src = make_tiny(tmp_path / "src", "llama", layers=4, seed=22)
+    out = tmp_path / "merged"
+    r = _cli("merge", "--model", str(src), "-k", "1", "--method", "drop-last", "--samples", "4", "--seq-len", "64",
+             "--positions", "96", "--repeats", "2", "--heldout-chunks", "0", "--heal-steps", "3", "--heal-seq-len", "64",
+             "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((out / "merge_log.json").read_text())
+    assert log["merge_layers"] == 1 and log["heal"]["config"]["steps"] == 3 and log["heal"]["steps_run_here"] == 3
+    assert (out / "heal_log.json").is_file() and "healed 3 steps" in r.stdout
+    assert not list(tmp_path.glob(".merged*"))                       # no unhealed or checkpoint folder left

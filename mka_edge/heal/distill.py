@@ -39,6 +39,7 @@ class HealConfig:
     checkpoint_every: int = 10
     calibration: str | None = None
     heldout_chunks: int = 2
+    eval_every: int = 0              # also measure held-out quality every N steps (a quality-vs-steps curve)
 
     def check(self) -> None:
         if self.steps < 0:
@@ -158,10 +159,13 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
     if start:
         log(f"resuming from the checkpoint at step {start} of {cfg.steps}")
+    curve: list[dict] = [{"step": 0, **before}]
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc="healing", disable=not progress, initial=start, total=cfg.steps)
+    train_s = 0.0
     for step in bar:
+        t_step = time.perf_counter()
         ids = windows[step * cfg.batch:(step + 1) * cfg.batch].to(dev)
         with torch.no_grad():
             teacher = ref.model(input_ids=ids, use_cache=False).logits
@@ -170,10 +174,15 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        train_s += time.perf_counter() - t_step
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             ckpt.save(model, opt, done, losses)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            model.eval()
+            curve.append({"step": done, **compare(model, heldout).as_dict()})
+            model.train()
         if on_step:
             on_step(done, losses[-1])
     bar.close()
@@ -185,18 +194,20 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     for p in healed.parameters():
         p.requires_grad_(False)
     after = compare(healed, heldout).as_dict()
+    curve.append({"step": cfg.steps, **after})
     log(f"held-out after {cfg.steps} steps: KL {after['kl']:.4f}, perplexity {after['ppl']:.2f}")
     record = {
         "mka_edge": __version__, "model": model_spec, "reference": ref_spec, "config": asdict(cfg),
         "trained": what, "trainable_params": n_train, "device": str(dev),
         "steps_run_here": cfg.steps - start, "resumed_from": start, "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(1, cfg.steps - start), 4),
+        "seconds_per_step": round(train_s / max(1, cfg.steps - start), 4),
         "losses": [round(x, 6) for x in losses], "heldout_before": before, "heldout_after": after,
+        "curve": curve,
     }
     new_log = dict(merge_log) if merge_log else {"mka_edge": __version__, "source": student.source,
                                                    "source_fingerprint": student.fingerprint, "merge_layers": 0,
                                                    "layers_before": student.num_layers}
-    new_log["heal"] = {k: v for k, v in record.items() if k != "losses"}
+    new_log["heal"] = {k: v for k, v in record.items() if k not in ("losses", "curve")}
     save_merged(healed, student.tokenizer, new_log, out)
     atomic_write_text(out / "heal_log.json", json.dumps(record, indent=2))
     ckpt.remove()
