@@ -52,7 +52,9 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
           context: int | None = None, max_quality_loss: float | None = None, method: str = "sleb",
           alpha: str = "calibrated", k_max: int | None = None, quants: list[str] | None = None, max_tries: int = 3,
           mmlu_per_subject: int = 1, repeats: int = 3, merge_opts: dict | None = None, progress: bool = True,
-          log=print) -> dict:
+          heal=None, log=print) -> dict:
+    """``heal``: a HealConfig (steps 0 = the profile's heal_steps, if any); the plan then uses
+    healed quality and every merged model is healed before export."""
     from exporters.gguf import export_loaded
     from exporters.onnx import export_loaded_onnx
     from .merging import merge
@@ -67,10 +69,17 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
     check_out(out, force)
     prof = load_profile(profile)
     onnx = prof.format == "onnx"
-    log("[1/5] plan")
+    if prof.heal_steps and (heal is None or heal.steps == 0):
+        from dataclasses import replace
+
+        from .heal.distill import HealConfig
+
+        heal = replace(heal or HealConfig(steps=0), steps=prof.heal_steps)
+    heal = heal if heal is not None and heal.steps > 0 else None
+    log("[1/5] plan" + (f" (quality after healing {heal.steps} steps)" if heal else ""))
     plan, ctx = plan_with_context(profile, model, budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                                   method=method, alpha=alpha, k_max=k_max, quants=quants, progress=progress,
-                                  merge_opts=merge_opts, log=log)
+                                  merge_opts=merge_opts, heal=heal, log=log)
     check_host(sum(p.numel() for p in ctx.model.parameters()), out)
     max_kl = plan["budget"]["max_quality_loss"]
     ref_spec = model or "smollm2-135m"
@@ -81,9 +90,17 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
             k, quant = cand["k"], cand["quant"]
             tag = f"{Path(ref_spec).stem}-K{k}-{quant}"
             log(f"[2/5] merge: K={k} ({method})" if k else "[2/5] merge: none (K=0)")
+            heal_record = None
             if k:
                 merged_dir = work / f"merged-k{k}"
                 merge(ctx, k, method, alpha, merged_dir, heldout=0, progress=progress)
+                if heal:
+                    from .heal.distill import heal as run_heal
+
+                    log(f"      healing: {heal.steps} steps ({heal.train})")
+                    healed_dir = work / f"healed-k{k}"
+                    heal_record = run_heal(str(merged_dir), healed_dir, heal, progress=progress, log=log)
+                    merged_dir = healed_dir
                 lm = load_model(str(merged_dir))
             else:
                 merged_dir, lm = None, ctx.lm
@@ -101,7 +118,10 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
                                     kv_type=None if onnx else prof.kv_cache_type, out=work / f"validation-{i}",
                                     thresholds=Thresholds(max_kld=max_kl), repeats=repeats,
                                     mmlu_per_subject=mmlu_per_subject, progress=progress)
-            attempts.append({"k": k, "quant": quant, "measured_kl": val["accuracy"]["kl"], "passed": val["passed"]})
+            attempts.append({"k": k, "quant": quant, "measured_kl": val["accuracy"]["kl"], "passed": val["passed"],
+                             **({"heal": {"steps": heal.steps, "train": heal.train,
+                                          "heldout_kl_before": heal_record["heldout_before"]["kl"],
+                                          "heldout_kl_after": heal_record["heldout_after"]["kl"]}} if heal_record else {})})
             if val["passed"]:
                 break
             log(f"      measured KL {val['accuracy']['kl']:.3f} misses the bar {max_kl:g}; trying the next plan")

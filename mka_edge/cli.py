@@ -395,8 +395,12 @@ def profiles() -> None:
               help="Use llama.cpp's published Llama-3-8B quant costs instead of measuring each type on this model "
                    "(automatic above 3B parameters, where measuring costs more than the build).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for plan.json (default: print only).")
+@click.option("--heal-steps", type=int, default=0, show_default=True,
+              help="Predict quality after healing by this many steps (one heal per K, cached); 0: the profile's heal_steps, else none.")
+@heal_options
 @handle_errors
-def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, quality_prior, out, **opts) -> None:
+def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, quality_prior, out, heal_steps, heal_train,
+         heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
     """Pick the merge ratio and quant type that fit a device, and say why; exports nothing.
 
     Computes (or reads from cache) the merge-quality curve and each quant type's cost on this
@@ -404,9 +408,14 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
     the Pareto table and the choice."""
     from .planning import make_plan, plan_table, write_plan
 
+    from .profiles import load_profile
+
+    steps = heal_steps or load_profile(profile).heal_steps
+    cfg = _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                       opts.get("calibration"), opts.get("seed") or 0) if steps else None
     p = make_plan(profile, opts.pop("model"), budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                   method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts,
-                  quality_prior=quality_prior, log=lambda m: click.echo(m, err=True))
+                  quality_prior=quality_prior, heal=cfg, log=lambda m: click.echo(m, err=True))
     click.echo(plan_table(p))
     if out:
         click.echo(f"wrote {write_plan(p, Path(out))}")
@@ -425,17 +434,25 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
 @click.option("--quants", default=None, help="Comma-separated quant types to consider (default: see `mka-edge plan --help`).")
 @click.option("--max-tries", type=int, default=3, show_default=True, help="Plans tried, best first, when an artifact misses the measured quality bar.")
 @click.option("--mmlu-per-subject", type=int, default=1, show_default=True, help="MMLU questions per subject in the validation (0 skips).")
+@click.option("--heal-steps", type=int, default=0, show_default=True,
+              help="Heal every merged model by this many distillation steps before export (0: the profile's heal_steps, "
+                   "else none). The plan then predicts quality after healing, which costs one heal per K considered (cached).")
+@heal_options
 @handle_errors
 def build(profile, out, force, budget_mb, context, max_quality_loss, method, max_merge, quants, max_tries,
-          mmlu_per_subject, **opts) -> None:
-    """Plan, merge, export, validate and package a model for a device, in one go."""
+          mmlu_per_subject, heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
+    """Plan, merge, (heal,) export, validate and package a model for a device, in one go."""
     from .build import build as run
 
     if max_tries < 1:
         raise UserError("--max-tries must be at least 1")
+    if heal_steps < 0:
+        raise UserError(f"--heal-steps must be 0 or more (got {heal_steps})")
+    cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                       opts.get("calibration"), opts.get("seed") or 0)
     m = run(profile, opts.pop("model"), Path(out), force=force, budget_mb=budget_mb, context=context,
             max_quality_loss=max_quality_loss, method=method, k_max=max_merge, quants=quants.split(",") if quants else None,
-            max_tries=max_tries, mmlu_per_subject=mmlu_per_subject, merge_opts=opts, log=click.echo)
+            max_tries=max_tries, mmlu_per_subject=mmlu_per_subject, merge_opts=opts, heal=cfg, log=click.echo)
     click.echo(f"built {m['out']}/{m['artifact']}: K={m['plan']['k']}, {m['plan']['quant']}; "
                f"measured KL {m['host_figures']['accuracy']['kl']:.3f}; predicted device memory "
                f"{m['device_predictions']['memory_mb']:.0f} MB; see {m['out']}/report.md")

@@ -7,6 +7,7 @@ progress, if missing) and the quant costs from quantizing the unmerged model onc
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
@@ -62,7 +63,7 @@ def make_plan(profile: str, model: str | None = None, **kw) -> dict:
 def plan_with_context(profile: str, model: str | None = None, *, budget_mb: float | None = None, context: int | None = None,
               max_quality_loss: float | None = None, method: str = "sleb", alpha: str = "calibrated",
               k_max: int | None = None, quants: list[str] | None = None, progress: bool = True,
-              merge_opts: dict | None = None, quality_prior: bool = False, log=print) -> tuple[dict, object]:
+              merge_opts: dict | None = None, quality_prior: bool = False, heal=None, log=print) -> tuple[dict, object]:
     """The plan and the loaded merge context (build goes on to merge with it)."""
     from .mka.context import build_context
     from .solver import speed
@@ -94,6 +95,12 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     n = ctx.n_original
     k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
     curve = merge_curve(ctx, method, k_max, alpha, progress=progress, log=log)
+    healed = None
+    if heal is not None and heal.steps > 0:
+        from .solver.quality import healed_curve
+
+        healed = healed_curve(ctx, curve, method, alpha, heal, progress=progress, log=log)
+        curve = dict(curve, kl=healed["kl"])
     eff, eff_source = speed.efficiency(prof.format)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     if n_params <= PROBE_MAX_PARAMS and not quality_prior:
@@ -134,14 +141,19 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         "alternatives": [c.as_dict() for c in ranked[1:6]],
         "pareto": [c.as_dict() for c in pareto(cands)],
         "models": {
-            "quality": "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model",
+            "quality": ("KL(K, q) = held-out KL of the merge at K after healing "
+                        f"({heal.steps} steps, {heal.train}) + KL of quant q on the unmerged model" if healed else
+                        "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model"),
             "quant_cost": quant_source,
             "memory": ("weights x resident ratio (measured per type) + KV buffer of the whole context + prefill logits "
                        "(512-token prompt) + overhead, onnxruntime-genai CPU provider" if onnx else
                        "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend"),
             "speed": f"efficiency {eff:.3f} ({eff_source}) x device bandwidth / bytes per token; a device prediction, not a measurement",
         },
-        "curve": {"kl": curve["kl"], "method": method},
+        "curve": {"kl": curve["kl"], "method": method,
+                  **({"unhealed_kl": healed["unhealed_kl"], "heal_steps": healed["steps"], "heal_train": healed["train"]}
+                     if healed else {})},
+        "heal": asdict(heal) if healed else None,
         "quant_costs": {q: {"kl": c["kl"], "bytes": sum(c["per_layer"]) + c["other"], "tensor_types": c["tensor_types"],
                             **({"resident_ratio": c["resident_ratio"]} if "resident_ratio" in c else {})}
                         for q, c in costs.items()},

@@ -33,6 +33,7 @@ class Profile:
     min_tokens_per_s: float        # generation speed the device must reach
     max_quality_loss: float        # mean KL(reference || artifact) in nats
     kv_cache_type: str = "f16"
+    heal_steps: int = 0                  # default healing steps for `build` on this device (0: none)
     unified_memory: bool = False   # GPU and CPU share the memory (Jetson, Apple silicon)
     path: str = ""
 
@@ -50,7 +51,7 @@ class Profile:
         return d
 
 
-_REQUIRED = {f.name: f.type for f in fields(Profile) if f.name not in ("path", "kv_cache_type", "unified_memory", "description")}
+_REQUIRED = {f.name: f.type for f in fields(Profile) if f.name not in ("path", "kv_cache_type", "unified_memory", "description", "heal_steps")}
 
 
 def _profile_dir() -> Path:
@@ -81,6 +82,8 @@ def _check(data: dict, where: str) -> Profile:
     kv = data.get("kv_cache_type", "f16")
     if kv not in KV_TYPES:
         raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_TYPES)} (got {kv!r})")
+    if not isinstance(data.get("heal_steps", 0), int) or data.get("heal_steps", 0) < 0:
+        raise UserError(f"profile {where}: field 'heal_steps' must be a non-negative integer (got {data.get('heal_steps')!r})")
     data = dict(data)
     data.setdefault("description", "")
     for key in ("bandwidth_gbps", "min_tokens_per_s", "max_quality_loss"):

@@ -120,6 +120,14 @@ def _report(plan: dict, chosen: dict, summary: dict, val: dict, attempts: list, 
     if "mmlu" in a:
         m = a["mmlu"]
         lines.append(f"| MMLU letter accuracy | | {100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f}], chance 25% |")
+    h = attempts[-1].get("heal") if attempts else None
+    if h:
+        unhealed = plan["curve"].get("unhealed_kl") or []
+        pred_u = unhealed[chosen["k"]] if chosen["k"] < len(unhealed) else float("nan")
+        lines += ["", f"## Healing ({h['steps']} distillation steps, {h['train']})", "",
+                  "| merged model, held-out KL to the source (nats) | before healing | after healing |", "|---|---|---|",
+                  f"| predicted by the plan (merge curve) | {pred_u:.3f} | {plan['curve']['kl'][chosen['k']]:.3f} |",
+                  f"| measured on this merge (PyTorch, before export) | {h['heldout_kl_before']:.3f} | {h['heldout_kl_after']:.3f} |"]
     lines += ["", "## Plans considered (Pareto front: memory vs predicted quality)", "",
               "| K | layers | quant | memory MB | device tok/s (pred.) | KL (pred.) | fits |", "|---|---|---|---|---|---|---|"]
     for c in plan["pareto"]:

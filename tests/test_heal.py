@@ -178,3 +178,16 @@ def test_merge_with_heal_steps_writes_a_healed_merge(tmp_path):
     assert log["merge_layers"] == 1 and log["heal"]["config"]["steps"] == 3 and log["heal"]["steps_run_here"] == 3
     assert (out / "heal_log.json").is_file() and "healed 3 steps" in r.stdout
     assert not list(tmp_path.glob(".merged*"))                       # no unhealed or checkpoint folder left
+
+
+def test_healed_quality_curve_is_below_the_merge_curve_and_cached(tmp_path, merged_tiny):
+    from mka_edge.solver.quality import healed_curve, merge_curve
+
+    src = merged_tiny.parent / "src"
+    ctx = tiny_context(src)
+    curve = merge_curve(ctx, "mka-guided", 2, "0.5", chunks=1, progress=False)
+    healed = healed_curve(ctx, curve, "mka-guided", "0.5", _cfg(steps=16), progress=False)
+    assert healed["kl"][0] == 0.0 and len(healed["kl"]) == 3 and healed["unhealed_kl"] == curve["kl"]
+    assert all(h < u for h, u in zip(healed["kl"][1:], curve["kl"][1:])), (healed["kl"], curve["kl"])
+    again = healed_curve(ctx, curve, "mka-guided", "0.5", _cfg(steps=16), progress=False)
+    assert again["cached"] and again["kl"] == healed["kl"]

@@ -44,3 +44,36 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
 
 def predict_kl(curve: dict, probe: dict, k: int, quant: str) -> float:
     return float(curve["kl"][k] + probe[quant]["kl"])
+
+
+def healed_curve(ctx, curve: dict, method: str, alpha: str, heal_cfg, progress: bool = True, log=None) -> dict:
+    """Held-out KL after healing, at every K of ``curve``: each merged model of the trajectory is
+    written, healed with ``heal_cfg`` and measured on the curve's held-out chunks.  Costs K heals;
+    cached by model, merge settings and heal settings."""
+    import tempfile
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    from ..heal.distill import heal
+    from ..merging import merge
+
+    k_max = len(curve["kl"]) - 1
+    cfg = replace(heal_cfg, heldout_chunks=curve.get("chunks", 2))
+    key = stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method, "alpha": alpha,
+                       "k_max": k_max, "heal": asdict(cfg), "v": CURVE_VERSION})
+    path = cache_root() / "curves" / f"healed-{method}-{key[:20]}.json"
+    if path.is_file():
+        return json.loads(path.read_text()) | {"cached": True}
+    if log:
+        log(f"healed quality curve ({cfg.steps} steps at each K up to {k_max}) is not cached yet: computing it")
+    kl, ppl = [0.0], [None]
+    with tempfile.TemporaryDirectory(prefix="mka-edge-heal-curve-") as tmp:
+        for k in range(1, k_max + 1):
+            merged = Path(tmp) / f"k{k}"
+            merge(ctx, k, method, alpha, merged, heldout=0, progress=False)
+            rec = heal(str(merged), Path(tmp) / f"k{k}-healed", cfg, progress=progress, log=lambda m: None)
+            kl.append(rec["heldout_after"]["kl"])
+            ppl.append(rec["heldout_after"]["ppl"])
+    out = {"kl": kl, "ppl": ppl, "steps": cfg.steps, "train": cfg.train, "unhealed_kl": curve["kl"]}
+    atomic_write_text(path, json.dumps(out))
+    return out | {"cached": False}
