@@ -1,0 +1,100 @@
+"""Healing on SmolLM2: each merge method at each K, with and without healing at the same step
+budget, and quality against steps for one (method, K).  Held-out KL / perplexity / top-1 against
+the unmerged model on held-out chunks the heal never trains on; wall time per training step.
+
+    python bench/heal.py --out bench/results/heal --ks 3,6,9,12 --methods sleb,shortgpt,mka-guided,mka --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mka_edge.cache import atomic_write_text
+from mka_edge.heal.distill import HealConfig, heal
+
+
+def _merge(work: Path, method: str, k: int) -> Path:
+    out = work / f"{method}-k{k}"
+    if not (out / "merge_log.json").is_file():
+        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", method,
+                        "--heldout-chunks", "0", "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/heal"))
+    ap.add_argument("--ks", default="3,6,9,12")
+    ap.add_argument("--methods", default="sleb,shortgpt,mka-guided,mka")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--train", default="all")
+    ap.add_argument("--heldout-chunks", type=int, default=2)
+    ap.add_argument("--curve", default="sleb:6", help="METHOD:K whose heal records quality every --curve-every steps")
+    ap.add_argument("--curve-every", type=int, default=10)
+    args = ap.parse_args()
+    work = args.out / "models"
+    work.mkdir(parents=True, exist_ok=True)
+    curve_method, curve_k = args.curve.split(":")
+    rows, curve = [], None
+    t0 = time.time()
+    for k in [int(x) for x in args.ks.split(",")]:
+        for method in args.methods.split(","):
+            merged = _merge(work, method, k)
+            is_curve = method == curve_method and k == int(curve_k)
+            cfg = HealConfig(steps=args.steps, train=args.train, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
+                             heldout_chunks=args.heldout_chunks, eval_every=args.curve_every if is_curve else 0)
+            rec = heal(str(merged), work / f"{method}-k{k}-healed", cfg, progress=False, log=lambda m: None)
+            b, a = rec["heldout_before"], rec["heldout_after"]
+            rows.append({"k": k, "method": method, "steps": args.steps, "train": args.train,
+                         "kl": b["kl"], "ppl": b["ppl"], "top1": b["top1"],
+                         "healed_kl": a["kl"], "healed_ppl": a["ppl"], "healed_top1": a["top1"],
+                         "seconds_per_step": rec["seconds_per_step"], "ref_ppl": a["ref_ppl"]})
+            if is_curve:
+                curve = {"method": method, "k": k, "points": rec["curve"], "losses": rec["losses"]}
+            print(f"K={k:2} {method:11} KL {b['kl']:.3f} -> {a['kl']:.3f}  ppl {b['ppl']:.1f} -> {a['ppl']:.1f}  "
+                  f"{rec['seconds_per_step']:.2f} s/step", flush=True)
+    meta = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "seconds": round(time.time() - t0),
+            "settings": vars(args) | {"out": str(args.out)}}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "curve": curve}, indent=2))
+    lines = ["| K | method | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['method']} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
+                     f"| {r['healed_ppl']:.1f} | {100 * r['healed_top1']:.1f}% | {r['seconds_per_step']:.2f} |")
+    best = []
+    for k in sorted({r["k"] for r in rows}):
+        at = [r for r in rows if r["k"] == k]
+        u, h = min(at, key=lambda r: r["kl"]), min(at, key=lambda r: r["healed_kl"])
+        best.append(f"K={k}: best unhealed {u['method']} ({u['kl']:.3f}), best healed {h['method']} ({h['healed_kl']:.3f})")
+    table = "\n".join(lines) + "\n\n" + "\n".join(f"- {b}" for b in best) + "\n"
+    atomic_write_text(args.out / "table.md", table)
+    if curve:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [p["step"] for p in curve["points"]]
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax[0].plot(xs, [p["kl"] for p in curve["points"]], "o-")
+        ax[0].set(xlabel="heal steps", ylabel="held-out KL (nats)", title=f"{curve['method']} K={curve['k']}")
+        ax[1].plot(xs, [p["ppl"] for p in curve["points"]], "o-", color="C1")
+        ax[1].axhline(curve["points"][0]["ref_ppl"], ls="--", color="gray", label="unmerged")
+        ax[1].set(xlabel="heal steps", ylabel="held-out perplexity")
+        ax[1].legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "curve.png", dpi=120)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
