@@ -237,5 +237,5 @@ def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | 
             _run_builder(src, tmp, q, lm.num_layers, progress)
             shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
             _finish(tmp, q, lm, merge_log, context, single_file)
-            inspect_onnx(tmp)           # refuse to publish anything that does not read back
-    return inspect_onnx(out)
+            info = inspect_onnx(tmp)    # refuse to publish anything that does not read back
+    return info | {"path": str(out)}

@@ -46,6 +46,15 @@ def _numel(dims) -> int:
     return n
 
 
+def initializer_nbytes(init) -> int:
+    """Bytes of one initializer: its external-data length, else its embedded data."""
+    import onnx
+
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in init.external_data}.get("length", 0))
+    return len(init.raw_data) if init.raw_data else _numel(init.dims) * _DTYPE_BYTES.get(init.data_type, 4)
+
+
 def inspect_onnx(path: str | Path) -> dict:
     import onnx
     from google.protobuf.message import DecodeError
@@ -69,9 +78,7 @@ def inspect_onnx(path: str | Path) -> dict:
             end = int(info.get("offset", 0)) + int(info.get("length", 0))
             if end > sizes[loc.name]:
                 raise UserError(f"{loc} is truncated ({sizes[loc.name]} bytes, tensor {init.name} ends at {end}); re-export or re-copy it")
-            n = int(info.get("length", 0))
-        else:
-            n = len(init.raw_data) if init.raw_data else _numel(init.dims) * _DTYPE_BYTES.get(init.data_type, 4)
+        n = initializer_nbytes(init)
         weight_bytes += n
         by_dtype[onnx.TensorProto.DataType.Name(init.data_type)] += n
     ops = Counter(node.op_type for node in model.graph.node)

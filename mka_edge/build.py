@@ -69,13 +69,9 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
     check_out(out, force)
     prof = load_profile(profile)
     onnx = prof.format == "onnx"
-    if prof.heal_steps and (heal is None or heal.steps == 0):
-        from dataclasses import replace
+    from .heal.distill import effective_heal
 
-        from .heal.distill import HealConfig
-
-        heal = replace(heal or HealConfig(steps=0), steps=prof.heal_steps)
-    heal = heal if heal is not None and heal.steps > 0 else None
+    heal = effective_heal(heal, prof)
     log("[1/5] plan" + (f" (quality after healing {heal.steps} steps)" if heal else ""))
     plan, ctx = plan_with_context(profile, model, budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                                   method=method, alpha=alpha, k_max=k_max, quants=quants, progress=progress,

@@ -140,11 +140,13 @@ def heal_options(f):
     return f
 
 
-def _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, calibration=None, seed=0):
+def _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, calibration=None, seed=0,
+                 heldout_chunks=2):
     from .heal.distill import HealConfig
 
     cfg = HealConfig(steps=steps, train=heal_train, lr=heal_lr, batch=heal_batch, seq_len=heal_seq_len, seed=seed,
-                     lora_rank=lora_rank, checkpoint_every=checkpoint_every, calibration=calibration)
+                     lora_rank=lora_rank, checkpoint_every=checkpoint_every, calibration=calibration,
+                     heldout_chunks=heldout_chunks)
     cfg.check()
     return cfg
 
@@ -231,13 +233,10 @@ def heal(model, reference, steps, heal_train, heal_lr, heal_batch, heal_seq_len,
     """Heal a merged model: a short distillation from the original model's next-token
     distributions (loss KL(reference || model) on calibration text). Prints the running loss,
     checkpoints as it goes, and reports held-out KL and perplexity before and after."""
-    from dataclasses import replace
-
     from .heal.distill import heal as run
 
-    cfg = replace(_heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                               calibration, seed), heldout_chunks=heldout_chunks)
-    cfg.check()
+    cfg = _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                       calibration, seed, heldout_chunks)
     rec = run(model, Path(out), cfg, reference=reference, device=device, log=lambda m: click.echo(m, err=True))
     b, a = rec["heldout_before"], rec["heldout_after"]
     click.echo(f"healed {model} -> {out}: {rec['trained'][0]}, {rec['steps_run_here']} steps in {rec['seconds']:.0f} s "
@@ -408,11 +407,11 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
     the Pareto table and the choice."""
     from .planning import make_plan, plan_table, write_plan
 
+    from .heal.distill import effective_heal
     from .profiles import load_profile
 
-    steps = heal_steps or load_profile(profile).heal_steps
-    cfg = _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                       opts.get("calibration"), opts.get("seed") or 0) if steps else None
+    cfg = effective_heal(_heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                                      opts.get("calibration"), opts.get("seed") or 0), load_profile(profile))
     p = make_plan(profile, opts.pop("model"), budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                   method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts,
                   quality_prior=quality_prior, heal=cfg, log=lambda m: click.echo(m, err=True))

@@ -11,7 +11,6 @@ order is fixed by the seed, so a resumed heal ends where an uninterrupted one wo
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -78,6 +77,15 @@ def _windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
                         f"calibration windows, but {str(exc).split(';')[0].replace('calibration text has', 'the text has')}; "
                         f"lower --steps, --batch or --seq-len, or give more text with --calibration") from None
     return ids
+
+
+def effective_heal(cfg: HealConfig | None, profile) -> HealConfig | None:
+    """The heal a plan or build runs: the one asked for, else the profile's ``heal_steps``, else none."""
+    from dataclasses import replace
+
+    if (cfg is None or cfg.steps == 0) and profile.heal_steps:
+        cfg = replace(cfg or HealConfig(steps=0), steps=profile.heal_steps)
+    return cfg if cfg is not None and cfg.steps > 0 else None
 
 
 class Checkpoint:
@@ -213,6 +221,3 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     ckpt.remove()
     return record
 
-
-def heal_ok(record: dict) -> bool:
-    return math.isfinite(record["heldout_after"]["kl"])

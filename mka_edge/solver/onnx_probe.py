@@ -28,17 +28,14 @@ def initializer_bytes_split(folder: Path) -> dict:
     """Bytes inside transformer layers (per layer) and outside them, from the initializers' names."""
     import onnx
 
-    from exporters.onnx_inspect import _DTYPE_BYTES, _numel, resolve
+    from exporters.onnx_inspect import initializer_nbytes, resolve
 
     _, model_file = resolve(folder)
     model = onnx.load(str(model_file), load_external_data=False)
     per_layer: dict[int, int] = defaultdict(int)
     other = 0
     for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            n = int({e.key: e.value for e in init.external_data}.get("length", 0))
-        else:
-            n = len(init.raw_data) if init.raw_data else _numel(init.dims) * _DTYPE_BYTES.get(init.data_type, 4)
+        n = initializer_nbytes(init)
         m = _LAYER.match(init.name)
         if m:
             per_layer[int(m.group(1))] += n
