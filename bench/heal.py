@@ -2,7 +2,11 @@
 budget, and quality against steps for one (method, K).  Held-out KL / perplexity / top-1 against
 the unmerged model on held-out chunks the heal never trains on; wall time per training step.
 
-    python bench/heal.py --out bench/results/heal --ks 3,6,9,12 --methods sleb,shortgpt,mka-guided,mka --steps 60
+    python bench/heal.py --out bench/results/heal --ks 3,6,9,12 --steps 60
+
+"auto" is the default merge (per K the least calibration-loss plan of its pool); where it picks the
+same plan as a method already in the grid, that row is reused rather than healed twice.  A rerun
+with the same settings reuses every heal already written under --out (a long run survives a stop).
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from mka_edge.cache import atomic_write_text
@@ -28,11 +34,31 @@ def _merge(work: Path, method: str, k: int) -> Path:
     return out
 
 
+FUSION = {"mka", "mka-guided", "mka-oneshot"}  # methods that fuse layers rather than remove them
+
+
+def _healed(merged: Path, out: Path, cfg: HealConfig) -> dict:
+    """Heal ``merged`` into ``out``, or read the heal already there when it used the same settings."""
+    log = out / "heal_log.json"
+    if log.is_file():
+        rec = json.loads(log.read_text())
+        if rec["config"] == asdict(cfg):
+            return rec
+        shutil.rmtree(out)
+    return heal(str(merged), out, cfg, progress=False, log=lambda m: None)
+
+
+def _chosen(merged: Path) -> str:
+    """The method whose plan an auto merge took at its K (the method itself for the others)."""
+    log = json.loads((merged / "merge_log.json").read_text())
+    return log["steps"][-1].get("method", log["method"]) if log["method"] == "auto" else log["method"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/heal"))
     ap.add_argument("--ks", default="3,6,9,12")
-    ap.add_argument("--methods", default="sleb,shortgpt,mka-guided,mka")
+    ap.add_argument("--methods", default="auto,sleb,shortgpt,mka-guided,mka")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -47,34 +73,53 @@ def main() -> None:
     curve_method, curve_k = args.curve.split(":")
     rows, curve = [], None
     t0 = time.time()
-    for k in [int(x) for x in args.ks.split(",")]:
-        for method in args.methods.split(","):
+    ks, methods = [int(x) for x in args.ks.split(",")], args.methods.split(",")
+    # auto last within each K, so the row it may share is already measured
+    order = [m for m in methods if m != "auto"] + (["auto"] if "auto" in methods else [])
+    for k in ks:
+        done: dict[str, dict] = {}
+        for method in order:
             merged = _merge(work, method, k)
+            chosen = _chosen(merged)
             is_curve = method == curve_method and k == int(curve_k)
             cfg = HealConfig(steps=args.steps, train=args.train, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
                              heldout_chunks=args.heldout_chunks, eval_every=args.curve_every if is_curve else 0)
-            rec = heal(str(merged), work / f"{method}-k{k}-healed", cfg, progress=False, log=lambda m: None)
+            if method == "auto" and chosen in done and not is_curve:
+                rec, shared = done[chosen], chosen
+            else:
+                rec, shared = _healed(merged, work / f"{method}-k{k}-healed", cfg), None
+                done[method] = rec
             b, a = rec["heldout_before"], rec["heldout_after"]
-            rows.append({"k": k, "method": method, "steps": args.steps, "train": args.train,
-                         "kl": b["kl"], "ppl": b["ppl"], "top1": b["top1"],
+            rows.append({"k": k, "method": method, "plan": chosen, "shared_with": shared, "steps": args.steps,
+                         "train": args.train, "kl": b["kl"], "ppl": b["ppl"], "top1": b["top1"],
                          "healed_kl": a["kl"], "healed_ppl": a["ppl"], "healed_top1": a["top1"],
                          "seconds_per_step": rec["seconds_per_step"], "ref_ppl": a["ref_ppl"]})
             if is_curve:
                 curve = {"method": method, "k": k, "points": rec["curve"], "losses": rec["losses"]}
-            print(f"K={k:2} {method:11} KL {b['kl']:.3f} -> {a['kl']:.3f}  ppl {b['ppl']:.1f} -> {a['ppl']:.1f}  "
+            label = f"{method} (= {chosen})" if method == "auto" else method
+            print(f"K={k:2} {label:18} KL {b['kl']:.3f} -> {a['kl']:.3f}  ppl {b['ppl']:.1f} -> {a['ppl']:.1f}  "
                   f"{rec['seconds_per_step']:.2f} s/step", flush=True)
     meta = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "seconds": round(time.time() - t0),
             "settings": vars(args) | {"out": str(args.out)}}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "curve": curve}, indent=2))
     lines = ["| K | method | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['k']} | {r['method']} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
+        name = f"auto (= {r['plan']})" if r["method"] == "auto" else r["method"]
+        lines.append(f"| {r['k']} | {name} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
                      f"| {r['healed_ppl']:.1f} | {100 * r['healed_top1']:.1f}% | {r['seconds_per_step']:.2f} |")
     best = []
     for k in sorted({r["k"] for r in rows}):
         at = [r for r in rows if r["k"] == k]
         u, h = min(at, key=lambda r: r["kl"]), min(at, key=lambda r: r["healed_kl"])
-        best.append(f"K={k}: best unhealed {u['method']} ({u['kl']:.3f}), best healed {h['method']} ({h['healed_kl']:.3f})")
+        line = f"K={k}: best unhealed {u['method']} ({u['kl']:.3f}), best healed {h['method']} ({h['healed_kl']:.3f})"
+        fusion = [r for r in at if r["plan"] in FUSION]
+        removal = [r for r in at if r["plan"] not in FUSION]
+        if fusion and removal:
+            f, r_ = min(fusion, key=lambda r: r["healed_kl"]), min(removal, key=lambda r: r["healed_kl"])
+            verdict = "beats" if f["healed_kl"] < r_["healed_kl"] else "does not beat"
+            line += (f"; fusion + healing ({f['method']}, {f['healed_kl']:.3f}) {verdict} removal + healing "
+                     f"({r_['method']}, {r_['healed_kl']:.3f})")
+        best.append(line)
     table = "\n".join(lines) + "\n\n" + "\n".join(f"- {b}" for b in best) + "\n"
     atomic_write_text(args.out / "table.md", table)
     if curve:

@@ -69,6 +69,22 @@ def _tokenizer_gguf(lm, merge_log: dict | None) -> Path | None:
     return None
 
 
+def _recipe_pre_tokenizer(lm, merge_log: dict | None) -> str | None:
+    """The recipe's llama.cpp pre-tokenizer hint: the loaded model's recipe, or for a merged (or
+    healed) folder, the recipe its merge_log names as source — so a merge of a recipe model whose
+    tokenizer llama.cpp's table does not know exports like the model itself."""
+    from mka_edge.models.recipes import find_recipe
+
+    recipe = lm.recipe
+    spec = ((merge_log or {}).get("source") or {}).get("spec")
+    if not recipe and spec:
+        try:
+            recipe = find_recipe(str(spec)) or {}
+        except UserError:
+            recipe = {}
+    return (recipe.get("llama_cpp") or {}).get("pre_tokenizer")
+
+
 def _hparams(writer, config, n_vocab: int) -> None:
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
@@ -174,7 +190,7 @@ def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = N
             folder = Path(lm.source.get("model_dir") or "")
             if not folder.is_dir():
                 raise UserError("GGUF export needs the model's tokenizer files; pass a local directory or a recipe")
-            pre = pre_tokenizer or (lm.recipe.get("llama_cpp") or {}).get("pre_tokenizer")
+            pre = pre_tokenizer or _recipe_pre_tokenizer(lm, merge_log)
             tok_info = write_hf_tokenizer(folder, lm.tokenizer, writer, int(config.vocab_size), pre)
             n_vocab = tok_info["n_vocab"]
         if n_vocab != int(config.vocab_size):

@@ -52,9 +52,9 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
           context: int | None = None, max_quality_loss: float | None = None, method: str = "sleb",
           alpha: str = "calibrated", k_max: int | None = None, quants: list[str] | None = None, max_tries: int = 3,
           mmlu_per_subject: int = 1, repeats: int = 3, merge_opts: dict | None = None, progress: bool = True,
-          heal=None, log=print) -> dict:
+          heal=None, heal_points: int = 4, log=print) -> dict:
     """``heal``: a HealConfig (steps 0 = the profile's heal_steps, if any); the plan then uses
-    healed quality and every merged model is healed before export."""
+    healed quality (healed at ``heal_points`` values of K) and every merged model is healed before export."""
     from exporters.gguf import export_loaded
     from exporters.onnx import export_loaded_onnx
     from .merging import merge
@@ -72,10 +72,15 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
     from .heal.distill import effective_heal
 
     heal = effective_heal(heal, prof)
+    from .validate.core import context_needed
+
+    if (context or prof.context_length) < context_needed():     # found now, not after the plan, merge and heal
+        raise UserError(f"--context {context or prof.context_length} is too small for the validation run "
+                        f"(512-token prompt + 128 generated tokens); use at least {context_needed()}")
     log("[1/5] plan" + (f" (quality after healing {heal.steps} steps)" if heal else ""))
     plan, ctx = plan_with_context(profile, model, budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                                   method=method, alpha=alpha, k_max=k_max, quants=quants, progress=progress,
-                                  merge_opts=merge_opts, heal=heal, log=log)
+                                  merge_opts=merge_opts, heal=heal, heal_points=heal_points, log=log)
     check_host(sum(p.numel() for p in ctx.model.parameters()), out)
     max_kl = plan["budget"]["max_quality_loss"]
     ref_spec = model or "smollm2-135m"
@@ -91,11 +96,12 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
                 merged_dir = work / f"merged-k{k}"
                 merge(ctx, k, method, alpha, merged_dir, heldout=0, progress=progress)
                 if heal:
-                    from .heal.distill import heal as run_heal
+                    from .heal.distill import heal as run_heal, teacher_from
 
                     log(f"      healing: {heal.steps} steps ({heal.train})")
                     healed_dir = work / f"healed-k{k}"
-                    heal_record = run_heal(str(merged_dir), healed_dir, heal, progress=progress, log=log)
+                    heal_record = run_heal(str(merged_dir), healed_dir, heal, progress=progress, log=log,
+                                           reference_model=teacher_from(ctx.lm), device=str(ctx.device))
                     merged_dir = healed_dir
                 lm = load_model(str(merged_dir))
             else:

@@ -127,7 +127,8 @@ def heal_options(f):
     opts = [
         click.option("--train", "heal_train", type=click.Choice(["all", "changed", "lora"]), default="all", show_default=True,
                      help="What the heal trains: all parameters; only the layers the merge changed and their neighbours; "
-                          "or LoRA adapters on every block's linear layers, merged back at the end."),
+                          "or LoRA adapters on every block's linear layers, merged back at the end. A recipe's heal: "
+                          "section may set another default (and steps, lr, lora_rank); what you pass here wins."),
         click.option("--lr", "heal_lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (constant)."),
         click.option("--heal-batch", type=int, default=2, show_default=True, help="Calibration windows per step."),
         click.option("--heal-seq-len", type=int, default=256, show_default=True, help="Tokens per calibration window."),
@@ -141,12 +142,24 @@ def heal_options(f):
 
 
 def _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, calibration=None, seed=0,
-                 heldout_chunks=2):
-    from .heal.distill import HealConfig
+                 heldout_chunks=2, model_spec: str | None = None):
+    """The heal settings: each option given on the command line, else the model recipe's ``heal:``
+    default (steps, train, lr, lora_rank), else the option's default."""
+    from click.core import ParameterSource
 
-    cfg = HealConfig(steps=steps, train=heal_train, lr=heal_lr, batch=heal_batch, seq_len=heal_seq_len, seed=seed,
-                     lora_rank=lora_rank, checkpoint_every=checkpoint_every, calibration=calibration,
-                     heldout_chunks=heldout_chunks)
+    from .heal.distill import HealConfig, recipe_heal_defaults
+
+    values = {"steps": steps, "train": heal_train, "lr": heal_lr, "lora_rank": lora_rank}
+    params = {"steps": ("steps", "heal_steps"), "train": ("heal_train",), "lr": ("heal_lr",), "lora_rank": ("lora_rank",)}
+    ctx = click.get_current_context(silent=True)
+    recipe = recipe_heal_defaults(model_spec) if ctx is not None else {}
+    for key, default in recipe.items():
+        given = any(ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT) for n in params[key])
+        if not given:
+            values[key] = default
+    cfg = HealConfig(steps=values["steps"], train=values["train"], lr=float(values["lr"]), batch=heal_batch,
+                     seq_len=heal_seq_len, seed=seed, lora_rank=values["lora_rank"], checkpoint_every=checkpoint_every,
+                     calibration=calibration, heldout_chunks=heldout_chunks)
     cfg.check()
     return cfg
 
@@ -167,7 +180,8 @@ def _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank
 @click.option("--no-cache", is_flag=True, help="Recompute the trajectory even if it is cached.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the merged Hugging Face model and merge_log.json.")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
-              help="Heal the merged model by this many distillation steps from the original (see `mka-edge heal --help`); 0: no healing.")
+              help="Heal the merged model by this many distillation steps from the original (see `mka-edge heal --help`); "
+                   "default: the recipe's heal.steps, else 0 (no healing).")
 @heal_options
 @handle_errors
 def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, heal_steps, heal_train, heal_lr, heal_batch,
@@ -181,8 +195,11 @@ def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, heal_st
     alpha = check_alpha(alpha)
     if k < 1:
         raise UserError(f"--merge-layers must be at least 1 (got {k})")
+    if heal_steps < 0:
+        raise UserError(f"--heal-steps must be 0 or more (got {heal_steps})")
     cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                       opts.get("calibration"), opts.get("seed") or 0) if heal_steps else None
+                       opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
+    cfg = cfg if cfg.steps else None
     out = Path(out)
     check_out(out)
     ctx = _context(loss_samples=loss_samples, **opts)
@@ -201,7 +218,7 @@ def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, heal_st
         finally:
             shutil.rmtree(unhealed, ignore_errors=True)
         b, a = rec["heldout_before"], rec["heldout_after"]
-        click.echo(f"healed {heal_steps} steps ({heal_train}): held-out KL {b['kl']:.4f} -> {a['kl']:.4f}, "
+        click.echo(f"healed {cfg.steps} steps ({cfg.train}): held-out KL {b['kl']:.4f} -> {a['kl']:.4f}, "
                    f"perplexity {b['ppl']:.2f} -> {a['ppl']:.2f}")
     else:
         log = run(ctx, k, method, alpha, out, heldout=heldout_chunks, use_cache=not no_cache)
@@ -236,7 +253,7 @@ def heal(model, reference, steps, heal_train, heal_lr, heal_batch, heal_seq_len,
     from .heal.distill import heal as run
 
     cfg = _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                       calibration, seed, heldout_chunks)
+                       calibration, seed, heldout_chunks, model_spec=model)
     rec = run(model, Path(out), cfg, reference=reference, device=device, log=lambda m: click.echo(m, err=True))
     b, a = rec["heldout_before"], rec["heldout_after"]
     click.echo(f"healed {model} -> {out}: {rec['trained'][0]}, {rec['steps_run_here']} steps in {rec['seconds']:.0f} s "
@@ -395,10 +412,14 @@ def profiles() -> None:
                    "(automatic above 3B parameters, where measuring costs more than the build).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for plan.json (default: print only).")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
-              help="Predict quality after healing by this many steps (one heal per K, cached); 0: the profile's heal_steps, else none.")
+              help="Predict quality after healing by this many steps (heals at --heal-curve-points values of K, cached); "
+                   "0: the recipe's heal.steps, else the profile's heal_steps, else none.")
+@click.option("--heal-curve-points", type=int, default=4, show_default=True,
+              help="With healing, how many K values the plan heals to predict healed quality (evenly spaced up to "
+                   "--max-merge; the K between are interpolated); 0: heal at every K.")
 @heal_options
 @handle_errors
-def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, quality_prior, out, heal_steps, heal_train,
+def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, quality_prior, out, heal_steps, heal_curve_points, heal_train,
          heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
     """Pick the merge ratio and quant type that fit a device, and say why; exports nothing.
 
@@ -410,11 +431,14 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
     from .heal.distill import effective_heal
     from .profiles import load_profile
 
+    if heal_curve_points < 0:
+        raise UserError(f"--heal-curve-points must be 0 or more (got {heal_curve_points})")
     cfg = effective_heal(_heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                                      opts.get("calibration"), opts.get("seed") or 0), load_profile(profile))
+                                      opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model")),
+                         load_profile(profile))
     p = make_plan(profile, opts.pop("model"), budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
                   method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts,
-                  quality_prior=quality_prior, heal=cfg, log=lambda m: click.echo(m, err=True))
+                  quality_prior=quality_prior, heal=cfg, heal_points=heal_curve_points, log=lambda m: click.echo(m, err=True))
     click.echo(plan_table(p))
     if out:
         click.echo(f"wrote {write_plan(p, Path(out))}")
@@ -434,12 +458,15 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
 @click.option("--max-tries", type=int, default=3, show_default=True, help="Plans tried, best first, when an artifact misses the measured quality bar.")
 @click.option("--mmlu-per-subject", type=int, default=1, show_default=True, help="MMLU questions per subject in the validation (0 skips).")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
-              help="Heal every merged model by this many distillation steps before export (0: the profile's heal_steps, "
-                   "else none). The plan then predicts quality after healing, which costs one heal per K considered (cached).")
+              help="Heal every merged model by this many distillation steps before export (0: the recipe's heal.steps, "
+                   "else the profile's heal_steps, else none). The plan then predicts quality after healing, which costs --heal-curve-points heals (cached).")
+@click.option("--heal-curve-points", type=int, default=4, show_default=True,
+              help="With healing, how many K values the plan heals to predict healed quality (evenly spaced up to "
+                   "--max-merge; the K between are interpolated); 0: heal at every K.")
 @heal_options
 @handle_errors
 def build(profile, out, force, budget_mb, context, max_quality_loss, method, max_merge, quants, max_tries,
-          mmlu_per_subject, heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
+          mmlu_per_subject, heal_steps, heal_curve_points, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
     """Plan, merge, (heal,) export, validate and package a model for a device, in one go."""
     from .build import build as run
 
@@ -447,11 +474,13 @@ def build(profile, out, force, budget_mb, context, max_quality_loss, method, max
         raise UserError("--max-tries must be at least 1")
     if heal_steps < 0:
         raise UserError(f"--heal-steps must be 0 or more (got {heal_steps})")
+    if heal_curve_points < 0:
+        raise UserError(f"--heal-curve-points must be 0 or more (got {heal_curve_points})")
     cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                       opts.get("calibration"), opts.get("seed") or 0)
+                       opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
     m = run(profile, opts.pop("model"), Path(out), force=force, budget_mb=budget_mb, context=context,
             max_quality_loss=max_quality_loss, method=method, k_max=max_merge, quants=quants.split(",") if quants else None,
-            max_tries=max_tries, mmlu_per_subject=mmlu_per_subject, merge_opts=opts, heal=cfg, log=click.echo)
+            max_tries=max_tries, mmlu_per_subject=mmlu_per_subject, merge_opts=opts, heal=cfg, heal_points=heal_curve_points, log=click.echo)
     click.echo(f"built {m['out']}/{m['artifact']}: K={m['plan']['k']}, {m['plan']['quant']}; "
                f"measured KL {m['host_figures']['accuracy']['kl']:.3f}; predicted device memory "
                f"{m['device_predictions']['memory_mb']:.0f} MB; see {m['out']}/report.md")

@@ -63,8 +63,10 @@ def make_plan(profile: str, model: str | None = None, **kw) -> dict:
 def plan_with_context(profile: str, model: str | None = None, *, budget_mb: float | None = None, context: int | None = None,
               max_quality_loss: float | None = None, method: str = "sleb", alpha: str = "calibrated",
               k_max: int | None = None, quants: list[str] | None = None, progress: bool = True,
-              merge_opts: dict | None = None, quality_prior: bool = False, heal=None, log=print) -> tuple[dict, object]:
-    """The plan and the loaded merge context (build goes on to merge with it)."""
+              merge_opts: dict | None = None, quality_prior: bool = False, heal=None, heal_points: int = 4,
+              log=print) -> tuple[dict, object]:
+    """The plan and the loaded merge context (build goes on to merge with it).  With ``heal``, the
+    quality curve is the healed one, healed at ``heal_points`` values of K (0: every K)."""
     from .mka.context import build_context
     from .solver import speed
     from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
@@ -99,7 +101,7 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     if heal is not None and heal.steps > 0:
         from .solver.quality import healed_curve
 
-        healed = healed_curve(ctx, curve, method, alpha, heal, progress=progress, log=log)
+        healed = healed_curve(ctx, curve, method, alpha, heal, points=heal_points, progress=progress, log=log)
         curve = dict(curve, kl=healed["kl"])
     eff, eff_source = speed.efficiency(prof.format)
     n_params = sum(p.numel() for p in ctx.model.parameters())
@@ -142,7 +144,9 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         "pareto": [c.as_dict() for c in pareto(cands)],
         "models": {
             "quality": ("KL(K, q) = held-out KL of the merge at K after healing "
-                        f"({heal.steps} steps, {heal.train}) + KL of quant q on the unmerged model" if healed else
+                        f"({heal.steps} steps, {heal.train}; healed at K = {', '.join(map(str, healed['healed_at']))}, "
+                        "the K between by the interpolated healed/unhealed ratio) + KL of quant q on the unmerged model"
+                        if healed else
                         "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model"),
             "quant_cost": quant_source,
             "memory": ("weights x resident ratio (measured per type) + KV buffer of the whole context + prefill logits "
@@ -151,7 +155,8 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
             "speed": f"efficiency {eff:.3f} ({eff_source}) x device bandwidth / bytes per token; a device prediction, not a measurement",
         },
         "curve": {"kl": curve["kl"], "method": method,
-                  **({"unhealed_kl": healed["unhealed_kl"], "heal_steps": healed["steps"], "heal_train": healed["train"]}
+                  **({"unhealed_kl": healed["unhealed_kl"], "heal_steps": healed["steps"], "heal_train": healed["train"],
+                     "healed_at": healed["healed_at"]}
                      if healed else {})},
         "heal": asdict(heal) if healed else None,
         "quant_costs": {q: {"kl": c["kl"], "bytes": sum(c["per_layer"]) + c["other"], "tensor_types": c["tensor_types"],

@@ -108,6 +108,8 @@ def test_changed_layers_finds_fusions_and_gaps():
     lm = [{"sources": [0], "weights": [1.0]}, {"sources": [1, 2], "weights": [0.5, 0.5]}, {"sources": [3], "weights": [1.0]},
           {"sources": [5], "weights": [1.0]}, {"sources": [6], "weights": [1.0]}, {"sources": [7], "weights": [1.0]}]
     assert changed_layers(lm, 6) == [0, 1, 2, 3]          # fusion at 1 (+ neighbours), gap between 3 and 5
+    ends = [{"sources": [i], "weights": [1.0]} for i in (1, 2, 3)]   # layers 0 and 4 of 5 removed
+    assert changed_layers(ends, 3, n_original=5) == [0, 2] and changed_layers(ends, 3) == [0]
 
 
 def test_healed_model_exports_to_gguf(tmp_path, merged_tiny):
@@ -191,3 +193,90 @@ def test_healed_quality_curve_is_below_the_merge_curve_and_cached(tmp_path, merg
     assert all(h < u for h, u in zip(healed["kl"][1:], curve["kl"][1:])), (healed["kl"], curve["kl"])
     again = healed_curve(ctx, curve, "mka-guided", "0.5", _cfg(steps=16), progress=False)
     assert again["cached"] and again["kl"] == healed["kl"]
+
+
+def test_heal_points_spread_up_to_k_max_and_interpolation_keeps_the_measured_points():
+    from mka_edge.solver.quality import heal_points, interpolate_healed
+
+    assert heal_points(8, 4) == [2, 4, 6, 8] and heal_points(3, 4) == [1, 2, 3] and heal_points(5, 0) == [1, 2, 3, 4, 5]
+    assert heal_points(10, 1) == [10] and heal_points(9, 2) == [4, 9]
+    unhealed = [0.0, 0.1, 0.2, 0.4, 0.8, 1.6]
+    healed = interpolate_healed(unhealed, {2: 0.1, 4: 0.6})      # ratios 0.5 at K=2 and 0.75 at K=4
+    assert healed[0] == 0.0 and healed[2] == 0.1 and healed[4] == 0.6
+    assert healed[1] == pytest.approx(0.05)                        # below the first point: its ratio
+    assert healed[3] == pytest.approx(0.4 * 0.625)                 # between: the ratio interpolated
+    assert healed[5] == pytest.approx(1.6 * 0.75)                  # beyond the last: its ratio
+
+
+def test_healed_curve_heals_only_its_points(tmp_path, merged_tiny):
+    from mka_edge.solver.quality import healed_curve, merge_curve
+
+    ctx = tiny_context(merged_tiny.parent / "src")
+    curve = merge_curve(ctx, "mka-guided", 3, "0.5", chunks=1, progress=False)
+    healed = healed_curve(ctx, curve, "mka-guided", "0.5", _cfg(steps=8), points=1, progress=False)
+    assert healed["healed_at"] == [3] and healed["ppl"][1] is None and healed["ppl"][3] is not None
+    ratio = healed["kl"][3] / curve["kl"][3]
+    assert ratio < 1 and healed["kl"][1] == pytest.approx(curve["kl"][1] * ratio)
+    # the source stays usable for merging after serving as the heal's teacher
+    assert all(p.dtype == torch.float32 for p in ctx.lm.model.parameters())
+
+
+def test_build_with_heal_steps_heals_the_chosen_merge(tmp_path):
+    """`build --heal-steps` end to end on a tiny model: plan on the healed curve, heal, export,
+    validate in llama.cpp, and a report that shows the heal."""
+    src = make_tiny(tmp_path / "src", "llama", layers=6, seed=23)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))   # room for the latency run
+    recipe = tmp_path / "tiny.yaml"          # a recipe, for the llama.cpp pre-tokenizer of the made-up tokenizer
+    recipe.write_text(f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\n"
+                      "llama_cpp:\n  pre_tokenizer: gpt-2\n")
+    # a laptop profile without a speed bar: a random tiny model's host speed calibration predicts little
+    profile = tmp_path / "laptop.yaml"
+    profile.write_text("name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
+                       "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n")
+    env = dict(os.environ, MKA_EDGE_CACHE=str(tmp_path / "cache"))
+    common = ["--profile", str(profile), "--model", str(recipe), "--method", "drop-last", "--samples", "4", "--seq-len", "64",
+              "--positions", "96", "--repeats", "2", "--max-merge", "2", "--quants", "Q8_0", "--device", "cpu"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=1200)
+
+    r = cli("plan", *common, "--out", str(tmp_path / "plan"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    mem = {c["k"]: c["memory_mb"] for c in json.loads((tmp_path / "plan" / "plan.json").read_text())["candidates"]}
+    budget = (mem[0] + mem[1]) / 2                    # K=0 does not fit: the build has to merge
+    out = tmp_path / "pkg"
+    r = cli("build", *common, "--budget-mb", f"{budget:.4f}", "--mmlu-per-subject", "0", "--heal-steps", "4",
+            "--heal-seq-len", "64", "--heal-curve-points", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["heal"]["steps"] == 4 and plan["curve"]["healed_at"] == [2]
+    assert plan["curve"]["kl"][2] < plan["curve"]["unhealed_kl"][2]
+    m = json.loads((out / "manifest.json").read_text())
+    h = m["attempts"][-1]["heal"]
+    assert m["plan"]["k"] >= 1 and h["steps"] == 4 and h["heldout_kl_after"] < h["heldout_kl_before"]
+    assert "## Healing (4 distillation steps, all)" in (out / "report.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]
+
+
+def test_a_recipe_sets_heal_defaults_and_the_command_line_wins(tmp_path):
+    src = make_tiny(tmp_path / "src", "llama", layers=4, seed=24)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\n"
+                      "heal:\n  steps: 3\n  train: changed\n  lr: 0.0001\n")
+    base = ["merge", "--model", str(recipe), "-k", "1", "--method", "drop-last", "--samples", "4", "--seq-len", "64",
+            "--positions", "96", "--repeats", "2", "--heldout-chunks", "0", "--heal-seq-len", "64", "--device", "cpu"]
+    r = _cli(*base, "--out", str(tmp_path / "a"))                   # no --heal-steps: the recipe's 3 steps, changed layers
+    assert r.returncode == 0, r.stderr[-2000:]
+    heal = json.loads((tmp_path / "a" / "merge_log.json").read_text())["heal"]
+    assert heal["config"]["steps"] == 3 and heal["config"]["train"] == "changed" and heal["config"]["lr"] == 1e-4
+    r = _cli(*base, "--train", "all", "--heal-steps", "2", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    heal = json.loads((tmp_path / "b" / "merge_log.json").read_text())["heal"]
+    assert heal["config"]["steps"] == 2 and heal["config"]["train"] == "all" and heal["config"]["lr"] == 1e-4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("train: changed", "train: everything"))
+    r = _cli(*base[:2], str(bad), *base[3:], "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "field 'heal.train' must be all, changed or lora" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists()

@@ -79,8 +79,28 @@ def _windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
     return ids
 
 
+def recipe_heal_defaults(model_spec: str | None) -> dict:
+    """The ``heal:`` defaults of the recipe behind ``model_spec`` (for a merged folder: the recipe
+    its merge_log names as source), without loading weights; {} when there is none.  Why here and
+    not after loading: the heal settings key checkpoints and caches before any model is read."""
+    from ..models.loading import resolve_source
+
+    spec = model_spec
+    log = Path(spec) / "merge_log.json" if spec else None
+    if log is not None and log.is_file():
+        spec = (json.loads(log.read_text()).get("source") or {}).get("spec")
+        if not spec:
+            return {}
+    try:
+        _, recipe = resolve_source(spec)
+    except UserError:
+        return {}                           # the command's own model loading gives the error
+    return dict(recipe.get("heal") or {})
+
+
 def effective_heal(cfg: HealConfig | None, profile) -> HealConfig | None:
-    """The heal a plan or build runs: the one asked for, else the profile's ``heal_steps``, else none."""
+    """The heal a plan or build runs: the one asked for (or the recipe's), else the profile's
+    ``heal_steps``, else none."""
     from dataclasses import replace
 
     if (cfg is None or cfg.steps == 0) and profile.heal_steps:
@@ -129,10 +149,19 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def teacher_from(lm):
+    """``lm`` (an already loaded source) when it can serve as the heal's teacher as loaded
+    (float32, what heal would load), else None so heal loads its own copy."""
+    return lm if next(lm.model.parameters()).dtype == torch.float32 else None
+
+
 def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | None = None, device: str = "auto",
          progress: bool = True, log: Callable[[str], None] = print,
-         on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Heal ``model_spec`` (a merged folder) into ``out``; returns the heal log (also in heal_log.json)."""
+         on_step: Callable[[int, float], None] | None = None, reference_model=None) -> dict:
+    """Heal ``model_spec`` (a merged folder) into ``out``; returns the heal log (also in heal_log.json).
+
+    ``reference_model``: the reference already loaded (a float32 LoadedModel on the heal's
+    device, used read-only), so a caller healing many merges of one model loads it once."""
     from ..device import resolve_device
     from ..evaluation import default_reference
     from ..merging import check_out
@@ -149,7 +178,7 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     if not ref_spec:
         raise UserError(f"{model_spec} has no merge_log.json naming its source; pass --reference MODEL")
     student = load_model(model_spec, dev, torch.float32)
-    ref = load_model(ref_spec, dev, torch.float32)
+    ref = reference_model if reference_model is not None else load_model(ref_spec, dev, torch.float32)
     _check_pair(student, ref)
     windows = _windows(student.tokenizer, cfg) if cfg.steps else None
     folder = Path(student.source.get("model_dir") or "")
@@ -159,7 +188,7 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     heldout = Reference(ref.model, heldout_chunks(student.tokenizer, cfg.heldout_chunks), dev)
     before = compare(student.model, heldout).as_dict()
     log(f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})")
-    model, what = select(student.model, cfg.train, merge_log.get("layer_map"), cfg.lora_rank)
+    model, what = select(student.model, cfg.train, merge_log.get("layer_map"), cfg.lora_rank, merge_log.get("layers_before"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)

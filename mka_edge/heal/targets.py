@@ -12,10 +12,15 @@ MODES = ("all", "changed", "lora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def changed_layers(layer_map: list[dict], n_layers: int) -> list[int]:
+def changed_layers(layer_map: list[dict], n_layers: int, n_original: int | None = None) -> list[int]:
     """Indices (in the merged model) of fused layers and of the layers beside every gap left by a
-    removed layer, with their neighbours."""
+    removed layer, with their neighbours.  A removed first layer touches the new first layer; a
+    removed last layer (``n_original`` says there was one) the new last layer."""
     touched: set[int] = set()
+    if layer_map and min(layer_map[0]["sources"]) > 0:
+        touched.add(0)
+    if layer_map and n_original is not None and max(layer_map[-1]["sources"]) < n_original - 1:
+        touched.add(len(layer_map) - 1)
     prev_last = None
     for i, entry in enumerate(layer_map):
         src = sorted(entry["sources"])
@@ -27,7 +32,8 @@ def changed_layers(layer_map: list[dict], n_layers: int) -> list[int]:
     return sorted(t for t in touched if 0 <= t < n_layers)
 
 
-def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16) -> tuple[object, list[str]]:
+def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16,
+           n_original: int | None = None) -> tuple[object, list[str]]:
     """Return the model to train (wrapped for LoRA) and a description of what trains."""
     if mode not in MODES:
         raise UserError(f"unknown --train '{mode}'; choose one of {', '.join(MODES)}")
@@ -44,7 +50,7 @@ def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16) 
         return model, ["all parameters"]
     if not layer_map:
         raise UserError("--train changed needs the merge's layer map (merge_log.json beside the model); use --train all or lora")
-    idx = changed_layers(layer_map, len(model.model.layers))
+    idx = changed_layers(layer_map, len(model.model.layers), n_original)
     if not idx:
         raise UserError("the merge changed no layer (K=0?); nothing to heal with --train changed; use --train all")
     for i in idx:

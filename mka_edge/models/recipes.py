@@ -32,10 +32,28 @@ def load_recipe_file(path: Path) -> dict[str, Any]:
     src = data.get("source")
     if not isinstance(src, dict) or src.get("kind") not in _KINDS:
         raise UserError(f"recipe {path}: field 'source.kind' must be one of {', '.join(_KINDS)}")
+    _check_heal(data.get("heal"), path)
     data.setdefault("name", Path(path).stem)
     data.setdefault("calibration", {})
     data["_path"] = str(path)
     return data
+
+
+HEAL_FIELDS = {"steps": int, "train": str, "lr": float, "lora_rank": int}
+
+
+def _check_heal(heal: Any, path: Path) -> None:
+    """``heal:`` holds the model's healing defaults (steps, train, lr, lora_rank)."""
+    if heal is None:
+        return
+    if not isinstance(heal, dict) or set(heal) - set(HEAL_FIELDS):
+        raise UserError(f"recipe {path}: field 'heal' must be a mapping of {', '.join(HEAL_FIELDS)}")
+    for key, typ in HEAL_FIELDS.items():
+        v = heal.get(key)
+        if v is not None and not (isinstance(v, typ) or (typ is float and isinstance(v, int))) or isinstance(v, bool):
+            raise UserError(f"recipe {path}: field 'heal.{key}' must be {typ.__name__} (got {v!r})")
+    if heal.get("train") not in (None, "all", "changed", "lora"):
+        raise UserError(f"recipe {path}: field 'heal.train' must be all, changed or lora (got {heal['train']!r})")
 
 
 def find_recipe(name: str) -> dict[str, Any] | None:

@@ -31,6 +31,11 @@ def reference_spec(info: dict, reference: str | None) -> str:
     return src
 
 
+def context_needed(prompt_tokens: int = 512, gen_tokens: int = 128) -> int:
+    """The context a latency run needs: the prompt, the generated tokens and a small margin."""
+    return prompt_tokens + gen_tokens + 16
+
+
 def validate_artifact(artifact: str | Path, reference: str | None = None, *, profile=None, threads: int | None = None,
                       context: int | None = None, out: str | Path | None = None, thresholds: Thresholds | None = None,
                       repeats: int = 3, chunks: int = 4, gen_tokens: int = 128, prompt_tokens: int = 512,
@@ -63,7 +68,7 @@ def validate_artifact(artifact: str | Path, reference: str | None = None, *, pro
 
     threads = threads or (profile.threads if profile else None) or max(1, os.cpu_count() or 1)
     kv_type = fmt.kv_type(kv_type or (profile.kv_cache_type if profile else None), info)
-    need = prompt_tokens + gen_tokens + 16
+    need = context_needed(prompt_tokens, gen_tokens)
     context = context or (profile.context_length if profile else 2048)
     if info.get("model_context") and context > int(info["model_context"]):
         raise UserError(f"--context {context} is longer than the model's context length ({info['model_context']}); "
