@@ -37,21 +37,44 @@ def _merge(work: Path, method: str, k: int) -> Path:
 FUSION = {"mka", "mka-guided", "mka-oneshot"}  # methods that fuse layers rather than remove them
 
 
-def _healed(merged: Path, out: Path, cfg: HealConfig) -> dict:
-    """Heal ``merged`` into ``out``, or read the heal already there when it used the same settings."""
+def _done(out: Path, cfg: HealConfig) -> dict | None:
+    """The heal already written in ``out`` with these settings, if any (a rerun reuses it)."""
     log = out / "heal_log.json"
     if log.is_file():
         rec = json.loads(log.read_text())
         if rec["config"] == asdict(cfg):
             return rec
         shutil.rmtree(out)
-    return heal(str(merged), out, cfg, progress=False, log=lambda m: None)
+    return None
 
 
-def _chosen(merged: Path) -> str:
-    """The method whose plan an auto merge took at its K (the method itself for the others)."""
-    log = json.loads((merged / "merge_log.json").read_text())
+def _chosen(folder: Path) -> str:
+    """The method whose plan an auto merge took at its K (the method itself for the others);
+    ``folder`` is a merged folder or a healed one (which carries the merge log)."""
+    log = json.loads((folder / "merge_log.json").read_text())
     return log["steps"][-1].get("method", log["method"]) if log["method"] == "auto" else log["method"]
+
+
+def predictor_check(rows: list[dict]) -> list[dict]:
+    """How well the plan's healed-curve rule (solver.quality.interpolate_healed) predicts a heal
+    it did not run: for each method, each healed K is predicted from the other healed K (the
+    healed/unhealed ratio interpolated, or held flat beyond the ends) and compared."""
+    from mka_edge.solver.quality import interpolate_healed
+
+    out = []
+    for method in sorted({r["method"] for r in rows if r["method"] != "auto"}):
+        at = {r["k"]: r for r in rows if r["method"] == method}
+        if len(at) < 3:
+            continue
+        k_max = max(at)
+        unhealed = [0.0] + [at[k]["kl"] if k in at else 0.0 for k in range(1, k_max + 1)]
+        for k in sorted(at):
+            others = {x: at[x]["healed_kl"] for x in at if x != k}
+            pred = interpolate_healed(unhealed, others)[k]
+            out.append({"method": method, "k": k, "from": sorted(others), "predicted": round(pred, 4),
+                        "measured": round(at[k]["healed_kl"], 4),
+                        "error_pct": round(100 * (pred - at[k]["healed_kl"]) / at[k]["healed_kl"], 1)})
+    return out
 
 
 def main() -> None:
@@ -67,6 +90,8 @@ def main() -> None:
     ap.add_argument("--heldout-chunks", type=int, default=2)
     ap.add_argument("--curve", default="sleb:6", help="METHOD:K whose heal records quality every --curve-every steps")
     ap.add_argument("--curve-every", type=int, default=10)
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep every merged and healed model (about 0.5 GB each in float32); by default only the logs stay")
     args = ap.parse_args()
     work = args.out / "models"
     work.mkdir(parents=True, exist_ok=True)
@@ -79,15 +104,22 @@ def main() -> None:
     for k in ks:
         done: dict[str, dict] = {}
         for method in order:
-            merged = _merge(work, method, k)
-            chosen = _chosen(merged)
             is_curve = method == curve_method and k == int(curve_k)
             cfg = HealConfig(steps=args.steps, train=args.train, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
                              heldout_chunks=args.heldout_chunks, eval_every=args.curve_every if is_curve else 0)
-            if method == "auto" and chosen in done and not is_curve:
-                rec, shared = done[chosen], chosen
-            else:
-                rec, shared = _healed(merged, work / f"{method}-k{k}-healed", cfg), None
+            healed_dir = work / f"{method}-k{k}-healed"
+            rec, shared = _done(healed_dir, cfg), None
+            chosen = _chosen(healed_dir) if rec else None
+            if rec is None:
+                merged = _merge(work, method, k)
+                chosen = _chosen(merged)
+                if method == "auto" and chosen in done and not is_curve:
+                    rec, shared = done[chosen], chosen
+                else:
+                    rec = heal(str(merged), healed_dir, cfg, progress=False, log=lambda m: None)
+                    if not args.keep_models:
+                        (healed_dir / "model.safetensors").unlink(missing_ok=True)
+            if shared is None:
                 done[method] = rec
             b, a = rec["heldout_before"], rec["heldout_after"]
             rows.append({"k": k, "method": method, "plan": chosen, "shared_with": shared, "steps": args.steps,
@@ -99,9 +131,14 @@ def main() -> None:
             label = f"{method} (= {chosen})" if method == "auto" else method
             print(f"K={k:2} {label:18} KL {b['kl']:.3f} -> {a['kl']:.3f}  ppl {b['ppl']:.1f} -> {a['ppl']:.1f}  "
                   f"{rec['seconds_per_step']:.2f} s/step", flush=True)
+        if not args.keep_models:                 # the trajectories are cached: a rerun re-merges quickly
+            for method in order:
+                shutil.rmtree(work / f"{method}-k{k}", ignore_errors=True)
     meta = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "seconds": round(time.time() - t0),
             "settings": vars(args) | {"out": str(args.out)}}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "curve": curve}, indent=2))
+    check = predictor_check(rows)
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "curve": curve,
+                                                       "predictor_check": check}, indent=2))
     lines = ["| K | method | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"auto (= {r['plan']})" if r["method"] == "auto" else r["method"]
@@ -121,6 +158,11 @@ def main() -> None:
                      f"({r_['method']}, {r_['healed_kl']:.3f})")
         best.append(line)
     table = "\n".join(lines) + "\n\n" + "\n".join(f"- {b}" for b in best) + "\n"
+    if check:
+        table += ("\nThe plan's healed-curve rule, each heal predicted from the others of its method:\n\n"
+                  "| method | K | predicted from K | predicted healed KL | measured | error |\n|---|---|---|---|---|---|\n")
+        table += "".join(f"| {c['method']} | {c['k']} | {', '.join(map(str, c['from']))} | {c['predicted']:.3f} "
+                         f"| {c['measured']:.3f} | {c['error_pct']:+.1f}% |\n" for c in check)
     atomic_write_text(args.out / "table.md", table)
     if curve:
         import matplotlib
