@@ -27,14 +27,22 @@ from mka_edge.heal.distill import HealConfig, heal
 
 
 def _merge(work: Path, method: str, k: int) -> Path:
+    """``method`` is a merge method, or METHOD@ALPHA for another alpha rule than the default
+    (calibrated): ``mka@paper`` is the literal paper method."""
+    name, _, alpha = method.partition("@")
     out = work / f"{method}-k{k}"
     if not (out / "merge_log.json").is_file():
-        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", method,
-                        "--heldout-chunks", "0", "--out", str(out)], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", name,
+                        *(["--alpha", alpha] if alpha else []), "--heldout-chunks", "0", "--out", str(out)],
+                       check=True, capture_output=True)
     return out
 
 
-FUSION = {"mka", "mka-guided", "mka-oneshot"}  # methods that fuse layers rather than remove them
+def _fuses(folder: Path) -> bool:
+    """Whether the merge really fused layers: with calibrated alpha, the alpha grid search can pick
+    0 or 1 at every step, and the 'fusion' is a removal (it did on SmolLM2)."""
+    log = json.loads((folder / "merge_log.json").read_text())
+    return any(len(e["sources"]) > 1 or any(abs(w - 1.0) > 1e-9 for w in e.get("weights", [1.0])) for e in log["layer_map"])
 
 
 def _done(out: Path, cfg: HealConfig) -> dict | None:
@@ -75,6 +83,29 @@ def predictor_check(rows: list[dict]) -> list[dict]:
                         "measured": round(at[k]["healed_kl"], 4),
                         "error_pct": round(100 * (pred - at[k]["healed_kl"]) / at[k]["healed_kl"], 1)})
     return out
+
+
+def plot_curve(curve: dict, path: Path) -> None:
+    """Held-out KL, perplexity and top-1 agreement against heal steps (one method and K)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = curve["points"]
+    xs = [p["step"] for p in pts]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
+    ax[0].plot(xs, [p["kl"] for p in pts], "o-")
+    ax[0].set(xlabel="heal steps", ylabel="held-out KL (nats)", title=f"{curve['method']} K={curve['k']}: KL to the unmerged model")
+    ax[1].plot(xs, [p["ppl"] for p in pts], "o-", color="C1")
+    ax[1].axhline(pts[0]["ref_ppl"], ls="--", color="gray", label="unmerged")
+    ax[1].set(xlabel="heal steps", ylabel="held-out perplexity", title="perplexity")
+    ax[1].legend()
+    ax[2].plot(xs, [100 * p["top1"] for p in pts], "o-", color="C2")
+    ax[2].set(xlabel="heal steps", ylabel="top-1 agreement (%)", title="top-1 agreement with the unmerged model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -122,7 +153,8 @@ def main() -> None:
             if shared is None:
                 done[method] = rec
             b, a = rec["heldout_before"], rec["heldout_after"]
-            rows.append({"k": k, "method": method, "plan": chosen, "shared_with": shared, "steps": args.steps,
+            fused = _fuses(healed_dir if healed_dir.is_dir() else work / f"{method}-k{k}")
+            rows.append({"k": k, "method": method, "plan": chosen, "fused": fused, "shared_with": shared, "steps": args.steps,
                          "train": args.train, "kl": b["kl"], "ppl": b["ppl"], "top1": b["top1"],
                          "healed_kl": a["kl"], "healed_ppl": a["ppl"], "healed_top1": a["top1"],
                          "seconds_per_step": rec["seconds_per_step"], "ref_ppl": a["ref_ppl"]})
@@ -139,18 +171,19 @@ def main() -> None:
     check = predictor_check(rows)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "curve": curve,
                                                        "predictor_check": check}, indent=2))
-    lines = ["| K | method | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| K | method | fuses? | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"auto (= {r['plan']})" if r["method"] == "auto" else r["method"]
-        lines.append(f"| {r['k']} | {name} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
+        lines.append(f"| {r['k']} | {name} | {'yes' if r['fused'] else 'no'} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
                      f"| {r['healed_ppl']:.1f} | {100 * r['healed_top1']:.1f}% | {r['seconds_per_step']:.2f} |")
     best = []
     for k in sorted({r["k"] for r in rows}):
         at = [r for r in rows if r["k"] == k]
         u, h = min(at, key=lambda r: r["kl"]), min(at, key=lambda r: r["healed_kl"])
         line = f"K={k}: best unhealed {u['method']} ({u['kl']:.3f}), best healed {h['method']} ({h['healed_kl']:.3f})"
-        fusion = [r for r in at if r["plan"] in FUSION]
-        removal = [r for r in at if r["plan"] not in FUSION]
+        fusion = [r for r in at if r["fused"]]
+        removal = [r for r in at if not r["fused"]]
         if fusion and removal:
             f, r_ = min(fusion, key=lambda r: r["healed_kl"]), min(removal, key=lambda r: r["healed_kl"])
             verdict = "beats" if f["healed_kl"] < r_["healed_kl"] else "does not beat"
@@ -165,21 +198,7 @@ def main() -> None:
                          f"| {c['measured']:.3f} | {c['error_pct']:+.1f}% |\n" for c in check)
     atomic_write_text(args.out / "table.md", table)
     if curve:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        xs = [p["step"] for p in curve["points"]]
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        ax[0].plot(xs, [p["kl"] for p in curve["points"]], "o-")
-        ax[0].set(xlabel="heal steps", ylabel="held-out KL (nats)", title=f"{curve['method']} K={curve['k']}")
-        ax[1].plot(xs, [p["ppl"] for p in curve["points"]], "o-", color="C1")
-        ax[1].axhline(curve["points"][0]["ref_ppl"], ls="--", color="gray", label="unmerged")
-        ax[1].set(xlabel="heal steps", ylabel="held-out perplexity")
-        ax[1].legend()
-        fig.tight_layout()
-        fig.savefig(args.out / "curve.png", dpi=120)
+        plot_curve(curve, args.out / "curve.png")
     print(table)
 
 
