@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +24,21 @@ def _offline(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def _laptop_without_speed_bar(folder) -> str:
+    """laptop-8gb with no tokens/s target: the device speed is predicted from a decode timed on
+    this host, and a shared, busy CI host can time it several times slower (seen: 3 tok/s
+    predicted, every plan refused), which is not what this test is about."""
+    from mka_edge.profiles import load_profile
+
+    src = Path(load_profile("laptop-8gb").path).read_text()
+    path = Path(folder) / "laptop-8gb-test.yaml"
+    path.write_text(src.replace("name: laptop-8gb", "name: laptop-8gb-test").replace("min_tokens_per_s: 10", "min_tokens_per_s: 0"))
+    return str(path)
+
+
 def _build(out, cache, *extra):
     env = dict(os.environ, MKA_EDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(_offline([sys.executable, "-m", "mka_edge.cli", "build", "--profile", "laptop-8gb",
+    return subprocess.run(_offline([sys.executable, "-m", "mka_edge.cli", "build", "--profile", _laptop_without_speed_bar(Path(out).parent),
                                     *FAST, *extra, "--out", str(out)]), capture_output=True, text=True, env=env, timeout=1800)
 
 
