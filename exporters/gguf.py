@@ -22,6 +22,7 @@ import torch
 
 from mka_edge import __version__
 from mka_edge.errors import UserError
+from mka_edge.models.recipes import recipe_behind
 
 from .paths import ensure_writable_parent
 
@@ -67,22 +68,6 @@ def _tokenizer_gguf(lm, merge_log: dict | None) -> Path | None:
         if src.get("kind") == "gguf" and src.get("path") and Path(src["path"]).is_file():
             return Path(src["path"])
     return None
-
-
-def _recipe_pre_tokenizer(lm, merge_log: dict | None) -> str | None:
-    """The recipe's llama.cpp pre-tokenizer hint: the loaded model's recipe, or for a merged (or
-    healed) folder, the recipe its merge_log names as source — so a merge of a recipe model whose
-    tokenizer llama.cpp's table does not know exports like the model itself."""
-    from mka_edge.models.recipes import find_recipe
-
-    recipe = lm.recipe
-    spec = ((merge_log or {}).get("source") or {}).get("spec")
-    if not recipe and spec:
-        try:
-            recipe = find_recipe(str(spec)) or {}
-        except UserError:
-            recipe = {}
-    return (recipe.get("llama_cpp") or {}).get("pre_tokenizer")
 
 
 def _hparams(writer, config, n_vocab: int) -> None:
@@ -190,7 +175,9 @@ def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = N
             folder = Path(lm.source.get("model_dir") or "")
             if not folder.is_dir():
                 raise UserError("GGUF export needs the model's tokenizer files; pass a local directory or a recipe")
-            pre = pre_tokenizer or _recipe_pre_tokenizer(lm, merge_log)
+            # a merged or healed folder has no recipe of its own: the hint comes from its source's
+            recipe = lm.recipe or recipe_behind(str(folder))
+            pre = pre_tokenizer or (recipe.get("llama_cpp") or {}).get("pre_tokenizer")
             tok_info = write_hf_tokenizer(folder, lm.tokenizer, writer, int(config.vocab_size), pre)
             n_vocab = tok_info["n_vocab"]
         if n_vocab != int(config.vocab_size):

@@ -83,19 +83,9 @@ def recipe_heal_defaults(model_spec: str | None) -> dict:
     """The ``heal:`` defaults of the recipe behind ``model_spec`` (for a merged folder: the recipe
     its merge_log names as source), without loading weights; {} when there is none.  Why here and
     not after loading: the heal settings key checkpoints and caches before any model is read."""
-    from ..models.loading import resolve_source
+    from ..models.recipes import recipe_behind
 
-    spec = model_spec
-    log = Path(spec) / "merge_log.json" if spec else None
-    if log is not None and log.is_file():
-        spec = (json.loads(log.read_text()).get("source") or {}).get("spec")
-        if not spec:
-            return {}
-    try:
-        _, recipe = resolve_source(spec)
-    except UserError:
-        return {}                           # the command's own model loading gives the error
-    return dict(recipe.get("heal") or {})
+    return dict(recipe_behind(model_spec).get("heal") or {})
 
 
 def effective_heal(cfg: HealConfig | None, profile) -> HealConfig | None:

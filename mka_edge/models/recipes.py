@@ -56,6 +56,24 @@ def _check_heal(heal: Any, path: Path) -> None:
         raise UserError(f"recipe {path}: field 'heal.train' must be all, changed or lora (got {heal['train']!r})")
 
 
+def recipe_behind(spec: str | None) -> dict[str, Any]:
+    """The recipe a model comes from: ``spec``'s own (the default model when None), or for a
+    merged or healed folder the recipe its merge_log.json names as source; {} when there is none.
+    Reads no weights, and never fails: the command's own model loading reports a bad spec."""
+    import json
+
+    spec = spec or DEFAULT_MODEL
+    log = Path(spec) / "merge_log.json"
+    if log.is_file():
+        spec = (json.loads(log.read_text()).get("source") or {}).get("spec")
+        if not spec:
+            return {}
+    try:
+        return find_recipe(str(spec)) or {}
+    except UserError:
+        return {}
+
+
 def find_recipe(name: str) -> dict[str, Any] | None:
     """A recipe by name (``smollm2-135m``) or by path to a YAML file; None if it is neither."""
     p = Path(name)
