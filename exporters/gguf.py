@@ -128,12 +128,11 @@ def tensor_name_map(lm):
     return gguf.get_tensor_name_map(model_arch, int(lm.model.config.num_hidden_layers))
 
 
-def _tensors(writer, lm, float_type: str) -> None:
-    config, arch = lm.model.config, lm.arch
+def _named_tensors(lm):
+    """(GGUF name, HF name, tensor) of every tensor the GGUF holds, in file order: the tied output
+    projection and rotary buffers are left out (llama.cpp reuses token_embd / computes them)."""
     tmap = tensor_name_map(lm)
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = bool(getattr(lm.model.config, "tie_word_embeddings", False))
     for hf_name, tensor in lm.model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
@@ -142,6 +141,22 @@ def _tensors(writer, lm, float_type: str) -> None:
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"no GGUF name for tensor {hf_name}; the exporter does not know this layout")
+        yield name, hf_name, tensor
+
+
+def _rope_freqs(config) -> np.ndarray | None:
+    theta, params = _rope(config)
+    if params.get("rope_type") != "llama3":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return _llama3_rope_factors(params, theta, head_dim)
+
+
+def _tensors(writer, lm, float_type: str) -> None:
+    config, arch = lm.model.config, lm.arch
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    for name, hf_name, tensor in _named_tensors(lm):
         data = tensor.detach().to(torch.float32).cpu().numpy()
         if arch.rotary_permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = _permute_for_rope(data, n_head)
@@ -150,10 +165,45 @@ def _tensors(writer, lm, float_type: str) -> None:
         if data.ndim >= 2 and float_type == "F16":
             data = data.astype(np.float16)
         writer.add_tensor(name, np.ascontiguousarray(data))
-    theta, params = _rope(config)
-    if params.get("rope_type") == "llama3":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(params, theta, head_dim))
+    freqs = _rope_freqs(config)
+    if freqs is not None:
+        writer.add_tensor("rope_freqs.weight", freqs)
+
+
+def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
+    """An F32 GGUF with the model's hyper-parameters and tensor table but no tensor data (a sparse
+    file of the right length): enough for llama.cpp's quantizer to work out, in a dry run, which
+    type it would give every tensor.  ``lm.model`` may live on the meta device, so this costs
+    nothing even for an 8B model.  Returns {GGUF name: numpy-order shape}."""
+    import gguf
+
+    config = lm.model.config
+    writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _hparams(writer, config, int(config.vocab_size))
+        entries = [(name, tuple(t.shape)) for name, _, t in _named_tensors(lm)]
+        freqs = _rope_freqs(config)
+        if freqs is not None:
+            entries.append(("rope_freqs.weight", freqs.shape))
+        data_bytes = 0
+        for name, shape in entries:
+            nbytes = int(np.prod(shape)) * 4
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes)
+            data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+            shapes[name] = shape
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        fout.flush()
+        start = gguf.GGUFWriter.ggml_pad(fout.tell(), writer.data_alignment)
+        fout.truncate(start + data_bytes)    # holes, not bytes: the data is never read
+    finally:
+        writer.close()
+    return shapes
 
 
 def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = None,

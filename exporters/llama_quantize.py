@@ -4,11 +4,17 @@ A child, because llama.cpp aborts the whole process on some failures; the parent
 non-zero exit into one clear error and removes the half-written output.
 
     python -m exporters.llama_quantize IN.gguf OUT.gguf FTYPE NTHREAD [IMATRIX.npz]
+    python -m exporters.llama_quantize --dry-run IN.gguf FTYPE [FTYPE ...]
+
+The dry run is llama.cpp's own: it decides every tensor's type for a file type without reading
+or writing any tensor data, so it also works on a data-less file (``gguf.write_shape_gguf``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +40,51 @@ def _imatrix_array(path: str):
     return arr, keep
 
 
+# one line of llama.cpp's quantizer log per tensor: "[  3/272] blk.0.attn_q.weight - [576, 576, 1, 1],
+# type =    f32, size = 1.266 MiB -> 0.356 MiB (q4_K)"; no "->" when the type stays.
+_TENSOR_LINE = re.compile(r"\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+),\s+size\s*=\s*[\d.]+\s+MiB"
+                          r"(?:\s*->\s*[\d.]+\s+MiB\s+\((\w+)\))?")
+
+
+def _dry_run(src: str, ftypes: list[int]) -> int:
+    """Print {ftype: {tensor: ggml type name}} as JSON: llama.cpp's choices, read from its log."""
+    import llama_cpp
+
+    text: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, message, user_data):
+        text.append(message.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    out = {}
+    for ftype in ftypes:
+        text.clear()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.dry_run = True
+        if llama_cpp.llama_model_quantize(src.encode(), b"", ctypes.byref(params)) != 0:
+            return 1
+        out[ftype] = {m.group(1): (m.group(3) or m.group(2)) for m in _TENSOR_LINE.finditer("".join(text))}
+    print(json.dumps(out))
+    return 0
+
+
+def dry_run_types(src: Path, ftypes: list[int]) -> dict[int, dict[str, str]]:
+    """The ggml type llama.cpp's quantizer would give each tensor of ``src``, per file type."""
+    cmd = [sys.executable, "-m", "exporters.llama_quantize", "--dry-run", str(src), *map(str, ftypes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = ((proc.stderr or "").strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"llama.cpp's quantizer could not size this model (dry run failed: {last[:200]})")
+    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
 def main(argv: list[str]) -> int:
     import llama_cpp
+
+    if argv and argv[0] == "--dry-run":
+        return _dry_run(argv[1], [int(a) for a in argv[2:]])
 
     src, dst, ftype, nthread = argv[0], argv[1], int(argv[2]), int(argv[3])
     params = llama_cpp.llama_model_quantize_default_params()

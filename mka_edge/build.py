@@ -29,8 +29,15 @@ def _free_ram_mb() -> float:
 
 
 def check_out(out: Path, force: bool) -> None:
+    """--out must be a new or empty folder (or --force) whose nearest existing parent is a writable
+    folder: found now, not after the plan, merge and validation."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"--out {out} exists and is not empty; choose a new folder or pass --force to replace it")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out {out} cannot be created: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} cannot be created: {parent} is not writable; choose another --out")
 
 
 def check_host(n_params: int, out: Path) -> None:

@@ -30,19 +30,27 @@ def check_k(k: int, n_layers: int) -> None:
         raise UserError(f"--merge-layers {k} would leave no layer: the model has {n_layers}; use at most {n_layers - 1}")
 
 
+def heldout_reference(ctx: MergeContext, n_chunks: int) -> Reference:
+    """The unmerged model's outputs on ``n_chunks`` held-out chunks, to compare merged stacks with."""
+    ctx.reset()
+    return Reference(ctx.model, heldout_chunks(ctx.lm.tokenizer, n_chunks), ctx.device)
+
+
+def step_quality(ctx: MergeContext, ref: Reference, step: dict) -> dict:
+    """Held-out quality (KL, perplexity, top-1) of the stack after ``step``; the working stack is
+    left as it was (a trajectory may be running on it)."""
+    layers = realize(ctx.originals, step["composition"], ctx.names)
+    with temporary_stack(ctx.model, ctx.arch, layers):
+        return compare(ctx.model, ref).as_dict()
+
+
 def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress: bool) -> list[dict]:
     """Held-out quality (KL, perplexity, top-1) of the stack after each step."""
     if n_chunks <= 0:
         return [{} for _ in steps]
-    chunks = heldout_chunks(ctx.lm.tokenizer, n_chunks)
-    ctx.reset()
-    ref = Reference(ctx.model, chunks, ctx.device)
-    out = []
-    for st in tqdm(steps, desc="held-out quality per step", disable=not progress, leave=False):
-        layers = realize(ctx.originals, st["composition"], ctx.names)
-        with temporary_stack(ctx.model, ctx.arch, layers):
-            out.append(compare(ctx.model, ref).as_dict())
-    return out
+    ref = heldout_reference(ctx, n_chunks)
+    return [step_quality(ctx, ref, st)
+            for st in tqdm(steps, desc="held-out quality per step", disable=not progress, leave=False)]
 
 
 def check_out(out: Path) -> None:

@@ -17,17 +17,15 @@ from .profiles import load_profile
 from .solver.quant_prior import SOURCE as PRIOR_SOURCE
 
 
-def prior_costs(ctx, quants: list[str]) -> dict:
-    """Quant costs from llama.cpp's published Llama-3-8B table, sized for this model."""
+def prior_costs(ms, quants: list[str]) -> dict:
+    """Quant costs from llama.cpp's published Llama-3-8B table, sized for this model
+    (``ms``: feasibility.ModelShape)."""
     from .solver.quant_prior import PUBLISHED, prior_entry
 
     unknown = [q for q in quants if q not in PUBLISHED]
     if unknown:
         raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(PUBLISHED)}")
-    layers = ctx.originals
-    block = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    total = sum(p.numel() for p in ctx.model.parameters())
-    return {q: prior_entry(q, block, total - sum(block)) for q in quants}
+    return {q: prior_entry(q, ms.block_params, ms.other_params) for q in quants}
 
 PROBE_MAX_PARAMS = 3e9   # above this, quantizing every type to measure it costs more than the build
 GGUF_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
@@ -38,22 +36,14 @@ ONNX_QUANTS = ["fp32", "int8", "int4-mixed", "int4"]
 ONNX_PRIOR_AS = {"fp32": "F16", "fp16": "F16", "int8": "Q8_0", "int4-mixed": "Q4_K_M", "int4": "Q4_0"}
 
 
-def onnx_prior_costs(ctx, quants: list[str]) -> dict:
+def onnx_prior_costs(ms, quants: list[str]) -> dict:
     """ONNX quant costs without measuring: bytes from each type's nominal bytes per weight, KL from
     llama.cpp's published table for the nearest llama.cpp scheme (a prior, labelled so)."""
-    from exporters.onnx import onnx_quant
-
+    from .solver.feasibility import onnx_type_sizes
     from .solver.quant_prior import PUBLISHED
 
-    block = [sum(p.numel() for p in layer.parameters()) for layer in ctx.originals]
-    other = sum(p.numel() for p in ctx.model.parameters()) - sum(block)
-    out = {}
-    for q in quants:
-        bpw = onnx_quant(q).bytes_per_weight
-        out[q] = {"per_layer": [p * bpw for p in block], "repack_per_layer": [0.0] * len(block), "other": other * bpw,
-                  "kl": PUBLISHED[ONNX_PRIOR_AS[q]][1], "resident_ratio": 1.0, "format": "onnx", "tensor_types": {},
-                  "source": f"prior: llama.cpp {ONNX_PRIOR_AS[q]} figure"}
-    return out
+    return {q: entry | {"kl": PUBLISHED[ONNX_PRIOR_AS[q]][1], "source": f"prior: llama.cpp {ONNX_PRIOR_AS[q]} figure"}
+            for q, entry in onnx_type_sizes(ms, quants).items()}
 
 
 def make_plan(profile: str, model: str | None = None, **kw) -> dict:
@@ -69,8 +59,9 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     quality curve is the healed one, healed at ``heal_points`` values of K (0: every K)."""
     from .mka.context import build_context
     from .solver import speed
+    from .solver.feasibility import check_any_fits, check_shape, gguf_type_sizes, onnx_type_sizes, read_shape, smallest_kept
     from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
-    from .solver.quality import merge_curve
+    from .solver.quality import merge_curve, needed_merge_kl
     from .solver.quant_probe import probe
     from .solver.search import choose, pareto
     from .solver.search import candidates as enumerate_candidates
@@ -93,19 +84,24 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
         for q in quants:
             if quant_type(q).needs_imatrix:
                 raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
-    ctx = build_context(model=model, **(merge_opts or {}))
-    n = ctx.n_original
+    # Everything that needs only the model's shape is checked before the model is loaded.
+    ms = read_shape(model, trust_remote_code=bool((merge_opts or {}).get("trust_remote_code")))
+    check_shape(ms, context=context, k_max=k_max)
+    n = ms.n_layers
     k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
-    curve = merge_curve(ctx, method, k_max, alpha, progress=progress, log=log)
-    healed = None
-    if heal is not None and heal.steps > 0:
-        from .solver.quality import healed_curve
+    measure = ms.block_params and sum(ms.block_params) + ms.other_params <= PROBE_MAX_PARAMS and not quality_prior
+    if onnx:
+        sizes, exact = onnx_type_sizes(ms, quants), False
+    elif measure:
+        sizes, exact = gguf_type_sizes(ms, quants), True
+    else:
+        sizes, exact = prior_costs(ms, quants), True
+    check_any_fits(ms, sizes, k_max=k_max, context=context, kv_type=prof.kv_cache_type, budget_mb=budget,
+                   overhead_mb=DEFAULT_OVERHEAD_MB, exact=exact)
 
-        healed = healed_curve(ctx, curve, method, alpha, heal, points=heal_points, progress=progress, log=log)
-        curve = dict(curve, kl=healed["kl"])
+    ctx = build_context(model=model, **(merge_opts or {}))
     eff, eff_source = speed.efficiency(prof.format)
-    n_params = sum(p.numel() for p in ctx.model.parameters())
-    if n_params <= PROBE_MAX_PARAMS and not quality_prior:
+    if measure:
         if onnx:
             from .solver.onnx_probe import probe_onnx
 
@@ -117,18 +113,42 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
             costs = probe(ctx.lm, quants, progress=progress, calibrate_speed=eff_source.startswith("default"))
             quant_source = "measured on this model (llama.cpp quantizer, held-out KL)"
     elif onnx:
-        costs = onnx_prior_costs(ctx, quants)
+        costs = onnx_prior_costs(ms, quants)
         quant_source = f"prior: {PRIOR_SOURCE}, each ONNX type read as the nearest llama.cpp scheme; it does not transfer to every model"
     else:
-        costs = prior_costs(ctx, quants)
+        costs = sizes
         quant_source = f"prior: {PRIOR_SOURCE}; measured on Llama-3-8B, it does not transfer to every model"
     eff, eff_source = speed.efficiency(prof.format)
     shape = Shape.from_config(ctx.model.config)
-    cands = enumerate_candidates(shape, curve["kl"], curve["kept"], costs, context=context, kv_type=prof.kv_cache_type,
-                                 budget_mb=budget, bandwidth_gbps=prof.bandwidth_gbps, efficiency=eff,
-                                 min_tps=prof.min_tokens_per_s, max_kl=max_kl, overhead_mb=DEFAULT_OVERHEAD_MB)
+
+    def enumerate_at(curve_kl, kept):
+        return enumerate_candidates(shape, curve_kl, kept, costs, context=context, kv_type=prof.kv_cache_type,
+                                    budget_mb=budget, bandwidth_gbps=prof.bandwidth_gbps, efficiency=eff,
+                                    min_tps=prof.min_tokens_per_s, max_kl=max_kl, overhead_mb=DEFAULT_OVERHEAD_MB)
+
+    # The curve only as far as it can change the choice (quality.needed_merge_kl).
+    ref_layers = next(iter(costs.values()))["per_layer"]
+    edge = enumerate_at([0.0] * (k_max + 1), [smallest_kept(ref_layers, k) for k in range(k_max + 1)])
+    useful_below = needed_merge_kl([c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed],
+                                   [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed])
+    if heal is not None and heal.steps > 0 and useful_below is not None and useful_below > 0:
+        useful_below = None          # healing lowers the merge KL: only the "no merge can win" case holds
+    curve = merge_curve(ctx, method, k_max, alpha, progress=progress, log=log, useful_below=useful_below)
+    healed = None
+    if heal is not None and heal.steps > 0 and len(curve["kl"]) > 1:
+        from .solver.quality import healed_curve
+
+        healed = healed_curve(ctx, curve, method, alpha, heal, points=heal_points, progress=progress, log=log)
+        curve = dict(curve, kl=healed["kl"])
+    cands = enumerate_at(curve["kl"], curve["kept"])
     ranked, reason = choose(cands, budget, prof.min_tokens_per_s, context)
     best = ranked[0]
+    if not curve.get("complete", True):
+        reach = len(curve["kl"]) - 1
+        reason += (f"; merges were scored only up to K={reach}: no merge can beat the best unmerged plan"
+                   if reach == 0 else
+                   f"; the merge curve stopped at K={reach}, whose held-out KL ({curve['kl'][reach]:.3f} nats) already "
+                   f"rules out beating the best unmerged plan")
     plan = {
         "mka_edge": __version__,
         "profile": prof.as_dict(),
@@ -154,7 +174,7 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
                        "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend"),
             "speed": f"efficiency {eff:.3f} ({eff_source}) x device bandwidth / bytes per token; a device prediction, not a measurement",
         },
-        "curve": {"kl": curve["kl"], "method": method,
+        "curve": {"kl": curve["kl"], "method": method, "complete": curve.get("complete", True),
                   **({"unhealed_kl": healed["unhealed_kl"], "heal_steps": healed["steps"], "heal_train": healed["train"],
                      "healed_at": healed["healed_at"]}
                      if healed else {})},

@@ -1,14 +1,16 @@
-"""Merge methods behind one interface: each returns a trajectory, one step per merged layer.
+"""Merge methods behind one interface: each yields a trajectory, one step per merged layer.
 
 A step records the composition of the whole stack after it (see ``fusion``), what was done,
 the similarity behind it, the alpha, and the calibration KL. Iterative methods pass through
-every smaller K on the way to K_max, so one run serves all K <= K_max.
+every smaller K on the way to K_max, so one run serves all K <= K_max.  Each method is a
+generator: a caller that learns after step K that it needs no more (the plan's curve rule,
+``solver.quality.merge_curve``) stops it there and pays for nothing beyond K.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +20,7 @@ from .context import MergeContext
 from .fusion import Composition, fuse, identity, keep_only, realize_layer, remove
 
 Step = dict
-Trajectory = list[Step]
+Trajectory = Iterator[Step]
 
 
 def _sources(comp: Composition, pos: int) -> list[int]:
@@ -73,14 +75,13 @@ def _removal_step(ctx: MergeContext, k: int, comp: Composition, loss: float | No
 # ---- MKA, literal: iterative, most similar adjacent pair anywhere, alpha by rule ----------------
 def mka_iterative(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     ctx.reset()
-    out = []
     for k in range(1, k_max + 1):
         sim = ctx.similarity().adjacent()
         pos = max(range(len(sim)), key=lambda i: sim[i])
         a, loss, _ = _pick_alpha(ctx, pos, sim[pos], alpha)
-        out.append(_fusion_step(ctx, k, pos, a, sim[pos], loss, "mka", {"adjacent_similarity": sim}))
+        step = _fusion_step(ctx, k, pos, a, sim[pos], loss, "mka", {"adjacent_similarity": sim})
         bar.update(1)
-    return out
+        yield step
 
 
 # ---- MKA one-shot: similarity once, the K most similar pairs fused in order -------------------
@@ -92,14 +93,13 @@ def mka_oneshot(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     sim = ctx.similarity().adjacent()
     order = sorted(range(len(sim)), key=lambda i: -sim[i])[:k_max]
     groups = [[i] for i in range(ctx.n_original)]  # membership, even where a weight became 0
-    out = []
     for k, edge in enumerate(order, 1):
         pos = next(j for j, g in enumerate(groups) if edge in g)
         groups[pos:pos + 2] = [groups[pos] + groups[pos + 1]]
         a, loss, _ = _pick_alpha(ctx, pos, sim[edge], alpha)
-        out.append(_fusion_step(ctx, k, pos, a, sim[edge], loss, "mka-oneshot", {"edge": [edge, edge + 1]}))
+        step = _fusion_step(ctx, k, pos, a, sim[edge], loss, "mka-oneshot", {"edge": [edge, edge + 1]})
         bar.update(1)
-    return out
+        yield step
 
 
 # ---- default fusion: protected ends, loss-guided choice among the most similar pairs ----------
@@ -109,7 +109,6 @@ def mka_guided(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     at alpha 0, 0.5 and 1, the best pair is refined over the full grid, and the least-loss
     fusion is taken. ``alpha`` other than 'calibrated' fixes alpha and only the pair is chosen."""
     ctx.reset()
-    out = []
     for k in range(1, k_max + 1):
         sim = ctx.similarity().adjacent()
         n = len(ctx.comp)
@@ -128,20 +127,19 @@ def mka_guided(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         loss, a = scores[pos]
         if alpha == "calibrated":
             a, loss, _ = _alpha_search(ctx, pos, ctx.settings.alpha_grid)
-        out.append(_fusion_step(ctx, k, pos, a, sim[pos], loss, "mka-guided",
-                                {"shortlist": {str(p): [round(v[0], 6), v[1]] for p, v in scores.items()}}))
+        step = _fusion_step(ctx, k, pos, a, sim[pos], loss, "mka-guided",
+                            {"shortlist": {str(p): [round(v[0], 6), v[1]] for p, v in scores.items()}})
         bar.update(1)
-    return out
+        yield step
 
 
 # ---- removal baselines ------------------------------------------------------------------------
 def drop_last(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     L = ctx.n_original
-    out = []
     for k in range(1, k_max + 1):
-        out.append(_removal_step(ctx, k, keep_only(L, range(L - k, L)), None, "drop-last", {"removed": list(range(L - k, L))}))
+        step = _removal_step(ctx, k, keep_only(L, range(L - k, L)), None, "drop-last", {"removed": list(range(L - k, L))})
         bar.update(1)
-    return out
+        yield step
 
 
 def shortgpt(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
@@ -151,13 +149,12 @@ def shortgpt(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     cos = torch.nn.functional.cosine_similarity(st[:-1], st[1:], dim=-1).mean(1)
     bi = (1 - cos).tolist()
     order = sorted(range(len(bi)), key=lambda i: bi[i])
-    out = []
     for k in range(1, k_max + 1):
         gone = sorted(order[:k])
-        out.append(_removal_step(ctx, k, keep_only(ctx.n_original, gone), None, "shortgpt",
-                                 {"removed": gone, "block_influence": [round(b, 6) for b in bi]}))
+        step = _removal_step(ctx, k, keep_only(ctx.n_original, gone), None, "shortgpt",
+                             {"removed": gone, "block_influence": [round(b, 6) for b in bi]})
         bar.update(1)
-    return out
+        yield step
 
 
 def angular(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
@@ -165,22 +162,20 @@ def angular(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     ctx.reset()
     last = ctx.activations().last_token            # [L+1, B, d]
     L = ctx.n_original
-    out = []
     for k in range(1, k_max + 1):
         d = [float(torch.arccos(torch.nn.functional.cosine_similarity(last[l], last[l + k], dim=-1).clamp(-1, 1)).mean() / math.pi)
              for l in range(L - k + 1)]
         start = min(range(len(d)), key=lambda l: d[l])
         gone = list(range(start, start + k))
-        out.append(_removal_step(ctx, k, keep_only(L, gone), None, "angular",
-                                 {"removed": gone, "angular_distance": round(d[start], 6)}))
+        step = _removal_step(ctx, k, keep_only(L, gone), None, "angular",
+                             {"removed": gone, "angular_distance": round(d[start], 6)})
         bar.update(1)
-    return out
+        yield step
 
 
 def sleb(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     """SLEB-style greedy removal: at each step drop the layer whose removal costs least calibration KL."""
     ctx.reset()
-    out = []
     for k in range(1, k_max + 1):
         layers = ctx.current_layers()
         losses = [ctx.engine.loss_from(p, layers[p + 1:]) for p in range(len(layers))]
@@ -189,10 +184,10 @@ def sleb(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         new = remove(ctx.comp, pos)
         ctx.apply(new)
         gone = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
-        out.append({"k": k, "action": "remove", "removed_now": orig, "removed": gone, "calib_kl": losses[pos],
-                    "composition": new, "method": "sleb"})
+        step = {"k": k, "action": "remove", "removed_now": orig, "removed": gone, "calib_kl": losses[pos],
+                "composition": new, "method": "sleb"}
         bar.update(1)
-    return out
+        yield step
 
 
 METHODS: dict[str, Callable] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -44,27 +45,40 @@ def _decode(steps: list[dict]) -> list[dict]:
 
 
 def trajectory(ctx: MergeContext, method: str, k_max: int, alpha: str = "calibrated",
-               use_cache: bool = True, progress: bool = True) -> dict:
-    """{'method', 'alpha', 'steps': [...], 'seconds', 'cached'} reaching at least ``k_max``."""
+               use_cache: bool = True, progress: bool = True,
+               enough: Callable[[dict], bool] | None = None) -> dict:
+    """{'method', 'alpha', 'steps': [...], 'seconds', 'cached'} reaching ``k_max``, or fewer steps
+    when ``enough(step)`` (asked after each step, cached ones included) says no more are needed:
+    the run stops there, so nothing beyond is computed.  The cache keeps the longest run made."""
     if method == "auto":
         return _auto(ctx, k_max, alpha, use_cache, progress)
     path = cache_root() / "trajectories" / f"{method}-{_key(ctx, method, alpha)}.json"
+    cached: list[dict] = []
     if use_cache and path.is_file():
         data = json.loads(path.read_text())
-        if len(data["steps"]) >= k_max:
-            data["steps"] = _decode(data["steps"])[:k_max]
+        cached = _decode(data["steps"])
+        stop = next((i + 1 for i, st in enumerate(cached[:k_max]) if enough and enough(st)), None)
+        if stop or len(cached) >= k_max:
+            data["steps"] = cached[:stop or k_max]
             data["cached"] = True
             return data
     t0 = time.perf_counter()
+    steps: list[dict] = []
     with tqdm(total=k_max, desc=f"merge {method}", disable=not progress, unit="layer") as bar:
         clock = _Clock(bar, t0)
-        steps = METHODS[method](ctx, k_max, alpha, clock)
+        run = METHODS[method](ctx, k_max, alpha, clock)
+        for step in run:
+            steps.append(step)
+            if enough is not None and enough(step):
+                break
+        run.close()
     for step, t in zip(steps, clock.times):
         step["elapsed_s"] = round(t, 3)  # wall time from the start of the trajectory to this K
     ctx.reset()
     data = {"method": method, "alpha": alpha, "steps": steps, "seconds": round(time.perf_counter() - t0, 3),
             "mka_edge": __version__, "cached": False}
-    atomic_write_text(path, json.dumps(data))
+    if len(steps) > len(cached):
+        atomic_write_text(path, json.dumps(data))
     return data
 
 

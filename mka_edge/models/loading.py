@@ -95,9 +95,14 @@ def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _cached_gguf_dir(path: Path) -> tuple[Path, str]:
+def _gguf_cache_dir(path: Path) -> tuple[Path, str]:
+    """Where the dequantized copy of a GGUF lives in the cache, and the GGUF's fingerprint."""
     fp = file_fingerprint(path)
-    target = cache_root() / "models" / f"gguf-{fp[:20]}"
+    return cache_root() / "models" / f"gguf-{fp[:20]}", fp
+
+
+def _cached_gguf_dir(path: Path) -> tuple[Path, str]:
+    target, fp = _gguf_cache_dir(path)
     if not (target / "config.json").is_file():
         log.info("dequantizing %s once; cached at %s", path.name, target)
         with atomic_dir(target) as tmp:
@@ -127,11 +132,11 @@ def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_r
     return model.eval(), tok, arch
 
 
-def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _hub_config(hub_id: str, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"{type(exc).__name__}"
@@ -140,6 +145,12 @@ def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
             f"download it where the hub is reachable (gated models need 'hf auth login'), "
             f"or pass a local directory or a recipe ({', '.join(known_recipes())})"
         ) from None
+
+
+def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _hub_config(hub_id, trust_remote_code)
     arch = arch_for(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -179,6 +190,37 @@ def resolve_source(spec: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     raise UserError(
         f"unknown model '{spec}': not a recipe ({', '.join(known_recipes())}), an existing path, or a hub id (owner/name)"
     )
+
+
+def load_config(spec: str | None = None, trust_remote_code: bool = False):
+    """The model's transformers config, without loading a weight: what every check that needs only
+    the model's shape (layers, positions, sizes) reads, so it can run before any heavy work."""
+    from transformers import AutoConfig
+
+    source, _ = resolve_source(spec)
+    if source["kind"] == "gguf":
+        path = Path(source["path"])
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        arch_for(_gguf_arch(path))
+        cached, _ = _gguf_cache_dir(path)
+        if (cached / "config.json").is_file():
+            config = AutoConfig.from_pretrained(cached)
+        else:
+            cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+            cfg.pop("quantization_config", None)
+            cfg.pop("_name_or_path", None)
+            config = AutoConfig.for_model(**cfg)
+    elif source["kind"] == "hf-dir":
+        folder = Path(source["path"])
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder} has no config.json: pass a Hugging Face model directory, a .gguf file or a recipe name")
+        _check_arch_config(json.loads((folder / "config.json").read_text()), str(folder))
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    else:
+        config = _hub_config(source["hub_id"], trust_remote_code)
+    arch_for(config.model_type)
+    return config
 
 
 def load_model(

@@ -18,28 +18,70 @@ CURVE_VERSION = 1
 
 
 def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks: int = 2,
-                progress: bool = True, log=None) -> dict:
-    """{'kl': [KL at K=0..k_max], 'ppl': [...], 'kept': [[original layers kept at K], ...], 'steps': ...}."""
-    from ..merging import heldout_along
+                progress: bool = True, log=None, useful_below: float | None = None) -> dict:
+    """{'kl': [KL at K=0..], 'ppl': [...], 'kept': [[original layers kept at K], ...], 'complete': bool}.
+
+    ``useful_below``: only a merge whose held-out KL is below this can change the plan (see
+    ``needed_merge_kl``).  The trajectory then stops after the first K at or above it and the curve
+    ends there ('complete': False): held-out KL along a greedy trajectory grows with K (every
+    curve in docs/results.md does), so the K beyond cannot beat it either.  0 or less: no K can,
+    and nothing is computed.  ``auto`` always runs to k_max (its per-K pick needs every method)."""
+    from ..merging import heldout_reference, step_quality
     from ..mka.trajectory import trajectory
 
     key = stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
                        "alpha": alpha, "k_max": k_max, "chunks": chunks, "v": CURVE_VERSION})
     path = cache_root() / "curves" / f"{method}-{key[:20]}.json"
+    stop = None if method == "auto" else useful_below
     if path.is_file():
-        return json.loads(path.read_text()) | {"cached": True}
+        curve = json.loads(path.read_text())
+        if curve.get("complete", True) or (stop is not None and curve["kl"][-1] >= stop):
+            return curve | {"cached": True}
+    base = {"method": method, "alpha": alpha, "chunks": chunks, "kl": [0.0], "ppl": [None],
+            "kept": [list(range(ctx.n_original))], "step_methods": [None]}
+    if stop is not None and stop <= 0:
+        return base | {"complete": False, "cached": False}
     if log:
-        log(f"merge-quality curve for {method} up to K={k_max} is not cached yet: computing it")
-    traj = trajectory(ctx, method, k_max, alpha, progress=progress)
-    steps = traj["steps"][:k_max]
-    quality = heldout_along(ctx, steps, chunks, progress)
-    curve = {"method": method, "alpha": alpha, "chunks": chunks,
-             "kl": [0.0] + [q["kl"] for q in quality],
-             "ppl": [None] + [q["ppl"] for q in quality],
-             "kept": [list(range(ctx.n_original))] + [sorted({min(c) for c in st["composition"]}) for st in steps],
-             "step_methods": [None] + [st.get("method", method) for st in steps]}
+        log(f"merge-quality curve for {method} up to K={k_max} is not cached yet: computing it"
+            + ("" if stop is None else f" (only while a merge's held-out KL stays below {stop:.3f} nats)"))
+    if stop is None:
+        traj = trajectory(ctx, method, k_max, alpha, progress=progress)
+        steps = traj["steps"][:k_max]
+        from ..merging import heldout_along
+
+        quality = heldout_along(ctx, steps, chunks, progress)
+    else:
+        ref = heldout_reference(ctx, chunks)
+        by_k: dict[int, dict] = {}
+
+        def enough(step: dict) -> bool:
+            by_k[step["k"]] = step_quality(ctx, ref, step)
+            return by_k[step["k"]]["kl"] >= stop
+
+        steps = trajectory(ctx, method, k_max, alpha, progress=progress, enough=enough)["steps"]
+        quality = [by_k[st["k"]] for st in steps]
+    curve = base | {"kl": [0.0] + [q["kl"] for q in quality],
+                    "ppl": [None] + [q["ppl"] for q in quality],
+                    "kept": base["kept"] + [sorted({min(c) for c in st["composition"]}) for st in steps],
+                    "step_methods": [None] + [st.get("method", method) for st in steps],
+                    "complete": len(steps) >= k_max}
     atomic_write_text(path, json.dumps(curve))
     return curve | {"cached": False}
+
+
+def needed_merge_kl(unmerged: list, at_k_max: list) -> float | None:
+    """The held-out merge KL below which a merged plan could still beat the best unmerged one.
+
+    Rule: a merged plan (K, q) is predicted at KL_merge(K) + KL(q) and must fit at K; it beats the
+    best feasible unmerged plan (predicted u) only if KL_merge(K) < u - KL(q).  Memory and speed
+    only improve with K, so the types that can fit at all are those feasible at k_max, and the
+    bound is u - min KL(q) over them.  ``unmerged`` / ``at_k_max``: the feasible candidates at
+    K = 0 and at k_max (search.Candidate; K = 0 ones carry only the quant's KL).  None: no unmerged
+    plan is feasible, so the whole curve is needed."""
+    if not unmerged:
+        return None
+    u = min(c.kl for c in unmerged)
+    return u - min((c.kl for c in at_k_max), default=u)
 
 
 def predict_kl(curve: dict, probe: dict, k: int, quant: str) -> float:

@@ -23,26 +23,32 @@ PROBE_VERSION = 2
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
-def tensor_bytes_split(path: Path) -> dict:
-    """Bytes inside transformer blocks (per layer) and outside them (embeddings, output, norms)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    from .memory import REPACKED_TYPES
-
+def split_by_block(tensors, repacked_types) -> dict:
+    """Bytes inside transformer blocks (per layer) and outside them (embeddings, output, norms),
+    and the part of each layer llama.cpp repacks, from (name, type name, n_dims, bytes) rows."""
     per_layer: dict[int, int] = defaultdict(int)
     repack: dict[int, int] = defaultdict(int)
     other = 0
-    for t in reader.tensors:
-        m = _BLOCK.match(t.name)
+    for name, type_name, n_dims, n_bytes in tensors:
+        m = _BLOCK.match(name)
         if m:
-            per_layer[int(m.group(1))] += int(t.n_bytes)
-            if t.tensor_type.name in REPACKED_TYPES and len(t.shape) == 2:
-                repack[int(m.group(1))] += int(t.n_bytes)
+            per_layer[int(m.group(1))] += int(n_bytes)
+            if type_name in repacked_types and n_dims == 2:
+                repack[int(m.group(1))] += int(n_bytes)
         else:
-            other += int(t.n_bytes)
+            other += int(n_bytes)
     layers = sorted(per_layer)
     return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [repack[i] for i in layers], "other": other}
+
+
+def tensor_bytes_split(path: Path) -> dict:
+    """split_by_block of a written GGUF file."""
+    import gguf
+
+    from .memory import REPACKED_TYPES
+
+    reader = gguf.GGUFReader(str(path))
+    return split_by_block([(t.name, t.tensor_type.name, len(t.shape), t.n_bytes) for t in reader.tensors], REPACKED_TYPES)
 
 
 def cached_entries(folder: Path, prefix: str, keys: dict[str, str]) -> tuple[dict[str, dict], list[str]]:

@@ -49,7 +49,7 @@ def candidates(shape: Shape, curve_kl: list[float], kept: list[list[int]], probe
                 mem = predict(sh, wb, context, kv_type, repack_bytes=rb, overhead_mb=overhead_mb)
                 kv = kv_bytes(sh, context, kv_type)
             tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
-            kl = kl_merge + entry["kl"]
+            kl = kl_merge + entry.get("kl", 0.0)     # sizes alone (the early check) carry no KL
             out.append(Candidate(k, quant, layers, mem.total_mb, mem.as_dict(), kl, tps,
                                  mem.total_mb <= budget_mb, tps >= min_tps, kl <= max_kl))
     return out
@@ -65,18 +65,26 @@ def pareto(cands: list[Candidate]) -> list[Candidate]:
     return front
 
 
+def refuse_if_nothing_fits(cands: list[Candidate], budget_mb: float, context: int, at_least: bool = False) -> None:
+    """The one refusal of a budget no plan meets, with the smallest footprint and what to relax.
+    ``at_least``: the figures are lower bounds (the early check, before measuring)."""
+    if any(c.fits_memory for c in cands):
+        return
+    small = min(cands, key=lambda c: c.memory_mb)
+    kv = small.memory_terms["kv_mb"]
+    raise UserError(
+        f"no plan fits the {budget_mb:.0f} MB budget: the smallest footprint reachable is "
+        f"{'at least ' if at_least else ''}{small.memory_mb:.0f} MB "
+        f"(K={small.k}, {small.quant}, {kv:.0f} MB of it KV cache at context {context}); raise --budget-mb to at "
+        f"least {small.memory_mb + 1:.0f} or lower --context")
+
+
 def choose(cands: list[Candidate], budget_mb: float, min_tps: float, context: int) -> tuple[list[Candidate], str]:
     """Feasible candidates ranked best first (least predicted KL, then least memory) and the reason."""
     if not cands:
         raise UserError("no candidate plans to choose from")
+    refuse_if_nothing_fits(cands, budget_mb, context)
     fit_mem = [c for c in cands if c.fits_memory]
-    if not fit_mem:
-        small = min(cands, key=lambda c: c.memory_mb)
-        kv = small.memory_terms["kv_mb"]
-        raise UserError(
-            f"no plan fits the {budget_mb:.0f} MB budget: the smallest footprint reachable is {small.memory_mb:.0f} MB "
-            f"(K={small.k}, {small.quant}, {kv:.0f} MB of it KV cache at context {context}); raise --budget-mb to at "
-            f"least {small.memory_mb + 1:.0f} or lower --context")
     feasible = [c for c in fit_mem if c.fits_speed]
     if not feasible:
         fast = max(fit_mem, key=lambda c: c.tps)

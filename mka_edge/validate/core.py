@@ -77,9 +77,9 @@ def validate_artifact(artifact: str | Path, reference: str | None = None, *, pro
         raise UserError(f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}")
     base = {"artifact": str(info.get("model_path", artifact)), "threads": threads, "kv_type": kv_type}
     acc = run_child(fmt.worker, {**base, "task": "accuracy", "reference": str(ref_path), "mmlu": jobs, "letter_ids": letters},
-                    timeout_s, "accuracy run")
+                    timeout_s, f"accuracy run in {fmt.runtime_name}", progress)
     lat = run_child(fmt.worker, {**base, "task": "latency", "context": context, "prompt_ids": prompt,
-                                 "gen_tokens": gen_tokens, "repeats": repeats}, timeout_s, "latency run")
+                                 "gen_tokens": gen_tokens, "repeats": repeats}, timeout_s, f"latency run in {fmt.runtime_name}", progress)
     if "mmlu_correct" in acc:
         lo, hi = wilson(acc["mmlu_correct"], acc["mmlu_n"])
         acc["mmlu"] = {"accuracy": acc.pop("mmlu_correct") / acc["mmlu_n"], "ci95": [lo, hi], "n": acc.pop("mmlu_n"), "chance": 0.25}

@@ -6,18 +6,47 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import UserError
 
 
-def run_child(module: str, job: dict, timeout_s: float, what: str) -> dict:
+def _run(cmd: list[str], timeout_s: float, what: str, progress: bool) -> subprocess.CompletedProcess:
+    """subprocess.run, with a ticking elapsed-time line while it runs when ``progress``: a runtime
+    measurement can take minutes and says nothing itself."""
+    if not progress:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    from tqdm.auto import tqdm
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tqdm(desc=what, bar_format="{desc}: {elapsed}", leave=False) as bar:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        t0 = time.monotonic()
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - t0 > timeout_s:
+                    proc.kill()
+                    proc.wait()
+                    raise subprocess.TimeoutExpired(cmd, timeout_s)
+                time.sleep(0.5)
+                bar.refresh()
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def run_child(module: str, job: dict, timeout_s: float, what: str, progress: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="mka-edge-job-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
         try:
-            proc = subprocess.run([sys.executable, "-m", module, str(job_path), str(out_path)],
-                                  capture_output=True, text=True, timeout=timeout_s)
+            proc = _run([sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress)
         except subprocess.TimeoutExpired:
             raise UserError(f"{what} did not finish within {timeout_s:.0f} s; use fewer --repeats/--chunks or a smaller model") from None
         if proc.returncode != 0 or not out_path.is_file():

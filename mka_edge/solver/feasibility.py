@@ -1,0 +1,159 @@
+"""What a plan can know before any model work: the model's shape from its config alone, the bytes
+each candidate type gives it, and so whether any plan can fit the budget at all.
+
+Why: a budget nothing fits used to be refused after the merge trajectory and the quant probe
+(16 minutes on SmolLM2), although the answer depends on neither: the smallest footprint is the
+largest K allowed with the smallest type.  Here it is decided in seconds, with the figures the
+full plan would give:
+
+- GGUF: llama.cpp's quantizer, in a dry run on a data-less GGUF of the model's shape
+  (``exporters.gguf.write_shape_gguf``), names the type it would give every tensor; bytes are rows
+  x ggml row size from gguf-py's block table — exactly what the quantized file holds (a test checks
+  them against the probe's real files).  Costs a second, even for an 8B model (meta device).
+- ONNX: each type's nominal bytes per weight with a resident share of 1 (the measured shares are
+  1.05-1.6), a lower bound, so a refusal from it says "at least".
+- Layers merged away: the K largest layers (all equal in the supported architectures), so the
+  memory at K is never over-estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..cache import atomic_write_text, cache_root, stable_hash
+from ..errors import UserError
+from .memory import Shape
+
+SIZES_VERSION = 1
+
+
+@dataclass
+class ModelShape:
+    """A model as far as the solver's early checks need it: config, architecture and parameter
+    counts, from a meta-device instance (no weights read)."""
+    config: Any
+    arch: Any
+    model: Any                  # transformers CausalLM on the meta device
+    block_params: list[int]
+    other_params: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.block_params)
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def shape(self) -> Shape:
+        return Shape.from_config(self.config)
+
+
+def read_shape(spec: str | None, trust_remote_code: bool = False) -> ModelShape:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..mka.layers import get_layers
+    from ..models.architectures import arch_for
+    from ..models.loading import load_config
+
+    config = load_config(spec, trust_remote_code)
+    arch = arch_for(config.model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    blocks = [sum(p.numel() for p in layer.parameters()) for layer in get_layers(model, arch)]
+    total = sum(p.numel() for p in model.parameters())
+    return ModelShape(config, arch, model, blocks, total - sum(blocks))
+
+
+def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) -> dict:
+    """{'per_layer', 'repack_per_layer', 'other', 'tensor_types'}: the quant probe's size fields."""
+    import gguf
+
+    from .memory import REPACKED_TYPES
+    from .quant_probe import split_by_block
+
+    sized = []
+    for name, shape in shapes.items():
+        ggml = gguf.GGMLQuantizationType[types.get(name, "f32").upper()]
+        block, size = gguf.GGML_QUANT_SIZES[ggml]
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+        sized.append((name, ggml.name, len(shape), rows * (shape[-1] // block) * size))
+    out = split_by_block(sized, REPACKED_TYPES)
+    counts: dict[str, int] = {}
+    for _, t, _, _ in sized:
+        counts[t] = counts.get(t, 0) + 1
+    out["tensor_types"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
+    """Bytes per layer and outside the layers for each GGUF type, from llama.cpp's dry run.
+    Cached by the model's config and the types."""
+    import llama_cpp
+    from types import SimpleNamespace
+
+    from exporters.gguf import write_shape_gguf
+    from exporters.llama_quantize import dry_run_types
+    from exporters.quant_types import quant_type
+
+    key = stable_hash({"config": ms.config.to_json_string(use_diff=False), "quants": quants,
+                       "llama_cpp": llama_cpp.__version__, "v": SIZES_VERSION})
+    path = cache_root() / "type_sizes" / f"{key[:20]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory(prefix="mka-edge-shape-") as tmp:
+        src = Path(tmp) / "shape-f32.gguf"
+        shapes = write_shape_gguf(SimpleNamespace(model=ms.model, arch=ms.arch), src)
+        ftypes = {q: quant_type(q).ftype for q in quants}
+        chosen = dry_run_types(src, sorted(set(ftypes.values())))
+    out = {q: _bytes_by_type(shapes, chosen[ftypes[q]]) for q in quants}
+    atomic_write_text(path, json.dumps(out))
+    return out
+
+
+def onnx_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
+    """Nominal bytes of each ONNX type and a resident share of 1: a lower bound on its memory."""
+    from exporters.onnx import onnx_quant
+
+    out = {}
+    for q in quants:
+        bpw = onnx_quant(q).bytes_per_weight
+        out[q] = {"per_layer": [p * bpw for p in ms.block_params], "repack_per_layer": [0.0] * ms.n_layers,
+                  "other": ms.other_params * bpw, "resident_ratio": 1.0, "format": "onnx", "tensor_types": {}}
+    return out
+
+
+def smallest_kept(per_layer: list[float], k: int) -> list[int]:
+    """The layers kept when the K largest go: the least memory any merge to K can reach."""
+    order = sorted(range(len(per_layer)), key=lambda i: per_layer[i])
+    return sorted(order[: len(per_layer) - k])
+
+
+def check_any_fits(ms: ModelShape, sizes: dict[str, dict], *, k_max: int, context: int, kv_type: str,
+                   budget_mb: float, overhead_mb: float, exact: bool) -> None:
+    """Refuse, before any model work, a budget that no (K <= k_max, type) pair can meet."""
+    from .search import candidates, refuse_if_nothing_fits
+
+    ref = next(iter(sizes.values()))["per_layer"]
+    kept = [smallest_kept(ref, k) for k in range(k_max + 1)]
+    cands = candidates(ms.shape, [0.0] * (k_max + 1), kept, sizes, context=context, kv_type=kv_type,
+                       budget_mb=budget_mb, bandwidth_gbps=1.0, efficiency=1.0, min_tps=0.0, max_kl=float("inf"),
+                       overhead_mb=overhead_mb)
+    refuse_if_nothing_fits(cands, budget_mb, context, at_least=not exact)
+
+
+def check_shape(ms: ModelShape, *, context: int, k_max: int | None) -> None:
+    """The plan's inputs against the model's shape: one line each, before any model work."""
+    if ms.max_positions and context > ms.max_positions:
+        raise UserError(f"--context {context} is beyond the model's {ms.max_positions} positions; "
+                        f"use at most {ms.max_positions}")
+    if k_max is not None and not 0 <= k_max < ms.n_layers:
+        raise UserError(f"--max-merge {k_max} must be between 0 and {ms.n_layers - 1}: the model has {ms.n_layers} layers")

@@ -1,0 +1,194 @@
+"""What needs no heavy work is checked first: an impossible budget or a bad input is one line within
+seconds, before any model load, trajectory, curve or probe; the plan's curve stops where it can no
+longer change the choice; a hub id loads from the Hugging Face cache offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_context
+
+HEAVY = ("trajectories", "curves", "quant_probe", "onnx_probe", "models")
+
+
+def run(*args, cache: Path, env: dict | None = None):
+    e = {**os.environ, "MKA_EDGE_CACHE": str(cache), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600)
+
+
+def one_line(res) -> str:
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    lines = [l for l in res.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_impossible_budget_is_refused_before_any_model_work(tmp_path):
+    """SmolLM2 on an empty cache: the refusal carries the full plan's figures (llama.cpp's own
+    tensor types, from a dry run of its quantizer) and no trajectory, curve, probe or even the
+    dequantized model is made."""
+    cache = tmp_path / "cache"
+    for cmd in (["plan", "--profile", "laptop-8gb", "--budget-mb", "300"],
+                ["build", "--profile", "laptop-8gb", "--budget-mb", "300", "--out", str(tmp_path / "pkg")]):
+        line = one_line(run(*cmd, cache=cache))
+        assert "no plan fits the 300 MB budget" in line and "smallest footprint reachable is 316 MB" in line, line
+        assert "(K=8, Q4_K_M, 66 MB of it KV cache at context 4096)" in line and "at least 317" in line, line
+    assert not [d for d in HEAVY if (cache / d).exists()], sorted(p.name for p in cache.iterdir())
+    assert not (tmp_path / "pkg").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]
+
+
+def test_bad_input_is_refused_before_any_model_work(tmp_path):
+    cache = tmp_path / "cache"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    cases = [
+        (["plan", "--profile", "laptop-8gb", "--context", "9000"], "beyond the model's 8192 positions"),
+        (["build", "--profile", "laptop-8gb", "--context", "9000", "--out", str(tmp_path / "o")], "beyond the model's 8192 positions"),
+        (["build", "--profile", "laptop-8gb", "--context", "600", "--out", str(tmp_path / "o")], "too small for the validation run"),
+        (["plan", "--profile", "laptop-8gb", "--max-merge", "30"], "--max-merge 30 must be between 0 and 29"),
+        (["build", "--profile", "laptop-8gb", "--max-merge", "31", "--out", str(tmp_path / "o")], "the model has 30 layers"),
+        (["build", "--profile", "laptop-8gb", "--out", str(a_file / "pkg")], "is a file, not a folder"),
+    ]
+    for args, needle in cases:
+        line = one_line(run(*args, cache=cache))
+        assert needle in line, (args, line)
+    assert not [d for d in HEAVY if (cache / d).exists()]
+    assert a_file.read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_dry_run_sizes_are_the_quantized_files_sizes(tiny_dir, tmp_path):
+    """The early check's bytes per layer / outside the layers / repacked, from llama.cpp's dry run
+    on a data-less file, equal what the real quantized files hold (64-wide rows: llama.cpp's
+    fallbacks from K-quants to legacy types are exercised too)."""
+    from exporters.gguf import write_float_gguf
+    from exporters.llama_quantize import quantize
+    from exporters.quant_types import quant_type
+    from mka_edge.models.loading import load_model
+    from mka_edge.planning import GGUF_QUANTS
+    from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
+    from mka_edge.solver.quant_probe import tensor_bytes_split
+
+    ms = read_shape(str(tiny_dir))
+    assert ms.n_layers == 6 and ms.max_positions == 512 and all(p.is_meta for p in ms.model.parameters())
+    sizes = gguf_type_sizes(ms, GGUF_QUANTS)
+    lm = load_model(str(tiny_dir))
+    base = tmp_path / "f32.gguf"
+    write_float_gguf(lm, base, "F32", pre_tokenizer="gpt-2")
+    for q in GGUF_QUANTS:
+        art = tmp_path / f"{q}.gguf"
+        if q == "F16":
+            write_float_gguf(lm, art, "F16", pre_tokenizer="gpt-2")
+        else:
+            quantize(base, art, quant_type(q).ftype, 2)
+        real = tensor_bytes_split(art)
+        for key in ("per_layer", "repack_per_layer", "other"):
+            assert real[key] == sizes[q][key], (q, key, real[key], sizes[q][key])
+
+
+def test_needed_merge_kl_rule():
+    from mka_edge.solver.quality import needed_merge_kl
+    from mka_edge.solver.search import Candidate
+
+    def c(k, q, kl):
+        return Candidate(k, q, 10 - k, 100.0, {}, kl, 10.0, True, True, True)
+
+    # the best type already fits unmerged: no merge can win, nothing to compute
+    assert needed_merge_kl([c(0, "Q8_0", 0.004), c(0, "Q4_K_M", 0.06)], [c(8, "Q8_0", 0.004), c(8, "Q4_K_M", 0.06)]) == 0
+    # F16 fits only once merged: merges are worth scoring while their KL is below 0.004 - 0.0001
+    assert needed_merge_kl([c(0, "Q8_0", 0.004)], [c(8, "F16", 0.0001), c(8, "Q8_0", 0.004)]) == pytest.approx(0.0039)
+    assert needed_merge_kl([], [c(8, "Q8_0", 0.004)]) is None          # nothing fits unmerged: the whole curve
+
+
+def test_curve_stops_where_it_can_no_longer_change_the_choice(tiny_dir, monkeypatch):
+    """merge_curve(useful_below=T) stops the trajectory after the first K whose held-out KL is at
+    least T and keeps the values a full curve has; asked for more later, it goes on."""
+    from mka_edge.solver.quality import merge_curve
+
+    ctx = tiny_context(tiny_dir)
+    with tempfile.TemporaryDirectory() as full_cache:
+        monkeypatch.setenv("MKA_EDGE_CACHE", full_cache)
+        full = merge_curve(ctx, "sleb", 4, progress=False)
+    assert full["complete"] and len(full["kl"]) == 5
+    threshold = full["kl"][2]
+    expect = next(k for k in range(1, 5) if full["kl"][k] >= threshold)
+    with tempfile.TemporaryDirectory() as cache:
+        monkeypatch.setenv("MKA_EDGE_CACHE", cache)
+        assert merge_curve(ctx, "sleb", 4, progress=False, useful_below=0.0)["kl"] == [0.0]
+        assert not (Path(cache) / "trajectories").exists()                        # no K scored at all
+        part = merge_curve(ctx, "sleb", 4, progress=False, useful_below=threshold)
+        assert not part["complete"] and len(part["kl"]) == expect + 1
+        assert part["kl"] == pytest.approx(full["kl"][: expect + 1], abs=1e-6)
+        again = merge_curve(ctx, "sleb", 4, progress=False, useful_below=threshold)
+        assert again["cached"] and again["kl"] == part["kl"]
+        whole = merge_curve(ctx, "sleb", 4, progress=False)                         # a tighter budget later
+        assert whole["complete"] and whole["kl"] == pytest.approx(full["kl"], abs=1e-6)
+        assert whole["kept"] == full["kept"]
+
+
+def test_loose_budget_computes_no_merge_curve(tiny_dir, tmp_path):
+    """When the best type fits unmerged, no merge can win: the plan makes no trajectory and says so."""
+    from mka_edge.cache import cache_root
+    from mka_edge.planning import plan_with_context
+
+    opts = dict(samples=4, seq_len=64, positions=96, repeats=2, loss_samples=2, device="cpu")
+    plan, _ = plan_with_context("laptop-8gb", str(tiny_dir), method="sleb", k_max=2, quants=["F16", "Q8_0"], context=512,
+                                merge_opts=opts, quality_prior=True, progress=False, log=lambda m: None)
+    assert (plan["choice"]["k"], plan["choice"]["quant"]) == (0, "F16")
+    assert plan["curve"]["kl"] == [0.0] and not plan["curve"]["complete"]
+    assert "no merge can beat the best unmerged plan" in plan["reason"]
+    assert not (cache_root() / "trajectories").exists() or not list((cache_root() / "trajectories").glob("sleb-*"))
+
+
+def _hub_cache(root: Path, repo: str, folder: Path) -> None:
+    """``folder``'s files laid out as huggingface_hub caches a download."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    base = root / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        shutil.copy(f, snap / f.name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+
+
+def test_hub_id_loads_offline_from_the_hub_cache(tiny_dir, tmp_path):
+    """A hub id (and a recipe naming it) loads from a cache in huggingface_hub's own layout with the
+    hub switched off.  In child processes: huggingface_hub reads HF_HOME when it is imported."""
+    _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("name: tiny\ndescription: tiny llama from the hub cache\n"
+                      "source:\n  kind: hub\n  hub_id: tiny-org/tiny-llama\narchitecture: llama\nnum_layers: 6\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "MKA_EDGE_CACHE": str(tmp_path / "c")}
+    check = f"""
+import json, torch
+from mka_edge.models.loading import load_config, load_model
+lm = load_model("tiny-org/tiny-llama")
+ids = lm.tokenizer("The river", return_tensors="pt").input_ids
+with torch.no_grad():
+    finite = bool(torch.isfinite(lm.model(ids).logits).all())
+by_recipe = load_model({str(recipe)!r})
+print(json.dumps({{"kind": lm.source["kind"], "layers": lm.num_layers, "arch": lm.arch.name, "finite": finite,
+                  "config_layers": load_config("tiny-org/tiny-llama").num_hidden_layers,
+                  "recipe_hub_id": by_recipe.source["hub_id"], "same": by_recipe.fingerprint == lm.fingerprint}}))
+"""
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"kind": "hub", "layers": 6, "arch": "llama", "finite": True, "config_layers": 6,
+                   "recipe_hub_id": "tiny-org/tiny-llama", "same": True}
+    # and a command on the recipe, through the CLI
+    res = run("eval", "--model", str(recipe), "--heldout-chunks", "1", "--mmlu-per-subject", "0", cache=tmp_path / "c",
+              env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    # the same id with an empty cache is one line, not a traceback
+    res = run("eval", "--model", "tiny-org/tiny-llama", cache=tmp_path / "c", env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert "local cache" in one_line(res)
