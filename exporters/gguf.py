@@ -282,7 +282,7 @@ def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str |
             from .llama_quantize import quantize
 
             final_tmp = tmpdir / "quantized.gguf"
-            quantize(base, final_tmp, q.ftype, threads, imatrix)
+            quantize(base, final_tmp, q.ftype, threads, imatrix, progress=progress)
         summary = inspect_gguf(final_tmp)
         os.replace(final_tmp, out)
     summary["path"] = str(out)

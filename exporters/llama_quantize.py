@@ -99,12 +99,16 @@ def main(argv: list[str]) -> int:
     return 0 if rc == 0 else 1
 
 
-def quantize(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None) -> None:
-    """Quantize ``src`` into ``dst`` with llama.cpp; UserError with llama.cpp's reason on failure."""
+def quantize(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None,
+             progress: bool = False) -> None:
+    """Quantize ``src`` into ``dst`` with llama.cpp; UserError with llama.cpp's reason on failure.
+    ``progress``: an elapsed-time line while it runs (minutes for a 7-8B model)."""
+    from mka_edge.validate.runner import run_with_progress
+
     cmd = [sys.executable, "-m", "exporters.llama_quantize", str(src), str(dst), str(ftype), str(nthread)]
     if imatrix is not None:
         cmd.append(str(imatrix))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_with_progress(cmd, None, "llama.cpp quantizer", progress)
     if proc.returncode != 0:
         lines = [l.strip() for l in (proc.stderr or "").splitlines() if l.strip()]
         why = next((l for l in reversed(lines) if "error" in l.lower() or "failed" in l.lower()), lines[-1] if lines else "")

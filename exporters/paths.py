@@ -17,3 +17,16 @@ def ensure_writable_parent(out: Path) -> Path:
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write into {out.parent}; choose a writable --out")
     return out
+
+
+def check_creatable(out: Path, option: str = "--out") -> None:
+    """``out`` can be made later without touching anything now: its nearest existing parent is a
+    writable folder.  For commands that write their output only after minutes of work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file; choose a folder path")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{option} {out} cannot be created: {parent} is a file, not a folder; choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out} cannot be created: {parent} is not writable; choose another {option}")

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from exporters.paths import check_creatable
+
 from .cache import atomic_dir
 from .errors import UserError
 
@@ -33,11 +35,7 @@ def check_out(out: Path, force: bool) -> None:
     folder: found now, not after the plan, merge and validation."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"--out {out} exists and is not empty; choose a new folder or pass --force to replace it")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise UserError(f"--out {out} cannot be created: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out} cannot be created: {parent} is not writable; choose another --out")
+    check_creatable(out)
 
 
 def check_host(n_params: int, out: Path) -> None:

@@ -433,6 +433,10 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
 
     if heal_curve_points < 0:
         raise UserError(f"--heal-curve-points must be 0 or more (got {heal_curve_points})")
+    if out:
+        from exporters.paths import check_creatable
+
+        check_creatable(Path(out))
     cfg = effective_heal(_heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
                                       opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model")),
                          load_profile(profile))

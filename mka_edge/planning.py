@@ -89,7 +89,7 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     check_shape(ms, context=context, k_max=k_max)
     n = ms.n_layers
     k_max = min(k_max if k_max is not None else min(8, n // 3), n - 1)
-    measure = ms.block_params and sum(ms.block_params) + ms.other_params <= PROBE_MAX_PARAMS and not quality_prior
+    measure = sum(ms.block_params) + ms.other_params <= PROBE_MAX_PARAMS and not quality_prior
     if onnx:
         sizes, exact = onnx_type_sizes(ms, quants), False
     elif measure:
@@ -145,8 +145,8 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     best = ranked[0]
     if not curve.get("complete", True):
         reach = len(curve["kl"]) - 1
-        reason += (f"; merges were scored only up to K={reach}: no merge can beat the best unmerged plan"
-                   if reach == 0 else
+        reason += ("; no merge was scored: the best quant type that fits at all already fits unmerged, and "
+                   "merging only adds loss" if reach == 0 else
                    f"; the merge curve stopped at K={reach}, whose held-out KL ({curve['kl'][reach]:.3f} nats) already "
                    f"rules out beating the best unmerged plan")
     plan = {

@@ -22,6 +22,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..cache import atomic_write_text, cache_root, stable_hash
@@ -97,15 +98,14 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
 def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
     """Bytes per layer and outside the layers for each GGUF type, from llama.cpp's dry run.
     Cached by the model's config and the types."""
-    import llama_cpp
-    from types import SimpleNamespace
+    from importlib.metadata import version
 
     from exporters.gguf import write_shape_gguf
     from exporters.llama_quantize import dry_run_types
     from exporters.quant_types import quant_type
 
     key = stable_hash({"config": ms.config.to_json_string(use_diff=False), "quants": quants,
-                       "llama_cpp": llama_cpp.__version__, "v": SIZES_VERSION})
+                       "llama_cpp": version("llama-cpp-python"), "v": SIZES_VERSION})
     path = cache_root() / "type_sizes" / f"{key[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text())

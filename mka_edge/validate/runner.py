@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def _run(cmd: list[str], timeout_s: float, what: str, progress: bool) -> subprocess.CompletedProcess:
+def run_with_progress(cmd: list[str], timeout_s: float | None, what: str, progress: bool) -> subprocess.CompletedProcess:
     """subprocess.run, with a ticking elapsed-time line while it runs when ``progress``: a runtime
     measurement can take minutes and says nothing itself."""
     if not progress:
@@ -25,7 +25,7 @@ def _run(cmd: list[str], timeout_s: float, what: str, progress: bool) -> subproc
         t0 = time.monotonic()
         try:
             while proc.poll() is None:
-                if time.monotonic() - t0 > timeout_s:
+                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                     proc.kill()
                     proc.wait()
                     raise subprocess.TimeoutExpired(cmd, timeout_s)
@@ -46,7 +46,7 @@ def run_child(module: str, job: dict, timeout_s: float, what: str, progress: boo
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
         try:
-            proc = _run([sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress)
+            proc = run_with_progress([sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress)
         except subprocess.TimeoutExpired:
             raise UserError(f"{what} did not finish within {timeout_s:.0f} s; use fewer --repeats/--chunks or a smaller model") from None
         if proc.returncode != 0 or not out_path.is_file():
