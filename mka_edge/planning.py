@@ -66,6 +66,11 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     from .solver.search import choose, pareto
     from .solver.search import candidates as enumerate_candidates
 
+    from .mka.methods import ALL_METHODS, check_alpha
+
+    if method not in ALL_METHODS:
+        raise UserError(f"unknown merge method '{method}'; known: {', '.join(ALL_METHODS)}")
+    alpha = check_alpha(alpha)
     prof = load_profile(profile)
     onnx = prof.format == "onnx"
     budget = float(budget_mb if budget_mb is not None else prof.budget_mb)

@@ -61,6 +61,8 @@ def test_bad_input_is_refused_before_any_model_work(tmp_path):
         (["build", "--profile", "laptop-8gb", "--max-merge", "31", "--out", str(tmp_path / "o")], "the model has 30 layers"),
         (["build", "--profile", "laptop-8gb", "--out", str(a_file / "pkg")], "is a file, not a folder"),
         (["plan", "--profile", "laptop-8gb", "--out", str(a_file / "plan")], "is a file, not a folder"),
+        (["plan", "--profile", "laptop-8gb", "--method", "slebb"], "unknown merge method 'slebb'; known: auto, mka,"),
+        (["build", "--profile", "laptop-8gb", "--method", "SLEB", "--out", str(tmp_path / "o")], "unknown merge method 'SLEB'"),
     ]
     for args, needle in cases:
         line = one_line(run(*args, cache=cache))
