@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .mka.method_table import ALL_METHODS, AUTO_POOL, TABLE
 
 
 def _quiet_libraries() -> None:
@@ -167,11 +168,9 @@ def _heal_config(steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank
 @cli.command()
 @model_options
 @click.option("--merge-layers", "-k", "k", type=int, required=True, help="How many layers to merge away (K): the result has L - K layers.")
-@click.option("--method", type=click.Choice(["auto", "mka", "mka-guided", "mka-oneshot", "drop-last", "shortgpt", "angular", "sleb"]),
-              default="auto", show_default=True,
-              help="auto: per K the least calibration-loss plan among mka-guided, sleb, shortgpt, angular, drop-last. "
-                   "mka: the literal paper method (iterative, most similar pair, alpha rule). mka-guided: protected "
-                   "first/last layer, loss-guided choice among the most similar pairs. Others: baselines.")
+@click.option("--method", type=click.Choice(ALL_METHODS), default="auto", show_default=True,
+              help=f"auto: per K the least calibration-loss plan among {', '.join(AUTO_POOL)}. "
+                   + " ".join(f"{r.name}: {r.summary}." for r in TABLE))
 @click.option("--alpha", default="calibrated", show_default=True,
               help="Fusion weight rule: paper (alpha = NMI of the pair on the lower layer), calibrated (grid search "
                    "on calibration loss), or a number in [0, 1].")
@@ -396,17 +395,33 @@ def profiles() -> None:
                    f"{p.context_length:>6} {p.min_tokens_per_s:>6g} {p.max_quality_loss:>7g}")
 
 
+def plan_options(f):
+    """The options plan and build share (what the plan is for: device, budget, candidates), declared once."""
+    opts = [
+        click.option("--profile", required=True, metavar="P", help="Device profile: a name from `mka-edge profiles` or a .yaml file."),
+        model_options,
+        click.option("--budget-mb", type=float, default=None, help="Memory budget in MB (default: the profile's memory minus its reserve)."),
+        click.option("--context", type=int, default=None, help="Context length the KV cache must hold (default: the profile's)."),
+        click.option("--max-quality-loss", type=float, default=None, help="Quality bar: mean KL to the reference in nats (default: the profile's)."),
+        click.option("--method", default="sleb", show_default=True,
+                     help=f"Merge method whose quality curve the plan uses, one of {', '.join(ALL_METHODS)} (see `mka-edge merge "
+                          "--help`). sleb is the default here because it was never beaten on held-out quality by more than 2% "
+                          "and costs a fraction of auto."),
+        click.option("--max-merge", type=int, default=None, help="Largest K considered (default: a third of the layers, at most 8)."),
+        click.option("--quants", default=None,
+                     help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K; "
+                          "onnxruntime profiles: fp32,int8,int4-mixed,int4)."),
+        click.option("--heal-curve-points", type=int, default=4, show_default=True,
+                     help="With healing, how many K values the plan heals to predict healed quality (evenly spaced up to "
+                          "--max-merge; the K between are interpolated); 0: heal at every K."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @cli.command()
-@click.option("--profile", required=True, metavar="P", help="Device profile: a name from `mka-edge profiles` or a .yaml file.")
-@model_options
-@click.option("--budget-mb", type=float, default=None, help="Memory budget in MB (default: the profile's memory minus its reserve).")
-@click.option("--context", type=int, default=None, help="Context length the KV cache must hold (default: the profile's).")
-@click.option("--max-quality-loss", type=float, default=None, help="Quality bar: mean KL to the reference in nats (default: the profile's).")
-@click.option("--method", default="sleb", show_default=True,
-              help="Merge method whose quality curve the plan uses (see `mka-edge merge --help`). sleb is the default "
-                   "here because it was never beaten on held-out quality by more than 2% and costs a fraction of auto.")
-@click.option("--max-merge", type=int, default=None, help="Largest K considered (default: a third of the layers, at most 8).")
-@click.option("--quants", default=None, help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K).")
+@plan_options
 @click.option("--quality-prior", is_flag=True,
               help="Use llama.cpp's published Llama-3-8B quant costs instead of measuring each type on this model "
                    "(automatic above 3B parameters, where measuring costs more than the build).")
@@ -414,9 +429,6 @@ def profiles() -> None:
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="Predict quality after healing by this many steps (heals at --heal-curve-points values of K, cached); "
                    "0: the recipe's heal.steps, else the profile's heal_steps, else none.")
-@click.option("--heal-curve-points", type=int, default=4, show_default=True,
-              help="With healing, how many K values the plan heals to predict healed quality (evenly spaced up to "
-                   "--max-merge; the K between are interpolated); 0: heal at every K.")
 @heal_options
 @handle_errors
 def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quants, quality_prior, out, heal_steps, heal_curve_points, heal_train,
@@ -449,24 +461,14 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
 
 
 @cli.command()
-@click.option("--profile", required=True, metavar="P", help="Device profile: a name from `mka-edge profiles` or a .yaml file.")
-@model_options
+@plan_options
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Package folder: artifact, manifest.json, report.md, plots, model card, run commands.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-@click.option("--budget-mb", type=float, default=None, help="Memory budget in MB (default: the profile's memory minus its reserve).")
-@click.option("--context", type=int, default=None, help="Context length (default: the profile's).")
-@click.option("--max-quality-loss", type=float, default=None, help="Quality bar, mean KL in nats (default: the profile's).")
-@click.option("--method", default="sleb", show_default=True, help="Merge method (see `mka-edge merge --help` and `mka-edge plan --help`).")
-@click.option("--max-merge", type=int, default=None, help="Largest K considered (default: a third of the layers, at most 8).")
-@click.option("--quants", default=None, help="Comma-separated quant types to consider (default: see `mka-edge plan --help`).")
 @click.option("--max-tries", type=int, default=3, show_default=True, help="Plans tried, best first, when an artifact misses the measured quality bar.")
 @click.option("--mmlu-per-subject", type=int, default=1, show_default=True, help="MMLU questions per subject in the validation (0 skips).")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="Heal every merged model by this many distillation steps before export (0: the recipe's heal.steps, "
                    "else the profile's heal_steps, else none). The plan then predicts quality after healing, which costs --heal-curve-points heals (cached).")
-@click.option("--heal-curve-points", type=int, default=4, show_default=True,
-              help="With healing, how many K values the plan heals to predict healed quality (evenly spaced up to "
-                   "--max-merge; the K between are interpolated); 0: heal at every K.")
 @heal_options
 @handle_errors
 def build(profile, out, force, budget_mb, context, max_quality_loss, method, max_merge, quants, max_tries,

@@ -66,7 +66,8 @@ def plan_with_context(profile: str, model: str | None = None, *, budget_mb: floa
     from .solver.search import choose, pareto
     from .solver.search import candidates as enumerate_candidates
 
-    from .mka.methods import ALL_METHODS, check_alpha
+    from .mka.method_table import ALL_METHODS
+    from .mka.methods import check_alpha
 
     if method not in ALL_METHODS:
         raise UserError(f"unknown merge method '{method}'; known: {', '.join(ALL_METHODS)}")

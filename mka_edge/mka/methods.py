@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from .context import MergeContext
 from .fusion import Composition, fuse, identity, keep_only, realize_layer, remove
+from .method_table import ALL_METHODS, AUTO_POOL, ROWS  # noqa: F401 - re-exported for callers
 
 Step = dict
 Trajectory = Iterator[Step]
@@ -199,9 +200,8 @@ METHODS: dict[str, Callable] = {
     "angular": angular,
     "sleb": sleb,
 }
-# what `auto` (the default) chooses among, per K, by calibration KL
-AUTO_POOL = ("mka-guided", "sleb", "shortgpt", "angular", "drop-last")
-ALL_METHODS = ("auto",) + tuple(METHODS)
+if set(METHODS) != set(ROWS):       # one table of methods (method_table), one of their functions
+    raise ImportError(f"merge method tables disagree: {sorted(set(METHODS) ^ set(ROWS))}")
 
 
 def check_alpha(alpha: str) -> str:

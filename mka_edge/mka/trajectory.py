@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache import atomic_write_text, cache_root, stable_hash
 from .context import MergeContext
-from .methods import AUTO_POOL, METHODS
+from .method_table import AUTO_POOL, uses_alpha
+from .methods import METHODS
 
 ALGO_VERSION = 1  # bump when a method's decisions change, to invalidate cached trajectories
 
@@ -34,7 +35,7 @@ class _Clock:
 
 def _key(ctx: MergeContext, method: str, alpha: str) -> str:
     return stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
-                        "alpha": alpha if method in ("mka", "mka-oneshot", "mka-guided") else None,
+                        "alpha": alpha if uses_alpha(method) else None,
                         "algo": ALGO_VERSION, "device": ctx.device.type, "dtype": str(ctx.model.dtype)})
 
 
