@@ -73,20 +73,28 @@ def _gguf_arch(path: Path) -> str:
         raise UserError(f"{path} is not a readable GGUF file ({type(exc).__name__}); check the file") from None
 
 
+def _plain_config(gguf_config):
+    """The config transformers reads from a GGUF, without the GGUF's quantization and path, so it
+    describes a plain float model (what the dequantized copy is)."""
+    from transformers import AutoConfig
+
+    cfg = gguf_config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    return AutoConfig.for_model(**cfg)
+
+
 def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
     """Dequantize with transformers and rebuild the model from config + state dict to save it.
 
     A model loaded with ``gguf_file=`` refuses ``save_pretrained``, hence the rebuild.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    cfg_dict = src.config.to_dict()
-    cfg_dict.pop("quantization_config", None)
-    cfg_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**cfg_dict)
+    config = _plain_config(src.config)
     with torch.device("meta"):
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(src.state_dict(), assign=True, strict=True)
@@ -207,10 +215,7 @@ def load_config(spec: str | None = None, trust_remote_code: bool = False):
         if (cached / "config.json").is_file():
             config = AutoConfig.from_pretrained(cached)
         else:
-            cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-            cfg.pop("quantization_config", None)
-            cfg.pop("_name_or_path", None)
-            config = AutoConfig.for_model(**cfg)
+            config = _plain_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
     elif source["kind"] == "hf-dir":
         folder = Path(source["path"])
         if not (folder / "config.json").is_file():

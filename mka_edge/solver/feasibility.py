@@ -20,7 +20,9 @@ largest K allowed with the smallest type.  Here it is decided in seconds, from e
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,15 +86,9 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
     for name, shape in shapes.items():
         ggml = gguf.GGMLQuantizationType[types.get(name, "f32").upper()]
         block, size = gguf.GGML_QUANT_SIZES[ggml]
-        rows = 1
-        for d in shape[:-1]:
-            rows *= d
-        sized.append((name, ggml.name, len(shape), rows * (shape[-1] // block) * size))
+        sized.append((name, ggml.name, len(shape), math.prod(shape[:-1]) * (shape[-1] // block) * size))
     out = split_by_block(sized, REPACKED_TYPES)
-    counts: dict[str, int] = {}
-    for _, t, _, _ in sized:
-        counts[t] = counts.get(t, 0) + 1
-    out["tensor_types"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    out["tensor_types"] = dict(Counter(t for _, t, _, _ in sized).most_common())     # as inspect_gguf reports them
     return out
 
 

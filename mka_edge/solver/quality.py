@@ -26,7 +26,7 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
     ends there ('complete': False): held-out KL along a greedy trajectory grows with K (every
     curve in docs/results.md does), so the K beyond cannot beat it either.  0 or less: no K can,
     and nothing is computed.  ``auto`` always runs to k_max (its per-K pick needs every method)."""
-    from ..merging import heldout_reference, step_quality
+    from ..merging import heldout_along, heldout_reference, step_quality
     from ..mka.trajectory import trajectory
 
     key = stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
@@ -47,8 +47,6 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
     if stop is None:
         traj = trajectory(ctx, method, k_max, alpha, progress=progress)
         steps = traj["steps"][:k_max]
-        from ..merging import heldout_along
-
         quality = heldout_along(ctx, steps, chunks, progress)
     else:
         ref = heldout_reference(ctx, chunks)
