@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mka_edge.cache import atomic_write_text
 from mka_edge.heal.distill import HealConfig, heal
+from mka_edge.merge_log import read_merge_log
 
 
 def _merge(work: Path, method: str, k: int) -> Path:
@@ -41,8 +42,8 @@ def _merge(work: Path, method: str, k: int) -> Path:
 def _fuses(folder: Path) -> bool:
     """Whether the merge really fused layers: with calibrated alpha, the alpha grid search can pick
     0 or 1 at every step, and the 'fusion' is a removal (it did on SmolLM2)."""
-    log = json.loads((folder / "merge_log.json").read_text())
-    return any(len(e["sources"]) > 1 or any(abs(w - 1.0) > 1e-9 for w in e.get("weights", [1.0])) for e in log["layer_map"])
+    log = read_merge_log(folder)
+    return any(len(e["sources"]) > 1 or any(abs(w - 1.0) > 1e-9 for w in e.get("weights", [1.0])) for e in log.layer_map)
 
 
 def _done(out: Path, cfg: HealConfig) -> dict | None:
@@ -59,8 +60,8 @@ def _done(out: Path, cfg: HealConfig) -> dict | None:
 def _chosen(folder: Path) -> str:
     """The method whose plan an auto merge took at its K (the method itself for the others);
     ``folder`` is a merged folder or a healed one (which carries the merge log)."""
-    log = json.loads((folder / "merge_log.json").read_text())
-    return log["steps"][-1].get("method", log["method"]) if log["method"] == "auto" else log["method"]
+    log = read_merge_log(folder)
+    return log.steps[-1].method if log.method == "auto" else log.method
 
 
 def predictor_check(rows: list[dict]) -> list[dict]:

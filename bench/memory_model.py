@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from exporters.gguf import export_loaded
-from exporters.gguf_inspect import inspect_gguf
+from mka_edge.exporters.gguf import export_loaded
+from mka_edge.exporters.gguf_inspect import inspect_gguf
 from mka_edge.cache import atomic_write_text
 from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import MIB, Shape, predict, reserved_compute_bytes

@@ -19,7 +19,7 @@ import torch
 from mka_edge.calibration import heldout_chunks
 from mka_edge.mka.context import MergeContext, MergeSettings
 from mka_edge.mka.fusion import identity, realize
-from mka_edge.mka.layers import temporary_stack
+from mka_edge.mka.layers import base_model, temporary_stack
 from mka_edge.mka.trajectory import trajectory
 from mka_edge.models.loading import load_model
 from mka_edge.quality import Reference, compare, mmlu
@@ -41,7 +41,7 @@ def alpha_histogram(steps) -> dict:
 def phase_timing(ctx: MergeContext) -> dict:
     """One calibration forward pass vs the non-forward work of one similarity + one fusion."""
     ctx.reset()
-    base = ctx.model.model
+    base = base_model(ctx.model, ctx.arch)
     with torch.no_grad():
         t0 = time.perf_counter()
         for i in range(0, len(ctx.ids), ctx.settings.batch_size):

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.onnx import export_loaded_onnx
-from exporters.onnx_inspect import inspect_onnx
+from mka_edge.exporters.onnx import export_loaded_onnx
+from mka_edge.exporters.onnx_inspect import inspect_onnx
 from mka_edge.cache import atomic_write_text
 from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import Shape

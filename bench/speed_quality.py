@@ -22,18 +22,18 @@ from pathlib import Path
 
 import torch
 
-from exporters.gguf import export_loaded
-from exporters.onnx import export_loaded_onnx
+from mka_edge.exporters.gguf import export_loaded
+from mka_edge.exporters.onnx import export_loaded_onnx
 from mka_edge.cache import atomic_write_text
 from mka_edge.calibration import heldout_chunks
 from mka_edge.models.loading import load_model
 from mka_edge.validate.core import validate_artifact
-from mka_edge.validate.formats import GGUF, ONNX
+from mka_edge.targets import get_target
 from mka_edge.validate.runner import run_child
 
 QUANTS = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
 ONNX_QUANTS = ["fp32", "int8", "int4", "int4-mixed"]
-WORKERS = {"gguf": GGUF.worker, "onnx": ONNX.worker}
+WORKERS = {name: get_target(name).validation.worker for name in ("gguf", "onnx")}
 
 
 def merged_dir(work: Path, k: int, method: str) -> Path:

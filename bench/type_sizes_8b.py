@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mka_edge.planning import GGUF_QUANTS
+from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
 from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
 from mka_edge.solver.quant_prior import PUBLISHED
 
@@ -32,7 +32,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ms = read_shape(tmp)
         t1 = time.perf_counter()
-        sizes = gguf_type_sizes(ms, GGUF_QUANTS)
+        sizes = gguf_type_sizes(ms, list(GGUF_QUANTS))
         t2 = time.perf_counter()
     rows = []
     print(f"{'type':8} {'dry run GiB':>12} {'published GiB':>14} {'diff':>7}")

@@ -1,5 +1,6 @@
 """`mka-edge build`: plan -> merge -> export -> validate -> package.  Nothing else orchestrates.
-The profile's runtime decides the format: GGUF for llama.cpp, an ONNX folder for onnxruntime.
+The profile's runtime picks the target (mka_edge/targets/): GGUF for llama.cpp, an ONNX folder
+for onnxruntime.  ``execute`` runs a Plan, fresh from the planner or saved by `plan --out`.
 
 The package folder is assembled under a temporary name and renamed at the end, so an
 interrupted or failed build leaves nothing at --out.  If the artifact misses the profile's
@@ -8,15 +9,23 @@ quality bar (measured, not predicted), the next-best plan is tried, up to --max-
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-from exporters.paths import check_creatable
-
+from . import __version__
 from .cache import atomic_dir
 from .errors import UserError
+from .exporters.paths import check_creatable
+from .heal.distill import HealConfig
+from .merging import merge
+from .models.loading import load_model
+from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
+from .profiles import Profile, load_profile
+from .records import Plan
+from .report import package
+from .validate.checks import Thresholds
+from .validate.core import context_needed, validate_artifact
 
 
 def _free_ram_mb() -> float:
@@ -53,46 +62,71 @@ def check_host(n_params: int, out: Path) -> None:
                         f"close other programs or build on a larger machine")
 
 
-def build(profile: str, model: str | None, out: str | Path, *, force: bool = False, budget_mb: float | None = None,
-          context: int | None = None, max_quality_loss: float | None = None, method: str = "sleb",
-          alpha: str = "calibrated", k_max: int | None = None, quants: list[str] | None = None, max_tries: int = 3,
-          mmlu_per_subject: int = 1, repeats: int = 3, merge_opts: dict | None = None, progress: bool = True,
-          heal=None, heal_points: int = 4, log=print) -> dict:
-    """``heal``: a HealConfig (steps 0 = the profile's heal_steps, if any); the plan then uses
-    healed quality (healed at ``heal_points`` values of K) and every merged model is healed before export."""
-    from exporters.gguf import export_loaded
-    from exporters.onnx import export_loaded_onnx
-    from .merging import merge
-    from .models.loading import load_model
-    from .planning import plan_with_context
-    from .profiles import load_profile
-    from .report import package
-    from .validate.checks import Thresholds
-    from .validate.core import validate_artifact
-
+def build(profile: str, model: str | None, out: str | Path, *, force: bool = False, max_tries: int = 3,
+          mmlu_per_subject: int = 1, repeats: int = 3, progress: bool = True, plan_file: str | Path | None = None,
+          log=print, **plan_kw) -> dict:
+    """Plan (or read ``plan_file``), then execute.  ``plan_kw``: resolve_settings' options (budget,
+    context, method, heal...); with healing the plan uses healed quality and every merged model is
+    healed before export."""
     out = Path(out)
     check_out(out, force)
-    prof = load_profile(profile)
-    onnx = prof.format == "onnx"
-    from .heal.distill import effective_heal
+    if plan_file is not None:
+        plan, ctx, prof = _saved_plan(plan_file, profile, model)
+        model = model if model is not None else plan.settings.get("model")
+    else:
+        s = resolve_settings(profile, model, **plan_kw)
+        _check_validation_context(s.budget.context)
+        log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
+        plan, ctx = plan_from_settings(s, progress=progress, log=log)
+        prof = s.profile
+    return execute(plan, ctx, prof, out, model_spec=model, max_tries=max_tries, mmlu_per_subject=mmlu_per_subject,
+                   repeats=repeats, progress=progress, log=log)
 
-    heal = effective_heal(heal, prof)
-    from .validate.core import context_needed
 
-    if (context or prof.context_length) < context_needed():     # found now, not after the plan, merge and heal
-        raise UserError(f"--context {context or prof.context_length} is too small for the validation run "
+def _check_validation_context(context: int) -> None:
+    if context < context_needed():     # found now, not after the plan, merge and heal
+        raise UserError(f"--context {context} is too small for the validation run "
                         f"(512-token prompt + 128 generated tokens); use at least {context_needed()}")
-    log("[1/5] plan" + (f" (quality after healing {heal.steps} steps)" if heal else ""))
-    plan, ctx = plan_with_context(profile, model, budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
-                                  method=method, alpha=alpha, k_max=k_max, quants=quants, progress=progress,
-                                  merge_opts=merge_opts, heal=heal, heal_points=heal_points, log=log)
+
+
+def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple[Plan, object, Profile]:
+    """A saved plan, checked against this run: same mka-edge, same profile content, same model
+    weights; refused in one line otherwise, before anything is written."""
+    from .mka.context import build_context
+
+    plan = load_plan(Path(plan_file))
+    if plan.mka_edge != __version__:
+        raise UserError(f"--plan {plan_file} was made by mka-edge {plan.mka_edge}, this is {__version__}; plan again")
+    prof = load_profile(profile)
+    if plan.profile.get("fingerprint") != profile_fingerprint(prof):
+        raise UserError(f"--plan {plan_file} is for profile {plan.profile.get('name')!r}, not {prof.name!r} as given "
+                        f"(or that profile changed since); plan again with --profile {profile}")
+    if plan.format != prof.target.name:
+        raise UserError(f"--plan {plan_file} is a {plan.format} plan but profile {prof.name} runs {prof.runtime}; plan again")
+    _check_validation_context(plan.budget.context)
+    spec = model if model is not None else plan.settings.get("model")
+    ctx = build_context(model=spec, **plan.settings.get("merge_opts", {}))
+    if ctx.lm.fingerprint != plan.model.get("fingerprint"):
+        raise UserError(f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "
+                        f"{spec or DEFAULT_MODEL!r} (weights differ); plan again for this model or drop --model")
+    return plan, ctx, prof
+
+
+def execute(plan: Plan, ctx, prof: Profile, out: Path, *, model_spec: str | None = None, max_tries: int = 3,
+            mmlu_per_subject: int = 1, repeats: int = 3, progress: bool = True, log=print) -> dict:
+    """Merge, (heal,) export, validate and package the plan's best candidate, falling back to the
+    next ones when the artifact misses the measured quality bar."""
+    target = prof.target
+    heal = HealConfig(**plan.heal) if plan.heal else None
+    method, alpha = plan.choice.method, plan.choice.alpha
     check_host(sum(p.numel() for p in ctx.model.parameters()), out)
-    max_kl = plan["budget"]["max_quality_loss"]
-    ref_spec = model or "smollm2-135m"
+    max_kl = plan.budget.max_quality_loss
+    context = plan.budget.context
+    ref_spec = model_spec or DEFAULT_MODEL
     attempts = []
     with atomic_dir(out) as tmp:
         work = tmp / ".work"
-        for i, cand in enumerate(plan["ranked"][:max_tries]):
+        for i, cand in enumerate(plan.ranked[:max_tries]):
             k, quant = cand["k"], cand["quant"]
             tag = f"{Path(ref_spec).stem}-K{k}-{quant}"
             log(f"[2/5] merge: K={k} ({method})" if k else "[2/5] merge: none (K=0)")
@@ -111,18 +145,12 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
                 lm = load_model(str(merged_dir))
             else:
                 merged_dir, lm = None, ctx.lm
-            if onnx:
-                log(f"[3/5] export: ONNX {quant} (onnxruntime-genai builder)")
-                art = tmp / f"{tag}-onnx"
-                summary = export_loaded_onnx(lm, art, quant, context=plan["budget"]["context"], progress=progress)
-                log("[4/5] validate in onnxruntime")
-            else:
-                log(f"[3/5] export: GGUF {quant}")
-                art = tmp / f"{tag}.gguf"
-                summary = export_loaded(lm, art, quant, progress=progress)
-                log("[4/5] validate in llama.cpp")
-            val = validate_artifact(art, ref_spec, threads=os.cpu_count(), context=plan["budget"]["context"],
-                                    kv_type=None if onnx else prof.kv_cache_type, out=work / f"validation-{i}",
+            log(f"[3/5] export: {target.name.upper()} {quant} ({target.runtime_label})")
+            art = tmp / target.artifact_name(tag)
+            summary = target.export(lm, art, quant, context=context, progress=progress)
+            log(f"[4/5] validate in {target.runtime_label}")
+            val = validate_artifact(art, ref_spec, threads=os.cpu_count(), context=context,
+                                    kv_type=target.validation_kv_type(prof.kv_cache_type), out=work / f"validation-{i}",
                                     thresholds=Thresholds(max_kld=max_kl), repeats=repeats,
                                     mmlu_per_subject=mmlu_per_subject, progress=progress)
             attempts.append({"k": k, "quant": quant, "measured_kl": val["accuracy"]["kl"], "passed": val["passed"],

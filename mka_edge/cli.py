@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .errors import UserError
 from .mka.method_table import ALL_METHODS, AUTO_POOL, TABLE
+from .targets import TARGETS, get_target
 
 
 def _quiet_libraries() -> None:
@@ -292,8 +293,8 @@ def eval_cmd(model, reference, heldout_chunks, mmlu_per_subject, device, out) ->
 
 def _quant_arg(ctx, param, value):
     if value and value.lower() == "help":
-        from exporters.onnx import quant_help as onnx_help
-        from exporters.quant_types import quant_help
+        from .exporters.onnx import quant_help as onnx_help
+        from .exporters.quant_types import quant_help
 
         click.echo(quant_help() + "\n\n" + onnx_help())
         ctx.exit(0)
@@ -301,7 +302,7 @@ def _quant_arg(ctx, param, value):
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(list(TARGETS)), default="gguf", show_default=True,
               help="Artifact format: gguf (llama.cpp, llama-cpp-python, Ollama, LM Studio) or onnx (onnxruntime and "
                    "onnxruntime-genai; a folder with model.onnx, its weights, tokenizer and genai_config.json).")
 @click.option("--quant", default=None, callback=_quant_arg, is_eager=True,
@@ -324,24 +325,17 @@ def _quant_arg(ctx, param, value):
 @handle_errors
 def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, context, single_file) -> None:
     """Write a model (merged or not) as a quantized artifact for an edge runtime."""
-    if fmt == "onnx":
-        from exporters.onnx import export_onnx
-
-        if pre_tokenizer or calibration:
-            raise UserError("--pre-tokenizer and --calibration apply to GGUF only")
-        s = export_onnx(model, Path(out), quant or "int4-mixed", context=context, single_file=single_file)
-        ops = ", ".join(f"{k} x{v}" for k, v in s["quantized_ops"].items()) or "no quantized ops"
-        click.echo(f"wrote {s['path']}: {s['model_bytes'] / 2**20:.1f} MiB of model files, {s['block_count']} layers, "
-                   f"{s['quant']} ({ops}), KV cache sized for {s['context']} tokens")
-        return
-    from exporters.gguf import export_gguf
-
-    if context or single_file:
-        raise UserError("--context and --single-file apply to ONNX only (llama.cpp sets the context when it loads the file)")
-    s = export_gguf(model, Path(out), quant or "Q4_K_M", pre_tokenizer=pre_tokenizer, threads=threads, calibration=calibration)
-    types = ", ".join(f"{k} x{v}" for k, v in s["tensor_types"].items())
-    click.echo(f"wrote {s['path']}: {s['file_bytes'] / 2**20:.1f} MiB, {s['block_count']} layers, "
-               f"{s['bits_per_weight']:.2f} bits/weight ({types})")
+    target = get_target(fmt)
+    given = {"pre_tokenizer": pre_tokenizer, "threads": threads, "calibration": calibration, "context": context,
+             "single_file": single_file}
+    wrong = [name for name, v in given.items() if v and name not in target.export_options]
+    if wrong:
+        owners = {name: t.name.upper() for t in TARGETS.values() for name in t.export_options}
+        raise UserError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} "
+                        f"appl{'y' if len(wrong) > 1 else 'ies'} to {owners[wrong[0]]} only, not --format {fmt}")
+    options = {name: given[name] for name in target.export_options if given[name]}
+    s = target.export_spec(model, Path(out), quant or target.default_export_quant, options)
+    click.echo(target.describe_export(s))
 
 
 @cli.command()
@@ -438,23 +432,18 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
     Computes (or reads from cache) the merge-quality curve and each quant type's cost on this
     model, predicts memory, device tokens/s and quality loss for every (K, type) pair, and prints
     the Pareto table and the choice."""
-    from .planning import make_plan, plan_table, write_plan
+    from .exporters.paths import check_creatable
+    from .planning import plan_from_settings, plan_table, resolve_settings, write_plan
 
-    from .heal.distill import effective_heal
-    from .profiles import load_profile
-
-    if heal_curve_points < 0:
-        raise UserError(f"--heal-curve-points must be 0 or more (got {heal_curve_points})")
     if out:
-        from exporters.paths import check_creatable
-
         check_creatable(Path(out))
-    cfg = effective_heal(_heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                                      opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model")),
-                         load_profile(profile))
-    p = make_plan(profile, opts.pop("model"), budget_mb=budget_mb, context=context, max_quality_loss=max_quality_loss,
-                  method=method, k_max=max_merge, quants=quants.split(",") if quants else None, merge_opts=opts,
-                  quality_prior=quality_prior, heal=cfg, heal_points=heal_curve_points, log=lambda m: click.echo(m, err=True))
+    cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                       opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
+    s = resolve_settings(profile, opts.pop("model"), budget_mb=budget_mb, context=context,
+                         max_quality_loss=max_quality_loss, method=method, k_max=max_merge,
+                         quants=quants.split(",") if quants else None, merge_opts=opts, quality_prior=quality_prior,
+                         heal=cfg, heal_points=heal_curve_points)
+    p, _ = plan_from_settings(s, log=lambda m: click.echo(m, err=True))
     click.echo(plan_table(p))
     if out:
         click.echo(f"wrote {write_plan(p, Path(out))}")
@@ -464,6 +453,10 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
 @plan_options
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Package folder: artifact, manifest.json, report.md, plots, model card, run commands.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
+              help="Execute this saved plan (plan.json from `mka-edge plan --out`, or a build's) instead of planning: "
+                   "refused if it was made for another model, profile or mka-edge version. The options that decide a "
+                   "plan (budget, context, quality bar, method, max merge, quants, healing) then come from the plan.")
 @click.option("--max-tries", type=int, default=3, show_default=True, help="Plans tried, best first, when an artifact misses the measured quality bar.")
 @click.option("--mmlu-per-subject", type=int, default=1, show_default=True, help="MMLU questions per subject in the validation (0 skips).")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
@@ -471,22 +464,37 @@ def plan(profile, budget_mb, context, max_quality_loss, method, max_merge, quant
                    "else the profile's heal_steps, else none). The plan then predicts quality after healing, which costs --heal-curve-points heals (cached).")
 @heal_options
 @handle_errors
-def build(profile, out, force, budget_mb, context, max_quality_loss, method, max_merge, quants, max_tries,
-          mmlu_per_subject, heal_steps, heal_curve_points, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
-    """Plan, merge, (heal,) export, validate and package a model for a device, in one go."""
+def build(profile, out, force, plan_file, budget_mb, context, max_quality_loss, method, max_merge, quants, max_tries,
+          mmlu_per_subject, heal_steps, heal_curve_points, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank,
+          checkpoint_every, **opts) -> None:
+    """Plan, merge, (heal,) export, validate and package a model for a device, in one go
+    (or execute a plan saved by `mka-edge plan --out` with --plan)."""
+    from click.core import ParameterSource
+
     from .build import build as run
 
     if max_tries < 1:
         raise UserError("--max-tries must be at least 1")
     if heal_steps < 0:
         raise UserError(f"--heal-steps must be 0 or more (got {heal_steps})")
-    if heal_curve_points < 0:
-        raise UserError(f"--heal-curve-points must be 0 or more (got {heal_curve_points})")
-    cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
-                       opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
-    m = run(profile, opts.pop("model"), Path(out), force=force, budget_mb=budget_mb, context=context,
-            max_quality_loss=max_quality_loss, method=method, k_max=max_merge, quants=quants.split(",") if quants else None,
-            max_tries=max_tries, mmlu_per_subject=mmlu_per_subject, merge_opts=opts, heal=cfg, heal_points=heal_curve_points, log=click.echo)
+    if plan_file:
+        ctx = click.get_current_context()
+        deciding = ("budget_mb", "context", "max_quality_loss", "method", "max_merge", "quants", "heal_steps",
+                    "heal_curve_points", "heal_train", "heal_lr", "heal_batch", "heal_seq_len", "lora_rank",
+                    "calibration", "samples", "seq_len", "positions", "repeats", "seed", "dtype")
+        given = [n for n in deciding if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+        if given:
+            raise UserError(f"--plan executes a saved plan, so {', '.join('--' + n.replace('_', '-') for n in given)} "
+                            "cannot change it; drop them, or plan again with them")
+        m = run(profile, opts.pop("model"), Path(out), force=force, plan_file=plan_file, max_tries=max_tries,
+                mmlu_per_subject=mmlu_per_subject, log=click.echo)
+    else:
+        cfg = _heal_config(heal_steps, heal_train, heal_lr, heal_batch, heal_seq_len, lora_rank, checkpoint_every,
+                           opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
+        m = run(profile, opts.pop("model"), Path(out), force=force, budget_mb=budget_mb, context=context,
+                max_quality_loss=max_quality_loss, method=method, k_max=max_merge,
+                quants=quants.split(",") if quants else None, max_tries=max_tries, mmlu_per_subject=mmlu_per_subject,
+                merge_opts=opts, heal=cfg, heal_points=heal_curve_points, log=click.echo)
     click.echo(f"built {m['out']}/{m['artifact']}: K={m['plan']['k']}, {m['plan']['quant']}; "
                f"measured KL {m['host_figures']['accuracy']['kl']:.3f}; predicted device memory "
                f"{m['device_predictions']['memory_mb']:.0f} MB; see {m['out']}/report.md")

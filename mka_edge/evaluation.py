@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .calibration import heldout_chunks
 from .device import resolve_device
 from .errors import UserError
+from .merge_log import read_merge_log
 from .models.loading import load_model
 from .quality import Reference, compare, mmlu
 
 
 def default_reference(model_spec: str | None) -> str | None:
     """The source recorded in a merged directory's merge_log.json, if any."""
-    if model_spec and (Path(model_spec) / "merge_log.json").is_file():
-        log = json.loads((Path(model_spec) / "merge_log.json").read_text())
-        return log["source"].get("spec") or log["source"].get("path")
-    return None
+    log = read_merge_log(model_spec)
+    return log.source_spec() if log is not None else None
 
 
 def evaluate(model_spec, reference_spec, n_chunks: int, mmlu_per_subject: int, device: str) -> dict:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calibration import heldout_chunks
 from .errors import UserError
+from .merge_log import FILE as MERGE_LOG, MergeLog, MergeStep
 from .mka.context import MergeContext
 from .mka.fusion import identity, realize
 from .mka.layers import temporary_stack
@@ -56,7 +57,7 @@ def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress:
 def check_out(out: Path) -> None:
     """Refuse to replace a folder that is not an earlier mka-edge merge (it would be lost)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "merge_log.json").is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MERGE_LOG).is_file())):
         raise UserError(f"--out {out} exists and is not an earlier merge output; choose a new folder")
 
 
@@ -69,29 +70,30 @@ def merge(ctx: MergeContext, k: int, method: str, alpha: str, out: Path | None,
     steps = traj["steps"][:k]
     quality = heldout_along(ctx, steps, heldout, progress)
     comp = steps[-1]["composition"]
-    log = {
-        "mka_edge": __version__,
-        "source": ctx.lm.source,
-        "source_fingerprint": ctx.lm.fingerprint,
-        "method": method,
-        "alpha_rule": alpha,
-        "alpha_rule_means": ALPHA_RULES.get(alpha, f"alpha fixed at {alpha}"),
-        "merge_layers": k,
-        "layers_before": ctx.n_original,
-        "layers_after": len(comp),
-        "calibration": ctx.text_spec.key(),
-        "settings": ctx.settings.key(),
-        "device": str(ctx.device),
-        "trajectory_cached": traj["cached"],
-        "trajectory_seconds": traj["seconds"],
-        "layer_map": layer_map(comp),
-        "steps": [
-            {key: v for key, v in {**st, "heldout": q}.items() if key != "composition"}
-            | {"layers": layer_map(st["composition"])}
+    log = MergeLog(
+        mka_edge=__version__,
+        source=ctx.lm.source,
+        source_fingerprint=ctx.lm.fingerprint,
+        method=method,
+        alpha_rule=alpha,
+        alpha_rule_means=ALPHA_RULES.get(alpha, f"alpha fixed at {alpha}"),
+        merge_layers=k,
+        layers_before=ctx.n_original,
+        layers_after=len(comp),
+        calibration=ctx.text_spec.key(),
+        settings=ctx.settings.key(),
+        device=str(ctx.device),
+        trajectory_cached=traj["cached"],
+        trajectory_seconds=traj["seconds"],
+        layer_map=tuple(layer_map(comp)),
+        # the trajectory's step dicts, less the composition, plus held-out quality and the layer map
+        steps=tuple(
+            MergeStep.from_json({key: v for key, v in {**st, "heldout": q}.items() if key != "composition"}
+                                | {"layers": layer_map(st["composition"])})
             for st, q in zip(steps, quality)
-        ],
-        "timings": ctx.timer.as_dict(),
-    }
+        ),
+        timings=ctx.timer.as_dict(),
+    ).to_json()
     if out is not None:
         model = build_model(ctx, comp)
         save_merged(model, ctx.lm.tokenizer, log, Path(out))

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .targets import Target, runtimes, target_for_runtime
 
-RUNTIMES = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
 KV_TYPES = ("f16", "f32", "q8_0", "q4_0")
 
 
@@ -38,8 +38,13 @@ class Profile:
     path: str = ""
 
     @property
+    def target(self) -> Target:
+        """The runtime target this device runs (mka_edge/targets/)."""
+        return target_for_runtime(self.runtime)
+
+    @property
     def format(self) -> str:
-        return RUNTIMES[self.runtime]
+        return self.target.name
 
     @property
     def budget_mb(self) -> int:
@@ -77,8 +82,8 @@ def _check(data: dict, where: str) -> Profile:
             raise UserError(f"profile {where}: field '{key}' must be a non-negative number (got {data[key]!r})")
     if data["reserve_mb"] >= data["memory_mb"]:
         raise UserError(f"profile {where}: field 'reserve_mb' ({data['reserve_mb']}) leaves no memory of 'memory_mb' ({data['memory_mb']})")
-    if data["runtime"] not in RUNTIMES:
-        raise UserError(f"profile {where}: field 'runtime' must be one of {', '.join(RUNTIMES)} (got {data['runtime']!r})")
+    if data["runtime"] not in runtimes():
+        raise UserError(f"profile {where}: field 'runtime' must be one of {', '.join(runtimes())} (got {data['runtime']!r})")
     kv = data.get("kv_cache_type", "f16")
     if kv not in KV_TYPES:
         raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_TYPES)} (got {kv!r})")

@@ -75,17 +75,17 @@ def test_dry_run_sizes_are_the_quantized_files_sizes(tiny_dir, tmp_path):
     """The early check's bytes per layer / outside the layers / repacked, from llama.cpp's dry run
     on a data-less file, equal what the real quantized files hold (64-wide rows: llama.cpp's
     fallbacks from K-quants to legacy types are exercised too)."""
-    from exporters.gguf import write_float_gguf
-    from exporters.llama_quantize import quantize
-    from exporters.quant_types import quant_type
+    from mka_edge.exporters.gguf import write_float_gguf
+    from mka_edge.exporters.llama_quantize import quantize
+    from mka_edge.exporters.quant_types import quant_type
     from mka_edge.models.loading import load_model
-    from mka_edge.planning import GGUF_QUANTS
+    from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
     from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
     from mka_edge.solver.quant_probe import tensor_bytes_split
 
     ms = read_shape(str(tiny_dir))
     assert ms.n_layers == 6 and ms.max_positions == 512 and all(p.is_meta for p in ms.model.parameters())
-    sizes = gguf_type_sizes(ms, GGUF_QUANTS)
+    sizes = gguf_type_sizes(ms, list(GGUF_QUANTS))
     lm = load_model(str(tiny_dir))
     base = tmp_path / "f32.gguf"
     write_float_gguf(lm, base, "F32", pre_tokenizer="gpt-2")
@@ -150,9 +150,9 @@ def test_loose_budget_computes_no_merge_curve(tiny_dir, tmp_path, monkeypatch):
     opts = dict(samples=4, seq_len=64, positions=96, repeats=2, loss_samples=2, device="cpu")
     plan, _ = plan_with_context("laptop-8gb", str(tiny_dir), method="sleb", k_max=2, quants=["F16", "Q8_0"], context=512,
                                 merge_opts=opts, quality_prior=True, progress=False, log=lambda m: None)
-    assert (plan["choice"]["k"], plan["choice"]["quant"]) == (0, "F16")
-    assert plan["curve"]["kl"] == [0.0] and not plan["curve"]["complete"]
-    assert "no merge was scored" in plan["reason"]
+    assert (plan.choice.k, plan.choice.quant) == (0, "F16")
+    assert plan.curve["kl"] == [0.0] and not plan.curve["complete"]
+    assert "no merge was scored" in plan.reason
     assert not (cache_root() / "trajectories").exists() and not (cache_root() / "curves").exists()
 
 

@@ -44,7 +44,7 @@ def _variant(tmp_path: Path, kind: str) -> Path:
 
 
 def _export(src: Path, out: Path, quant: str = "F32") -> dict:
-    from exporters.gguf import export_loaded
+    from mka_edge.exporters.gguf import export_loaded
     from mka_edge.models.loading import load_model
 
     return export_loaded(load_model(str(src)), out, quant, pre_tokenizer="gpt-2", progress=False)
@@ -71,7 +71,7 @@ def test_f32_export_matches_pytorch_in_llama_cpp(tmp_path, kind):
 
 def test_rope_scaling_is_not_a_no_op(tmp_path):
     """Without the rope_freqs tensor the llama3-scaled model would disagree: the check above has teeth."""
-    from exporters import gguf as exp
+    from mka_edge.exporters import gguf as exp
     from mka_edge.models.loading import load_model
 
     src = _variant(tmp_path, "llama3-rope")
@@ -92,7 +92,7 @@ def test_tokenizer_round_trip_and_provenance(tmp_path, tiny_dir):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from exporters.gguf_inspect import inspect_gguf
+    from mka_edge.exporters.gguf_inspect import inspect_gguf
 
     _export(tiny_dir, tmp_path / "t.gguf", "F16")
     info = inspect_gguf(tmp_path / "t.gguf")
@@ -134,13 +134,13 @@ def test_unknown_quant_and_bad_out_are_one_line_errors(tmp_path, tiny_dir):
 
 
 def test_failed_export_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
-    from exporters import gguf as exp
+    from mka_edge.exporters import gguf as exp
     from mka_edge.errors import UserError
 
     def boom(*a, **k):
         raise UserError("quantizer failed")
 
-    monkeypatch.setattr("exporters.llama_quantize.quantize", boom)
+    monkeypatch.setattr("mka_edge.exporters.llama_quantize.quantize", boom)
     out = tmp_path / "out" / "m.gguf"
     with pytest.raises(UserError):
         _export(tiny_dir, out, "Q4_0")
@@ -148,7 +148,7 @@ def test_failed_export_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
 
 
 def test_truncated_gguf_is_refused_before_llama_cpp(tmp_path, tiny_dir):
-    from exporters.gguf_inspect import inspect_gguf
+    from mka_edge.exporters.gguf_inspect import inspect_gguf
     from mka_edge.errors import UserError
 
     _export(tiny_dir, tmp_path / "t.gguf", "F16")
@@ -186,7 +186,8 @@ def test_validate_reports_and_fails_on_missed_threshold(tmp_path, tiny_dir):
 
 def test_importance_matrix_types_export(tmp_path, tiny_dir, monkeypatch):
     """IQ2_XS needs an importance matrix: one is computed from calibration text and handed to llama.cpp."""
-    import exporters.imatrix as im
+    import mka_edge.exporters.gguf as exporter
+    import mka_edge.exporters.imatrix as im
 
     seen = {}
     real = im.compute_imatrix
@@ -195,7 +196,7 @@ def test_importance_matrix_types_export(tmp_path, tiny_dir, monkeypatch):
         seen.update(real(lm, out, *a, samples=2, seq_len=64, progress=False))
         return seen
 
-    monkeypatch.setattr(im, "compute_imatrix", spy)
+    monkeypatch.setattr(exporter, "compute_imatrix", spy)
     s = _export(tiny_dir, tmp_path / "iq2.gguf", "IQ2_XS")
     assert "blk.0.attn_q.weight" in seen and "blk.0.ffn_down.weight" in seen and seen["blk.0.ffn_down.weight"] == 128
     assert s["bits_per_weight"] < 16 and (tmp_path / "iq2.gguf").is_file()

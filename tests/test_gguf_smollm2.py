@@ -42,8 +42,8 @@ BOUNDS = {"F32": (1e-5, 0.999), "F16": (1e-3, 0.99), "Q4_K_M": (0.15, 0.75)}
 
 @pytest.mark.parametrize("which", ["unmerged", "merged"])
 def test_smollm2_gguf_fidelity(tmp_path, merged, heldout_ids, which):
-    from exporters.gguf import export_loaded
-    from exporters.gguf_inspect import inspect_gguf
+    from mka_edge.exporters.gguf import export_loaded
+    from mka_edge.exporters.gguf_inspect import inspect_gguf
     from mka_edge.models.loading import load_model
 
     spec = str(merged) if which == "merged" else "smollm2-135m"

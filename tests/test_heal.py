@@ -114,7 +114,7 @@ def test_changed_layers_finds_fusions_and_gaps():
 
 
 def test_healed_model_exports_to_gguf(tmp_path, merged_tiny):
-    from exporters.gguf import export_loaded
+    from mka_edge.exporters.gguf import export_loaded
     from mka_edge.heal.distill import heal
     from mka_edge.models.loading import load_model
 
@@ -226,10 +226,10 @@ def _memory_at(model: Path, quant: str, k: int, context: int) -> float:
     """The plan's memory prediction for ``model`` with ``k`` layers merged (sizes from llama.cpp's dry run)."""
     from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
     from mka_edge.solver.memory import predict
-    from mka_edge.solver.quant_probe import weight_bytes
+    from mka_edge.records import QuantCost
 
     ms = read_shape(str(model))
-    wb, rb = weight_bytes(gguf_type_sizes(ms, [quant])[quant], ms.n_layers - k)
+    wb, rb = QuantCost.from_json(quant, "gguf", gguf_type_sizes(ms, [quant])[quant]).weight_bytes(ms.n_layers - k)
     return predict(ms.shape.with_layers(ms.n_layers - k), wb, context, "f16", repack_bytes=rb).total_mb
 
 

@@ -41,7 +41,7 @@ def ids():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama3-rope", "llama-bias"])
 def test_fp32_export_matches_pytorch(tmp_path, arch, ids):
-    from exporters.onnx import export_onnx
+    from mka_edge.exporters.onnx import export_onnx
     from test_gguf_export import _variant
 
     src = _variant(tmp_path, arch)
@@ -62,7 +62,7 @@ def test_fp32_export_matches_pytorch(tmp_path, arch, ids):
 def test_merged_models_export(tmp_path, arch, ids):
     """A fused (not just removed) layer exports: the ONNX model is the merged PyTorch model."""
     from conftest import tiny_context
-    from exporters.onnx import export_onnx
+    from mka_edge.exporters.onnx import export_onnx
     from mka_edge.merging import merge
 
     src = make_tiny(tmp_path / arch, arch, layers=5, seed=11)
@@ -79,7 +79,7 @@ def test_merged_models_export(tmp_path, arch, ids):
 def test_kv_cache_decoding_matches_full_sequence(tmp_path, ids):
     """Feeding the prompt, then one token at a time through past/present, gives the logits of one
     full pass: the exported cache plumbing is right."""
-    from exporters.onnx import export_onnx
+    from mka_edge.exporters.onnx import export_onnx
     from mka_edge.validate.onnx_worker import Decoder
 
     src = make_tiny(tmp_path / "llama", "llama", layers=3, seed=4)
@@ -100,7 +100,7 @@ def test_kv_cache_decoding_matches_full_sequence(tmp_path, ids):
 
 
 def test_genai_greedy_equals_pytorch_greedy(tmp_path):
-    from exporters.onnx import export_onnx
+    from mka_edge.exporters.onnx import export_onnx
     from mka_edge.validate.runner import run_child
 
     src = make_tiny(tmp_path / "llama", "llama", layers=3, seed=5)
@@ -121,7 +121,7 @@ def test_genai_greedy_equals_pytorch_greedy(tmp_path):
 
 @pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4), ("fp16", None)])
 def test_reduced_precision_exports_run_and_lose_a_little(tmp_path, quant, bits, ids):
-    from exporters.onnx import export_onnx
+    from mka_edge.exporters.onnx import export_onnx
     from mka_edge.validate.runner import run_child
 
     src = make_tiny(tmp_path / "llama", "llama", layers=3, seed=6)
@@ -141,7 +141,7 @@ def test_reduced_precision_exports_run_and_lose_a_little(tmp_path, quant, bits, 
 
 
 def test_single_file_embeds_weights_and_large_models_are_refused(tmp_path, ids):
-    from exporters.onnx import check_single_file, export_onnx, onnx_quant
+    from mka_edge.exporters.onnx import check_single_file, export_onnx, onnx_quant
     from mka_edge.errors import UserError
 
     src = make_tiny(tmp_path / "llama", "llama", layers=2, seed=7)
@@ -157,7 +157,7 @@ def test_single_file_embeds_weights_and_large_models_are_refused(tmp_path, ids):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    from exporters.onnx import export_loaded_onnx
+    from mka_edge.exporters.onnx import export_loaded_onnx
     from mka_edge.errors import UserError
     from mka_edge.models.loading import load_model
 
@@ -217,7 +217,7 @@ def test_validate_runs_an_onnx_export(tmp_path):
 
     src = make_tiny(tmp_path / "llama", "llama", layers=2, seed=10)
     out = tmp_path / "onnx"
-    from exporters.onnx import export_onnx
+    from mka_edge.exporters.onnx import export_onnx
 
     export_onnx(str(src), out, "int8", progress=False)
     from mka_edge.errors import UserError

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def exports(merged_smollm2, tmp_path_factory):
-    from exporters.onnx import export_loaded_onnx
+    from mka_edge.exporters.onnx import export_loaded_onnx
     from mka_edge.models.loading import load_model
 
     root = tmp_path_factory.mktemp("onnx")
@@ -40,7 +40,7 @@ def heldout_ids():
 
 
 def test_merged_smollm2_onnx_matches_pytorch(exports, heldout_ids):
-    from exporters.onnx_inspect import inspect_onnx
+    from mka_edge.exporters.onnx_inspect import inspect_onnx
     from mka_edge.validate.metrics import log_softmax
     from mka_edge.validate.onnx_worker import Decoder
     from mka_edge.validate.runner import run_child

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mka_edge.errors import UserError
+from mka_edge.records import QuantCost
 from mka_edge.solver.memory import MIB, Shape, attention_bytes, kv_bytes, predict, reserved_compute_bytes
 from mka_edge.solver.search import candidates, choose, pareto
 
@@ -37,10 +38,11 @@ def test_resident_memory_prediction_tracks_measured_rss():
 
 def _probe():
     per = lambda mb: [mb * MIB] * 30  # noqa: E731
-    return {"F16": {"per_layer": per(6.0), "other": 54 * MIB, "kl": 0.0},
+    rows = {"F16": {"per_layer": per(6.0), "other": 54 * MIB, "kl": 0.0},
             "Q8_0": {"per_layer": per(3.2), "other": 29 * MIB, "kl": 0.004},
             "Q4_K_M": {"per_layer": per(2.3), "other": 22 * MIB, "kl": 0.06},
             "Q4_0": {"per_layer": per(2.0), "other": 16 * MIB, "kl": 0.30}}
+    return {q: QuantCost.from_json(q, "gguf", d) for q, d in rows.items()}
 
 
 CURVE = [0.0, 0.12, 0.25, 0.34, 0.45, 0.6, 0.75]
@@ -102,10 +104,10 @@ def test_published_prior_and_plan_on_a_tiny_model(tmp_path, tiny_dir):
     opts = dict(samples=4, seq_len=64, positions=96, repeats=2, loss_samples=2, device="cpu")
     plan, ctx = plan_with_context("laptop-8gb", str(tiny_dir), method="shortgpt", k_max=2, quants=["F16", "Q8_0", "Q4_K_M"], context=512,
                                   merge_opts=opts, quality_prior=True, progress=False, log=lambda m: None)
-    assert (plan["choice"]["k"], plan["choice"]["quant"]) == (0, "F16")     # a loose budget: best quality
+    assert (plan.choice.k, plan.choice.quant) == (0, "F16")     # a loose budget: best quality
     # F16, the best type, fits unmerged, so no merge can win: the curve is not computed (quality.needed_merge_kl)
-    assert "prior" in plan["models"]["quant_cost"] and len(plan["candidates"]) == 3
-    assert plan["curve"]["kl"] == [0.0] and not plan["curve"]["complete"]
+    assert "prior" in plan.models["quant_cost"] and len(plan.candidates) == 3
+    assert plan.curve["kl"] == [0.0] and not plan.curve["complete"]
     assert "choice: merge K=0" in plan_table(plan)
     path = write_plan(plan, tmp_path)
-    assert json.loads(path.read_text())["choice"] == plan["choice"]
+    assert json.loads(path.read_text())["choice"] == plan.to_json()["choice"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache import atomic_write_text, stable_hash
 from ..errors import UserError
+from ..merge_log import MergeLog, read_merge_log
 from .targets import MODES, select
 
 
@@ -171,14 +172,14 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     ref = reference_model if reference_model is not None else load_model(ref_spec, dev, torch.float32)
     _check_pair(student, ref)
     windows = _windows(student.tokenizer, cfg) if cfg.steps else None
-    folder = Path(student.source.get("model_dir") or "")
-    merge_log = json.loads((folder / "merge_log.json").read_text()) if (folder / "merge_log.json").is_file() else {}
+    merge_log = read_merge_log(student.source.get("model_dir"))
     for p in ref.model.parameters():
         p.requires_grad_(False)
     heldout = Reference(ref.model, heldout_chunks(student.tokenizer, cfg.heldout_chunks), dev)
     before = compare(student.model, heldout).as_dict()
     log(f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})")
-    model, what = select(student.model, cfg.train, merge_log.get("layer_map"), cfg.lora_rank, merge_log.get("layers_before"))
+    model, what = select(student.model, cfg.train, merge_log.layer_map if merge_log else None, cfg.lora_rank,
+                         merge_log.layers_before if merge_log else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
@@ -231,11 +232,11 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
         "losses": [round(x, 6) for x in losses], "heldout_before": before, "heldout_after": after,
         "curve": curve,
     }
-    new_log = dict(merge_log) if merge_log else {"mka_edge": __version__, "source": student.source,
-                                                   "source_fingerprint": student.fingerprint, "merge_layers": 0,
-                                                   "layers_before": student.num_layers}
-    new_log["heal"] = {k: v for k, v in record.items() if k not in ("losses", "curve")}
-    save_merged(healed, student.tokenizer, new_log, out)
+    # the merge's log carried forward with the heal added (a model that was never merged gets a log of its own)
+    base = merge_log or MergeLog(mka_edge=__version__, source=student.source, source_fingerprint=student.fingerprint,
+                                 merge_layers=0, layers_before=student.num_layers)
+    new_log = replace(base, heal={k: v for k, v in record.items() if k not in ("losses", "curve")})
+    save_merged(healed, student.tokenizer, new_log.to_json(), out)
     atomic_write_text(out / "heal_log.json", json.dumps(record, indent=2))
     ckpt.remove()
     return record

@@ -7,9 +7,9 @@ so the healed folder is a plain model and optimizer state stays small on large m
 from __future__ import annotations
 
 from ..errors import UserError
+from ..models.architectures import ArchSpec, arch_for
 
 MODES = ("all", "changed", "lora")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def changed_layers(layer_map: list[dict], n_layers: int, n_original: int | None = None) -> list[int]:
@@ -33,27 +33,32 @@ def changed_layers(layer_map: list[dict], n_layers: int, n_original: int | None 
 
 
 def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16,
-           n_original: int | None = None) -> tuple[object, list[str]]:
-    """Return the model to train (wrapped for LoRA) and a description of what trains."""
+           n_original: int | None = None, arch: ArchSpec | None = None) -> tuple[object, list[str]]:
+    """Return the model to train (wrapped for LoRA) and a description of what trains.  Module names
+    come from ``arch`` (default: the table entry for the model's config), not from this file."""
     if mode not in MODES:
         raise UserError(f"unknown --train '{mode}'; choose one of {', '.join(MODES)}")
+    if mode != "all":
+        arch = arch or arch_for(model.config.model_type)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+        targets = list(arch.lora_targets)
+        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets,
                          bias="none", task_type="CAUSAL_LM")
         wrapped = get_peft_model(model, cfg)
-        return wrapped, [f"LoRA rank {lora_rank} on {', '.join(LORA_TARGETS)}"]
+        return wrapped, [f"LoRA rank {lora_rank} on {', '.join(targets)}"]
     for p in model.parameters():
         p.requires_grad_(mode == "all")
     if mode == "all":
         return model, ["all parameters"]
     if not layer_map:
         raise UserError("--train changed needs the merge's layer map (merge_log.json beside the model); use --train all or lora")
-    idx = changed_layers(layer_map, len(model.model.layers), n_original)
+    layers = arch.layers(model)
+    idx = changed_layers(layer_map, len(layers), n_original)
     if not idx:
         raise UserError("the merge changed no layer (K=0?); nothing to heal with --train changed; use --train all")
     for i in idx:
-        for p in model.model.layers[i].parameters():
+        for p in layers[i].parameters():
             p.requires_grad_(True)
     return model, [f"layers {idx} (changed by the merge, with neighbours)"]

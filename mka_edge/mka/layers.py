@@ -25,7 +25,7 @@ def base_model(model, arch):
 
 
 def get_layers(model, arch) -> nn.ModuleList:
-    return _resolve(model, arch.layers_path)
+    return arch.layers(model)
 
 
 def set_layers(model, arch, layers: list[nn.Module]) -> None:
@@ -35,7 +35,7 @@ def set_layers(model, arch, layers: list[nn.Module]) -> None:
     setattr(parent, attr, nn.ModuleList(layers))
     model.config.num_hidden_layers = len(layers)
     for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
+        attn = getattr(layer, arch.attn_module, None)
         if attn is not None and hasattr(attn, "layer_idx"):
             attn.layer_idx = i
 

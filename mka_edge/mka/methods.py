@@ -20,7 +20,7 @@ from .context import MergeContext
 from .fusion import Composition, fuse, identity, keep_only, realize_layer, remove
 from .method_table import ALL_METHODS, AUTO_POOL, ROWS  # noqa: F401 - re-exported for callers
 
-Step = dict
+Step = dict          # the fields of merge_log.MergeStep, plus "composition"; a dict for the JSON trajectory cache
 Trajectory = Iterator[Step]
 
 

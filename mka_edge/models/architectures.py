@@ -7,8 +7,18 @@ decoder family means adding one entry here (mergekit keeps the same knowledge as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_ATTN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
+_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+_QKV_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+_LINEARS = tuple(w.split(".")[-2] for w in _ATTN + _MLP)   # q_proj ... down_proj: every linear of a block
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,17 @@ class ArchSpec:
     optional_biases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # config flag -> biases
     rotary_permute_qk: bool = True   # llama.cpp wants q/k permuted for its rope layout
     gguf_arch: str = "llama"
+    attn_module: str = "self_attn"   # attribute of a block holding its attention (carries layer_idx)
+    mlp_module: str = "mlp"          # attribute of a block holding its feed-forward
+    output_head: str = "lm_head"     # module name of the output projection (dropped when tied)
+    lora_targets: tuple[str, ...] = _LINEARS  # linear-module names LoRA adapts in every block
+
+    def layers(self, model) -> nn.ModuleList:
+        """The ModuleList of blocks of ``model`` (the CausalLM), found by following ``layers_path``."""
+        obj = model
+        for part in self.layers_path.split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def block_params(self, config) -> tuple[str, ...]:
         """All parameter names of one block for this config (weights, norms, biases)."""
@@ -31,11 +52,6 @@ class ArchSpec:
                 names.extend(extra)
         return tuple(names)
 
-
-_ATTN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
-_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
-_QKV_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(

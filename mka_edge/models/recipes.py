@@ -60,12 +60,15 @@ def recipe_behind(spec: str | None) -> dict[str, Any]:
     """The recipe a model comes from: ``spec``'s own (the default model when None), or for a
     merged or healed folder the recipe its merge_log.json names as source; {} when there is none.
     Reads no weights, and never fails: the command's own model loading reports a bad spec."""
-    import json
+    from ..merge_log import read_merge_log
 
     spec = spec or DEFAULT_MODEL
-    log = Path(spec) / "merge_log.json"
-    if log.is_file():
-        spec = (json.loads(log.read_text()).get("source") or {}).get("spec")
+    try:
+        log = read_merge_log(spec)
+    except UserError:
+        return {}
+    if log is not None:
+        spec = log.source.get("spec")
         if not spec:
             return {}
     try:

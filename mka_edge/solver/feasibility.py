@@ -6,7 +6,7 @@ Why: a budget nothing fits used to be refused after the merge trajectory and the
 largest K allowed with the smallest type.  Here it is decided in seconds, from exact sizes:
 
 - GGUF: llama.cpp's quantizer, in a dry run on a data-less GGUF of the model's shape
-  (``exporters.gguf.write_shape_gguf``), names the type it would give every tensor; bytes are rows
+  (``mka_edge.exporters.gguf.write_shape_gguf``), names the type it would give every tensor; bytes are rows
   x ggml row size from gguf-py's block table — exactly what the quantized file holds (a test checks
   them against the probe's real files).  Costs a second, even for an 8B model (meta device).
 - ONNX: each type's nominal bytes per weight with a resident share of 1 (the measured shares are
@@ -30,6 +30,7 @@ from typing import Any
 
 from ..cache import atomic_write_text, cache_root, stable_hash
 from ..errors import UserError
+from ..records import QuantCost
 from .memory import Shape
 
 SIZES_VERSION = 1
@@ -97,9 +98,9 @@ def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
     Cached by the model's config and the types."""
     from importlib.metadata import version
 
-    from exporters.gguf import write_shape_gguf
-    from exporters.llama_quantize import dry_run_types
-    from exporters.quant_types import quant_type
+    from mka_edge.exporters.gguf import write_shape_gguf
+    from mka_edge.exporters.llama_quantize import dry_run_types
+    from mka_edge.exporters.quant_types import quant_type
 
     key = stable_hash({"config": ms.config.to_json_string(use_diff=False), "quants": quants,
                        "llama_cpp": version("llama-cpp-python"), "v": SIZES_VERSION})
@@ -116,37 +117,25 @@ def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
     return out
 
 
-def onnx_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
-    """Nominal bytes of each ONNX type and a resident share of 1: a lower bound on its memory."""
-    from exporters.onnx import onnx_quant
-
-    out = {}
-    for q in quants:
-        bpw = onnx_quant(q).bytes_per_weight
-        out[q] = {"per_layer": [p * bpw for p in ms.block_params], "repack_per_layer": [0.0] * ms.n_layers,
-                  "other": ms.other_params * bpw, "resident_ratio": 1.0, "format": "onnx", "tensor_types": {}}
-    return out
-
-
 def smallest_kept(per_layer: list[float], k: int) -> list[int]:
     """The layers kept when the K largest go: the least memory any merge to K can reach."""
     order = sorted(range(len(per_layer)), key=lambda i: per_layer[i])
     return sorted(order[: len(per_layer) - k])
 
 
-def check_any_fits(ms: ModelShape, sizes: dict[str, dict], *, k_max: int, context: int, kv_type: str,
+def check_any_fits(ms: ModelShape, sizes: dict[str, QuantCost], *, k_max: int, context: int, kv_type: str,
                    budget_mb: float, overhead_mb: float, exact: bool) -> None:
     """Refuse, before any model work, a budget that no (K <= k_max, type) pair can meet."""
     from .search import candidates, refuse_if_nothing_fits
 
-    ref = next(iter(sizes.values()))["per_layer"]
+    ref = next(iter(sizes.values())).per_layer
     kept = [smallest_kept(ref, k) for k in range(k_max + 1)]
     cands = candidates(ms.shape, [0.0] * (k_max + 1), kept, sizes, context=context, kv_type=kv_type,
                        budget_mb=budget_mb, bandwidth_gbps=1.0, efficiency=1.0, min_tps=0.0, max_kl=float("inf"),
                        overhead_mb=overhead_mb)
     # Where llama.cpp's mix gives layers different types (Q4_K_M: more bits in some layers), which
     # layers a merge removes changes the bytes: the K largest give a bound the merge may not reach.
-    uniform = all(len(set(e["per_layer"])) <= 1 and len(set(e["repack_per_layer"])) <= 1 for e in sizes.values())
+    uniform = all(len(set(e.per_layer)) <= 1 and len(set(e.repack_per_layer)) <= 1 for e in sizes.values())
     refuse_if_nothing_fits(cands, budget_mb, context, at_least=not (exact and uniform))
 
 

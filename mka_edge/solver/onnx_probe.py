@@ -28,7 +28,7 @@ def initializer_bytes_split(folder: Path) -> dict:
     """Bytes inside transformer layers (per layer) and outside them, from the initializers' names."""
     import onnx
 
-    from exporters.onnx_inspect import initializer_nbytes, resolve
+    from mka_edge.exporters.onnx_inspect import initializer_nbytes, resolve
 
     _, model_file = resolve(folder)
     model = onnx.load(str(model_file), load_external_data=False)
@@ -50,8 +50,8 @@ def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progres
     """{quant: {'per_layer', 'other', 'kl', 'top1', 'ppl', 'resident_ratio', 'quantized_ops', 'format': 'onnx'}}."""
     import numpy as np
 
-    from exporters.onnx import export_loaded_onnx, onnx_quant
-    from exporters.onnx_inspect import inspect_onnx
+    from mka_edge.exporters.onnx import export_loaded_onnx, onnx_quant
+    from mka_edge.exporters.onnx_inspect import inspect_onnx
     from ..validate.reference import compact_reference
     from ..validate.runner import run_child
 
@@ -87,7 +87,7 @@ def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progres
             if q == "int8" and calibrate_speed:
                 from .speed import calibrate
 
-                calibrate(lat["gen_tps"]["median"], wb, fmt="onnx")
+                calibrate(lat["gen_tps"]["median"], wb, target="onnx")
             atomic_write_text(folder / f"onnx-{q}-{keys[q][:20]}.json", json.dumps(res))
             results[q] = res
     return results

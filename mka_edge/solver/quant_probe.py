@@ -80,10 +80,10 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
 def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True,
           calibrate_speed: bool = False) -> dict[str, dict]:
     """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...}}}."""
-    from exporters.gguf import write_float_gguf
-    from exporters.gguf_inspect import inspect_gguf
-    from exporters.llama_quantize import quantize
-    from exporters.quant_types import quant_type
+    from mka_edge.exporters.gguf import write_float_gguf
+    from mka_edge.exporters.gguf_inspect import inspect_gguf
+    from mka_edge.exporters.llama_quantize import quantize
+    from mka_edge.exporters.quant_types import quant_type
     from ..validate.gguf import WORKER
     from ..validate.reference import compact_reference
     from ..validate.runner import run_child
@@ -116,11 +116,3 @@ def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bo
                 art.unlink()
     return results
 
-
-def weight_bytes(entry: dict, kept_layers: list[int] | int) -> tuple[float, float]:
-    """(weight bytes, repacked-copy bytes) of a model keeping these original layers (or this many,
-    at the mean layer size)."""
-    per, rep = entry["per_layer"], entry.get("repack_per_layer") or [0] * len(entry["per_layer"])
-    if isinstance(kept_layers, int):
-        return entry["other"] + kept_layers * (sum(per) / len(per)), kept_layers * (sum(rep) / len(rep))
-    return entry["other"] + sum(per[i] for i in kept_layers), float(sum(rep[i] for i in kept_layers))

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
-from .memory import Shape, kv_bytes, predict
-from .onnx_memory import onnx_kv_bytes, predict_onnx
-from .quant_probe import weight_bytes
+from ..records import QuantCost
+from ..targets import get_target
+from .memory import Shape
 from .speed import bytes_per_token, predict_tps
 
 
@@ -33,23 +33,22 @@ class Candidate:
         return d
 
 
-def candidates(shape: Shape, curve_kl: list[float], kept: list[list[int]], probe: dict[str, dict], *,
+def candidates(shape: Shape, curve_kl: list[float], kept: list[list[int]], probe: dict[str, QuantCost], *,
                context: int, kv_type: str, budget_mb: float, bandwidth_gbps: float, efficiency: float,
                min_tps: float, max_kl: float, overhead_mb: float) -> list[Candidate]:
+    """Every (K, quant) pair with its predicted memory, speed and KL.  Each cost's target supplies
+    the memory model and the KV bytes."""
     out = []
     for k, kl_merge in enumerate(curve_kl):
         layers = shape.n_layers - k
         sh = shape.with_layers(layers)
-        for quant, entry in probe.items():
-            wb, rb = weight_bytes(entry, kept[k] if k < len(kept) else layers)
-            if entry.get("format") == "onnx":
-                mem = predict_onnx(sh, wb, entry["resident_ratio"], context, quant)
-                kv = onnx_kv_bytes(sh, context, quant)
-            else:
-                mem = predict(sh, wb, context, kv_type, repack_bytes=rb, overhead_mb=overhead_mb)
-                kv = kv_bytes(sh, context, kv_type)
+        for quant, cost in probe.items():
+            target = get_target(cost.target)
+            wb, rb = cost.weight_bytes(kept[k] if k < len(kept) else layers)
+            mem = target.predict_memory(sh, cost, wb, rb, context, kv_type, overhead_mb)
+            kv = target.kv_bytes(sh, context, quant, kv_type)
             tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
-            kl = kl_merge + entry.get("kl", 0.0)     # sizes alone (the early check) carry no KL
+            kl = kl_merge + (cost.kl or 0.0)     # sizes alone (the early check) carry no KL
             out.append(Candidate(k, quant, layers, mem.total_mb, mem.as_dict(), kl, tps,
                                  mem.total_mb <= budget_mb, tps >= min_tps, kl <= max_kl))
     return out

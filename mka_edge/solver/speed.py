@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from ..cache import atomic_write_text, cache_root
+from ..targets import get_target
 
 DEFAULT_EFFICIENCY = 0.5   # used until a host measurement exists
 
@@ -38,22 +39,22 @@ def bytes_per_token(weight_bytes: float, kv_bytes_full: float, tied: bool, embd_
     return weight_bytes - (0.0 if tied else embd_bytes) + 0.5 * kv_bytes_full
 
 
-def _calibration_file(fmt: str):
-    return cache_root() / ("speed_calibration.json" if fmt == "gguf" else f"speed_calibration-{fmt}.json")
+def _calibration_file(target: str):
+    return cache_root() / get_target(target).speed_calibration_file
 
 
-def calibrate(measured_tps: float, bytes_tok: float, host_gbps: float | None = None, fmt: str = "gguf") -> dict:
+def calibrate(measured_tps: float, bytes_tok: float, host_gbps: float | None = None, target: str = "gguf") -> dict:
     host_gbps = host_gbps or host_bandwidth_gbps()
     eff = measured_tps * bytes_tok / (host_gbps * 1e9)
     rec = {"efficiency": eff, "host_copy_gbps": host_gbps, "measured_tps": measured_tps,
            "bytes_per_token": bytes_tok, "host": platform.node(), "time": time.time()}
-    atomic_write_text(_calibration_file(fmt), json.dumps(rec))
+    atomic_write_text(_calibration_file(target), json.dumps(rec))
     return rec
 
 
-def efficiency(fmt: str = "gguf") -> tuple[float, str]:
-    """Per runtime: llama.cpp and onnxruntime use the same bandwidth very differently."""
-    path = _calibration_file(fmt)
+def efficiency(target: str = "gguf") -> tuple[float, str]:
+    """Per target: llama.cpp and onnxruntime use the same bandwidth very differently."""
+    path = _calibration_file(target)
     if path.is_file():
         rec = json.loads(path.read_text())
         return float(rec["efficiency"]), f"calibrated on this host ({rec['measured_tps']:.1f} tok/s measured)"

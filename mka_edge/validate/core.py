@@ -2,7 +2,7 @@
 cached; the artifact runs in its real runtime in child processes (one for accuracy, one for
 latency, so a crash in the runtime cannot take the caller down and peak RSS is the runtime's).
 What differs per format — how to read the artifact back, check its vocabulary, which worker runs
-it and how the report describes it — lives in `formats.py`."""
+it and how the report describes it — lives in each target's validation adapter (mka_edge/targets/)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..cache import atomic_write_text
 from ..errors import UserError
 from ..quality import wilson
 from .checks import Thresholds, evaluate
-from .formats import adapter_for
+from ..targets import target_for_artifact
 from .reference import compact_reference, mmlu_jobs, reference_mmlu
 from .runner import run_child
 
@@ -44,7 +44,7 @@ def validate_artifact(artifact: str | Path, reference: str | None = None, *, pro
     from ..models.loading import load_model
 
     artifact = Path(artifact)
-    fmt = adapter_for(artifact)
+    fmt = target_for_artifact(Path(artifact)).validation
     if profile is not None and profile.format != fmt.name:
         raise UserError(f"profile {profile.name} runs {profile.runtime} ({profile.format}) but {artifact} is {fmt.name}; "
                         f"validate it with a {fmt.name} profile or without --profile")

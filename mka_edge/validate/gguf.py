@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .core import markdown, reference_spec, validate_artifact
-from .formats import GGUF
+from ..targets.gguf import VALIDATION as GGUF
 
 WORKER = GGUF.worker
 validate_gguf = validate_artifact

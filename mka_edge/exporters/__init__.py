@@ -8,5 +8,6 @@ llama_quantize   llama.cpp's quantizer in a child process
 imatrix          importance matrix for the low-bit types, from the calibration text
 onnx.py          model -> ONNX folder (onnxruntime-genai builder; onnxruntime quantizer for int8/int4)
 onnx_inspect     read an ONNX export back: integrity, weight bytes, quantized ops, provenance
+gguf_names       HF -> GGUF tensor names (shared by gguf.py and imatrix)
 paths            output-path checks shared by the exporters
 """

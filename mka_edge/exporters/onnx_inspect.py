@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mka_edge.errors import UserError
 
-from .onnx import PROVENANCE_FILE
+# Written next to the model by the exporter (onnx.py); read back here.
+PROVENANCE_FILE = "mka_edge.json"
 
 _DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 

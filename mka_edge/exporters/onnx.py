@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from mka_edge import __version__
 from mka_edge.errors import UserError
+from mka_edge.merge_log import MergeLog, provenance, read_merge_log
 
+from .onnx_inspect import PROVENANCE_FILE, inspect_onnx
 from .paths import ensure_writable_parent
 
-PROVENANCE_FILE = "mka_edge.json"
 PROTOBUF_LIMIT = 2**31 - 1          # one ONNX protobuf file cannot exceed 2 GB
 
 
@@ -109,12 +109,6 @@ def check_single_file(n_params: int, q: OnnxQuant) -> None:
                         f"limit of a single ONNX file; drop --single-file (weights then go to model.onnx.data)")
 
 
-def _merge_log(model_dir: str | None) -> dict | None:
-    if model_dir and (Path(model_dir) / "merge_log.json").is_file():
-        return json.loads((Path(model_dir) / "merge_log.json").read_text())
-    return None
-
-
 def _source_dir(lm, stack: ExitStack, parent: Path) -> Path:
     """The builder reads a Hugging Face folder: the model's own one, else a temporary save."""
     folder = lm.source.get("model_dir")
@@ -163,7 +157,7 @@ def _run_builder(src: Path, out: Path, q: OnnxQuant, n_layers: int, progress: bo
         raise UserError(f"the ONNX builder failed for {q.name}: {why[:240]}")
 
 
-def _finish(out: Path, q: OnnxQuant, lm, merge_log: dict | None, context: int | None, single_file: bool) -> None:
+def _finish(out: Path, q: OnnxQuant, lm, merge_log: MergeLog | None, context: int | None, single_file: bool) -> None:
     """Runtime config for the target context, provenance inside the model and beside it, and
     (on request) weights embedded in one file."""
     import onnx
@@ -174,15 +168,11 @@ def _finish(out: Path, q: OnnxQuant, lm, merge_log: dict | None, context: int | 
         cfg["search"]["max_length"] = int(context)      # onnxruntime-genai sizes its KV buffer by this
     cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []   # CPU unless configured
     cfg_path.write_text(json.dumps(cfg, indent=4))
-    log = merge_log or {}
-    layer_map = log.get("layer_map") or [{"layer": i, "sources": [i], "weights": [1.0]} for i in range(lm.num_layers)]
+    facts = provenance(lm, merge_log)          # the same facts the GGUF exporter writes
     prov = {
-        "mka_edge": __version__, "format": "onnx", "quant": q.name, "builder_precision": q.precision,
+        "mka_edge": facts.pop("mka_edge"), "format": "onnx", "quant": q.name, "builder_precision": q.precision,
         "builder_extra_options": list(q.extra), "builder_execution_provider": q.builder_ep, "versions": versions(),
-        "method": str(log.get("method", "none")), "merge_layers": int(log.get("merge_layers", 0)),
-        "layers_before": int(log.get("layers_before", lm.num_layers)), "layers": lm.num_layers, "layer_map": layer_map,
-        "source": str((log.get("source") or lm.source).get("spec", "")),
-        "source_sha256": str(log.get("source_fingerprint", lm.fingerprint)),
+        **facts,                               # method, merge_layers, layers_before, layers, layer_map, source, source_sha256
         "context": int(cfg["search"]["max_length"]),
     }
     model_file = out / cfg["model"]["decoder"]["filename"]
@@ -219,7 +209,6 @@ def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | 
     """Export a loaded model to an ONNX folder; returns the summary read back from what was written."""
     from mka_edge.cache import atomic_dir
 
-    from .onnx_inspect import inspect_onnx
 
     q = quant if isinstance(quant, OnnxQuant) else onnx_quant(quant)
     out = check_out_dir(Path(out))
@@ -230,7 +219,7 @@ def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | 
         raise UserError("--context must be positive")
     if context and model_ctx and context > model_ctx:
         raise UserError(f"--context {context} is longer than the model's context length ({model_ctx}); use at most {model_ctx}")
-    merge_log = _merge_log(lm.source.get("model_dir"))
+    merge_log = read_merge_log(lm.source.get("model_dir"))
     with ExitStack() as stack:
         src = _source_dir(lm, stack, out.parent)
         with atomic_dir(out) as tmp:

@@ -3,8 +3,8 @@
 A child, because llama.cpp aborts the whole process on some failures; the parent turns a
 non-zero exit into one clear error and removes the half-written output.
 
-    python -m exporters.llama_quantize IN.gguf OUT.gguf FTYPE NTHREAD [IMATRIX.npz]
-    python -m exporters.llama_quantize --dry-run IN.gguf FTYPE [FTYPE ...]
+    python -m mka_edge.exporters.llama_quantize IN.gguf OUT.gguf FTYPE NTHREAD [IMATRIX.npz]
+    python -m mka_edge.exporters.llama_quantize --dry-run IN.gguf FTYPE [FTYPE ...]
 
 The dry run is llama.cpp's own: it decides every tensor's type for a file type without reading
 or writing any tensor data, so it also works on a data-less file (``gguf.write_shape_gguf``).
@@ -72,7 +72,7 @@ def _dry_run(src: str, ftypes: list[int]) -> int:
 
 def dry_run_types(src: Path, ftypes: list[int]) -> dict[int, dict[str, str]]:
     """The ggml type llama.cpp's quantizer would give each tensor of ``src``, per file type."""
-    cmd = [sys.executable, "-m", "exporters.llama_quantize", "--dry-run", str(src), *map(str, ftypes)]
+    cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", "--dry-run", str(src), *map(str, ftypes)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = ((proc.stderr or "").strip().splitlines() or ["no message"])[-1]
@@ -105,7 +105,7 @@ def quantize(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | Non
     ``progress``: an elapsed-time line while it runs (minutes for a 7-8B model)."""
     from mka_edge.validate.runner import run_with_progress
 
-    cmd = [sys.executable, "-m", "exporters.llama_quantize", str(src), str(dst), str(ftype), str(nthread)]
+    cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", str(src), str(dst), str(ftype), str(nthread)]
     if imatrix is not None:
         cmd.append(str(imatrix))
     proc = run_with_progress(cmd, None, "llama.cpp quantizer", progress)

@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mka_edge import __version__
 from mka_edge.errors import UserError
+from mka_edge.merge_log import MergeLog, provenance, read_merge_log
 from mka_edge.models.recipes import recipe_behind
 
 from .paths import ensure_writable_parent
 
 from .gguf_inspect import inspect_gguf
+from .gguf_names import tensor_name_map
+from .imatrix import compute_imatrix
 from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
 from .quant_types import QuantType, quant_type
 
@@ -62,9 +64,9 @@ def _llama3_rope_factors(params: dict, theta: float, head_dim: int) -> np.ndarra
     return np.asarray(out, dtype=np.float32)
 
 
-def _tokenizer_gguf(lm, merge_log: dict | None) -> Path | None:
+def _tokenizer_gguf(lm, merge_log: MergeLog | None) -> Path | None:
     """The GGUF whose tokenizer this model still uses, if it came from one."""
-    for src in (lm.source, (merge_log or {}).get("source") or {}):
+    for src in (lm.source, (merge_log.source if merge_log is not None else None) or {}):
         if src.get("kind") == "gguf" and src.get("path") and Path(src["path"]).is_file():
             return Path(src["path"])
     return None
@@ -98,34 +100,26 @@ def _hparams(writer, config, n_vocab: int) -> None:
         raise UserError(f"rope scaling '{kind}' is not supported by the GGUF exporter yet (supported: none, linear, llama3)")
 
 
-def _model_name(lm, merge_log: dict | None) -> str:
+def _model_name(lm, merge_log: MergeLog | None) -> str:
     """general.name: the source model's name (never a local path, which would make two otherwise
     identical builds differ), with the merge noted."""
-    spec = str(((merge_log or {}).get("source") or lm.source).get("spec") or "model")
+    spec = str(((merge_log.source if merge_log is not None else None) or lm.source).get("spec") or "model")
     name = Path(spec).name if ("/" in spec and Path(spec).exists()) or spec.endswith((".gguf", ".yaml")) else spec
     name = name.removesuffix(".gguf").removesuffix(".yaml")
-    k = int((merge_log or {}).get("merge_layers", 0))
+    k = int(merge_log.merge_layers if merge_log is not None else 0)
     return f"{name}-merged-K{k}" if k else name
 
 
-def _provenance(writer, lm, merge_log: dict | None) -> None:
-    log = merge_log or {}
-    writer.add_string("mka_edge.version", __version__)
-    writer.add_string("mka_edge.method", str(log.get("method", "none")))
-    writer.add_uint32("mka_edge.merge_layers", int(log.get("merge_layers", 0)))
-    writer.add_uint32("mka_edge.layers_before", int(log.get("layers_before", lm.num_layers)))
-    layer_map = log.get("layer_map") or [{"layer": i, "sources": [i], "weights": [1.0]} for i in range(lm.num_layers)]
-    writer.add_string("mka_edge.layer_map", json.dumps(layer_map, separators=(",", ":")))
-    writer.add_string("mka_edge.source", str((log.get("source") or lm.source).get("spec", "")))
-    writer.add_string("mka_edge.source_sha256", str(log.get("source_fingerprint", lm.fingerprint)))
-
-
-def tensor_name_map(lm):
-    """gguf-py's HF -> GGUF tensor-name map for this model's architecture and depth."""
-    import gguf
-
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == lm.arch.gguf_arch)
-    return gguf.get_tensor_name_map(model_arch, int(lm.model.config.num_hidden_layers))
+def _provenance(writer, lm, merge_log: MergeLog | None) -> None:
+    """merge_log.provenance as ``mka_edge.*`` metadata (read back by gguf_inspect)."""
+    prov = provenance(lm, merge_log)
+    writer.add_string("mka_edge.version", prov["mka_edge"])
+    writer.add_string("mka_edge.method", prov["method"])
+    writer.add_uint32("mka_edge.merge_layers", prov["merge_layers"])
+    writer.add_uint32("mka_edge.layers_before", prov["layers_before"])
+    writer.add_string("mka_edge.layer_map", json.dumps(prov["layer_map"], separators=(",", ":")))
+    writer.add_string("mka_edge.source", prov["source"])
+    writer.add_string("mka_edge.source_sha256", prov["source_sha256"])
 
 
 def _named_tensors(lm):
@@ -134,7 +128,7 @@ def _named_tensors(lm):
     tmap = tensor_name_map(lm)
     tied = bool(getattr(lm.model.config, "tie_word_embeddings", False))
     for hf_name, tensor in lm.model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
+        if tied and hf_name == f"{lm.arch.output_head}.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
@@ -206,7 +200,7 @@ def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_float_gguf(lm, path: Path, float_type: str, merge_log: dict | None = None,
+def write_float_gguf(lm, path: Path, float_type: str, merge_log: MergeLog | None = None,
                      pre_tokenizer: str | None = None, progress: bool = False) -> dict:
     """Write an F32 or F16 GGUF of a loaded model to ``path`` (caller handles atomicity)."""
     import gguf
@@ -252,19 +246,12 @@ def check_out_file(out: Path) -> Path:
     return ensure_writable_parent(out)
 
 
-def _merge_log_of(lm) -> dict | None:
-    folder = lm.source.get("model_dir")
-    if folder and (Path(folder) / "merge_log.json").is_file():
-        return json.loads((Path(folder) / "merge_log.json").read_text())
-    return None
-
-
 def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str | None = None,
                   threads: int | None = None, imatrix_texts=None, progress: bool = True) -> dict:
     """Export a loaded model; returns the summary of the file written (types read back from it)."""
     q = quant if isinstance(quant, QuantType) else quant_type(quant)
     out = check_out_file(out)
-    merge_log = _merge_log_of(lm)
+    merge_log = read_merge_log(lm.source.get("model_dir"))
     threads = threads or max(1, os.cpu_count() or 1)
     with ExitStack() as stack:
         tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent)))
@@ -275,7 +262,6 @@ def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str |
         else:
             imatrix = None
             if q.needs_imatrix:
-                from .imatrix import compute_imatrix
 
                 imatrix = tmpdir / "imatrix.npz"
                 compute_imatrix(lm, imatrix, imatrix_texts, progress=progress)

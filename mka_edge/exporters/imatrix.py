@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from mka_edge.calibration import calibration_batch
 
+from .gguf_names import tensor_name_map
+
 
 @torch.no_grad()
 def compute_imatrix(lm, out: Path, calibration: str | None = None, samples: int = 16, seq_len: int = 256,
                     progress: bool = True) -> dict[str, int]:
-    from .gguf import tensor_name_map
 
     config = lm.model.config
     tmap = tensor_name_map(lm)
@@ -29,7 +30,7 @@ def compute_imatrix(lm, out: Path, calibration: str | None = None, samples: int 
     for mod_name, mod in lm.model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
-        if mod_name == "lm_head" and getattr(config, "tie_word_embeddings", False):
+        if mod_name == lm.arch.output_head and getattr(config, "tie_word_embeddings", False):
             continue  # the tied embedding is token_embd, which llama.cpp reads by rows
         gguf_name = tmap.get_name(f"{mod_name}.weight", try_suffixes=(".weight",))
         if gguf_name is None:

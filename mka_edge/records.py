@@ -1,0 +1,162 @@
+"""Typed records for the data that crosses modules: what a quant type costs, what an exported
+artifact holds, and the plan.  Each is frozen and round-trips through JSON (``to_json`` /
+``from_json``) so a plan can be printed, diffed, saved and executed later.
+
+The merge log and its steps live beside the merge (``merge_log.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+PLAN_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class QuantCost:
+    """What one quant type costs on one model for one target: bytes per transformer layer and
+    outside the layers, the part llama.cpp repacks, and (when measured or from a prior) the KL it
+    adds on the unmerged model.  ``kl`` is None for sizes alone (the early feasibility check)."""
+
+    quant: str
+    target: str
+    per_layer: tuple[float, ...]
+    other: float
+    repack_per_layer: tuple[float, ...] = ()
+    kl: float | None = None
+    tensor_types: dict = field(default_factory=dict)
+    resident_ratio: float | None = None      # ONNX: share of the weights onnxruntime keeps resident
+    extra: dict = field(default_factory=dict)  # measured side facts (top1, ppl, peak RSS, source...)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.per_layer) + self.other
+
+    def weight_bytes(self, kept_layers: list[int] | int) -> tuple[float, float]:
+        """(weight bytes, repacked-copy bytes) of a model keeping these original layers (or this
+        many, at the mean layer size)."""
+        per = self.per_layer
+        rep = self.repack_per_layer or (0.0,) * len(per)
+        if isinstance(kept_layers, int):
+            return self.other + kept_layers * (sum(per) / len(per)), kept_layers * (sum(rep) / len(rep))
+        return self.other + sum(per[i] for i in kept_layers), float(sum(rep[i] for i in kept_layers))
+
+    def to_json(self) -> dict:
+        """The cache's form (the quant probes have always written these keys)."""
+        d = {"per_layer": list(self.per_layer), "repack_per_layer": list(self.repack_per_layer),
+             "other": self.other, "tensor_types": dict(self.tensor_types), **self.extra}
+        if self.kl is not None:
+            d["kl"] = self.kl
+        if self.resident_ratio is not None:
+            d["resident_ratio"] = self.resident_ratio
+        return d
+
+    @classmethod
+    def from_json(cls, quant: str, target: str, d: dict) -> QuantCost:
+        known = {"per_layer", "repack_per_layer", "other", "kl", "tensor_types", "resident_ratio", "format"}
+        return cls(quant, target, tuple(d["per_layer"]), float(d["other"]),
+                   tuple(d.get("repack_per_layer") or ()), d.get("kl"), dict(d.get("tensor_types") or {}),
+                   d.get("resident_ratio"), {k: v for k, v in d.items() if k not in known})
+
+    def with_kl(self, kl: float, **extra) -> QuantCost:
+        return QuantCost(self.quant, self.target, self.per_layer, self.other, self.repack_per_layer, kl,
+                         self.tensor_types, self.resident_ratio, {**self.extra, **extra})
+
+    def plan_json(self) -> dict:
+        """The entry plan.json keeps for this type."""
+        d = {"kl": self.kl, "bytes": self.total_bytes, "tensor_types": dict(self.tensor_types)}
+        if self.resident_ratio is not None:
+            d["resident_ratio"] = self.resident_ratio
+        return d
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    """What an exported artifact holds, with the same field names for every target (the exporters'
+    own inspection dicts stay in ``raw``: validation.json keeps them as they were)."""
+
+    target: str
+    path: str
+    quant: str | None
+    block_count: int
+    file_bytes: int            # everything on disk (the .gguf file; the ONNX folder's model files)
+    weight_bytes: int          # tensor / initializer bytes
+    bits_per_weight: float | None
+    tensor_types: dict         # GGUF: tensor types written; ONNX: quantized ops
+    raw: dict = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ArtifactSummary:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the plan must fit: resolved once from the profile and the command line."""
+
+    memory_mb: float
+    context: int
+    kv_cache_type: str
+    min_tokens_per_s: float
+    max_quality_loss: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str
+    alpha: str
+    k: int
+    quant: str
+    layers_after: int
+    kept_layers: list
+    predicted: dict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan: the choice, the facts it was made from and the reason, as plan.json holds it.
+    ``build --plan`` executes one; its model and profile fingerprints must match the run's."""
+
+    mka_edge: str
+    profile: dict
+    model: dict
+    format: str
+    budget: Budget
+    choice: Choice
+    reason: str
+    alternatives: list
+    pareto: list
+    models: dict
+    curve: dict
+    heal: dict | None
+    quant_costs: dict
+    candidates: list
+    ranked: list
+    settings: dict = field(default_factory=dict)     # the inputs that reproduce it (method, quants, k_max...)
+    schema: int = PLAN_SCHEMA
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "plan") -> Plan:
+        try:
+            if d.get("schema", PLAN_SCHEMA) != PLAN_SCHEMA:
+                raise UserError(f"{where} has plan schema {d.get('schema')}; this mka-edge reads {PLAN_SCHEMA}: plan again")
+            data: dict[str, Any] = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+            data["budget"] = Budget(**d["budget"])
+            data["choice"] = Choice(**d["choice"])
+            return cls(**data)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{where} is not an mka-edge plan ({type(exc).__name__}: {exc}); "
+                            f"write one with `mka-edge plan --out`") from None
+
+    @property
+    def version(self) -> str:
+        return self.mka_edge

@@ -1,0 +1,165 @@
+"""What a runtime target is, and the one table that lists them.
+
+A target is everything that differs between runtimes (llama.cpp GGUF, onnxruntime ONNX): its quant
+types, how its quant costs are sized and measured, its memory model, how it exports, reads back,
+validates and packages an artifact.  The solver, the build and the report ask a target; none of
+them branches on a format name.  A new target is one module that subclasses ``Target`` and
+registers itself with ``@register`` (docs/architecture.md lists what it implements).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from ..errors import UserError
+from ..records import ArtifactSummary, QuantCost
+
+if TYPE_CHECKING:
+    from ..solver.feasibility import ModelShape
+    from ..solver.memory import MemoryPrediction, Shape
+    from ..validate.formats import Format
+
+TARGETS: dict[str, Target] = {}
+
+
+def register(cls: type[Target]) -> type[Target]:
+    """Class decorator: one line adds a target to the table."""
+    TARGETS[cls.name] = cls()
+    return cls
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UserError(f"unknown target format '{name}'; known: {', '.join(TARGETS)}") from None
+
+
+def target_for_runtime(runtime: str) -> Target:
+    for t in TARGETS.values():
+        if t.runtime == runtime:
+            return t
+    raise UserError(f"unknown runtime '{runtime}'; known: {', '.join(t.runtime for t in TARGETS.values())}")
+
+
+def runtimes() -> list[str]:
+    return [t.runtime for t in TARGETS.values()]
+
+
+def target_for_artifact(artifact: Path) -> Target:
+    """The target whose artifacts look like this path (suffix or folder layout)."""
+    artifact = Path(artifact)
+    for t in TARGETS.values():
+        if t.claims(artifact):
+            return t
+    if not artifact.exists():
+        raise UserError(f"{artifact} does not exist")
+    raise UserError(f"{artifact} is not an artifact of any known target ({'; '.join(t.artifact_kind for t in TARGETS.values())}); "
+                    "give one of those")
+
+
+@dataclass(frozen=True)
+class ReportMemory:
+    """The memory and speed facts the report states for a built artifact."""
+
+    device: MemoryPrediction
+    host: MemoryPrediction
+    host_context: int
+    host_run: str
+    weight_bytes: float
+    kv_full_bytes: float
+
+
+class Target(ABC):
+    """One runtime target.  Class attributes are its constants; methods its behaviour."""
+
+    name: ClassVar[str]                 # the format name (plan.json, manifest, --format)
+    runtime: ClassVar[str]              # the profile's `runtime` field that selects this target
+    runtime_label: ClassVar[str]        # the runtime as reports name it
+    artifact_kind: ClassVar[str]        # what the artifact is, for messages
+    default_quants: ClassVar[tuple[str, ...]]   # the types a plan considers unless told
+    default_export_quant: ClassVar[str]
+    sizes_are_exact: ClassVar[bool]     # cheap sizes are the bytes the exporter will write
+    memory_model: ClassVar[str]         # how predict_memory works, one line for the plan
+    speed_calibration_file: ClassVar[str]
+    export_options: ClassVar[tuple[str, ...]] = ()   # `mka-edge export` options that only this target takes
+
+    # ---- quant types and their costs ----
+    @abstractmethod
+    def check_quants(self, quants: list[str] | None) -> list[str]:
+        """Canonical names of the types a plan may consider (default: ``default_quants``); one
+        line naming the known types for an unknown one."""
+
+    @abstractmethod
+    def type_sizes(self, ms: ModelShape, quants: list[str], measure: bool) -> dict[str, QuantCost]:
+        """Cheap facts: bytes of each type on this shape, before any model is loaded."""
+
+    @abstractmethod
+    def quant_costs(self, lm, ms: ModelShape, sizes: dict[str, QuantCost], quants: list[str], *, measure: bool,
+                    progress: bool, calibrate_speed: bool, log) -> tuple[dict[str, QuantCost], str]:
+        """Measured (or prior) costs with KL, and the sentence that says where they come from."""
+
+    # ---- memory and speed ----
+    @abstractmethod
+    def kv_bytes(self, shape: Shape, context: int, quant: str, kv_type: str) -> float: ...
+
+    @abstractmethod
+    def predict_memory(self, shape: Shape, cost: QuantCost, weight_bytes: float, repack_bytes: float, context: int,
+                       kv_type: str, overhead_mb: float) -> MemoryPrediction:
+        """Peak resident memory on the device for a plan with these weights."""
+
+    def kv_cache_label(self, kv_type: str) -> str:
+        """The KV cache type as the plan's budget records it."""
+        return kv_type
+
+    def validation_kv_type(self, kv_type: str) -> str | None:
+        """The KV type a build's validation asks the runtime for (None: the runtime's own)."""
+        return kv_type
+
+    # ---- export, read back, validate ----
+    @abstractmethod
+    def artifact_name(self, tag: str) -> str: ...
+
+    @abstractmethod
+    def export(self, lm, out: Path, quant: str, *, context: int, progress: bool) -> ArtifactSummary:
+        """Write a loaded (merged) model as this target's artifact."""
+
+    @abstractmethod
+    def export_spec(self, model: str | None, out: Path, quant: str, options: dict) -> ArtifactSummary:
+        """`mka-edge export`: load ``model`` and export it with this target's own options."""
+
+    @abstractmethod
+    def summary(self, info: dict) -> ArtifactSummary:
+        """The exporter's inspection dict as an ArtifactSummary."""
+
+    @abstractmethod
+    def claims(self, artifact: Path) -> bool:
+        """Whether a path given to `validate` is this target's artifact."""
+
+    @property
+    @abstractmethod
+    def validation(self) -> Format:
+        """The validation adapter (worker, inspection, vocabulary check, report rows)."""
+
+    def describe_export(self, s: ArtifactSummary) -> str:
+        types = ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items())
+        return f"wrote {s.path}: {s.file_bytes / 2**20:.1f} MiB, {s.block_count} layers, {s.quant} ({types})"
+
+    # ---- the package ----
+    @abstractmethod
+    def report_memory(self, folder: Path, artifact: str, quant: str, summary: ArtifactSummary, plan, latency: dict,
+                      shape: Shape, kv_type: str) -> ReportMemory: ...
+
+    @abstractmethod
+    def artifact_line(self, artifact: str, quant: str, summary: ArtifactSummary, layers: int) -> str: ...
+
+    @abstractmethod
+    def card_facts(self, summary: ArtifactSummary) -> dict[str, str]:
+        """Model-card lines: how it was made (how), format, size, provenance."""
+
+    @abstractmethod
+    def write_run_files(self, folder: Path, artifact: str, context: int, threads: int) -> None:
+        """RUN.md and whatever else the runtime needs to start the artifact."""
