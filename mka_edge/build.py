@@ -18,9 +18,9 @@ from .cache import atomic_dir
 from .errors import UserError
 from .exporters.paths import check_creatable
 from .heal.distill import HealConfig
-from .merging import merge
 from .models.loading import load_model
 from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
+from .produce import produce
 from .profiles import Profile, load_profile
 from .records import Plan
 from .report import package
@@ -132,16 +132,10 @@ def execute(plan: Plan, ctx, prof: Profile, out: Path, *, model_spec: str | None
             log(f"[2/5] merge: K={k} ({method})" if k else "[2/5] merge: none (K=0)")
             heal_record = None
             if k:
-                merged_dir = work / f"merged-k{k}"
-                merge(ctx, k, method, alpha, merged_dir, heldout=0, progress=progress)
                 if heal:
-                    from .heal.distill import heal as run_heal, teacher_from
-
                     log(f"      healing: {heal.steps} steps ({heal.train})")
-                    healed_dir = work / f"healed-k{k}"
-                    heal_record = run_heal(str(merged_dir), healed_dir, heal, progress=progress, log=log,
-                                           reference_model=teacher_from(ctx.lm), device=str(ctx.device))
-                    merged_dir = healed_dir
+                made = produce(ctx, k, method, alpha, work / f"model-k{k}", heal, progress=progress, log=log)
+                merged_dir, heal_record = made.folder, made.heal
                 lm = load_model(str(merged_dir))
             else:
                 merged_dir, lm = None, ctx.lm

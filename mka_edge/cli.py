@@ -188,9 +188,10 @@ def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, heal_st
           heal_seq_len, lora_rank, checkpoint_every, **opts) -> None:
     """Merge K layers away and write a Hugging Face model directory that transformers loads
     (healed by a short distillation when --heal-steps is given)."""
+    from .merge_log import MergeStep
     from .merging import check_out
-    from .merging import merge as run
     from .mka.methods import check_alpha
+    from .produce import produce
 
     alpha = check_alpha(alpha)
     if k < 1:
@@ -203,29 +204,16 @@ def merge(k, method, alpha, loss_samples, heldout_chunks, no_cache, out, heal_st
     out = Path(out)
     check_out(out)
     ctx = _context(loss_samples=loss_samples, **opts)
-    if cfg:
-        import shutil
-
-        from .heal.distill import heal
-
-        unhealed = out.with_name(f".{out.name}.unhealed")
-        shutil.rmtree(unhealed, ignore_errors=True)
-        log = run(ctx, k, method, alpha, unhealed, heldout=heldout_chunks, use_cache=not no_cache)
-        device = opts.get("device") or "auto"
-        del ctx
-        try:
-            rec = heal(str(unhealed), out, cfg, device=device, log=lambda m: click.echo(m, err=True))
-        finally:
-            shutil.rmtree(unhealed, ignore_errors=True)
-        b, a = rec["heldout_before"], rec["heldout_after"]
+    made = produce(ctx, k, method, alpha, out, cfg, heldout=heldout_chunks, use_cache=not no_cache,
+                   log=lambda m: click.echo(m, err=True))
+    log = made.merge_log
+    if made.heal:
+        b, a = made.heal["heldout_before"], made.heal["heldout_after"]
         click.echo(f"healed {cfg.steps} steps ({cfg.train}): held-out KL {b['kl']:.4f} -> {a['kl']:.4f}, "
                    f"perplexity {b['ppl']:.2f} -> {a['ppl']:.2f}")
-    else:
-        log = run(ctx, k, method, alpha, out, heldout=heldout_chunks, use_cache=not no_cache)
     click.echo(f"{log['layers_before']} -> {log['layers_after']} layers with {method} (alpha {alpha})")
     for st in log["steps"]:
-        what = f"fuse {st['pair_sources'][0]}+{st['pair_sources'][1]} alpha {st['alpha']:.2f}" if st["action"] == "fuse" \
-            else f"remove {st.get('removed_now', st.get('removed'))}"
+        what = MergeStep.from_json(st).describe()
         q = st.get("heldout") or {}
         extra = f"  held-out KL {q['kl']:.4f}  ppl {q['ppl']:.2f}  top-1 {q['top1']:.3f}" if q else ""
         click.echo(f"  K={st['k']:>2} [{st['method']}] {what:34} calib KL {st['calib_kl']:.4f}{extra}")

@@ -194,8 +194,8 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
     assert a["artifact"] == b["artifact"] and a["plan"]["k"] == 1
     assert a["files"][a["artifact"]]["sha256"] == b["files"][b["artifact"]]["sha256"]
 
-    other = make_tiny(tmp_path / "other", "llama", layers=6, seed=32)
-    other_profile = tmp_path / "other.yaml"
+    other = make_tiny(tmp_path / "other-model", "llama", layers=6, seed=32)
+    other_profile = tmp_path / "laptop2.yaml"
     other_profile.write_text(profile.read_text().replace("reserve_mb: 4096", "reserve_mb: 4000"))
     stale = tmp_path / "stale.json"
     stale.write_text(plan_file.read_text().replace('"mka_edge": "', '"mka_edge": "0.0.0-', 1))

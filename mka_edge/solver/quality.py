@@ -11,8 +11,14 @@ underestimates the loss of the coarsest types on heavily merged models.
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from ..cache import atomic_write_text, cache_root, stable_hash
+from ..merging import heldout_along, heldout_reference, step_quality
+from ..mka.trajectory import trajectory
+from ..produce import produce
 
 CURVE_VERSION = 1
 
@@ -26,9 +32,6 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
     ends there ('complete': False): held-out KL along a greedy trajectory grows with K (every
     curve in docs/results.md does), so the K beyond cannot beat it either.  0 or less: no K can,
     and nothing is computed.  ``auto`` always runs to k_max (its per-K pick needs every method)."""
-    from ..merging import heldout_along, heldout_reference, step_quality
-    from ..mka.trajectory import trajectory
-
     key = stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
                        "alpha": alpha, "k_max": k_max, "chunks": chunks, "v": CURVE_VERSION})
     path = cache_root() / "curves" / f"{method}-{key[:20]}.json"
@@ -122,13 +125,6 @@ def healed_curve(ctx, curve: dict, method: str, alpha: str, heal_cfg, points: in
     of K (heal_points) are written, healed with ``heal_cfg`` and measured on the curve's held-out
     chunks; the K between are interpolated (interpolate_healed).  Costs ``points`` heals (K heals
     with points=0); cached by model, merge settings, heal settings and points."""
-    import tempfile
-    from dataclasses import asdict, replace
-    from pathlib import Path
-
-    from ..heal.distill import heal, teacher_from
-    from ..merging import merge
-
     k_max = len(curve["kl"]) - 1
     cfg = replace(heal_cfg, heldout_chunks=curve.get("chunks", 2))
     ks = heal_points(k_max, points)
@@ -140,14 +136,10 @@ def healed_curve(ctx, curve: dict, method: str, alpha: str, heal_cfg, points: in
     if log:
         log(f"healed quality curve ({cfg.steps} steps at K = {', '.join(map(str, ks))}; the K between interpolated) "
             "is not cached yet: computing it")
-    reference = teacher_from(ctx.lm)                       # no reload of the source per K
     measured, ppl = {}, {}
     with tempfile.TemporaryDirectory(prefix="mka-edge-heal-curve-") as tmp:
         for k in ks:
-            merged = Path(tmp) / f"k{k}"
-            merge(ctx, k, method, alpha, merged, heldout=0, progress=False)
-            rec = heal(str(merged), Path(tmp) / f"k{k}-healed", cfg, progress=progress, log=lambda m: None,
-                       reference_model=reference, device=str(ctx.device))
+            rec = produce(ctx, k, method, alpha, Path(tmp) / f"k{k}", cfg, progress=progress, log=lambda m: None).heal
             measured[k], ppl[k] = rec["heldout_after"]["kl"], rec["heldout_after"]["ppl"]
     out = {"kl": interpolate_healed(curve["kl"], measured), "ppl": [None] + [ppl.get(k) for k in range(1, k_max + 1)],
            "healed_at": ks, "steps": cfg.steps, "train": cfg.train, "unhealed_kl": curve["kl"]}

@@ -74,7 +74,7 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
     prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
     lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "kv_type": "f16",
                              "context": 512, "prompt_ids": prompt, "gen_tokens": 64, "repeats": 3}, 600, "speed calibration")
-    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"])
+    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"], target="gguf")
 
 
 def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True,

@@ -43,7 +43,7 @@ def _calibration_file(target: str):
     return cache_root() / get_target(target).speed_calibration_file
 
 
-def calibrate(measured_tps: float, bytes_tok: float, host_gbps: float | None = None, target: str = "gguf") -> dict:
+def calibrate(measured_tps: float, bytes_tok: float, target: str, host_gbps: float | None = None) -> dict:
     host_gbps = host_gbps or host_bandwidth_gbps()
     eff = measured_tps * bytes_tok / (host_gbps * 1e9)
     rec = {"efficiency": eff, "host_copy_gbps": host_gbps, "measured_tps": measured_tps,
@@ -52,7 +52,7 @@ def calibrate(measured_tps: float, bytes_tok: float, host_gbps: float | None = N
     return rec
 
 
-def efficiency(target: str = "gguf") -> tuple[float, str]:
+def efficiency(target: str) -> tuple[float, str]:
     """Per target: llama.cpp and onnxruntime use the same bandwidth very differently."""
     path = _calibration_file(target)
     if path.is_file():
