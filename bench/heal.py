@@ -33,9 +33,25 @@ def _merge(work: Path, method: str, k: int) -> Path:
     name, _, alpha = method.partition("@")
     out = work / f"{method}-k{k}"
     if not (out / "merge_log.json").is_file():
-        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", name,
-                        *(["--alpha", alpha] if alpha else []), "--heldout-chunks", "0", "--out", str(out)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mka_edge.cli",
+                "merge",
+                "-k",
+                str(k),
+                "--method",
+                name,
+                *(["--alpha", alpha] if alpha else []),
+                "--heldout-chunks",
+                "0",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
@@ -43,7 +59,9 @@ def _fuses(folder: Path) -> bool:
     """Whether the merge really fused layers: with calibrated alpha, the alpha grid search can pick
     0 or 1 at every step, and the 'fusion' is a removal (it did on SmolLM2)."""
     log = read_merge_log(folder)
-    return any(len(e["sources"]) > 1 or any(abs(w - 1.0) > 1e-9 for w in e.get("weights", [1.0])) for e in log.layer_map)
+    return any(
+        len(e["sources"]) > 1 or any(abs(w - 1.0) > 1e-9 for w in e.get("weights", [1.0])) for e in log.layer_map
+    )
 
 
 def _done(out: Path, cfg: HealConfig) -> dict | None:
@@ -80,9 +98,16 @@ def predictor_check(rows: list[dict]) -> list[dict]:
         for k in sorted(at):
             others = {x: at[x]["healed_kl"] for x in at if x != k}
             pred = interpolate_healed(unhealed, others)[k]
-            out.append({"method": method, "k": k, "from": sorted(others), "predicted": round(pred, 4),
-                        "measured": round(at[k]["healed_kl"], 4),
-                        "error_pct": round(100 * (pred - at[k]["healed_kl"]) / at[k]["healed_kl"], 1)})
+            out.append(
+                {
+                    "method": method,
+                    "k": k,
+                    "from": sorted(others),
+                    "predicted": round(pred, 4),
+                    "measured": round(at[k]["healed_kl"], 4),
+                    "error_pct": round(100 * (pred - at[k]["healed_kl"]) / at[k]["healed_kl"], 1),
+                }
+            )
     return out
 
 
@@ -97,7 +122,11 @@ def plot_curve(curve: dict, path: Path) -> None:
     xs = [p["step"] for p in pts]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
     ax[0].plot(xs, [p["kl"] for p in pts], "o-")
-    ax[0].set(xlabel="heal steps", ylabel="held-out KL (nats)", title=f"{curve['method']} K={curve['k']}: KL to the unmerged model")
+    ax[0].set(
+        xlabel="heal steps",
+        ylabel="held-out KL (nats)",
+        title=f"{curve['method']} K={curve['k']}: KL to the unmerged model",
+    )
     ax[1].plot(xs, [p["ppl"] for p in pts], "o-", color="C1")
     ax[1].axhline(pts[0]["ref_ppl"], ls="--", color="gray", label="unmerged")
     ax[1].set(xlabel="heal steps", ylabel="held-out perplexity", title="perplexity")
@@ -122,8 +151,11 @@ def main() -> None:
     ap.add_argument("--heldout-chunks", type=int, default=2)
     ap.add_argument("--curve", default="sleb:6", help="METHOD:K whose heal records quality every --curve-every steps")
     ap.add_argument("--curve-every", type=int, default=10)
-    ap.add_argument("--keep-models", action="store_true",
-                    help="keep every merged and healed model (about 0.5 GB each in float32); by default only the logs stay")
+    ap.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep every merged and healed model (about 0.5 GB each in float32); by default only the logs stay",
+    )
     args = ap.parse_args()
     work = args.out / "models"
     work.mkdir(parents=True, exist_ok=True)
@@ -137,8 +169,15 @@ def main() -> None:
         done: dict[str, dict] = {}
         for method in order:
             is_curve = method == curve_method and k == int(curve_k)
-            cfg = HealConfig(steps=args.steps, train=args.train, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
-                             heldout_chunks=args.heldout_chunks, eval_every=args.curve_every if is_curve else 0)
+            cfg = HealConfig(
+                steps=args.steps,
+                train=args.train,
+                lr=args.lr,
+                batch=args.batch,
+                seq_len=args.seq_len,
+                heldout_chunks=args.heldout_chunks,
+                eval_every=args.curve_every if is_curve else 0,
+            )
             healed_dir = work / f"{method}-k{k}-healed"
             rec, shared = _done(healed_dir, cfg), None
             chosen = _chosen(healed_dir) if rec else None
@@ -155,29 +194,55 @@ def main() -> None:
                 done[method] = rec
             b, a = rec["heldout_before"], rec["heldout_after"]
             fused = _fuses(healed_dir if healed_dir.is_dir() else work / f"{method}-k{k}")
-            rows.append({"k": k, "method": method, "plan": chosen, "fused": fused, "shared_with": shared, "steps": args.steps,
-                         "train": args.train, "kl": b["kl"], "ppl": b["ppl"], "top1": b["top1"],
-                         "healed_kl": a["kl"], "healed_ppl": a["ppl"], "healed_top1": a["top1"],
-                         "seconds_per_step": rec["seconds_per_step"], "ref_ppl": a["ref_ppl"]})
+            rows.append(
+                {
+                    "k": k,
+                    "method": method,
+                    "plan": chosen,
+                    "fused": fused,
+                    "shared_with": shared,
+                    "steps": args.steps,
+                    "train": args.train,
+                    "kl": b["kl"],
+                    "ppl": b["ppl"],
+                    "top1": b["top1"],
+                    "healed_kl": a["kl"],
+                    "healed_ppl": a["ppl"],
+                    "healed_top1": a["top1"],
+                    "seconds_per_step": rec["seconds_per_step"],
+                    "ref_ppl": a["ref_ppl"],
+                }
+            )
             if is_curve:
                 curve = {"method": method, "k": k, "points": rec["curve"], "losses": rec["losses"]}
             label = f"{method} (= {chosen})" if method == "auto" else method
-            print(f"K={k:2} {label:18} KL {b['kl']:.3f} -> {a['kl']:.3f}  ppl {b['ppl']:.1f} -> {a['ppl']:.1f}  "
-                  f"{rec['seconds_per_step']:.2f} s/step", flush=True)
-        if not args.keep_models:                 # the trajectories are cached: a rerun re-merges quickly
+            print(
+                f"K={k:2} {label:18} KL {b['kl']:.3f} -> {a['kl']:.3f}  ppl {b['ppl']:.1f} -> {a['ppl']:.1f}  "
+                f"{rec['seconds_per_step']:.2f} s/step",
+                flush=True,
+            )
+        if not args.keep_models:  # the trajectories are cached: a rerun re-merges quickly
             for method in order:
                 shutil.rmtree(work / f"{method}-k{k}", ignore_errors=True)
-    meta = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "seconds": round(time.time() - t0),
-            "settings": vars(args) | {"out": str(args.out)}}
+    meta = {
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "seconds": round(time.time() - t0),
+        "settings": vars(args) | {"out": str(args.out)},
+    }
     check = predictor_check(rows)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "curve": curve,
-                                                       "predictor_check": check}, indent=2))
-    lines = ["| K | method | fuses? | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    (args.out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "curve": curve, "predictor_check": check}, indent=2)
+    )
+    lines = [
+        "| K | method | fuses? | KL | ppl | top-1 | healed KL | healed ppl | healed top-1 | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = f"auto (= {r['plan']})" if r["method"] == "auto" else r["method"]
-        lines.append(f"| {r['k']} | {name} | {'yes' if r['fused'] else 'no'} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
-                     f"| {r['healed_ppl']:.1f} | {100 * r['healed_top1']:.1f}% | {r['seconds_per_step']:.2f} |")
+        lines.append(
+            f"| {r['k']} | {name} | {'yes' if r['fused'] else 'no'} | {r['kl']:.3f} | {r['ppl']:.1f} | {100 * r['top1']:.1f}% | {r['healed_kl']:.3f} "
+            f"| {r['healed_ppl']:.1f} | {100 * r['healed_top1']:.1f}% | {r['seconds_per_step']:.2f} |"
+        )
     best = []
     for k in sorted({r["k"] for r in rows}):
         at = [r for r in rows if r["k"] == k]
@@ -188,15 +253,22 @@ def main() -> None:
         if fusion and removal:
             f, r_ = min(fusion, key=lambda r: r["healed_kl"]), min(removal, key=lambda r: r["healed_kl"])
             verdict = "beats" if f["healed_kl"] < r_["healed_kl"] else "does not beat"
-            line += (f"; fusion + healing ({f['method']}, {f['healed_kl']:.3f}) {verdict} removal + healing "
-                     f"({r_['method']}, {r_['healed_kl']:.3f})")
+            line += (
+                f"; fusion + healing ({f['method']}, {f['healed_kl']:.3f}) {verdict} removal + healing "
+                f"({r_['method']}, {r_['healed_kl']:.3f})"
+            )
         best.append(line)
     table = "\n".join(lines) + "\n\n" + "\n".join(f"- {b}" for b in best) + "\n"
     if check:
-        table += ("\nThe plan's healed-curve rule, each heal predicted from the others of its method:\n\n"
-                  "| method | K | predicted from K | predicted healed KL | measured | error |\n|---|---|---|---|---|---|\n")
-        table += "".join(f"| {c['method']} | {c['k']} | {', '.join(map(str, c['from']))} | {c['predicted']:.3f} "
-                         f"| {c['measured']:.3f} | {c['error_pct']:+.1f}% |\n" for c in check)
+        table += (
+            "\nThe plan's healed-curve rule, each heal predicted from the others of its method:\n\n"
+            "| method | K | predicted from K | predicted healed KL | measured | error |\n|---|---|---|---|---|---|\n"
+        )
+        table += "".join(
+            f"| {c['method']} | {c['k']} | {', '.join(map(str, c['from']))} | {c['predicted']:.3f} "
+            f"| {c['measured']:.3f} | {c['error_pct']:+.1f}% |\n"
+            for c in check
+        )
     atomic_write_text(args.out / "table.md", table)
     if curve:
         plot_curve(curve, args.out / "curve.png")

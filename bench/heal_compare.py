@@ -35,7 +35,7 @@ def main() -> None:
     chunks = heldout_chunks(ref.tokenizer, args.chunks)
     per = {}
     with torch.no_grad():
-        refs = [Reference(ref.model, chunks[i:i + 1], torch.device("cpu")) for i in range(len(chunks))]
+        refs = [Reference(ref.model, chunks[i : i + 1], torch.device("cpu")) for i in range(len(chunks))]
         del ref
         for name in (args.a, args.b):
             model = load_model(name).model
@@ -47,11 +47,22 @@ def main() -> None:
     n = len(d)
     mean = sum(d) / n
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
-    res = {"a": args.a, "b": args.b, "reference": ref_spec, "chunks": n,
-           "kl_a": sum(a) / n, "kl_b": sum(b) / n, "diff_mean": mean, "diff_se": se,
-           "a_lower_in_chunks": sum(x < 0 for x in d), "per_chunk": {"a": a, "b": b}}
-    print(f"A {args.a}: KL {res['kl_a']:.4f}\nB {args.b}: KL {res['kl_b']:.4f}\n"
-          f"A - B = {mean:+.4f} ± {se:.4f} (standard error over {n} chunks); A lower in {res['a_lower_in_chunks']} of {n}")
+    res = {
+        "a": args.a,
+        "b": args.b,
+        "reference": ref_spec,
+        "chunks": n,
+        "kl_a": sum(a) / n,
+        "kl_b": sum(b) / n,
+        "diff_mean": mean,
+        "diff_se": se,
+        "a_lower_in_chunks": sum(x < 0 for x in d),
+        "per_chunk": {"a": a, "b": b},
+    }
+    print(
+        f"A {args.a}: KL {res['kl_a']:.4f}\nB {args.b}: KL {res['kl_b']:.4f}\n"
+        f"A - B = {mean:+.4f} ± {se:.4f} (standard error over {n} chunks); A lower in {res['a_lower_in_chunks']} of {n}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from mka_edge.cache import atomic_write_text
 from mka_edge.exporters.gguf import export_loaded
 from mka_edge.exporters.gguf_inspect import inspect_gguf
-from mka_edge.cache import atomic_write_text
 from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import MIB, Shape, predict, reserved_compute_bytes
 from mka_edge.solver.quant_probe import tensor_bytes_split
@@ -35,9 +35,17 @@ def synthetic_1b(work: Path, tokenizer_dir: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=2048, intermediate_size=5632,
-                               num_hidden_layers=18, num_attention_heads=32, num_key_value_heads=4,
-                               max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=18,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(out, safe_serialization=True)
@@ -72,15 +80,41 @@ def main() -> None:
     for name, art, shape, ctx in configs:
         info = inspect_gguf(art)
         rep = reported_buffers(str(art), ctx, args.threads)
-        lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": args.threads, "kv_type": "f16",
-                                 "context": ctx, "prompt_ids": long_ids[: ctx - 48], "gen_tokens": 32, "repeats": 1}, 1800, "latency")
+        lat = run_child(
+            WORKER,
+            {
+                "task": "latency",
+                "artifact": str(art),
+                "threads": args.threads,
+                "kv_type": "f16",
+                "context": ctx,
+                "prompt_ids": long_ids[: ctx - 48],
+                "gen_tokens": 32,
+                "repeats": 1,
+            },
+            1800,
+            "latency",
+        )
         repack = float(sum(tensor_bytes_split(art)["repack_per_layer"]))
         pred = predict(shape, info["tensor_bytes"], ctx, "f16", repack_bytes=repack, overhead_mb=0.0)
-        rows.append({"model": name, "quant": info["file_type"], "file": art.name, "context": ctx,
-                     "params": info["n_params"], "predicted": pred.as_dict(), "reported": rep,
-                     "predicted_reserved_compute_mb": reserved_compute_bytes(shape, ctx) / MIB,
-                     "measured_rss_mb": lat["peak_rss_mb"], "baseline_rss_mb": lat["baseline_rss_mb"]})
-        print(f"{name:14} {art.name:28} ctx {ctx:5}  measured {lat['peak_rss_mb']:8.1f} MiB  predicted w/o overhead {pred.total_mb:8.1f}", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "quant": info["file_type"],
+                "file": art.name,
+                "context": ctx,
+                "params": info["n_params"],
+                "predicted": pred.as_dict(),
+                "reported": rep,
+                "predicted_reserved_compute_mb": reserved_compute_bytes(shape, ctx) / MIB,
+                "measured_rss_mb": lat["peak_rss_mb"],
+                "baseline_rss_mb": lat["baseline_rss_mb"],
+            }
+        )
+        print(
+            f"{name:14} {art.name:28} ctx {ctx:5}  measured {lat['peak_rss_mb']:8.1f} MiB  predicted w/o overhead {pred.total_mb:8.1f}",
+            flush=True,
+        )
     fit = next(r for r in rows if r["file"] == "smollm2-Q8_0.gguf" and r["context"] == 512)
     overhead = fit["measured_rss_mb"] - fit["predicted"]["total_mb"]
     for r in rows:
@@ -89,17 +123,24 @@ def main() -> None:
         r["error_pct"] = 100 * (r["predicted"]["total_mb"] / r["measured_rss_mb"] - 1)
         r["fitted_here"] = r is fit
     (args.out / "results.json").write_text(json.dumps({"overhead_mb": overhead, "rows": rows}, indent=2))
-    lines = ["| model | file | context | weights + repack MiB (llama.cpp model buffers) | KV MiB (llama.cpp) "
-             "| reserved compute MiB (llama.cpp) | resident attention MiB | overhead MiB | predicted MiB | measured peak RSS MiB | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | file | context | weights + repack MiB (llama.cpp model buffers) | KV MiB (llama.cpp) "
+        "| reserved compute MiB (llama.cpp) | resident attention MiB | overhead MiB | predicted MiB | measured peak RSS MiB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         p, rep = r["predicted"], r["reported"]
-        lines.append(f"| {r['model']} | {r['file']} | {r['context']} | {p['weights_mb'] + p['repack_mb']:.1f} ({rep.get('model_mb', 0):.1f}) "
-                     f"| {p['kv_mb']:.2f} ({rep.get('kv_mb', 0):.2f}) | {r['predicted_reserved_compute_mb']:.1f} ({rep.get('compute_mb', 0):.1f}) "
-                     f"| {p['attention_mb']:.1f} "
-                     f"| {p['overhead_mb']:.1f} | {p['total_mb']:.1f} | {r['measured_rss_mb']:.1f} "
-                     f"| {r['error_pct']:+.1f}%{' (fit)' if r['fitted_here'] else ''} |")
-    table = "\n".join(lines) + (f"\n\nOverhead fitted on SmolLM2 Q8_0 at context 512: {overhead:.1f} MiB; "
-                                 f"KQ_FACTOR in mka_edge/solver/memory.py fitted on the context slope of SmolLM2 F16.\n")
+        lines.append(
+            f"| {r['model']} | {r['file']} | {r['context']} | {p['weights_mb'] + p['repack_mb']:.1f} ({rep.get('model_mb', 0):.1f}) "
+            f"| {p['kv_mb']:.2f} ({rep.get('kv_mb', 0):.2f}) | {r['predicted_reserved_compute_mb']:.1f} ({rep.get('compute_mb', 0):.1f}) "
+            f"| {p['attention_mb']:.1f} "
+            f"| {p['overhead_mb']:.1f} | {p['total_mb']:.1f} | {r['measured_rss_mb']:.1f} "
+            f"| {r['error_pct']:+.1f}%{' (fit)' if r['fitted_here'] else ''} |"
+        )
+    table = "\n".join(lines) + (
+        f"\n\nOverhead fitted on SmolLM2 Q8_0 at context 512: {overhead:.1f} MiB; "
+        f"KQ_FACTOR in mka_edge/solver/memory.py fitted on the context slope of SmolLM2 F16.\n"
+    )
     atomic_write_text(args.out / "table.md", table)
     print(table)
 

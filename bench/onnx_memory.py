@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mka_edge.cache import atomic_write_text
 from mka_edge.exporters.onnx import export_loaded_onnx
 from mka_edge.exporters.onnx_inspect import inspect_onnx
-from mka_edge.cache import atomic_write_text
 from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import Shape
 from mka_edge.solver.onnx_memory import ONNX_OVERHEAD_MB, predict_onnx
@@ -39,8 +39,23 @@ QUANTS = ["fp32", "int8", "int4-mixed", "int4"]
 def _merged(work: Path, k: int) -> Path:
     out = work / f"mka-guided-k{k}"
     if not (out / "merge_log.json").is_file():
-        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", "mka-guided",
-                        "--heldout-chunks", "0", "--out", str(out)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mka_edge.cli",
+                "merge",
+                "-k",
+                str(k),
+                "--method",
+                "mka-guided",
+                "--heldout-chunks",
+                "0",
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
     return out
 
 
@@ -51,8 +66,20 @@ def _export(lm, path: Path, q: str) -> Path:
 
 
 def _peak(art: Path, ctx: int, prompt: list[int], threads: int) -> dict:
-    return run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "context": ctx,
-                              "prompt_ids": prompt, "gen_tokens": 32, "repeats": 1}, 1800, "latency")
+    return run_child(
+        WORKER,
+        {
+            "task": "latency",
+            "artifact": str(art),
+            "threads": threads,
+            "context": ctx,
+            "prompt_ids": prompt,
+            "gen_tokens": 32,
+            "repeats": 1,
+        },
+        1800,
+        "latency",
+    )
 
 
 def main() -> None:
@@ -74,8 +101,16 @@ def main() -> None:
         make_tiny(tiny_dir, "llama", layers=2)
     tiny = load_model(str(tiny_dir))
     lat = _peak(_export(tiny, work / "tiny-fp32", "fp32"), 512, list(range(3, 67)), args.threads)
-    rows.append({"model": "tiny (1 MB)", "quant": "fp32", "context": 512, "predicted_mb": ONNX_OVERHEAD_MB,
-                 "measured_mb": lat["peak_rss_mb"], "role": "overhead"})
+    rows.append(
+        {
+            "model": "tiny (1 MB)",
+            "quant": "fp32",
+            "context": 512,
+            "predicted_mb": ONNX_OVERHEAD_MB,
+            "measured_mb": lat["peak_rss_mb"],
+            "role": "overhead",
+        }
+    )
 
     lm = load_model("smollm2-135m", "cpu", torch.float32)
     ref_path, _ = compact_reference(lm, 2, progress=False)
@@ -90,14 +125,26 @@ def main() -> None:
         for q in QUANTS:
             art = _export(m, work / f"{name.replace(' ', '_').replace('=', '')}-{q}", q)
             info = inspect_onnx(art)
-            for ctx in ((RATIO_CONTEXT, 4096) if m is lm else (2048,)):
+            for ctx in (RATIO_CONTEXT, 4096) if m is lm else (2048,):
                 lat = _peak(art, ctx, prompt, args.threads)
                 pred = predict_onnx(sh, info["weight_bytes"], costs[q]["resident_ratio"], ctx, q)
-                rows.append({"model": name, "quant": q, "context": ctx, "weights_mb": info["weight_bytes"] / 2**20,
-                             "predicted": pred.as_dict(), "predicted_mb": pred.total_mb, "measured_mb": lat["peak_rss_mb"],
-                             "loaded_mb": lat["loaded_rss_mb"],
-                             "role": "fit" if (m is lm and ctx == RATIO_CONTEXT) else "prediction"})
-                print(f"{name:20} {q:10} ctx {ctx:5} predicted {pred.total_mb:7.1f} measured {lat['peak_rss_mb']:7.1f}", flush=True)
+                rows.append(
+                    {
+                        "model": name,
+                        "quant": q,
+                        "context": ctx,
+                        "weights_mb": info["weight_bytes"] / 2**20,
+                        "predicted": pred.as_dict(),
+                        "predicted_mb": pred.total_mb,
+                        "measured_mb": lat["peak_rss_mb"],
+                        "loaded_mb": lat["loaded_rss_mb"],
+                        "role": "fit" if (m is lm and ctx == RATIO_CONTEXT) else "prediction",
+                    }
+                )
+                print(
+                    f"{name:20} {q:10} ctx {ctx:5} predicted {pred.total_mb:7.1f} measured {lat['peak_rss_mb']:7.1f}",
+                    flush=True,
+                )
         if m is not lm:
             del m
     if not args.no_synthetic:
@@ -111,25 +158,55 @@ def main() -> None:
             info = inspect_onnx(art)
             lat = _peak(art, 2048, prompt, args.threads)
             pred = predict_onnx(sh, info["weight_bytes"], costs[q]["resident_ratio"], 2048, q)
-            rows.append({"model": "synthetic 1B", "quant": q, "context": 2048, "weights_mb": info["weight_bytes"] / 2**20,
-                         "predicted": pred.as_dict(), "predicted_mb": pred.total_mb, "measured_mb": lat["peak_rss_mb"],
-                         "loaded_mb": lat["loaded_rss_mb"], "role": "prediction (SmolLM2's ratio)"})
+            rows.append(
+                {
+                    "model": "synthetic 1B",
+                    "quant": q,
+                    "context": 2048,
+                    "weights_mb": info["weight_bytes"] / 2**20,
+                    "predicted": pred.as_dict(),
+                    "predicted_mb": pred.total_mb,
+                    "measured_mb": lat["peak_rss_mb"],
+                    "loaded_mb": lat["loaded_rss_mb"],
+                    "role": "prediction (SmolLM2's ratio)",
+                }
+            )
             print(f"synthetic 1B {q:10} predicted {pred.total_mb:7.1f} measured {lat['peak_rss_mb']:7.1f}", flush=True)
     for r in rows:
         r["error_pct"] = 100 * (r["predicted_mb"] / r["measured_mb"] - 1)
     ratios = {q: costs[q]["resident_ratio"] for q in QUANTS}
-    (args.out / "results.json").write_text(json.dumps({"resident_ratio": ratios, "overhead_mb": ONNX_OVERHEAD_MB,
-                                                       "rows": rows}, indent=2))
-    lines = ["| model | quant | context | weights MiB | resident extra MiB | KV MiB | prefill MiB | overhead MiB "
-             "| predicted MiB | measured peak RSS MiB | error | role |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    (args.out / "results.json").write_text(
+        json.dumps({"resident_ratio": ratios, "overhead_mb": ONNX_OVERHEAD_MB, "rows": rows}, indent=2)
+    )
+    lines = [
+        "| model | quant | context | weights MiB | resident extra MiB | KV MiB | prefill MiB | overhead MiB "
+        "| predicted MiB | measured peak RSS MiB | error | role |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         p = r.get("predicted") or {}
-        cells = [f"{r['weights_mb']:.1f}", f"{p['repack_mb']:+.1f}", f"{p['kv_mb']:.1f}", f"{p['attention_mb']:.1f}",
-                 f"{p['overhead_mb']:.1f}"] if p else ["", "", "", "", f"{r['predicted_mb']:.1f}"]
-        lines.append(f"| {r['model']} | {r['quant']} | {r['context']} | " + " | ".join(cells)
-                     + f" | {r['predicted_mb']:.1f} | {r['measured_mb']:.1f} | {r['error_pct']:+.1f}% | {r['role']} |")
-    table = "\n".join(lines) + "\n\nResident ratios (measured on unmerged SmolLM2, context 1024): " + \
-        ", ".join(f"{q} {v:.3f}" for q, v in ratios.items()) + "\n"
+        cells = (
+            [
+                f"{r['weights_mb']:.1f}",
+                f"{p['repack_mb']:+.1f}",
+                f"{p['kv_mb']:.1f}",
+                f"{p['attention_mb']:.1f}",
+                f"{p['overhead_mb']:.1f}",
+            ]
+            if p
+            else ["", "", "", "", f"{r['predicted_mb']:.1f}"]
+        )
+        lines.append(
+            f"| {r['model']} | {r['quant']} | {r['context']} | "
+            + " | ".join(cells)
+            + f" | {r['predicted_mb']:.1f} | {r['measured_mb']:.1f} | {r['error_pct']:+.1f}% | {r['role']} |"
+        )
+    table = (
+        "\n".join(lines)
+        + "\n\nResident ratios (measured on unmerged SmolLM2, context 1024): "
+        + ", ".join(f"{q} {v:.3f}" for q, v in ratios.items())
+        + "\n"
+    )
     atomic_write_text(args.out / "table.md", table)
     print(table)
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from mka_edge.exporters.gguf import export_loaded
-from mka_edge.exporters.onnx import export_loaded_onnx
 from mka_edge.cache import atomic_write_text
 from mka_edge.calibration import heldout_chunks
+from mka_edge.exporters.gguf import export_loaded
+from mka_edge.exporters.onnx import export_loaded_onnx
 from mka_edge.models.loading import load_model
-from mka_edge.validate.core import validate_artifact
 from mka_edge.targets import get_target
+from mka_edge.validate.core import validate_artifact
 from mka_edge.validate.runner import run_child
 
 QUANTS = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
@@ -43,8 +43,23 @@ def merged_dir(work: Path, k: int, method: str) -> Path:
 
     out = work / f"{method}-k{k}"
     if not (out / "merge_log.json").is_file():
-        subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", str(k), "--method", method,
-                        "--heldout-chunks", "0", "--out", str(out)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mka_edge.cli",
+                "merge",
+                "-k",
+                str(k),
+                "--method",
+                method,
+                "--heldout-chunks",
+                "0",
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
     return out
 
 
@@ -56,7 +71,9 @@ def main() -> None:
     ap.add_argument("--quants", default=",".join(QUANTS), help="GGUF types ('' for none)")
     ap.add_argument("--onnx-quants", default=",".join(ONNX_QUANTS), help="ONNX types ('' for none)")
     ap.add_argument("--repeats", type=int, default=3, help="latency runs inside each validation")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds over all artifacts (the reported speeds)")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="interleaved latency rounds over all artifacts (the reported speeds)"
+    )
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--mmlu-per-subject", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -71,7 +88,7 @@ def main() -> None:
     for label, spec, k in models:
         spec = spec or str(merged_dir(work, k, args.method))
         lm = load_model(spec, "cpu", torch.float32)
-        if k == 0:   # the same 512-token prompt validate uses: the first held-out chunk
+        if k == 0:  # the same 512-token prompt validate uses: the first held-out chunk
             prompt = heldout_chunks(lm.tokenizer, 1)[0].tolist()
         n_params = sum(p.numel() for p in lm.model.parameters())
         for fmt, q in arts:
@@ -84,23 +101,57 @@ def main() -> None:
                 art = stem.with_name(stem.name + "-onnx")
                 if not (art / "mka_edge.json").is_file():
                     export_loaded_onnx(lm, art, q, context=2048, progress=False)
-            r = validate_artifact(art, "smollm2-135m", threads=args.threads, repeats=args.repeats, chunks=args.chunks,
-                                  context=2048, mmlu_per_subject=args.mmlu_per_subject, progress=False)
+            r = validate_artifact(
+                art,
+                "smollm2-135m",
+                threads=args.threads,
+                repeats=args.repeats,
+                chunks=args.chunks,
+                context=2048,
+                mmlu_per_subject=args.mmlu_per_subject,
+                progress=False,
+            )
             a, lat, info = r["accuracy"], r["latency"], r["artifact"]
             if fmt == "gguf":
-                size = {"file_mib": info["file_bytes"] / 2**20, "bpw": info["bits_per_weight"],
-                        "tensor_types": info["tensor_types"], "tensor_bytes": info["tensor_bytes"]}
-            else:   # bits per weight over the model's parameters (a tied embedding counted once)
-                size = {"file_mib": info["model_bytes"] / 2**20, "bpw": 8 * info["weight_bytes"] / n_params,
-                        "tensor_types": info["quantized_ops"], "tensor_bytes": info["weight_bytes"]}
-            rows.append({"model": label, "k": k, "layers": info["block_count"], "format": fmt, "quant": q,
-                         "artifact": str(art), **size,
-                         "pp_tps": lat["prompt_tps"], "tg_tps": lat["gen_tps"], "ttft_s": lat["ttft_s"],
-                         "load_s": lat["load_s"], "peak_rss_mb": lat["peak_rss_mb"],
-                         "kl": a["kl"], "ppl": a["ppl"], "ref_ppl": a["ref_ppl"], "top1": a["top1"],
-                         "mmlu": a.get("mmlu", {}).get("accuracy")})
-            print(f"{label:18} {fmt:4} {q:10} {rows[-1]['file_mib']:7.1f} MiB  tg {lat['gen_tps']['median']:6.1f}/s  "
-                  f"pp {lat['prompt_tps']['median']:6.0f}/s  KL {a['kl']:.4f}", flush=True)
+                size = {
+                    "file_mib": info["file_bytes"] / 2**20,
+                    "bpw": info["bits_per_weight"],
+                    "tensor_types": info["tensor_types"],
+                    "tensor_bytes": info["tensor_bytes"],
+                }
+            else:  # bits per weight over the model's parameters (a tied embedding counted once)
+                size = {
+                    "file_mib": info["model_bytes"] / 2**20,
+                    "bpw": 8 * info["weight_bytes"] / n_params,
+                    "tensor_types": info["quantized_ops"],
+                    "tensor_bytes": info["weight_bytes"],
+                }
+            rows.append(
+                {
+                    "model": label,
+                    "k": k,
+                    "layers": info["block_count"],
+                    "format": fmt,
+                    "quant": q,
+                    "artifact": str(art),
+                    **size,
+                    "pp_tps": lat["prompt_tps"],
+                    "tg_tps": lat["gen_tps"],
+                    "ttft_s": lat["ttft_s"],
+                    "load_s": lat["load_s"],
+                    "peak_rss_mb": lat["peak_rss_mb"],
+                    "kl": a["kl"],
+                    "ppl": a["ppl"],
+                    "ref_ppl": a["ref_ppl"],
+                    "top1": a["top1"],
+                    "mmlu": a.get("mmlu", {}).get("accuracy"),
+                }
+            )
+            print(
+                f"{label:18} {fmt:4} {q:10} {rows[-1]['file_mib']:7.1f} MiB  tg {lat['gen_tps']['median']:6.1f}/s  "
+                f"pp {lat['prompt_tps']['median']:6.0f}/s  KL {a['kl']:.4f}",
+                flush=True,
+            )
         del lm
     interleaved_latency(rows, args.rounds, args.threads, prompt)
     base = {(r["format"], r["quant"]): r for r in rows if r["k"] == 0}
@@ -110,9 +161,15 @@ def main() -> None:
         r["bytes_ratio"] = b["tensor_bytes"] / r["tensor_bytes"]
         r["tg_speedup"] = r["tg_tps"]["median"] / b["tg_tps"]["median"]
         r["pp_speedup"] = r["pp_tps"]["median"] / b["pp_tps"]["median"]
-    meta = {"host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads},
-            "repeats": args.repeats, "rounds": args.rounds, "heldout_tokens": args.chunks * 512, "method": args.method,
-            "seconds": round(time.time() - t_start), "label": "host figures (this machine's CPU), not device predictions"}
+    meta = {
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads},
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "heldout_tokens": args.chunks * 512,
+        "method": args.method,
+        "seconds": round(time.time() - t_start),
+        "label": "host figures (this machine's CPU), not device predictions",
+    }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = markdown(rows, meta)
     atomic_write_text(args.out / "table.md", table)
@@ -127,8 +184,16 @@ def interleaved_latency(rows: list[dict], rounds: int, threads: int, prompt: lis
     per = {r["artifact"]: [] for r in rows}
     for i in range(rounds):
         for r in rows:
-            job = {"task": "latency", "artifact": r["artifact"], "threads": threads, "kv_type": "f16",
-                   "context": 2048, "prompt_ids": prompt, "gen_tokens": 128, "repeats": 1}
+            job = {
+                "task": "latency",
+                "artifact": r["artifact"],
+                "threads": threads,
+                "kv_type": "f16",
+                "context": 2048,
+                "prompt_ids": prompt,
+                "gen_tokens": 128,
+                "repeats": 1,
+            }
             per[r["artifact"]].append(run_child(WORKERS[r["format"]], job, 600, "latency run"))
         print(f"latency round {i + 1}/{rounds} done", flush=True)
     for r in rows:
@@ -147,8 +212,10 @@ def _spread(v: dict) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| model | layers | runtime | quant | MiB | bpw | pp tok/s (min-max) | tg tok/s (min-max) | TTFT s | peak RSS MiB "
-            "| KL | ppl | top-1 | MMLU | layer ratio | bytes ratio | tg speed-up | pp speed-up |")
+    head = (
+        "| model | layers | runtime | quant | MiB | bpw | pp tok/s (min-max) | tg tok/s (min-max) | TTFT s | peak RSS MiB "
+        "| KL | ppl | top-1 | MMLU | layer ratio | bytes ratio | tg speed-up | pp speed-up |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         mmlu = "" if r["mmlu"] is None else f"{100 * r['mmlu']:.0f}%"
@@ -156,12 +223,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['model']} | {r['layers']} | {RUNTIME[r['format']]} | {r['quant']} | {r['file_mib']:.1f} | {r['bpw']:.2f} | {_spread(r['pp_tps'])} "
             f"| {_spread(r['tg_tps'])} | {r['ttft_s']['median']:.2f} | {r['peak_rss_mb']:.0f} | {r['kl']:.4f} | {r['ppl']:.2f} "
             f"| {100 * r['top1']:.1f}% | {mmlu} | {r['layer_ratio']:.3f} "
-            f"| {r['bytes_ratio']:.3f} | {r['tg_speedup']:.3f} | {r['pp_speedup']:.3f} |")
+            f"| {r['bytes_ratio']:.3f} | {r['tg_speedup']:.3f} | {r['pp_speedup']:.3f} |"
+        )
     lines.append("")
-    lines.append(f"{meta['label']}; {meta['host']['cpus']} CPUs, {meta['host']['threads']} threads, {meta['rounds']} interleaved latency rounds "
-                 f"(median, min-max), 512-token prompt, 128 generated tokens, context 2048 (llama.cpp KV f16; onnxruntime-genai KV f32, "
-                 f"allocated for the whole context); ONNX MiB are model.onnx + weights, ONNX bpw are weight bytes x 8 / parameters; KL/ppl/top-1 on {meta['heldout_tokens']} held-out "
-                 f"tokens against the unmerged F32 reference (reference ppl {rows[0]['ref_ppl']:.2f}); run took {meta['seconds']} s.")
+    lines.append(
+        f"{meta['label']}; {meta['host']['cpus']} CPUs, {meta['host']['threads']} threads, {meta['rounds']} interleaved latency rounds "
+        f"(median, min-max), 512-token prompt, 128 generated tokens, context 2048 (llama.cpp KV f16; onnxruntime-genai KV f32, "
+        f"allocated for the whole context); ONNX MiB are model.onnx + weights, ONNX bpw are weight bytes x 8 / parameters; KL/ppl/top-1 on {meta['heldout_tokens']} held-out "
+        f"tokens against the unmerged F32 reference (reference ppl {rows[0]['ref_ppl']:.2f}); run took {meta['seconds']} s."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -17,11 +17,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mka_edge.calibration import load_texts
 from mka_edge.mka.context import MergeContext, MergeSettings
 from mka_edge.mka.trajectory import trajectory
 from mka_edge.models.architectures import arch_for
 from mka_edge.models.loading import LoadedModel
-from mka_edge.calibration import load_texts
 
 
 def byte_tokenizer():
@@ -47,9 +47,18 @@ def main() -> None:
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     s = args.scale
-    cfg = LlamaConfig(hidden_size=4096 // s, intermediate_size=14336 // s, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, head_dim=128 // s,
-                      max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=4096 // s,
+        intermediate_size=14336 // s,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        head_dim=128 // s,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(dev):
@@ -57,8 +66,13 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    lm = LoadedModel(model=model, tokenizer=byte_tokenizer(), arch=arch_for("llama"),
-                     source={"kind": "synthetic", "spec": f"llama3-8b-shape/{s}"}, fingerprint=f"synthetic-{s}-{args.layers}")
+    lm = LoadedModel(
+        model=model,
+        tokenizer=byte_tokenizer(),
+        arch=arch_for("llama"),
+        source={"kind": "synthetic", "spec": f"llama3-8b-shape/{s}"},
+        fingerprint=f"synthetic-{s}-{args.layers}",
+    )
     ctx = MergeContext(lm, MergeSettings(samples=args.samples, seq_len=args.seq_len), dev)
     t0 = time.perf_counter()
     ctx.similarity()
@@ -69,14 +83,23 @@ def main() -> None:
     t0 = time.perf_counter()
     trajectory(ctx, args.method, args.merge_layers, args.alpha, use_cache=False)
     merge_s = time.perf_counter() - t0
-    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(dtype),
-           "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3), "scale": s,
-           "calibration": f"{args.samples} x {args.seq_len}", "build_model_s": round(build_s, 2),
-           "analyze_s": round(analyze_s, 2), "analyze_phases": analyze_phases,
-           "merge_s": round(merge_s, 2), "merge_layers": args.merge_layers, "method": args.method,
-           "alpha": args.alpha, "merge_phases": ctx.timer.as_dict(),
-           "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
-           "torch": torch.__version__}
+    res = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        "scale": s,
+        "calibration": f"{args.samples} x {args.seq_len}",
+        "build_model_s": round(build_s, 2),
+        "analyze_s": round(analyze_s, 2),
+        "analyze_phases": analyze_phases,
+        "merge_s": round(merge_s, 2),
+        "merge_layers": args.merge_layers,
+        "method": args.method,
+        "alpha": args.alpha,
+        "merge_phases": ctx.timer.as_dict(),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

@@ -12,15 +12,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
 from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
 from mka_edge.solver.quant_prior import PUBLISHED
+from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
 
-LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-             "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False,
-             "bos_token_id": 128000, "eos_token_id": 128001, "attention_bias": False}
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "attention_bias": False,
+}
 
 
 def main() -> None:
@@ -38,13 +50,28 @@ def main() -> None:
     print(f"{'type':8} {'dry run GiB':>12} {'published GiB':>14} {'diff':>7}")
     for q, e in sizes.items():
         gib = (sum(e["per_layer"]) + e["other"]) / 2**30
-        rows.append({"quant": q, "dry_run_gib": round(gib, 4), "published_gib": PUBLISHED[q][0],
-                     "tensor_types": e["tensor_types"]})
+        rows.append(
+            {
+                "quant": q,
+                "dry_run_gib": round(gib, 4),
+                "published_gib": PUBLISHED[q][0],
+                "tensor_types": e["tensor_types"],
+            }
+        )
         print(f"{q:8} {gib:12.2f} {PUBLISHED[q][0]:14.2f} {gib - PUBLISHED[q][0]:+7.2f}")
     print(f"shape from config {t1 - t0:.1f} s, dry run of {len(sizes)} types {t2 - t1:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"params": sum(ms.block_params) + ms.other_params, "shape_s": round(t1 - t0, 2),
-                                    "dry_run_s": round(t2 - t1, 2), "types": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "params": sum(ms.block_params) + ms.other_params,
+                "shape_s": round(t1 - t0, 2),
+                "dry_run_s": round(t2 - t1, 2),
+                "types": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

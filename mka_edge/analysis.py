@@ -23,8 +23,10 @@ def analyze(ctx: MergeContext, out: Path, seeds: int = 1) -> dict:
     adjacent = sim.adjacent()
     result = {
         "mka_edge": __version__,
-        "model": ctx.lm.source, "fingerprint": ctx.lm.fingerprint,
-        "num_layers": ctx.n_original, "settings": ctx.settings.key(),
+        "model": ctx.lm.source,
+        "fingerprint": ctx.lm.fingerprint,
+        "num_layers": ctx.n_original,
+        "settings": ctx.settings.key(),
         "calibration": ctx.text_spec.key(),
         "device": str(ctx.device),
         "similarity": [[round(float(v), 6) for v in row] for row in sim.matrix],
@@ -40,6 +42,9 @@ def analyze(ctx: MergeContext, out: Path, seeds: int = 1) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "similarity.json", json.dumps(result, indent=1))
-    similarity_heatmap(sim.matrix.numpy(), out / "similarity.png",
-                       f"{ctx.lm.source.get('spec')}: layer similarity (NMI), {ctx.text_spec.samples}x{ctx.text_spec.seq_len} tokens")
+    similarity_heatmap(
+        sim.matrix.numpy(),
+        out / "similarity.png",
+        f"{ctx.lm.source.get('spec')}: layer similarity (NMI), {ctx.text_spec.samples}x{ctx.text_spec.seq_len} tokens",
+    )
     return result

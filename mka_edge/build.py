@@ -54,17 +54,32 @@ def check_host(n_params: int, out: Path) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     free_disk = shutil.disk_usage(parent).free / 2**20
     if free_disk < need_disk:
-        raise UserError(f"{parent} has {free_disk:.0f} MB free; the build needs about {need_disk:.0f} MB "
-                        f"(F32 export + artifact); free disk space or choose another --out")
+        raise UserError(
+            f"{parent} has {free_disk:.0f} MB free; the build needs about {need_disk:.0f} MB "
+            f"(F32 export + artifact); free disk space or choose another --out"
+        )
     need_ram = n_params * 4 * 1.5 / 2**20
     if _free_ram_mb() < need_ram:
-        raise UserError(f"this host has {_free_ram_mb():.0f} MB of RAM available; the build needs about {need_ram:.0f} MB; "
-                        f"close other programs or build on a larger machine")
+        raise UserError(
+            f"this host has {_free_ram_mb():.0f} MB of RAM available; the build needs about {need_ram:.0f} MB; "
+            f"close other programs or build on a larger machine"
+        )
 
 
-def build(profile: str, model: str | None, out: str | Path, *, force: bool = False, max_tries: int = 3,
-          mmlu_per_subject: int = 1, repeats: int = 3, progress: bool = True, plan_file: str | Path | None = None,
-          log=print, **plan_kw) -> dict:
+def build(
+    profile: str,
+    model: str | None,
+    out: str | Path,
+    *,
+    force: bool = False,
+    max_tries: int = 3,
+    mmlu_per_subject: int = 1,
+    repeats: int = 3,
+    progress: bool = True,
+    plan_file: str | Path | None = None,
+    log=print,
+    **plan_kw,
+) -> dict:
     """Plan (or read ``plan_file``), then execute.  ``plan_kw``: resolve_settings' options (budget,
     context, method, heal...); with healing the plan uses healed quality and every merged model is
     healed before export."""
@@ -79,14 +94,26 @@ def build(profile: str, model: str | None, out: str | Path, *, force: bool = Fal
         log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
         plan, ctx = plan_from_settings(s, progress=progress, log=log)
         prof = s.profile
-    return execute(plan, ctx, prof, out, model_spec=model, max_tries=max_tries, mmlu_per_subject=mmlu_per_subject,
-                   repeats=repeats, progress=progress, log=log)
+    return execute(
+        plan,
+        ctx,
+        prof,
+        out,
+        model_spec=model,
+        max_tries=max_tries,
+        mmlu_per_subject=mmlu_per_subject,
+        repeats=repeats,
+        progress=progress,
+        log=log,
+    )
 
 
 def _check_validation_context(context: int) -> None:
-    if context < context_needed():     # found now, not after the plan, merge and heal
-        raise UserError(f"--context {context} is too small for the validation run "
-                        f"(512-token prompt + 128 generated tokens); use at least {context_needed()}")
+    if context < context_needed():  # found now, not after the plan, merge and heal
+        raise UserError(
+            f"--context {context} is too small for the validation run "
+            f"(512-token prompt + 128 generated tokens); use at least {context_needed()}"
+        )
 
 
 def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple[Plan, object, Profile]:
@@ -99,21 +126,38 @@ def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple
         raise UserError(f"--plan {plan_file} was made by mka-edge {plan.mka_edge}, this is {__version__}; plan again")
     prof = load_profile(profile)
     if plan.profile.get("fingerprint") != profile_fingerprint(prof):
-        raise UserError(f"--plan {plan_file} is for profile {plan.profile.get('name')!r}, not {prof.name!r} as given "
-                        f"(or that profile changed since); plan again with --profile {profile}")
+        raise UserError(
+            f"--plan {plan_file} is for profile {plan.profile.get('name')!r}, not {prof.name!r} as given "
+            f"(or that profile changed since); plan again with --profile {profile}"
+        )
     if plan.format != prof.target.name:
-        raise UserError(f"--plan {plan_file} is a {plan.format} plan but profile {prof.name} runs {prof.runtime}; plan again")
+        raise UserError(
+            f"--plan {plan_file} is a {plan.format} plan but profile {prof.name} runs {prof.runtime}; plan again"
+        )
     _check_validation_context(plan.budget.context)
     spec = model if model is not None else plan.settings.get("model")
     ctx = build_context(model=spec, **plan.settings.get("merge_opts", {}))
     if ctx.lm.fingerprint != plan.model.get("fingerprint"):
-        raise UserError(f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "
-                        f"{spec or DEFAULT_MODEL!r} (weights differ); plan again for this model or drop --model")
+        raise UserError(
+            f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "
+            f"{spec or DEFAULT_MODEL!r} (weights differ); plan again for this model or drop --model"
+        )
     return plan, ctx, prof
 
 
-def execute(plan: Plan, ctx, prof: Profile, out: Path, *, model_spec: str | None = None, max_tries: int = 3,
-            mmlu_per_subject: int = 1, repeats: int = 3, progress: bool = True, log=print) -> dict:
+def execute(
+    plan: Plan,
+    ctx,
+    prof: Profile,
+    out: Path,
+    *,
+    model_spec: str | None = None,
+    max_tries: int = 3,
+    mmlu_per_subject: int = 1,
+    repeats: int = 3,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Merge, (heal,) export, validate and package the plan's best candidate, falling back to the
     next ones when the artifact misses the measured quality bar."""
     target = prof.target
@@ -143,22 +187,48 @@ def execute(plan: Plan, ctx, prof: Profile, out: Path, *, model_spec: str | None
             art = tmp / target.artifact_name(tag)
             summary = target.export(lm, art, quant, context=context, progress=progress)
             log(f"[4/5] validate in {target.runtime_label}")
-            val = validate_artifact(art, ref_spec, threads=os.cpu_count(), context=context,
-                                    kv_type=target.validation_kv_type(prof.kv_cache_type), out=work / f"validation-{i}",
-                                    thresholds=Thresholds(max_kld=max_kl), repeats=repeats,
-                                    mmlu_per_subject=mmlu_per_subject, progress=progress)
-            attempts.append({"k": k, "quant": quant, "measured_kl": val["accuracy"]["kl"], "passed": val["passed"],
-                             **({"heal": {"steps": heal.steps, "train": heal.train,
-                                          "heldout_kl_before": heal_record["heldout_before"]["kl"],
-                                          "heldout_kl_after": heal_record["heldout_after"]["kl"]}} if heal_record else {})})
+            val = validate_artifact(
+                art,
+                ref_spec,
+                threads=os.cpu_count(),
+                context=context,
+                kv_type=target.validation_kv_type(prof.kv_cache_type),
+                out=work / f"validation-{i}",
+                thresholds=Thresholds(max_kld=max_kl),
+                repeats=repeats,
+                mmlu_per_subject=mmlu_per_subject,
+                progress=progress,
+            )
+            attempts.append(
+                {
+                    "k": k,
+                    "quant": quant,
+                    "measured_kl": val["accuracy"]["kl"],
+                    "passed": val["passed"],
+                    **(
+                        {
+                            "heal": {
+                                "steps": heal.steps,
+                                "train": heal.train,
+                                "heldout_kl_before": heal_record["heldout_before"]["kl"],
+                                "heldout_kl_after": heal_record["heldout_after"]["kl"],
+                            }
+                        }
+                        if heal_record
+                        else {}
+                    ),
+                }
+            )
             if val["passed"]:
                 break
             log(f"      measured KL {val['accuracy']['kl']:.3f} misses the bar {max_kl:g}; trying the next plan")
             shutil.rmtree(art) if art.is_dir() else art.unlink()
         else:
-            raise UserError(f"no plan met the quality bar ({max_kl:g} nats) in {len(attempts)} tries: "
-                            + ", ".join(f"K={a['k']} {a['quant']}: {a['measured_kl']:.3f}" for a in attempts)
-                            + "; raise --max-quality-loss or --budget-mb")
+            raise UserError(
+                f"no plan met the quality bar ({max_kl:g} nats) in {len(attempts)} tries: "
+                + ", ".join(f"K={a['k']} {a['quant']}: {a['measured_kl']:.3f}" for a in attempts)
+                + "; raise --max-quality-loss or --budget-mb"
+            )
         log("[5/5] package")
         chosen = {"k": k, "quant": quant, "artifact": art.name}
         manifest = package(tmp, plan, ctx, chosen, summary, val, attempts, merged_dir, prof)

@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -61,7 +62,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the result is for users to share
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is for users to share
     try:
         yield tmp
         if final.exists():
@@ -81,7 +82,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

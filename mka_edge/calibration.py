@@ -47,7 +47,9 @@ def load_texts(path: str | Path | None = None, default: str = DEFAULT_CALIBRATIO
     try:
         raw = gzip.open(p, "rt", encoding="utf-8").read() if p.suffix == ".gz" else p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read calibration file {where}: {exc.__class__.__name__}; check the path and that it is UTF-8 text") from None
+        raise UserError(
+            f"cannot read calibration file {where}: {exc.__class__.__name__}; check the path and that it is UTF-8 text"
+        ) from None
     if ".jsonl" in p.name:
         texts = _read_jsonl_texts(raw.splitlines(), where)
     else:
@@ -71,6 +73,7 @@ def _token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 @dataclass(frozen=True)
 class TextSpec:
     """What a token batch was made from: part of every cache key that depends on it."""
+
     source: str
     samples: int
     seq_len: int
@@ -80,7 +83,9 @@ class TextSpec:
         return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
 
 
-def calibration_batch(tokenizer, path: str | Path | None, samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, TextSpec]:
+def calibration_batch(
+    tokenizer, path: str | Path | None, samples: int, seq_len: int, seed: int
+) -> tuple[torch.Tensor, TextSpec]:
     """``samples`` windows of ``seq_len`` tokens at seeded, non-overlapping offsets."""
     if samples < 1 or seq_len < 8:
         raise UserError("calibration needs at least 1 sample of at least 8 tokens (--samples, --seq-len)")
@@ -93,7 +98,7 @@ def calibration_batch(tokenizer, path: str | Path | None, samples: int, seq_len:
         )
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(n_windows, generator=g)[:samples].sort().values
-    batch = torch.stack([stream[i * seq_len:(i + 1) * seq_len] for i in picks.tolist()])
+    batch = torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picks.tolist()])
     source = str(path) if path else f"packaged:{DEFAULT_CALIBRATION}"
     return batch, TextSpec(source, samples, seq_len, seed)
 

@@ -22,13 +22,19 @@ def evaluate(model_spec, reference_spec, n_chunks: int, mmlu_per_subject: int, d
     lm = load_model(model_spec, dev)
     ref = lm if ref_spec == model_spec else load_model(ref_spec, dev)
     if lm.model.config.vocab_size != ref.model.config.vocab_size or len(lm.tokenizer) != len(ref.tokenizer):
-        raise UserError(f"model and reference have different vocabularies ({len(lm.tokenizer)} vs {len(ref.tokenizer)} tokens); pick the reference it was made from")
+        raise UserError(
+            f"model and reference have different vocabularies ({len(lm.tokenizer)} vs {len(ref.tokenizer)} tokens); pick the reference it was made from"
+        )
     if n_chunks < 1:
         raise UserError("--heldout-chunks must be at least 1")
     chunks = heldout_chunks(lm.tokenizer, n_chunks)
-    res = {"model": model_spec or "smollm2-135m", "reference": ref_spec or "smollm2-135m",
-           "layers": lm.num_layers, "reference_layers": ref.num_layers,
-           "heldout": compare(lm.model, Reference(ref.model, chunks, dev), progress=True).as_dict()}
+    res = {
+        "model": model_spec or "smollm2-135m",
+        "reference": ref_spec or "smollm2-135m",
+        "layers": lm.num_layers,
+        "reference_layers": ref.num_layers,
+        "heldout": compare(lm.model, Reference(ref.model, chunks, dev), progress=True).as_dict(),
+    }
     if mmlu_per_subject > 0:
         res.update(mmlu(lm.model, lm.tokenizer, dev, mmlu_per_subject, progress=True))
     return res

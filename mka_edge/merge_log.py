@@ -87,7 +87,7 @@ class _Record:
                 continue
             v = cls._convert(f.name, d[f.name])
             if not required and v == _default(f):
-                extra[f.name] = d[f.name]      # written explicitly with the default: keep it as written
+                extra[f.name] = d[f.name]  # written explicitly with the default: keep it as written
             else:
                 known[f.name] = v
         extra.update({k: v for k, v in d.items() if k not in names})
@@ -125,30 +125,30 @@ class MergeStep(_Record):
     _KIND = "merge step"
 
     k: int
-    action: str                                     # "fuse" | "remove"
-    position: int | None = None                     # fuse: index of the lower layer of the pair
-    pair_sources: tuple[tuple[int, ...], ...] | None = None   # fuse: original layers in each of the pair
-    alpha: float | None = None                      # fuse: weight on the lower layer
-    similarity: float | None = None                 # fuse: NMI of the pair
+    action: str  # "fuse" | "remove"
+    position: int | None = None  # fuse: index of the lower layer of the pair
+    pair_sources: tuple[tuple[int, ...], ...] | None = None  # fuse: original layers in each of the pair
+    alpha: float | None = None  # fuse: weight on the lower layer
+    similarity: float | None = None  # fuse: NMI of the pair
     calib_kl: float
-    composition: tuple | None = None                # trajectories only (merge_log.json has ``layers``)
+    composition: tuple | None = None  # trajectories only (merge_log.json has ``layers``)
     method: str
-    edge: tuple[int, int] | None = None             # mka-oneshot: the similarity edge taken
-    adjacent_similarity: tuple[float, ...] | None = None   # mka: NMI of every adjacent pair
-    shortlist: dict | None = None                   # mka-guided: {position: [calib KL, alpha]}
-    removed_now: tuple[int, ...] | None = None      # sleb: the original layers removed at this step
-    removed: tuple[int, ...] | None = None          # removal: all original layers removed so far
-    block_influence: tuple[float, ...] | None = None   # shortgpt
-    angular_distance: float | None = None           # angular
-    elapsed_s: float | None = None                  # trajectory wall time up to this step
-    chosen_from: dict | None = None                 # auto: {method: calib KL} at this K
-    heldout: dict | None = None                     # held-out quality after the step ({} when skipped)
-    layers: tuple[dict, ...] | None = None          # layer map after the step
-    extra: dict = field(default_factory=dict)       # keys not above, kept as read
+    edge: tuple[int, int] | None = None  # mka-oneshot: the similarity edge taken
+    adjacent_similarity: tuple[float, ...] | None = None  # mka: NMI of every adjacent pair
+    shortlist: dict | None = None  # mka-guided: {position: [calib KL, alpha]}
+    removed_now: tuple[int, ...] | None = None  # sleb: the original layers removed at this step
+    removed: tuple[int, ...] | None = None  # removal: all original layers removed so far
+    block_influence: tuple[float, ...] | None = None  # shortgpt
+    angular_distance: float | None = None  # angular
+    elapsed_s: float | None = None  # trajectory wall time up to this step
+    chosen_from: dict | None = None  # auto: {method: calib KL} at this K
+    heldout: dict | None = None  # held-out quality after the step ({} when skipped)
+    layers: tuple[dict, ...] | None = None  # layer map after the step
+    extra: dict = field(default_factory=dict)  # keys not above, kept as read
 
     @classmethod
     def _convert(cls, name: str, v: Any) -> Any:
-        if name == "composition":      # [{layer: weight}], keys ints or (from JSON) strings: as given
+        if name == "composition":  # [{layer: weight}], keys ints or (from JSON) strings: as given
             return tuple(v) if isinstance(v, list) else v
         return _frozen(v)
 
@@ -174,13 +174,13 @@ class MergeLog(_Record):
 
     _KIND = "merge log"
 
-    mka_edge: str                                   # version that wrote it
-    source: dict                                    # the source model (LoadedModel.source: spec, kind, path, model_dir, ...)
+    mka_edge: str  # version that wrote it
+    source: dict  # the source model (LoadedModel.source: spec, kind, path, model_dir, ...)
     source_fingerprint: str
-    method: str | None = None                       # merge method asked for ("auto" included)
+    method: str | None = None  # merge method asked for ("auto" included)
     alpha_rule: str | None = None
     alpha_rule_means: str | None = None
-    merge_layers: int                               # K
+    merge_layers: int  # K
     layers_before: int
     layers_after: int | None = None
     calibration: dict | None = None
@@ -188,11 +188,11 @@ class MergeLog(_Record):
     device: str | None = None
     trajectory_cached: bool | None = None
     trajectory_seconds: float | None = None
-    layer_map: tuple[dict, ...] | None = None       # [{"layer", "sources", "weights"}] of the merged stack
+    layer_map: tuple[dict, ...] | None = None  # [{"layer", "sources", "weights"}] of the merged stack
     steps: tuple[MergeStep, ...] = ()
     timings: dict | None = None
-    heal: dict | None = None                        # added by heal (heal_log.json less losses and curve)
-    extra: dict = field(default_factory=dict)       # keys not above, kept as read
+    heal: dict | None = None  # added by heal (heal_log.json less losses and curve)
+    extra: dict = field(default_factory=dict)  # keys not above, kept as read
 
     @classmethod
     def _convert(cls, name: str, v: Any) -> Any:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration import heldout_chunks
 from .errors import UserError
-from .merge_log import FILE as MERGE_LOG, MergeLog, MergeStep
+from .merge_log import FILE as MERGE_LOG
+from .merge_log import MergeLog, MergeStep
 from .mka.context import MergeContext
 from .mka.fusion import identity, realize
 from .mka.layers import temporary_stack
@@ -28,7 +28,9 @@ def check_k(k: int, n_layers: int) -> None:
     if k < 1:
         raise UserError(f"--merge-layers must be at least 1 (got {k})")
     if k >= n_layers:
-        raise UserError(f"--merge-layers {k} would leave no layer: the model has {n_layers}; use at most {n_layers - 1}")
+        raise UserError(
+            f"--merge-layers {k} would leave no layer: the model has {n_layers}; use at most {n_layers - 1}"
+        )
 
 
 def heldout_reference(ctx: MergeContext, n_chunks: int) -> Reference:
@@ -50,8 +52,10 @@ def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress:
     if n_chunks <= 0:
         return [{} for _ in steps]
     ref = heldout_reference(ctx, n_chunks)
-    return [step_quality(ctx, ref, st)
-            for st in tqdm(steps, desc="held-out quality per step", disable=not progress, leave=False)]
+    return [
+        step_quality(ctx, ref, st)
+        for st in tqdm(steps, desc="held-out quality per step", disable=not progress, leave=False)
+    ]
 
 
 def check_out(out: Path) -> None:
@@ -61,8 +65,16 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not an earlier merge output; choose a new folder")
 
 
-def merge(ctx: MergeContext, k: int, method: str, alpha: str, out: Path | None,
-          heldout: int = 4, use_cache: bool = True, progress: bool = True) -> dict:
+def merge(
+    ctx: MergeContext,
+    k: int,
+    method: str,
+    alpha: str,
+    out: Path | None,
+    heldout: int = 4,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict:
     check_k(k, ctx.n_original)
     if out is not None:
         check_out(out)
@@ -88,8 +100,10 @@ def merge(ctx: MergeContext, k: int, method: str, alpha: str, out: Path | None,
         layer_map=tuple(layer_map(comp)),
         # the trajectory's step dicts, less the composition, plus held-out quality and the layer map
         steps=tuple(
-            MergeStep.from_json({key: v for key, v in {**st, "heldout": q}.items() if key != "composition"}
-                                | {"layers": layer_map(st["composition"])})
+            MergeStep.from_json(
+                {key: v for key, v in {**st, "heldout": q}.items() if key != "composition"}
+                | {"layers": layer_map(st["composition"])}
+            )
             for st, q in zip(steps, quality)
         ),
         timings=ctx.timer.as_dict(),

@@ -34,7 +34,7 @@ from .solver.search import Candidate, choose, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
 
-PROBE_MAX_PARAMS = 3e9   # above this, quantizing every type to measure it costs more than the build
+PROBE_MAX_PARAMS = 3e9  # above this, quantizing every type to measure it costs more than the build
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -50,7 +50,7 @@ class PlanSettings:
     k_max: int | None = None
     quants: tuple[str, ...] = ()
     quality_prior: bool = False
-    heal: object | None = None            # heal.distill.HealConfig, or None
+    heal: object | None = None  # heal.distill.HealConfig, or None
     heal_points: int = 4
     merge_opts: dict = field(default_factory=dict)
 
@@ -65,11 +65,22 @@ def profile_fingerprint(prof: Profile) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_settings(profile: str | Profile, model: str | None = None, *, budget_mb: float | None = None,
-                     context: int | None = None, max_quality_loss: float | None = None, method: str = "sleb",
-                     alpha: str = "calibrated", k_max: int | None = None, quants: list[str] | None = None,
-                     quality_prior: bool = False, heal=None, heal_points: int = 4,
-                     merge_opts: dict | None = None) -> PlanSettings:
+def resolve_settings(
+    profile: str | Profile,
+    model: str | None = None,
+    *,
+    budget_mb: float | None = None,
+    context: int | None = None,
+    max_quality_loss: float | None = None,
+    method: str = "sleb",
+    alpha: str = "calibrated",
+    k_max: int | None = None,
+    quants: list[str] | None = None,
+    quality_prior: bool = False,
+    heal=None,
+    heal_points: int = 4,
+    merge_opts: dict | None = None,
+) -> PlanSettings:
     """The one precedence rule: a value given here (the command line, or the recipe's defaults the
     CLI already applied) wins, else the profile's.  Every check needs no model."""
     from .heal.distill import effective_heal
@@ -83,13 +94,25 @@ def resolve_settings(profile: str | Profile, model: str | None = None, *, budget
         context=int(context if context is not None else prof.context_length),
         kv_cache_type=prof.kv_cache_type,
         min_tokens_per_s=prof.min_tokens_per_s,
-        max_quality_loss=float(max_quality_loss if max_quality_loss is not None else prof.max_quality_loss))
+        max_quality_loss=float(max_quality_loss if max_quality_loss is not None else prof.max_quality_loss),
+    )
     if budget.memory_mb <= 0 or budget.context < 1:
         raise UserError("--budget-mb and --context must be positive")
     if heal_points < 0:
         raise UserError(f"--heal-curve-points must be 0 or more (got {heal_points})")
-    return PlanSettings(prof, model, budget, method, alpha, k_max, tuple(prof.target.check_quants(quants)),
-                        quality_prior, effective_heal(heal, prof), heal_points, dict(merge_opts or {}))
+    return PlanSettings(
+        prof,
+        model,
+        budget,
+        method,
+        alpha,
+        k_max,
+        tuple(prof.target.check_quants(quants)),
+        quality_prior,
+        effective_heal(heal, prof),
+        heal_points,
+        dict(merge_opts or {}),
+    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +122,7 @@ class CheapFacts:
     shape: ModelShape
     sizes: dict[str, QuantCost]
     exact: bool
-    measure: bool          # quant costs are measured on this model (else llama.cpp's published prior)
+    measure: bool  # quant costs are measured on this model (else llama.cpp's published prior)
     k_max: int
 
 
@@ -112,8 +135,16 @@ def cheap_facts(s: PlanSettings) -> CheapFacts:
     measure = sum(ms.block_params) + ms.other_params <= PROBE_MAX_PARAMS and not s.quality_prior
     sizes = s.target.type_sizes(ms, list(s.quants), measure)
     exact = s.target.sizes_are_exact
-    check_any_fits(ms, sizes, k_max=k_max, context=s.budget.context, kv_type=s.budget.kv_cache_type,
-                   budget_mb=s.budget.memory_mb, overhead_mb=DEFAULT_OVERHEAD_MB, exact=exact)
+    check_any_fits(
+        ms,
+        sizes,
+        k_max=k_max,
+        context=s.budget.context,
+        kv_type=s.budget.kv_cache_type,
+        budget_mb=s.budget.memory_mb,
+        overhead_mb=DEFAULT_OVERHEAD_MB,
+        exact=exact,
+    )
     return CheapFacts(ms, sizes, exact, measure, k_max)
 
 
@@ -134,9 +165,20 @@ class Facts:
 
 def _enumerate(s: PlanSettings, facts_shape: Shape, costs, eff: float, curve_kl, kept) -> list[Candidate]:
     b = s.budget
-    return enumerate_candidates(facts_shape, curve_kl, kept, costs, context=b.context, kv_type=b.kv_cache_type,
-                                budget_mb=b.memory_mb, bandwidth_gbps=s.profile.bandwidth_gbps, efficiency=eff,
-                                min_tps=b.min_tokens_per_s, max_kl=b.max_quality_loss, overhead_mb=DEFAULT_OVERHEAD_MB)
+    return enumerate_candidates(
+        facts_shape,
+        curve_kl,
+        kept,
+        costs,
+        context=b.context,
+        kv_type=b.kv_cache_type,
+        budget_mb=b.memory_mb,
+        bandwidth_gbps=s.profile.bandwidth_gbps,
+        efficiency=eff,
+        min_tps=b.min_tokens_per_s,
+        max_kl=b.max_quality_loss,
+        overhead_mb=DEFAULT_OVERHEAD_MB,
+    )
 
 
 def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print) -> Facts:
@@ -144,18 +186,30 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
     only as far as it can change the choice (quality.needed_merge_kl)."""
     t = s.target
     eff, eff_source = speed.efficiency(t.name)
-    costs, quant_source = t.quant_costs(ctx.lm, cheap.shape, cheap.sizes, list(s.quants), measure=cheap.measure,
-                                        progress=progress, calibrate_speed=eff_source.startswith("default"), log=log)
+    costs, quant_source = t.quant_costs(
+        ctx.lm,
+        cheap.shape,
+        cheap.sizes,
+        list(s.quants),
+        measure=cheap.measure,
+        progress=progress,
+        calibrate_speed=eff_source.startswith("default"),
+        log=log,
+    )
     eff, eff_source = speed.efficiency(t.name)
     shape = Shape.from_config(ctx.model.config)
     k_max = cheap.k_max
     ref_layers = next(iter(costs.values())).per_layer
-    edge = _enumerate(s, shape, costs, eff, [0.0] * (k_max + 1), [smallest_kept(ref_layers, k) for k in range(k_max + 1)])
-    useful_below = needed_merge_kl([c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed],
-                                   [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed])
+    edge = _enumerate(
+        s, shape, costs, eff, [0.0] * (k_max + 1), [smallest_kept(ref_layers, k) for k in range(k_max + 1)]
+    )
+    useful_below = needed_merge_kl(
+        [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed],
+        [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed],
+    )
     heal = s.heal
     if heal is not None and useful_below is not None and useful_below > 0:
-        useful_below = None          # healing lowers the merge KL: only the "no merge can win" case holds
+        useful_below = None  # healing lowers the merge KL: only the "no merge can win" case holds
     curve = merge_curve(ctx, s.method, k_max, s.alpha, progress=progress, log=log, useful_below=useful_below)
     healed = None
     if heal is not None and len(curve["kl"]) > 1:
@@ -172,16 +226,23 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
     best = ranked[0]
     if not curve.get("complete", True):
         reach = len(curve["kl"]) - 1
-        reason += ("; no merge was scored: the best quant type that fits at all already fits unmerged, and "
-                   "merging only adds loss" if reach == 0 else
-                   f"; the merge curve stopped at K={reach}, whose held-out KL ({curve['kl'][reach]:.3f} nats) already "
-                   f"rules out beating the best unmerged plan")
+        reason += (
+            "; no merge was scored: the best quant type that fits at all already fits unmerged, and "
+            "merging only adds loss"
+            if reach == 0
+            else f"; the merge curve stopped at K={reach}, whose held-out KL ({curve['kl'][reach]:.3f} nats) already "
+            f"rules out beating the best unmerged plan"
+        )
     t = s.target
     budget = Budget(**{**asdict(s.budget), "kv_cache_type": t.kv_cache_label(s.budget.kv_cache_type)})
     return Plan(
         mka_edge=__version__,
         profile={**s.profile.as_dict(), "fingerprint": profile_fingerprint(s.profile)},
-        model={"spec": s.model or DEFAULT_MODEL, "fingerprint": facts.fingerprint, "layers": facts.cheap.shape.n_layers},
+        model={
+            "spec": s.model or DEFAULT_MODEL,
+            "fingerprint": facts.fingerprint,
+            "layers": facts.cheap.shape.n_layers,
+        },
         format=t.name,
         budget=budget,
         choice=Choice(s.method, s.alpha, best.k, best.quant, best.layers, curve["kept"][best.k], best.as_dict()),
@@ -189,32 +250,54 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
         alternatives=[c.as_dict() for c in ranked[1:6]],
         pareto=[c.as_dict() for c in pareto(cands)],
         models={
-            "quality": ("KL(K, q) = held-out KL of the merge at K after healing "
-                        f"({heal.steps} steps, {heal.train}; healed at K = {', '.join(map(str, healed['healed_at']))}, "
-                        "the K between by the interpolated healed/unhealed ratio) + KL of quant q on the unmerged model"
-                        if healed else
-                        "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model"),
+            "quality": (
+                "KL(K, q) = held-out KL of the merge at K after healing "
+                f"({heal.steps} steps, {heal.train}; healed at K = {', '.join(map(str, healed['healed_at']))}, "
+                "the K between by the interpolated healed/unhealed ratio) + KL of quant q on the unmerged model"
+                if healed
+                else "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model"
+            ),
             "quant_cost": facts.quant_source,
             "memory": t.memory_model,
             "speed": f"efficiency {facts.efficiency:.3f} ({facts.efficiency_source}) x device bandwidth / bytes per token; "
-                     "a device prediction, not a measurement",
+            "a device prediction, not a measurement",
         },
-        curve={"kl": curve["kl"], "method": s.method, "complete": curve.get("complete", True),
-               **({"unhealed_kl": healed["unhealed_kl"], "heal_steps": healed["steps"], "heal_train": healed["train"],
-                   "healed_at": healed["healed_at"]}
-                  if healed else {})},
+        curve={
+            "kl": curve["kl"],
+            "method": s.method,
+            "complete": curve.get("complete", True),
+            **(
+                {
+                    "unhealed_kl": healed["unhealed_kl"],
+                    "heal_steps": healed["steps"],
+                    "heal_train": healed["train"],
+                    "healed_at": healed["healed_at"],
+                }
+                if healed
+                else {}
+            ),
+        },
         heal=asdict(heal) if healed else None,
         quant_costs={q: c.plan_json() for q, c in facts.costs.items()},
         candidates=[c.as_dict() for c in cands],
         ranked=[{"k": c.k, "quant": c.quant, "kl": c.kl} for c in ranked],
-        settings={"model": s.model, "method": s.method, "alpha": s.alpha, "k_max": s.k_max, "quants": list(s.quants),
-                  "quality_prior": s.quality_prior, "heal": asdict(heal) if heal is not None else None,
-                  "heal_points": s.heal_points, "merge_opts": s.merge_opts},
+        settings={
+            "model": s.model,
+            "method": s.method,
+            "alpha": s.alpha,
+            "k_max": s.k_max,
+            "quants": list(s.quants),
+            "quality_prior": s.quality_prior,
+            "heal": asdict(heal) if heal is not None else None,
+            "heal_points": s.heal_points,
+            "merge_opts": s.merge_opts,
+        },
     )
 
 
-def plan_with_context(profile: str, model: str | None = None, *, progress: bool = True, log=print,
-                      **kw) -> tuple[Plan, object]:
+def plan_with_context(
+    profile: str, model: str | None = None, *, progress: bool = True, log=print, **kw
+) -> tuple[Plan, object]:
     """Settings -> cheap facts -> (model loaded) measured facts -> Plan; the loaded merge context
     comes back too (build goes on to merge with it)."""
     s = resolve_settings(profile, model, **kw)
@@ -248,17 +331,25 @@ def load_plan(path: Path) -> Plan:
 def plan_table(plan: Plan) -> str:
     """The Pareto table and the choice, for people."""
     b = plan.budget
-    lines = [f"profile {plan.profile['name']}: budget {b.memory_mb:.0f} MB, context {b.context}, "
-             f">= {b.min_tokens_per_s:g} tok/s, quality loss <= {b.max_quality_loss:g} nats",
-             "", f"{'K':>3} {'layers':>6} {'quant':<10} {'memory MB':>10} {'tok/s (device, pred.)':>22} {'KL (pred.)':>10}  fits"]
+    lines = [
+        f"profile {plan.profile['name']}: budget {b.memory_mb:.0f} MB, context {b.context}, "
+        f">= {b.min_tokens_per_s:g} tok/s, quality loss <= {b.max_quality_loss:g} nats",
+        "",
+        f"{'K':>3} {'layers':>6} {'quant':<10} {'memory MB':>10} {'tok/s (device, pred.)':>22} {'KL (pred.)':>10}  fits",
+    ]
     for c in plan.pareto:
         fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("memory" if not c["fits_memory"] else "speed")
         mark = "  <- chosen" if (c["k"], c["quant"]) == (plan.choice.k, plan.choice.quant) else ""
-        lines.append(f"{c['k']:>3} {c['layers']:>6} {c['quant']:<10} {c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f}  "
-                     f"{fits if fits != 'yes' else 'yes'}{mark}")
+        lines.append(
+            f"{c['k']:>3} {c['layers']:>6} {c['quant']:<10} {c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f}  "
+            f"{fits if fits != 'yes' else 'yes'}{mark}"
+        )
     ch = plan.choice
-    lines += ["", f"choice: merge K={ch.k} ({ch.method}) -> {ch.layers_after} layers, {ch.quant}",
-              f"why: {plan.reason}"]
+    lines += [
+        "",
+        f"choice: merge K={ch.k} ({ch.method}) -> {ch.layers_after} layers, {ch.quant}",
+        f"why: {plan.reason}",
+    ]
     return "\n".join(lines)
 
 

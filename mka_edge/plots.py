@@ -24,14 +24,25 @@ def similarity_heatmap(matrix, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def pareto_plot(candidates: list[dict], front: list[dict], chosen: dict, budget_mb: float, path: Path, title: str) -> None:
+def pareto_plot(
+    candidates: list[dict], front: list[dict], chosen: dict, budget_mb: float, path: Path, title: str
+) -> None:
     """Predicted memory against predicted quality loss for every plan; the front, budget and choice marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    ax.scatter([c["memory_mb"] for c in candidates], [c["kl"] for c in candidates], s=10, c="0.7", label="plans (K, quant)")
+    ax.scatter(
+        [c["memory_mb"] for c in candidates], [c["kl"] for c in candidates], s=10, c="0.7", label="plans (K, quant)"
+    )
     ax.plot([c["memory_mb"] for c in front], [c["kl"] for c in front], "-o", ms=4, color="C0", label="Pareto front")
     ax.axvline(budget_mb, color="C3", ls="--", lw=1, label=f"budget {budget_mb:.0f} MB")
-    ax.scatter([chosen["memory_mb"]], [chosen["kl"]], s=80, marker="*", color="C1", zorder=5,
-               label=f"chosen: K={chosen['k']} {chosen['quant']}")
+    ax.scatter(
+        [chosen["memory_mb"]],
+        [chosen["kl"]],
+        s=80,
+        marker="*",
+        color="C1",
+        zorder=5,
+        label=f"chosen: K={chosen['k']} {chosen['quant']}",
+    )
     ax.set_xlabel("predicted peak memory (MB)")
     ax.set_ylabel("predicted quality loss (mean KL, nats)")
     ax.set_title(title, fontsize=10)

@@ -14,26 +14,45 @@ from .mka.context import MergeContext
 
 @dataclass(frozen=True)
 class Produced:
-    folder: Path               # the merged (healed) Hugging Face model, merge_log.json inside
-    merge_log: dict            # the merge's log (merge_log.MergeLog.to_json())
-    heal: dict | None          # the heal's log (held-out quality before and after), when healed
+    folder: Path  # the merged (healed) Hugging Face model, merge_log.json inside
+    merge_log: dict  # the merge's log (merge_log.MergeLog.to_json())
+    heal: dict | None  # the heal's log (held-out quality before and after), when healed
 
 
-def produce(ctx: MergeContext, k: int, method: str, alpha: str, out: Path, heal_cfg: HealConfig | None = None, *,
-            heldout: int = 0, use_cache: bool = True, progress: bool = True, log=print) -> Produced:
+def produce(
+    ctx: MergeContext,
+    k: int,
+    method: str,
+    alpha: str,
+    out: Path,
+    heal_cfg: HealConfig | None = None,
+    *,
+    heldout: int = 0,
+    use_cache: bool = True,
+    progress: bool = True,
+    log=print,
+) -> Produced:
     """Merge K layers away into ``out``; with ``heal_cfg`` the merge goes to a hidden sibling
     folder first and the healed model to ``out`` (the sibling is removed whatever happens).  The
     source already loaded in ``ctx`` serves as the heal's teacher when it can (no second load)."""
     out = Path(out)
     if heal_cfg is None or heal_cfg.steps <= 0:
-        return Produced(out, merge(ctx, k, method, alpha, out, heldout=heldout, use_cache=use_cache,
-                                   progress=progress), None)
+        return Produced(
+            out, merge(ctx, k, method, alpha, out, heldout=heldout, use_cache=use_cache, progress=progress), None
+        )
     unhealed = out.with_name(f".{out.name}.unhealed")
     shutil.rmtree(unhealed, ignore_errors=True)
     try:
         merge_log = merge(ctx, k, method, alpha, unhealed, heldout=heldout, use_cache=use_cache, progress=progress)
-        record = heal(str(unhealed), out, heal_cfg, progress=progress, log=log, reference_model=teacher_from(ctx.lm),
-                      device=str(ctx.device))
+        record = heal(
+            str(unhealed),
+            out,
+            heal_cfg,
+            progress=progress,
+            log=log,
+            reference_model=teacher_from(ctx.lm),
+            device=str(ctx.device),
+        )
     finally:
         shutil.rmtree(unhealed, ignore_errors=True)
     return Produced(out, merge_log, record)

@@ -24,17 +24,17 @@ KV_TYPES = ("f16", "f32", "q8_0", "q4_0")
 class Profile:
     name: str
     description: str
-    memory_mb: int                 # total device memory (RAM, or unified memory)
-    reserve_mb: int                # kept for the OS and other apps
-    bandwidth_gbps: float          # peak memory bandwidth, GB/s
-    runtime: str                   # llama.cpp | onnxruntime
+    memory_mb: int  # total device memory (RAM, or unified memory)
+    reserve_mb: int  # kept for the OS and other apps
+    bandwidth_gbps: float  # peak memory bandwidth, GB/s
+    runtime: str  # llama.cpp | onnxruntime
     context_length: int
     threads: int
-    min_tokens_per_s: float        # generation speed the device must reach
-    max_quality_loss: float        # mean KL(reference || artifact) in nats
+    min_tokens_per_s: float  # generation speed the device must reach
+    max_quality_loss: float  # mean KL(reference || artifact) in nats
     kv_cache_type: str = "f16"
-    heal_steps: int = 0                  # default healing steps for `build` on this device (0: none)
-    unified_memory: bool = False   # GPU and CPU share the memory (Jetson, Apple silicon)
+    heal_steps: int = 0  # default healing steps for `build` on this device (0: none)
+    unified_memory: bool = False  # GPU and CPU share the memory (Jetson, Apple silicon)
     path: str = ""
 
     @property
@@ -56,7 +56,11 @@ class Profile:
         return d
 
 
-_REQUIRED = {f.name: f.type for f in fields(Profile) if f.name not in ("path", "kv_cache_type", "unified_memory", "description", "heal_steps")}
+_REQUIRED = {
+    f.name: f.type
+    for f in fields(Profile)
+    if f.name not in ("path", "kv_cache_type", "unified_memory", "description", "heal_steps")
+}
 
 
 def _profile_dir() -> Path:
@@ -81,14 +85,20 @@ def _check(data: dict, where: str) -> Profile:
         if not isinstance(data[key], (int, float)) or data[key] < 0:
             raise UserError(f"profile {where}: field '{key}' must be a non-negative number (got {data[key]!r})")
     if data["reserve_mb"] >= data["memory_mb"]:
-        raise UserError(f"profile {where}: field 'reserve_mb' ({data['reserve_mb']}) leaves no memory of 'memory_mb' ({data['memory_mb']})")
+        raise UserError(
+            f"profile {where}: field 'reserve_mb' ({data['reserve_mb']}) leaves no memory of 'memory_mb' ({data['memory_mb']})"
+        )
     if data["runtime"] not in runtimes():
-        raise UserError(f"profile {where}: field 'runtime' must be one of {', '.join(runtimes())} (got {data['runtime']!r})")
+        raise UserError(
+            f"profile {where}: field 'runtime' must be one of {', '.join(runtimes())} (got {data['runtime']!r})"
+        )
     kv = data.get("kv_cache_type", "f16")
     if kv not in KV_TYPES:
         raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_TYPES)} (got {kv!r})")
     if not isinstance(data.get("heal_steps", 0), int) or data.get("heal_steps", 0) < 0:
-        raise UserError(f"profile {where}: field 'heal_steps' must be a non-negative integer (got {data.get('heal_steps')!r})")
+        raise UserError(
+            f"profile {where}: field 'heal_steps' must be a non-negative integer (got {data.get('heal_steps')!r})"
+        )
     data = dict(data)
     data.setdefault("description", "")
     for key in ("bandwidth_gbps", "min_tokens_per_s", "max_quality_loss"):
@@ -101,7 +111,9 @@ def load_profile(name_or_path: str) -> Profile:
     if p.suffix not in (".yaml", ".yml"):
         p = _profile_dir() / f"{name_or_path}.yaml"
         if not p.is_file():
-            raise UserError(f"unknown profile '{name_or_path}'; known: {', '.join(known_profiles()) or 'none'} (or pass a .yaml path)")
+            raise UserError(
+                f"unknown profile '{name_or_path}'; known: {', '.join(known_profiles()) or 'none'} (or pass a .yaml path)"
+            )
     elif not p.is_file():
         raise UserError(f"profile file {p} does not exist")
     try:

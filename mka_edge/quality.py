@@ -23,11 +23,11 @@ from .mka.engine import kl_from_logits
 
 @dataclass
 class LMQuality:
-    kl: float             # mean KL(reference || model), nats
-    ppl: float            # model perplexity on held-out text
+    kl: float  # mean KL(reference || model), nats
+    ppl: float  # model perplexity on held-out text
     ref_ppl: float
     ppl_change_pct: float
-    top1: float           # fraction of positions where argmax agrees with the reference
+    top1: float  # fraction of positions where argmax agrees with the reference
     tokens: int
 
     def as_dict(self) -> dict:
@@ -44,8 +44,10 @@ class Reference:
     @torch.no_grad()
     def __init__(self, model, chunks: torch.Tensor, device: torch.device) -> None:
         self.chunks, self.device = chunks, device
-        self._logp = [torch.log_softmax(model(input_ids=chunks[i:i + 1].to(device), use_cache=False).logits.float(), -1)[0]
-                      for i in range(len(chunks))]
+        self._logp = [
+            torch.log_softmax(model(input_ids=chunks[i : i + 1].to(device), use_cache=False).logits.float(), -1)[0]
+            for i in range(len(chunks))
+        ]
 
     def logp(self, i: int) -> torch.Tensor:
         return self._logp[i]
@@ -58,7 +60,7 @@ def compare(model, reference: Reference, progress: bool = False) -> LMQuality:
     n_tok = 0
     it = range(len(reference.chunks))
     for i in tqdm(it, desc="held-out quality", disable=not progress, leave=False):
-        ids = reference.chunks[i:i + 1].to(reference.device)
+        ids = reference.chunks[i : i + 1].to(reference.device)
         logits = model(input_ids=ids, use_cache=False).logits.float()[0]
         ref = reference.logp(i)
         kl_sum += float(kl_from_logits(ref, logits).sum())
@@ -70,8 +72,14 @@ def compare(model, reference: Reference, progress: bool = False) -> LMQuality:
         ref_nll += float(-ref[:-1].gather(1, target[:, None]).sum())
         n_tok += target.numel()
     ppl, ref_ppl = math.exp(nll / n_tok), math.exp(ref_nll / n_tok)
-    return LMQuality(kl=kl_sum / n_pos, ppl=ppl, ref_ppl=ref_ppl, ppl_change_pct=100 * (ppl / ref_ppl - 1),
-                     top1=agree / n_pos, tokens=int(n_pos))
+    return LMQuality(
+        kl=kl_sum / n_pos,
+        ppl=ppl,
+        ref_ppl=ref_ppl,
+        ppl_change_pct=100 * (ppl / ref_ppl - 1),
+        top1=agree / n_pos,
+        tokens=int(n_pos),
+    )
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -114,7 +122,9 @@ def mmlu(model, tokenizer, device: torch.device, per_subject: int = 2, progress:
         last = model(input_ids=ids, use_cache=False).logits[0, -1]
         plain += int(int(last[letter_ids].argmax()) == q["answer"])
         ctx = tokenizer(f"Question: {q['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
-        conts = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for c in q["choices"]]
+        conts = [
+            tokenizer(f" {c}", add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for c in q["choices"]
+        ]
         seqs = [ctx + c for c in conts]
         width = max(map(len, seqs))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

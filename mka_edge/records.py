@@ -28,7 +28,7 @@ class QuantCost:
     repack_per_layer: tuple[float, ...] = ()
     kl: float | None = None
     tensor_types: dict = field(default_factory=dict)
-    resident_ratio: float | None = None      # ONNX: share of the weights onnxruntime keeps resident
+    resident_ratio: float | None = None  # ONNX: share of the weights onnxruntime keeps resident
     extra: dict = field(default_factory=dict)  # measured side facts (top1, ppl, peak RSS, source...)
 
     @property
@@ -46,8 +46,13 @@ class QuantCost:
 
     def to_json(self) -> dict:
         """The cache's form (the quant probes have always written these keys)."""
-        d = {"per_layer": list(self.per_layer), "repack_per_layer": list(self.repack_per_layer),
-             "other": self.other, "tensor_types": dict(self.tensor_types), **self.extra}
+        d = {
+            "per_layer": list(self.per_layer),
+            "repack_per_layer": list(self.repack_per_layer),
+            "other": self.other,
+            "tensor_types": dict(self.tensor_types),
+            **self.extra,
+        }
         if self.kl is not None:
             d["kl"] = self.kl
         if self.resident_ratio is not None:
@@ -57,13 +62,30 @@ class QuantCost:
     @classmethod
     def from_json(cls, quant: str, target: str, d: dict) -> QuantCost:
         known = {"per_layer", "repack_per_layer", "other", "kl", "tensor_types", "resident_ratio", "format"}
-        return cls(quant, target, tuple(d["per_layer"]), float(d["other"]),
-                   tuple(d.get("repack_per_layer") or ()), d.get("kl"), dict(d.get("tensor_types") or {}),
-                   d.get("resident_ratio"), {k: v for k, v in d.items() if k not in known})
+        return cls(
+            quant,
+            target,
+            tuple(d["per_layer"]),
+            float(d["other"]),
+            tuple(d.get("repack_per_layer") or ()),
+            d.get("kl"),
+            dict(d.get("tensor_types") or {}),
+            d.get("resident_ratio"),
+            {k: v for k, v in d.items() if k not in known},
+        )
 
     def with_kl(self, kl: float, **extra) -> QuantCost:
-        return QuantCost(self.quant, self.target, self.per_layer, self.other, self.repack_per_layer, kl,
-                         self.tensor_types, self.resident_ratio, {**self.extra, **extra})
+        return QuantCost(
+            self.quant,
+            self.target,
+            self.per_layer,
+            self.other,
+            self.repack_per_layer,
+            kl,
+            self.tensor_types,
+            self.resident_ratio,
+            {**self.extra, **extra},
+        )
 
     def plan_json(self) -> dict:
         """The entry plan.json keeps for this type."""
@@ -82,10 +104,10 @@ class ArtifactSummary:
     path: str
     quant: str | None
     block_count: int
-    file_bytes: int            # everything on disk (the .gguf file; the ONNX folder's model files)
-    weight_bytes: int          # tensor / initializer bytes
+    file_bytes: int  # everything on disk (the .gguf file; the ONNX folder's model files)
+    weight_bytes: int  # tensor / initializer bytes
     bits_per_weight: float | None
-    tensor_types: dict         # GGUF: tensor types written; ONNX: quantized ops
+    tensor_types: dict  # GGUF: tensor types written; ONNX: quantized ops
     raw: dict = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict:
@@ -138,7 +160,7 @@ class Plan:
     quant_costs: dict
     candidates: list
     ranked: list
-    settings: dict = field(default_factory=dict)     # the inputs that reproduce it (method, quants, k_max...)
+    settings: dict = field(default_factory=dict)  # the inputs that reproduce it (method, quants, k_max...)
     schema: int = PLAN_SCHEMA
 
     def to_json(self) -> dict:
@@ -148,14 +170,17 @@ class Plan:
     def from_json(cls, d: dict, where: str = "plan") -> Plan:
         try:
             if d.get("schema", PLAN_SCHEMA) != PLAN_SCHEMA:
-                raise UserError(f"{where} has plan schema {d.get('schema')}; this mka-edge reads {PLAN_SCHEMA}: plan again")
+                raise UserError(
+                    f"{where} has plan schema {d.get('schema')}; this mka-edge reads {PLAN_SCHEMA}: plan again"
+                )
             data: dict[str, Any] = {f.name: d[f.name] for f in fields(cls) if f.name in d}
             data["budget"] = Budget(**d["budget"])
             data["choice"] = Choice(**d["choice"])
             return cls(**data)
         except (KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{where} is not an mka-edge plan ({type(exc).__name__}: {exc}); "
-                            f"write one with `mka-edge plan --out`") from None
+            raise UserError(
+                f"{where} is not an mka-edge plan ({type(exc).__name__}: {exc}); write one with `mka-edge plan --out`"
+            ) from None
 
     @property
     def version(self) -> str:

@@ -28,7 +28,16 @@ def _sha256(path: Path) -> str:
 
 def _versions() -> dict:
     out = {"mka-edge": __version__}
-    for dist in ("torch", "transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime", "onnxruntime-genai", "numpy"):
+    for dist in (
+        "torch",
+        "transformers",
+        "gguf",
+        "llama-cpp-python",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-genai",
+        "numpy",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -36,42 +45,76 @@ def _versions() -> dict:
     return out
 
 
-def _report(plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dict, attempts: list, mem: dict,
-            device_tps: float) -> str:
+def _report(
+    plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dict, attempts: list, mem: dict, device_tps: float
+) -> str:
     p, ch, a, lat = plan.profile, plan.choice, val["accuracy"], val["latency"]
     pred = next((c for c in plan.candidates if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"])), ch.predicted)
     line = target.artifact_line(chosen["artifact"], chosen["quant"], summary, plan.model["layers"])
-    lines = [f"# mka-edge build report: {plan.model['spec']} for {p['name']}", "",
-             f"{p['description']}", "",
-             f"**Artifact:** {line}.", "",
-             f"**Why this plan:** {plan.reason}.", "",
-             "## Predicted on the device vs measured on the build host", "",
-             "| measure | predicted (device) | measured (build host) |", "|---|---|---|",
-             f"| peak memory ({mem['runtime']}) | {mem['predicted_device_mb']:.0f} MB of {plan.budget.memory_mb:.0f} MB budget "
-             f"| {mem['measured_host_rss_mb']:.0f} MB peak RSS over {mem['host_run']} (predicted for that run: {mem['predicted_host_mb']:.0f} MB) |",
-             f"| generation tokens/s | {device_tps:.1f} (from {p['bandwidth_gbps']:g} GB/s) | {lat['gen_tps']['median']:.1f} (host, not the device) |",
-             f"| quality loss (mean KL, nats) | {pred['kl']:.3f} | {a['kl']:.3f} (bar {plan.budget.max_quality_loss:g}) |",
-             f"| perplexity change | | {a['ppl_change_pct']:+.1f}% ({a['ppl']:.2f} vs {a['ref_ppl']:.2f}) |",
-             f"| top-1 agreement | | {100 * a['top1']:.1f}% |"]
+    lines = [
+        f"# mka-edge build report: {plan.model['spec']} for {p['name']}",
+        "",
+        f"{p['description']}",
+        "",
+        f"**Artifact:** {line}.",
+        "",
+        f"**Why this plan:** {plan.reason}.",
+        "",
+        "## Predicted on the device vs measured on the build host",
+        "",
+        "| measure | predicted (device) | measured (build host) |",
+        "|---|---|---|",
+        f"| peak memory ({mem['runtime']}) | {mem['predicted_device_mb']:.0f} MB of {plan.budget.memory_mb:.0f} MB budget "
+        f"| {mem['measured_host_rss_mb']:.0f} MB peak RSS over {mem['host_run']} (predicted for that run: {mem['predicted_host_mb']:.0f} MB) |",
+        f"| generation tokens/s | {device_tps:.1f} (from {p['bandwidth_gbps']:g} GB/s) | {lat['gen_tps']['median']:.1f} (host, not the device) |",
+        f"| quality loss (mean KL, nats) | {pred['kl']:.3f} | {a['kl']:.3f} (bar {plan.budget.max_quality_loss:g}) |",
+        f"| perplexity change | | {a['ppl_change_pct']:+.1f}% ({a['ppl']:.2f} vs {a['ref_ppl']:.2f}) |",
+        f"| top-1 agreement | | {100 * a['top1']:.1f}% |",
+    ]
     if "mmlu" in a:
         m = a["mmlu"]
-        lines.append(f"| MMLU letter accuracy | | {100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f}], chance 25% |")
+        lines.append(
+            f"| MMLU letter accuracy | | {100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f}], chance 25% |"
+        )
     h = attempts[-1].get("heal") if attempts else None
     if h:
         unhealed = plan.curve.get("unhealed_kl") or []
         pred_u = unhealed[chosen["k"]] if chosen["k"] < len(unhealed) else float("nan")
-        lines += ["", f"## Healing ({h['steps']} distillation steps, {h['train']})", "",
-                  "| merged model, held-out KL to the source (nats) | before healing | after healing |", "|---|---|---|",
-                  f"| predicted by the plan (merge curve) | {pred_u:.3f} | {plan.curve['kl'][chosen['k']]:.3f} |",
-                  f"| measured on this merge (PyTorch, before export) | {h['heldout_kl_before']:.3f} | {h['heldout_kl_after']:.3f} |"]
-    lines += ["", "## Plans considered (Pareto front: memory vs predicted quality)", "",
-              "| K | layers | quant | memory MB | device tok/s (pred.) | KL (pred.) | fits |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Healing ({h['steps']} distillation steps, {h['train']})",
+            "",
+            "| merged model, held-out KL to the source (nats) | before healing | after healing |",
+            "|---|---|---|",
+            f"| predicted by the plan (merge curve) | {pred_u:.3f} | {plan.curve['kl'][chosen['k']]:.3f} |",
+            f"| measured on this merge (PyTorch, before export) | {h['heldout_kl_before']:.3f} | {h['heldout_kl_after']:.3f} |",
+        ]
+    lines += [
+        "",
+        "## Plans considered (Pareto front: memory vs predicted quality)",
+        "",
+        "| K | layers | quant | memory MB | device tok/s (pred.) | KL (pred.) | fits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in plan.pareto:
-        fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("no: memory" if not c["fits_memory"] else "no: speed")
+        fits = (
+            "yes" if c["fits_memory"] and c["fits_speed"] else ("no: memory" if not c["fits_memory"] else "no: speed")
+        )
         star = " **chosen**" if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"]) else ""
-        lines.append(f"| {c['k']} | {c['layers']} | {c['quant']}{star} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} | {fits} |")
-    lines += ["", "![Pareto plot](pareto.png)", "", "![Layer similarity](similarity.png)", "",
-              "## Attempts", "", "| K | quant | measured KL | passed |", "|---|---|---|---|"]
+        lines.append(
+            f"| {c['k']} | {c['layers']} | {c['quant']}{star} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} | {fits} |"
+        )
+    lines += [
+        "",
+        "![Pareto plot](pareto.png)",
+        "",
+        "![Layer similarity](similarity.png)",
+        "",
+        "## Attempts",
+        "",
+        "| K | quant | measured KL | passed |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {t['k']} | {t['quant']} | {t['measured_kl']:.4f} | {t['passed']} |" for t in attempts]
     lines += ["", "## How the predictions are made", ""] + [f"- {k}: {v}" for k, v in plan.models.items()]
     lines += ["", "Host figures were measured on the machine that ran the build; they are not device figures."]
@@ -80,39 +123,56 @@ def _report(plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dic
 
 def _model_card(plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dict) -> str:
     f = target.card_facts(summary)
-    return f"""# {Path(chosen['artifact']).stem}
+    return f"""# {Path(chosen["artifact"]).stem}
 
-{plan.model['spec']} packaged by mka-edge {__version__} for **{plan.profile['name']}**:
-{chosen['k']} of {plan.model['layers']} transformer layers merged away ({plan.choice.method}), then
-{chosen['quant']}, {f['how']}.
+{plan.model["spec"]} packaged by mka-edge {__version__} for **{plan.profile["name"]}**:
+{chosen["k"]} of {plan.model["layers"]} transformer layers merged away ({plan.choice.method}), then
+{chosen["quant"]}, {f["how"]}.
 
-- Format: {f['format']}
-- Size: {f['size']}
-- Quality loss against the source model: mean KL {val['accuracy']['kl']:.3f} nats, perplexity {val['accuracy']['ppl_change_pct']:+.1f}%,
-  top-1 agreement {100 * val['accuracy']['top1']:.1f}% on held-out Wikipedia text
+- Format: {f["format"]}
+- Size: {f["size"]}
+- Quality loss against the source model: mean KL {val["accuracy"]["kl"]:.3f} nats, perplexity {val["accuracy"]["ppl_change_pct"]:+.1f}%,
+  top-1 agreement {100 * val["accuracy"]["top1"]:.1f}% on held-out Wikipedia text
 - Licence: that of the source model; calibration text: Wikipedia (CC BY-SA)
-- Provenance: {f['provenance']} (method, merged-layer map, source hash); details in report.md
+- Provenance: {f["provenance"]} (method, merged-layer map, source hash); details in report.md
 
 Merged models lose knowledge and fluency in ways the figures above only sample: test on your task.
 """
 
 
-def package(folder: Path, plan: Plan, ctx, chosen: dict, summary: ArtifactSummary, val: dict, attempts: list,
-            merged_dir: Path | None, prof) -> dict:
+def package(
+    folder: Path,
+    plan: Plan,
+    ctx,
+    chosen: dict,
+    summary: ArtifactSummary,
+    val: dict,
+    attempts: list,
+    merged_dir: Path | None,
+    prof,
+) -> dict:
     """Write everything beside the artifact in ``folder`` and return the manifest."""
     folder = Path(folder)
     target = prof.target
     context = plan.budget.context
     shape = Shape.from_config(ctx.model.config).with_layers(summary.block_count)
-    rm = target.report_memory(folder, chosen["artifact"], chosen["quant"], summary, plan, val["latency"], shape,
-                              prof.kv_cache_type)
+    rm = target.report_memory(
+        folder, chosen["artifact"], chosen["quant"], summary, plan, val["latency"], shape, prof.kv_cache_type
+    )
     eff, eff_src = efficiency(target.name)
-    device_tps = predict_tps(prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings), eff)
-    mem = {"runtime": target.runtime_label, "host_run": rm.host_run,
-           "predicted_device_mb": rm.device.total_mb, "predicted_device_terms": rm.device.as_dict(),
-           "predicted_host_mb": rm.host.total_mb, "predicted_host_context": rm.host_context,
-           "measured_host_rss_mb": val["latency"]["peak_rss_mb"],
-           "host_error_pct": 100 * (rm.host.total_mb / val["latency"]["peak_rss_mb"] - 1)}
+    device_tps = predict_tps(
+        prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings), eff
+    )
+    mem = {
+        "runtime": target.runtime_label,
+        "host_run": rm.host_run,
+        "predicted_device_mb": rm.device.total_mb,
+        "predicted_device_terms": rm.device.as_dict(),
+        "predicted_host_mb": rm.host.total_mb,
+        "predicted_host_context": rm.host_context,
+        "measured_host_rss_mb": val["latency"]["peak_rss_mb"],
+        "host_error_pct": 100 * (rm.host.total_mb / val["latency"]["peak_rss_mb"] - 1),
+    }
     atomic_write_text(folder / "plan.json", json.dumps(plan.to_json(), indent=2))
     atomic_write_text(folder / "validation.json", json.dumps(val, indent=2))
     if merged_dir is not None:
@@ -120,25 +180,49 @@ def package(folder: Path, plan: Plan, ctx, chosen: dict, summary: ArtifactSummar
     sim = ctx.similarity()
     similarity_heatmap(sim.matrix.numpy(), folder / "similarity.png", f"{plan.model['spec']}: layer similarity (NMI)")
     chosen_c = next(c for c in plan.candidates if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"]))
-    pareto_plot(plan.candidates, plan.pareto, chosen_c, plan.budget.memory_mb, folder / "pareto.png",
-                f"{plan.model['spec']} on {prof.name}: plans")
+    pareto_plot(
+        plan.candidates,
+        plan.pareto,
+        chosen_c,
+        plan.budget.memory_mb,
+        folder / "pareto.png",
+        f"{plan.model['spec']} on {prof.name}: plans",
+    )
     atomic_write_text(folder / "report.md", _report(plan, target, chosen, summary, val, attempts, mem, device_tps))
     atomic_write_text(folder / "README.md", _model_card(plan, target, chosen, summary, val))
     target.write_run_files(folder, chosen["artifact"], context, prof.threads)
     files = {}
     for f in sorted(folder.rglob("*")):
         rel = f.relative_to(folder).as_posix()
-        if f.is_file() and rel != "manifest.json" and not any(part.startswith(".") for part in f.relative_to(folder).parts):
+        if (
+            f.is_file()
+            and rel != "manifest.json"
+            and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+        ):
             files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
     manifest = {
-        "mka_edge": __version__, "versions": _versions(), "profile": prof.name, "model": plan.model,
+        "mka_edge": __version__,
+        "versions": _versions(),
+        "profile": prof.name,
+        "model": plan.model,
         "format": target.name,
-        "artifact": chosen["artifact"], "files": files, "plan": asdict(plan.choice), "reason": plan.reason,
-        "host_figures": {"label": "measured on the build host, not the device", "latency": val["latency"],
-                         "accuracy": val["accuracy"]},
-        "device_predictions": {"label": "predicted for the device from its profile", "memory_mb": rm.device.total_mb,
-                               "generation_tps": device_tps, "efficiency_source": eff_src},
-        "memory": mem, "attempts": attempts,
+        "artifact": chosen["artifact"],
+        "files": files,
+        "plan": asdict(plan.choice),
+        "reason": plan.reason,
+        "host_figures": {
+            "label": "measured on the build host, not the device",
+            "latency": val["latency"],
+            "accuracy": val["accuracy"],
+        },
+        "device_predictions": {
+            "label": "predicted for the device from its profile",
+            "memory_mb": rm.device.total_mb,
+            "generation_tps": device_tps,
+            "efficiency_source": eff_src,
+        },
+        "memory": mem,
+        "attempts": attempts,
     }
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

@@ -32,8 +32,11 @@ def _table(source: str) -> tuple[str, list[dict]]:
         if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
             left, right = node.test.left, node.test.comparators[0]
             if getattr(left, "id", None) == "chkhsh" and isinstance(right, ast.Constant):
-                names = [ast.literal_eval(s.value) for s in node.body
-                         if isinstance(s, ast.Assign) and getattr(s.targets[0], "id", None) == "res"]
+                names = [
+                    ast.literal_eval(s.value)
+                    for s in node.body
+                    if isinstance(s, ast.Assign) and getattr(s.targets[0], "id", None) == "res"
+                ]
                 if names:
                     rows.append({"chkhsh": right.value, "pre": names[0]})
     if probe is None or not rows:

@@ -91,12 +91,14 @@ def mmlu_subset(wheel: Path) -> list[dict]:
     for topic in sorted(by_topic):
         rows = by_topic[topic]
         for row in rng.sample(rows, min(MMLU_PER_SUBJECT, len(rows))):
-            out.append({
-                "subject": topic,
-                "question": row["question"],
-                "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
-                "answer": "ABCD".index(row["correct_answer"]),
-            })
+            out.append(
+                {
+                    "subject": topic,
+                    "question": row["question"],
+                    "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
+                    "answer": "ABCD".index(row["correct_answer"]),
+                }
+            )
     return out
 
 

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from mka_edge.calibration import load_texts
@@ -20,8 +20,9 @@ def _tiny_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(load_texts()[:10], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
@@ -32,10 +33,20 @@ def make_tiny(path: Path, model_type: str = "llama", layers: int = 6, seed: int 
     torch.manual_seed(seed)
     tok = _tiny_tokenizer()
     extra = {"attention_bias": False} if model_type == "llama" else {}
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=512, tie_word_embeddings=True,
-                               bos_token_id=1, eos_token_id=2, **extra)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # init leaves norms at 1 and biases at 0: make every weight distinct per layer
         for name, p in model.named_parameters():
@@ -83,8 +94,33 @@ def merged_smollm2(tmp_path_factory) -> Path:
     import sys
 
     out = tmp_path_factory.mktemp("smol") / "k3"
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "merge", "-k", "3", "--method", "shortgpt", "--samples", "8",
-                        "--seq-len", "128", "--positions", "128", "--repeats", "2", "--heldout-chunks", "0", "--out", str(out)],
-                       capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mka_edge.cli",
+            "merge",
+            "-k",
+            "3",
+            "--method",
+            "shortgpt",
+            "--samples",
+            "8",
+            "--seq-len",
+            "128",
+            "--positions",
+            "128",
+            "--repeats",
+            "2",
+            "--heldout-chunks",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return out

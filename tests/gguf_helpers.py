@@ -10,8 +10,16 @@ def llama_logprobs(path, ids: list[int], kv_f32: bool = True) -> np.ndarray:
     from llama_cpp import Llama
 
     kv = 0 if kv_f32 else 1
-    llm = Llama(model_path=str(path), n_ctx=max(64, len(ids)), n_batch=512, logits_all=True, verbose=False,
-                n_threads=2, type_k=kv, type_v=kv)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=max(64, len(ids)),
+        n_batch=512,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=kv,
+        type_v=kv,
+    )
     llm.eval(ids)
     lg = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     lg -= lg.max(-1, keepdims=True)

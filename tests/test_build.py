@@ -13,8 +13,26 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.integration
-FAST = ["--method", "shortgpt", "--samples", "8", "--seq-len", "128", "--positions", "128", "--repeats", "2",
-        "--max-merge", "3", "--quants", "Q8_0,Q4_K_M", "--mmlu-per-subject", "0", "--context", "1024"]
+FAST = [
+    "--method",
+    "shortgpt",
+    "--samples",
+    "8",
+    "--seq-len",
+    "128",
+    "--positions",
+    "128",
+    "--repeats",
+    "2",
+    "--max-merge",
+    "3",
+    "--quants",
+    "Q8_0,Q4_K_M",
+    "--mmlu-per-subject",
+    "0",
+    "--context",
+    "1024",
+]
 
 
 def _offline(cmd: list[str]) -> list[str]:
@@ -32,14 +50,34 @@ def _laptop_without_speed_bar(folder) -> str:
 
     src = Path(load_profile("laptop-8gb").path).read_text()
     path = Path(folder) / "laptop-8gb-test.yaml"
-    path.write_text(src.replace("name: laptop-8gb", "name: laptop-8gb-test").replace("min_tokens_per_s: 10", "min_tokens_per_s: 0"))
+    path.write_text(
+        src.replace("name: laptop-8gb", "name: laptop-8gb-test").replace("min_tokens_per_s: 10", "min_tokens_per_s: 0")
+    )
     return str(path)
 
 
 def _build(out, cache, *extra):
     env = dict(os.environ, MKA_EDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(_offline([sys.executable, "-m", "mka_edge.cli", "build", "--profile", _laptop_without_speed_bar(Path(out).parent),
-                                    *FAST, *extra, "--out", str(out)]), capture_output=True, text=True, env=env, timeout=1800)
+    return subprocess.run(
+        _offline(
+            [
+                sys.executable,
+                "-m",
+                "mka_edge.cli",
+                "build",
+                "--profile",
+                _laptop_without_speed_bar(Path(out).parent),
+                *FAST,
+                *extra,
+                "--out",
+                str(out),
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
 
 
 def _sha(path) -> str:
@@ -52,20 +90,32 @@ def test_offline_build_is_complete_and_reproducible(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     pkg = tmp_path / "a"
     m = json.loads((pkg / "manifest.json").read_text())
-    for name in ("report.md", "README.md", "RUN.md", "Modelfile", "plan.json", "validation.json", "pareto.png", "similarity.png", m["artifact"]):
+    for name in (
+        "report.md",
+        "README.md",
+        "RUN.md",
+        "Modelfile",
+        "plan.json",
+        "validation.json",
+        "pareto.png",
+        "similarity.png",
+        m["artifact"],
+    ):
         assert (pkg / name).is_file(), name
-    for name, meta in m["files"].items():         # the manifest's hashes are the files'
+    for name, meta in m["files"].items():  # the manifest's hashes are the files'
         assert _sha(pkg / name) == meta["sha256"] and (pkg / name).stat().st_size == meta["bytes"]
     assert m["plan"]["k"] > 0 and m["device_predictions"]["memory_mb"] <= 212
     assert m["versions"]["llama-cpp-python"] and "host" in m["host_figures"]["label"]
     # the memory model against this run's measured peak RSS (loose; the strict table is in docs/results.md)
     assert abs(m["memory"]["host_error_pct"]) < 15, m["memory"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]       # no temp folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]  # no temp folder left
     # same inputs and plan, fresh cache: the same bytes
     r = _build(tmp_path / "b", tmp_path / "cache-b", "--budget-mb", "212", "--max-quality-loss", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     m2 = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert m2["artifact"] == m["artifact"] and m2["files"][m["artifact"]]["sha256"] == m["files"][m["artifact"]]["sha256"]
+    assert (
+        m2["artifact"] == m["artifact"] and m2["files"][m["artifact"]]["sha256"] == m["files"][m["artifact"]]["sha256"]
+    )
 
 
 def test_build_refuses_bad_input(tmp_path):
@@ -73,18 +123,30 @@ def test_build_refuses_bad_input(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("mine")
-    cases = [(["--profile", "toaster", "--out", str(tmp_path / "o")], "unknown profile 'toaster'; known: desktop"),
-             (["--profile", "laptop-8gb", "--out", str(busy)], "exists and is not empty"),
-             (["--profile", "phone-4gb", "--quants", "Q4_K_M", "--out", str(tmp_path / "o")], "unknown ONNX quant type 'Q4_K_M'")]
+    cases = [
+        (["--profile", "toaster", "--out", str(tmp_path / "o")], "unknown profile 'toaster'; known: desktop"),
+        (["--profile", "laptop-8gb", "--out", str(busy)], "exists and is not empty"),
+        (
+            ["--profile", "phone-4gb", "--quants", "Q4_K_M", "--out", str(tmp_path / "o")],
+            "unknown ONNX quant type 'Q4_K_M'",
+        ),
+    ]
     for args, needle in cases:
-        r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "build", *args], capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "mka_edge.cli", "build", *args], capture_output=True, text=True, env=env
+        )
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (busy / "x").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
 def test_plan_with_an_impossible_budget_names_the_smallest_footprint(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "plan", "--profile", "laptop-8gb", *FAST[:-4],
-                        "--budget-mb", "20"], capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    r = subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", "plan", "--profile", "laptop-8gb", *FAST[:-4], "--budget-mb", "20"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=1800,
+    )
     assert r.returncode == 2 and "smallest footprint reachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -92,18 +154,38 @@ def test_onnx_build_end_to_end(tmp_path):
     """An onnxruntime profile builds, validates and packages an ONNX folder; the budget is set just
     under the smallest unmerged plan, so the plan has to merge."""
     fast = [a for a in FAST if a not in ("Q8_0,Q4_K_M",)]
-    fast[fast.index("--quants") + 1:fast.index("--quants") + 1] = ["fp32,int8"]
+    fast[fast.index("--quants") + 1 : fast.index("--quants") + 1] = ["fp32,int8"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cli = [sys.executable, "-m", "mka_edge.cli"]
-    r = subprocess.run([*cli, "plan", "--profile", "phone-4gb", *[a for a in fast if a not in ("--repeats", "2", "--mmlu-per-subject", "0")],
-                        "--out", str(tmp_path / "plan")], capture_output=True, text=True, env=env, timeout=1800)
+    r = subprocess.run(
+        [
+            *cli,
+            "plan",
+            "--profile",
+            "phone-4gb",
+            *[a for a in fast if a not in ("--repeats", "2", "--mmlu-per-subject", "0")],
+            "--out",
+            str(tmp_path / "plan"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert plan["format"] == "onnx" and set(plan["quant_costs"]) == {"fp32", "int8"}
     smallest_unmerged = min(c["memory_mb"] for c in plan["candidates"] if c["k"] == 0)
     budget = f"{smallest_unmerged - 0.5:.1f}"
-    r = subprocess.run(_offline([*cli, "build", "--profile", "phone-4gb", *fast, "--budget-mb", budget,
-                                 "--out", str(tmp_path / "pkg")]), capture_output=True, text=True, env=env, timeout=1800)
+    r = subprocess.run(
+        _offline(
+            [*cli, "build", "--profile", "phone-4gb", *fast, "--budget-mb", budget, "--out", str(tmp_path / "pkg")]
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     pkg = tmp_path / "pkg"
     m = json.loads((pkg / "manifest.json").read_text())

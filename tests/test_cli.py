@@ -11,7 +11,9 @@ import torch
 
 def run(*args, env=None):
     e = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600
+    )
 
 
 def one_line_error(res, *needles):
@@ -26,7 +28,16 @@ def one_line_error(res, *needles):
 def test_help_explains_every_option():
     res = run("merge", "--help")
     assert res.returncode == 0
-    for opt in ("--merge-layers", "--method", "--alpha", "--calibration", "--samples", "--seq-len", "--device", "--out"):
+    for opt in (
+        "--merge-layers",
+        "--method",
+        "--alpha",
+        "--calibration",
+        "--samples",
+        "--seq-len",
+        "--device",
+        "--out",
+    ):
         assert opt in res.stdout
 
 
@@ -60,7 +71,9 @@ def test_empty_calibration_file(tiny_dir, tmp_path):
     res = run("merge", "--model", str(tiny_dir), "-k", "1", "--calibration", str(f), "--out", str(out))
     one_line_error(res, "empty")
     assert not out.exists()
-    res = run("merge", "--model", str(tiny_dir), "-k", "1", "--calibration", str(tmp_path / "missing.txt"), "--out", str(out))
+    res = run(
+        "merge", "--model", str(tiny_dir), "-k", "1", "--calibration", str(tmp_path / "missing.txt"), "--out", str(out)
+    )
     one_line_error(res, "cannot read calibration file")
 
 
@@ -71,8 +84,14 @@ def test_cuda_without_a_gpu(tiny_dir, tmp_path):
 
 
 def test_uncached_hub_id_offline(tmp_path):
-    res = run("analyze", "--model", "someone/not-a-cached-model", "--out", str(tmp_path / "o"),
-              env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    res = run(
+        "analyze",
+        "--model",
+        "someone/not-a-cached-model",
+        "--out",
+        str(tmp_path / "o"),
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     one_line_error(res, "someone/not-a-cached-model", "local cache")
 
 
@@ -90,12 +109,39 @@ def test_corrupt_gguf(tmp_path):
 
 def test_merge_and_eval_through_the_cli(tiny_dir, tmp_path):
     out = tmp_path / "m"
-    res = run("merge", "--model", str(tiny_dir), "-k", "2", "--method", "shortgpt", "--out", str(out),
-              "--samples", "4", "--seq-len", "64", "--positions", "64", "--heldout-chunks", "1")
+    res = run(
+        "merge",
+        "--model",
+        str(tiny_dir),
+        "-k",
+        "2",
+        "--method",
+        "shortgpt",
+        "--out",
+        str(out),
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--positions",
+        "64",
+        "--heldout-chunks",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     log = json.loads((out / "merge_log.json").read_text())
     assert log["layers_after"] == 4 and log["steps"][-1]["heldout"]["kl"] > 0
-    res = run("eval", "--model", str(out), "--heldout-chunks", "1", "--mmlu-per-subject", "0", "--out", str(tmp_path / "e.json"))
+    res = run(
+        "eval",
+        "--model",
+        str(out),
+        "--heldout-chunks",
+        "1",
+        "--mmlu-per-subject",
+        "0",
+        "--out",
+        str(tmp_path / "e.json"),
+    )
     assert res.returncode == 0, res.stderr
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["reference"] == str(tiny_dir) and ev["layers"] == 4 and ev["reference_layers"] == 6
@@ -119,6 +165,21 @@ def test_unwritable_output_folder(tiny_dir, tmp_path):
         ro.mkdir()
         ro.chmod(0o500)
         target = str(ro / "out")
-    res = run("merge", "--model", str(tiny_dir), "-k", "1", "--method", "drop-last", "--out", target,
-              "--samples", "4", "--seq-len", "32", "--heldout-chunks", "0")
+    res = run(
+        "merge",
+        "--model",
+        str(tiny_dir),
+        "-k",
+        "1",
+        "--method",
+        "drop-last",
+        "--out",
+        target,
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--heldout-chunks",
+        "0",
+    )
     one_line_error(res)

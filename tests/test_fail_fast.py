@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-
 from conftest import tiny_context
 
 HEAVY = ("trajectories", "curves", "quant_probe", "onnx_probe", "models")
@@ -22,7 +20,9 @@ HEAVY = ("trajectories", "curves", "quant_probe", "onnx_probe", "models")
 
 def run(*args, cache: Path, env: dict | None = None):
     e = {**os.environ, "MKA_EDGE_CACHE": str(cache), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600
+    )
 
 
 def one_line(res) -> str:
@@ -38,10 +38,14 @@ def test_impossible_budget_is_refused_before_any_model_work(tmp_path):
     gives some layers more bits, so which layers a merge removes matters and the figure is a bound
     ("at least"); with Q8_0 alone every layer is the same size and the figure is exact."""
     cache = tmp_path / "cache"
-    for cmd in (["plan", "--profile", "laptop-8gb", "--budget-mb", "300"],
-                ["build", "--profile", "laptop-8gb", "--budget-mb", "300", "--out", str(tmp_path / "pkg")]):
+    for cmd in (
+        ["plan", "--profile", "laptop-8gb", "--budget-mb", "300"],
+        ["build", "--profile", "laptop-8gb", "--budget-mb", "300", "--out", str(tmp_path / "pkg")],
+    ):
         line = one_line(run(*cmd, cache=cache))
-        assert "no plan fits the 300 MB budget" in line and "smallest footprint reachable is at least 316 MB" in line, line
+        assert "no plan fits the 300 MB budget" in line and "smallest footprint reachable is at least 316 MB" in line, (
+            line
+        )
         assert "(K=8, Q4_K_M, 66 MB of it KV cache at context 4096)" in line and "at least 317" in line, line
     line = one_line(run("plan", "--profile", "laptop-8gb", "--budget-mb", "300", "--quants", "Q8_0", cache=cache))
     assert "smallest footprint reachable is 344 MB (K=8, Q8_0," in line, line
@@ -55,14 +59,29 @@ def test_bad_input_is_refused_before_any_model_work(tmp_path):
     a_file.write_text("mine")
     cases = [
         (["plan", "--profile", "laptop-8gb", "--context", "9000"], "beyond the model's 8192 positions"),
-        (["build", "--profile", "laptop-8gb", "--context", "9000", "--out", str(tmp_path / "o")], "beyond the model's 8192 positions"),
-        (["build", "--profile", "laptop-8gb", "--context", "600", "--out", str(tmp_path / "o")], "too small for the validation run"),
+        (
+            ["build", "--profile", "laptop-8gb", "--context", "9000", "--out", str(tmp_path / "o")],
+            "beyond the model's 8192 positions",
+        ),
+        (
+            ["build", "--profile", "laptop-8gb", "--context", "600", "--out", str(tmp_path / "o")],
+            "too small for the validation run",
+        ),
         (["plan", "--profile", "laptop-8gb", "--max-merge", "30"], "--max-merge 30 must be between 0 and 29"),
-        (["build", "--profile", "laptop-8gb", "--max-merge", "31", "--out", str(tmp_path / "o")], "the model has 30 layers"),
+        (
+            ["build", "--profile", "laptop-8gb", "--max-merge", "31", "--out", str(tmp_path / "o")],
+            "the model has 30 layers",
+        ),
         (["build", "--profile", "laptop-8gb", "--out", str(a_file / "pkg")], "is a file, not a folder"),
         (["plan", "--profile", "laptop-8gb", "--out", str(a_file / "plan")], "is a file, not a folder"),
-        (["plan", "--profile", "laptop-8gb", "--method", "slebb"], "unknown merge method 'slebb'; known: auto, mka-guided, sleb,"),
-        (["build", "--profile", "laptop-8gb", "--method", "SLEB", "--out", str(tmp_path / "o")], "unknown merge method 'SLEB'"),
+        (
+            ["plan", "--profile", "laptop-8gb", "--method", "slebb"],
+            "unknown merge method 'slebb'; known: auto, mka-guided, sleb,",
+        ),
+        (
+            ["build", "--profile", "laptop-8gb", "--method", "SLEB", "--out", str(tmp_path / "o")],
+            "unknown merge method 'SLEB'",
+        ),
     ]
     for args, needle in cases:
         line = one_line(run(*args, cache=cache))
@@ -79,9 +98,9 @@ def test_dry_run_sizes_are_the_quantized_files_sizes(tiny_dir, tmp_path):
     from mka_edge.exporters.llama_quantize import quantize
     from mka_edge.exporters.quant_types import quant_type
     from mka_edge.models.loading import load_model
-    from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
     from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
     from mka_edge.solver.quant_probe import tensor_bytes_split
+    from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
 
     ms = read_shape(str(tiny_dir))
     assert ms.n_layers == 6 and ms.max_positions == 512 and all(p.is_meta for p in ms.model.parameters())
@@ -108,10 +127,12 @@ def test_needed_merge_kl_rule():
         return Candidate(k, q, 10 - k, 100.0, {}, kl, 10.0, True, True, True)
 
     # the best type already fits unmerged: no merge can win, nothing to compute
-    assert needed_merge_kl([c(0, "Q8_0", 0.004), c(0, "Q4_K_M", 0.06)], [c(8, "Q8_0", 0.004), c(8, "Q4_K_M", 0.06)]) == 0
+    assert (
+        needed_merge_kl([c(0, "Q8_0", 0.004), c(0, "Q4_K_M", 0.06)], [c(8, "Q8_0", 0.004), c(8, "Q4_K_M", 0.06)]) == 0
+    )
     # F16 fits only once merged: merges are worth scoring while their KL is below 0.004 - 0.0001
     assert needed_merge_kl([c(0, "Q8_0", 0.004)], [c(8, "F16", 0.0001), c(8, "Q8_0", 0.004)]) == pytest.approx(0.0039)
-    assert needed_merge_kl([], [c(8, "Q8_0", 0.004)]) is None          # nothing fits unmerged: the whole curve
+    assert needed_merge_kl([], [c(8, "Q8_0", 0.004)]) is None  # nothing fits unmerged: the whole curve
 
 
 def test_curve_stops_where_it_can_no_longer_change_the_choice(tiny_dir, monkeypatch):
@@ -129,13 +150,13 @@ def test_curve_stops_where_it_can_no_longer_change_the_choice(tiny_dir, monkeypa
     with tempfile.TemporaryDirectory() as cache:
         monkeypatch.setenv("MKA_EDGE_CACHE", cache)
         assert merge_curve(ctx, "sleb", 4, progress=False, useful_below=0.0)["kl"] == [0.0]
-        assert not (Path(cache) / "trajectories").exists()                        # no K scored at all
+        assert not (Path(cache) / "trajectories").exists()  # no K scored at all
         part = merge_curve(ctx, "sleb", 4, progress=False, useful_below=threshold)
         assert not part["complete"] and len(part["kl"]) == expect + 1
         assert part["kl"] == pytest.approx(full["kl"][: expect + 1], abs=1e-6)
         again = merge_curve(ctx, "sleb", 4, progress=False, useful_below=threshold)
         assert again["cached"] and again["kl"] == part["kl"]
-        whole = merge_curve(ctx, "sleb", 4, progress=False)                         # a tighter budget later
+        whole = merge_curve(ctx, "sleb", 4, progress=False)  # a tighter budget later
         assert whole["complete"] and whole["kl"] == pytest.approx(full["kl"], abs=1e-6)
         assert whole["kept"] == full["kept"]
 
@@ -145,11 +166,21 @@ def test_loose_budget_computes_no_merge_curve(tiny_dir, tmp_path, monkeypatch):
     from mka_edge.cache import cache_root
     from mka_edge.planning import plan_with_context
 
-    monkeypatch.setenv("MKA_EDGE_CACHE", str(tmp_path / "cache"))     # its own: other tests leave trajectories
+    monkeypatch.setenv("MKA_EDGE_CACHE", str(tmp_path / "cache"))  # its own: other tests leave trajectories
 
     opts = dict(samples=4, seq_len=64, positions=96, repeats=2, loss_samples=2, device="cpu")
-    plan, _ = plan_with_context("laptop-8gb", str(tiny_dir), method="sleb", k_max=2, quants=["F16", "Q8_0"], context=512,
-                                merge_opts=opts, quality_prior=True, progress=False, log=lambda m: None)
+    plan, _ = plan_with_context(
+        "laptop-8gb",
+        str(tiny_dir),
+        method="sleb",
+        k_max=2,
+        quants=["F16", "Q8_0"],
+        context=512,
+        merge_opts=opts,
+        quality_prior=True,
+        progress=False,
+        log=lambda m: None,
+    )
     assert (plan.choice.k, plan.choice.quant) == (0, "F16")
     assert plan.curve["kl"] == [0.0] and not plan.curve["complete"]
     assert "no merge was scored" in plan.reason
@@ -173,8 +204,10 @@ def test_hub_id_loads_offline_from_the_hub_cache(tiny_dir, tmp_path):
     hub switched off.  In child processes: huggingface_hub reads HF_HOME when it is imported."""
     _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text("name: tiny\ndescription: tiny llama from the hub cache\n"
-                      "source:\n  kind: hub\n  hub_id: tiny-org/tiny-llama\narchitecture: llama\nnum_layers: 6\n")
+    recipe.write_text(
+        "name: tiny\ndescription: tiny llama from the hub cache\n"
+        "source:\n  kind: hub\n  hub_id: tiny-org/tiny-llama\narchitecture: llama\nnum_layers: 6\n"
+    )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "MKA_EDGE_CACHE": str(tmp_path / "c")}
     check = f"""
 import json, torch
@@ -191,12 +224,34 @@ print(json.dumps({{"kind": lm.source["kind"], "layers": lm.num_layers, "arch": l
     res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got == {"kind": "hub", "layers": 6, "arch": "llama", "finite": True, "config_layers": 6,
-                   "recipe_hub_id": "tiny-org/tiny-llama", "same": True}
+    assert got == {
+        "kind": "hub",
+        "layers": 6,
+        "arch": "llama",
+        "finite": True,
+        "config_layers": 6,
+        "recipe_hub_id": "tiny-org/tiny-llama",
+        "same": True,
+    }
     # and a command on the recipe, through the CLI
-    res = run("eval", "--model", str(recipe), "--heldout-chunks", "1", "--mmlu-per-subject", "0", cache=tmp_path / "c",
-              env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    res = run(
+        "eval",
+        "--model",
+        str(recipe),
+        "--heldout-chunks",
+        "1",
+        "--mmlu-per-subject",
+        "0",
+        cache=tmp_path / "c",
+        env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     # the same id with an empty cache is one line, not a traceback
-    res = run("eval", "--model", "tiny-org/tiny-llama", cache=tmp_path / "c", env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    res = run(
+        "eval",
+        "--model",
+        "tiny-org/tiny-llama",
+        cache=tmp_path / "c",
+        env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
+    )
     assert "local cache" in one_line(res)

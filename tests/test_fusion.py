@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_context
 from transformers import AutoModelForCausalLM
 
+from mka_edge.merging import merge
 from mka_edge.mka import fusion
 from mka_edge.mka.layers import get_layers
-from mka_edge.merging import merge
-
-from conftest import tiny_context
 
 
 def test_fused_layer_is_the_alpha_mix_and_differs_from_both_parents(tiny_dir):
@@ -20,14 +19,15 @@ def test_fused_layer_is_the_alpha_mix_and_differs_from_both_parents(tiny_dir):
         torch.testing.assert_close(p, 0.3 * a[name] + 0.7 * b[name])
         assert not torch.allclose(p, a[name]) and not torch.allclose(p, b[name]), name
     # the originals are untouched
-    assert not torch.allclose(dict(ctx.originals[2].named_parameters())[ctx.names[0]],
-                              dict(fused.named_parameters())[ctx.names[0]])
+    assert not torch.allclose(
+        dict(ctx.originals[2].named_parameters())[ctx.names[0]], dict(fused.named_parameters())[ctx.names[0]]
+    )
 
 
 def test_compositions_stay_convex_and_record_sources():
     comp = fusion.identity(5)
-    comp = fusion.fuse(comp, 1, 0.25)          # layers 1,2
-    comp = fusion.fuse(comp, 0, 0.5)           # layer 0 with (1,2)
+    comp = fusion.fuse(comp, 1, 0.25)  # layers 1,2
+    comp = fusion.fuse(comp, 0, 0.5)  # layer 0 with (1,2)
     assert len(comp) == 3
     assert comp[0] == {0: 0.5, 1: 0.125, 2: 0.375}
     assert abs(sum(comp[0].values()) - 1) < 1e-12

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny
 from gguf_helpers import kl_top1, llama_logprobs, torch_logprobs
 
@@ -24,10 +23,16 @@ def _variant(tmp_path: Path, kind: str) -> Path:
         return make_tiny(tmp_path / kind, model_type=kind, layers=3, seed=2)
     path = make_tiny(tmp_path / kind, model_type="llama", layers=3, seed=3)
     cfg = AutoConfig.from_pretrained(path)
-    if kind == "llama3-rope":      # Llama 3 rope scaling: llama.cpp needs the rope_freqs tensor
-        cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-    elif kind == "llama-bias":     # llama with attention biases: q/k biases need the rope permutation too
+    if kind == "llama3-rope":  # Llama 3 rope scaling: llama.cpp needs the rope_freqs tensor
+        cfg.rope_parameters = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+    elif kind == "llama-bias":  # llama with attention biases: q/k biases need the rope permutation too
         cfg.attention_bias = True
     model = AutoModelForCausalLM.from_config(cfg).eval()
     torch.manual_seed(4)
@@ -38,7 +43,7 @@ def _variant(tmp_path: Path, kind: str) -> Path:
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(25)      # sharp attention, so positions (and so rope) matter to the output
+                p.mul_(25)  # sharp attention, so positions (and so rope) matter to the output
     model.save_pretrained(path, safe_serialization=True)
     return path
 
@@ -119,9 +124,11 @@ def test_llama_cpp_quantizer_types_are_read_back(tmp_path, tiny_dir):
 
 def test_unknown_quant_and_bad_out_are_one_line_errors(tmp_path, tiny_dir):
     env = dict(os.environ)
-    for args, needle in ((["--quant", "Q9_X"], "unknown quant type 'Q9_X'; valid: F32"),
-                         (["--quant", "F16", "--out", str(tmp_path / "x.bin")], "must end in .gguf"),
-                         (["--quant", "F16", "--out", "/proc/nope/x.gguf"], "cannot")):
+    for args, needle in (
+        (["--quant", "Q9_X"], "unknown quant type 'Q9_X'; valid: F32"),
+        (["--quant", "F16", "--out", str(tmp_path / "x.bin")], "must end in .gguf"),
+        (["--quant", "F16", "--out", "/proc/nope/x.gguf"], "cannot"),
+    ):
         argv = ["export", "--model", str(tiny_dir), *args]
         if "--out" not in args:
             argv += ["--out", str(tmp_path / "x.gguf")]
@@ -129,12 +136,13 @@ def test_unknown_quant_and_bad_out_are_one_line_errors(tmp_path, tiny_dir):
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "export", "--quant", "help"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", "export", "--quant", "help"], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 0 and "Q4_K_M" in r.stdout and "IQ2_XS" in r.stdout and "importance matrix" in r.stdout
 
 
 def test_failed_export_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
-    from mka_edge.exporters import gguf as exp
     from mka_edge.errors import UserError
 
     def boom(*a, **k):
@@ -148,8 +156,8 @@ def test_failed_export_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
 
 
 def test_truncated_gguf_is_refused_before_llama_cpp(tmp_path, tiny_dir):
-    from mka_edge.exporters.gguf_inspect import inspect_gguf
     from mka_edge.errors import UserError
+    from mka_edge.exporters.gguf_inspect import inspect_gguf
 
     _export(tiny_dir, tmp_path / "t.gguf", "F16")
     data = (tmp_path / "t.gguf").read_bytes()
@@ -157,17 +165,42 @@ def test_truncated_gguf_is_refused_before_llama_cpp(tmp_path, tiny_dir):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(UserError, match="truncated|not a readable GGUF"):
             inspect_gguf(tmp_path / "cut.gguf")
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "validate", str(tmp_path / "cut.gguf"), "--reference", str(tiny_dir)],
-                       capture_output=True, text=True, env=dict(os.environ))
+    r = subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", "validate", str(tmp_path / "cut.gguf"), "--reference", str(tiny_dir)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_validate_reports_and_fails_on_missed_threshold(tmp_path, tiny_dir):
     _export(tiny_dir, tmp_path / "t.gguf", "Q8_0")
     out = tmp_path / "val"
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "validate", str(tmp_path / "t.gguf"), "--reference", str(tiny_dir),
-                        "--chunks", "1", "--repeats", "2", "--mmlu-per-subject", "0", "--max-kld", "1e-9", "--out", str(out)],
-                       capture_output=True, text=True, env=dict(os.environ))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mka_edge.cli",
+            "validate",
+            str(tmp_path / "t.gguf"),
+            "--reference",
+            str(tiny_dir),
+            "--chunks",
+            "1",
+            "--repeats",
+            "2",
+            "--mmlu-per-subject",
+            "0",
+            "--max-kld",
+            "1e-9",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert r.returncode == 1, r.stderr
     assert "validation failed" in r.stderr and "mean KL" in r.stderr
     res = json.loads((out / "validation.json").read_text())
@@ -176,11 +209,32 @@ def test_validate_reports_and_fails_on_missed_threshold(tmp_path, tiny_dir):
     lat = res["latency"]
     assert lat["prompt_tokens"] == 512 and len(lat["runs"]) == 2 and lat["gen_tps"]["median"] > 0
     assert lat["gen_tps"]["min"] <= lat["gen_tps"]["median"] <= lat["gen_tps"]["max"]
-    assert 0 < lat["peak_rss_mb"] < 1000      # the child's own peak, not the parent's (torch) one
+    assert 0 < lat["peak_rss_mb"] < 1000  # the child's own peak, not the parent's (torch) one
     assert "host figures" in (out / "validation.md").read_text()
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", "validate", str(tmp_path / "t.gguf"), "--reference", str(tiny_dir),
-                        "--chunks", "1", "--repeats", "1", "--mmlu-per-subject", "0", "--max-kld", "1", "--out", str(out)],
-                       capture_output=True, text=True, env=dict(os.environ))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mka_edge.cli",
+            "validate",
+            str(tmp_path / "t.gguf"),
+            "--reference",
+            str(tiny_dir),
+            "--chunks",
+            "1",
+            "--repeats",
+            "1",
+            "--mmlu-per-subject",
+            "0",
+            "--max-kld",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert r.returncode == 0 and json.loads((out / "validation.json").read_text())["passed"] is True
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from gguf_helpers import kl_top1, llama_logprobs, torch_logprobs
 
 pytestmark = pytest.mark.integration
@@ -16,8 +15,13 @@ SMALL = ["--samples", "8", "--seq-len", "128", "--positions", "128", "--repeats"
 
 
 def cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True,
-                       env=dict(os.environ), timeout=1800)
+    r = subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=1800,
+    )
     if check:
         assert r.returncode == 0, r.stderr[-2000:]
     return r
@@ -52,7 +56,7 @@ def test_smollm2_gguf_fidelity(tmp_path, merged, heldout_ids, which):
     measured = {}
     for quant, (max_kl, min_top1) in BOUNDS.items():
         out = tmp_path / f"{which}-{quant}.gguf"
-        if quant == "F32" and which == "unmerged":      # once through the command line, the rest in-process
+        if quant == "F32" and which == "unmerged":  # once through the command line, the rest in-process
             cli("export", "--model", spec, "--quant", quant, "--out", str(out))
         else:
             export_loaded(lm, out, quant, progress=False)
@@ -63,7 +67,7 @@ def test_smollm2_gguf_fidelity(tmp_path, merged, heldout_ids, which):
         kl, top1 = kl_top1(ref, llama_logprobs(out, heldout_ids, kv_f32=quant == "F32"))
         measured[quant] = (kl, top1, info["bits_per_weight"], info["tensor_types"])
         assert kl < max_kl and top1 > min_top1, (which, quant, kl, top1)
-        if quant == "Q4_K_M":   # 576-wide rows are not a multiple of 256: llama.cpp substitutes Q5_0 for most
+        if quant == "Q4_K_M":  # 576-wide rows are not a multiple of 256: llama.cpp substitutes Q5_0 for most
             assert info["tensor_types"].get("Q5_0", 0) > info["tensor_types"].get("Q4_K", 0)
         out.unlink()
     print(which, measured)
@@ -85,11 +89,24 @@ def test_validate_merged_artifact_and_threshold_failure(tmp_path, merged):
     art = tmp_path / "k3-q8.gguf"
     cli("export", "--model", str(merged), "--quant", "Q8_0", "--out", str(art))
     out = tmp_path / "val"
-    r = cli("validate", str(art), "--chunks", "1", "--repeats", "1", "--mmlu-per-subject", "1",
-            "--max-kld", "0.01", "--out", str(out), check=False)
+    r = cli(
+        "validate",
+        str(art),
+        "--chunks",
+        "1",
+        "--repeats",
+        "1",
+        "--mmlu-per-subject",
+        "1",
+        "--max-kld",
+        "0.01",
+        "--out",
+        str(out),
+        check=False,
+    )
     assert r.returncode == 1, r.stderr[-1500:]
     res = json.loads((out / "validation.json").read_text())
-    assert res["reference"]["model"] == "smollm2-135m"        # taken from the artifact's provenance
+    assert res["reference"]["model"] == "smollm2-135m"  # taken from the artifact's provenance
     assert res["artifact"]["block_count"] == 27 and not res["passed"]
     assert 0.01 < res["accuracy"]["kl"] < 2 and res["accuracy"]["mmlu"]["n"] == 57
     assert res["latency"]["gen_tps"]["median"] > 0 and res["latency"]["peak_rss_mb"] < 2000

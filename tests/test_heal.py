@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny, tiny_context
 
 
@@ -23,7 +22,7 @@ def merged_tiny(tmp_path_factory):
 
     src = make_tiny(root / "src", "llama", layers=6, seed=21)
     model = AutoModelForCausalLM.from_pretrained(src)
-    with torch.no_grad():          # layers that move the residual stream, so merging two of them costs something
+    with torch.no_grad():  # layers that move the residual stream, so merging two of them costs something
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(6)
@@ -54,11 +53,11 @@ def test_heal_lowers_heldout_kl_and_writes_a_plain_model(tmp_path, merged_tiny):
     b, a = rec["heldout_before"]["kl"], rec["heldout_after"]["kl"]
     assert a < 0.7 * b, (b, a)
     assert rec["losses"][-1] < rec["losses"][0]
-    lm = load_model(str(tmp_path / "healed"))                       # a plain Hugging Face folder
+    lm = load_model(str(tmp_path / "healed"))  # a plain Hugging Face folder
     assert lm.num_layers == 4
     log = json.loads((tmp_path / "healed" / "merge_log.json").read_text())
     assert log["merge_layers"] == 2 and log["heal"]["heldout_after"]["kl"] == pytest.approx(a)
-    assert not list(tmp_path.glob(".healed*"))                        # checkpoint removed
+    assert not list(tmp_path.glob(".healed*"))  # checkpoint removed
 
 
 def test_interrupted_heal_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, merged_tiny):
@@ -89,10 +88,16 @@ def test_partial_heals_train_what_they_say(tmp_path, merged_tiny, mode):
     from mka_edge.heal.distill import heal
     from mka_edge.heal.targets import changed_layers
 
-    rec = heal(str(merged_tiny), tmp_path / mode, _cfg(train=mode, steps=24, lr=3e-4 if mode == "changed" else 2e-3), progress=False, log=lambda m: None)
+    rec = heal(
+        str(merged_tiny),
+        tmp_path / mode,
+        _cfg(train=mode, steps=24, lr=3e-4 if mode == "changed" else 2e-3),
+        progress=False,
+        log=lambda m: None,
+    )
     assert rec["heldout_after"]["kl"] < rec["heldout_before"]["kl"]
     before, after = _weights(merged_tiny), _weights(tmp_path / mode)
-    assert set(before) == set(after)                                   # LoRA merged back: same tensors as before
+    assert set(before) == set(after)  # LoRA merged back: same tensors as before
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     if mode == "changed":
         layer_map = json.loads((merged_tiny / "merge_log.json").read_text())["layer_map"]
@@ -100,16 +105,22 @@ def test_partial_heals_train_what_they_say(tmp_path, merged_tiny, mode):
         assert changed and all(any(f"layers.{i}." in n for i in idx) for n in changed)
         assert any(f"layers.{i}." in n for i in range(4) if i not in idx for n in before)  # some layers frozen
     else:
-        assert changed and all(n.endswith("proj.weight") for n in changed)   # only the adapted linears
+        assert changed and all(n.endswith("proj.weight") for n in changed)  # only the adapted linears
 
 
 def test_changed_layers_finds_fusions_and_gaps():
     from mka_edge.heal.targets import changed_layers
 
-    lm = [{"sources": [0], "weights": [1.0]}, {"sources": [1, 2], "weights": [0.5, 0.5]}, {"sources": [3], "weights": [1.0]},
-          {"sources": [5], "weights": [1.0]}, {"sources": [6], "weights": [1.0]}, {"sources": [7], "weights": [1.0]}]
-    assert changed_layers(lm, 6) == [0, 1, 2, 3]          # fusion at 1 (+ neighbours), gap between 3 and 5
-    ends = [{"sources": [i], "weights": [1.0]} for i in (1, 2, 3)]   # layers 0 and 4 of 5 removed
+    lm = [
+        {"sources": [0], "weights": [1.0]},
+        {"sources": [1, 2], "weights": [0.5, 0.5]},
+        {"sources": [3], "weights": [1.0]},
+        {"sources": [5], "weights": [1.0]},
+        {"sources": [6], "weights": [1.0]},
+        {"sources": [7], "weights": [1.0]},
+    ]
+    assert changed_layers(lm, 6) == [0, 1, 2, 3]  # fusion at 1 (+ neighbours), gap between 3 and 5
+    ends = [{"sources": [i], "weights": [1.0]} for i in (1, 2, 3)]  # layers 0 and 4 of 5 removed
     assert changed_layers(ends, 3, n_original=5) == [0, 2] and changed_layers(ends, 3) == [0]
 
 
@@ -119,7 +130,9 @@ def test_healed_model_exports_to_gguf(tmp_path, merged_tiny):
     from mka_edge.models.loading import load_model
 
     heal(str(merged_tiny), tmp_path / "healed", _cfg(steps=4), progress=False, log=lambda m: None)
-    s = export_loaded(load_model(str(tmp_path / "healed")), tmp_path / "healed.gguf", "F32", pre_tokenizer="gpt-2", progress=False)
+    s = export_loaded(
+        load_model(str(tmp_path / "healed")), tmp_path / "healed.gguf", "F32", pre_tokenizer="gpt-2", progress=False
+    )
     assert s["block_count"] == 4 and s["provenance"]["merge_layers"] == 2
 
     from llama_cpp import Llama
@@ -129,8 +142,9 @@ def test_healed_model_exports_to_gguf(tmp_path, merged_tiny):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=dict(os.environ), timeout=600
+    )
 
 
 def test_heal_refuses_bad_input(tmp_path, merged_tiny):
@@ -163,7 +177,7 @@ def test_heal_refuses_bad_input(tmp_path, merged_tiny):
 def test_footprint_on_paper_matches_llama3_8b_and_orders_the_choices():
     from mka_edge.heal.footprint import LLAMA3_8B, heal_footprint
 
-    assert abs(LLAMA3_8B.params() - 8.03e9) < 0.01e9          # the published parameter count
+    assert abs(LLAMA3_8B.params() - 8.03e9) < 0.01e9  # the published parameter count
     full, changed, lora = (heal_footprint(LLAMA3_8B, 8, m) for m in ("all", "changed", "lora"))
     assert lora["total"] < changed["total"] < full["total"]
     assert full["trained_params_B"] == round(LLAMA3_8B.params(24) / 1e9, 2)
@@ -173,14 +187,38 @@ def test_footprint_on_paper_matches_llama3_8b_and_orders_the_choices():
 def test_merge_with_heal_steps_writes_a_healed_merge(tmp_path):
     src = make_tiny(tmp_path / "src", "llama", layers=4, seed=22)
     out = tmp_path / "merged"
-    r = _cli("merge", "--model", str(src), "-k", "1", "--method", "drop-last", "--samples", "4", "--seq-len", "64",
-             "--positions", "96", "--repeats", "2", "--heldout-chunks", "0", "--heal-steps", "3", "--heal-seq-len", "64",
-             "--device", "cpu", "--out", str(out))
+    r = _cli(
+        "merge",
+        "--model",
+        str(src),
+        "-k",
+        "1",
+        "--method",
+        "drop-last",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--positions",
+        "96",
+        "--repeats",
+        "2",
+        "--heldout-chunks",
+        "0",
+        "--heal-steps",
+        "3",
+        "--heal-seq-len",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "merge_log.json").read_text())
     assert log["merge_layers"] == 1 and log["heal"]["config"]["steps"] == 3 and log["heal"]["steps_run_here"] == 3
     assert (out / "heal_log.json").is_file() and "healed 3 steps" in r.stdout
-    assert not list(tmp_path.glob(".merged*"))                       # no unhealed or checkpoint folder left
+    assert not list(tmp_path.glob(".merged*"))  # no unhealed or checkpoint folder left
 
 
 def test_healed_quality_curve_is_below_the_merge_curve_and_cached(tmp_path, merged_tiny):
@@ -202,11 +240,11 @@ def test_heal_points_spread_up_to_k_max_and_interpolation_keeps_the_measured_poi
     assert heal_points(8, 4) == [2, 4, 6, 8] and heal_points(3, 4) == [1, 2, 3] and heal_points(5, 0) == [1, 2, 3, 4, 5]
     assert heal_points(10, 1) == [10] and heal_points(9, 2) == [4, 9]
     unhealed = [0.0, 0.1, 0.2, 0.4, 0.8, 1.6]
-    healed = interpolate_healed(unhealed, {2: 0.1, 4: 0.6})      # ratios 0.5 at K=2 and 0.75 at K=4
+    healed = interpolate_healed(unhealed, {2: 0.1, 4: 0.6})  # ratios 0.5 at K=2 and 0.75 at K=4
     assert healed[0] == 0.0 and healed[2] == 0.1 and healed[4] == 0.6
-    assert healed[1] == pytest.approx(0.05)                        # below the first point: its ratio
-    assert healed[3] == pytest.approx(0.4 * 0.625)                 # between: the ratio interpolated
-    assert healed[5] == pytest.approx(1.6 * 0.75)                  # beyond the last: its ratio
+    assert healed[1] == pytest.approx(0.05)  # below the first point: its ratio
+    assert healed[3] == pytest.approx(0.4 * 0.625)  # between: the ratio interpolated
+    assert healed[5] == pytest.approx(1.6 * 0.75)  # beyond the last: its ratio
 
 
 def test_healed_curve_heals_only_its_points(tmp_path, merged_tiny):
@@ -224,9 +262,9 @@ def test_healed_curve_heals_only_its_points(tmp_path, merged_tiny):
 
 def _memory_at(model: Path, quant: str, k: int, context: int) -> float:
     """The plan's memory prediction for ``model`` with ``k`` layers merged (sizes from llama.cpp's dry run)."""
+    from mka_edge.records import QuantCost
     from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
     from mka_edge.solver.memory import predict
-    from mka_edge.records import QuantCost
 
     ms = read_shape(str(model))
     wb, rb = QuantCost.from_json(quant, "gguf", gguf_type_sizes(ms, [quant])[quant]).weight_bytes(ms.n_layers - k)
@@ -238,32 +276,70 @@ def test_build_with_heal_steps_heals_the_chosen_merge(tmp_path):
     validate in llama.cpp, and a report that shows the heal."""
     src = make_tiny(tmp_path / "src", "llama", layers=6, seed=23)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))   # room for the latency run
-    recipe = tmp_path / "tiny.yaml"          # a recipe, for the llama.cpp pre-tokenizer of the made-up tokenizer
-    recipe.write_text(f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\n"
-                      "llama_cpp:\n  pre_tokenizer: gpt-2\n")
+    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))  # room for the latency run
+    recipe = tmp_path / "tiny.yaml"  # a recipe, for the llama.cpp pre-tokenizer of the made-up tokenizer
+    recipe.write_text(
+        f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\nllama_cpp:\n  pre_tokenizer: gpt-2\n"
+    )
     # a laptop profile without a speed bar: a random tiny model's host speed calibration predicts little
     profile = tmp_path / "laptop.yaml"
-    profile.write_text("name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
-                       "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n")
+    profile.write_text(
+        "name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
+        "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
+    )
     env = dict(os.environ, MKA_EDGE_CACHE=str(tmp_path / "cache"))
-    common = ["--profile", str(profile), "--model", str(recipe), "--method", "drop-last", "--samples", "4", "--seq-len", "64",
-              "--positions", "96", "--repeats", "2", "--max-merge", "2", "--quants", "Q8_0", "--device", "cpu"]
+    common = [
+        "--profile",
+        str(profile),
+        "--model",
+        str(recipe),
+        "--method",
+        "drop-last",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--positions",
+        "96",
+        "--repeats",
+        "2",
+        "--max-merge",
+        "2",
+        "--quants",
+        "Q8_0",
+        "--device",
+        "cpu",
+    ]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=1200)
+        return subprocess.run(
+            [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=env, timeout=1200
+        )
 
     r = cli("plan", *common, "--out", str(tmp_path / "plan"))
     assert r.returncode == 0, r.stderr[-3000:]
     mem = {c["k"]: c["memory_mb"] for c in json.loads((tmp_path / "plan" / "plan.json").read_text())["candidates"]}
-    assert set(mem) == {0}          # Q8_0 fits unmerged and is the only type: no merge can win, none is scored
+    assert set(mem) == {0}  # Q8_0 fits unmerged and is the only type: no merge can win, none is scored
     mem[1] = _memory_at(src, "Q8_0", k=1, context=1024)
     assert mem[1] < mem[0]
-    budget = (mem[0] + mem[1]) / 2                    # K=0 does not fit: the build has to merge
+    budget = (mem[0] + mem[1]) / 2  # K=0 does not fit: the build has to merge
     out = tmp_path / "pkg"
-    r = cli("build", *common, "--budget-mb", f"{budget:.4f}", "--mmlu-per-subject", "0", "--heal-steps", "4",
-            "--heal-seq-len", "64", "--heal-curve-points", "1", "--out", str(out))
+    r = cli(
+        "build",
+        *common,
+        "--budget-mb",
+        f"{budget:.4f}",
+        "--mmlu-per-subject",
+        "0",
+        "--heal-steps",
+        "4",
+        "--heal-seq-len",
+        "64",
+        "--heal-curve-points",
+        "1",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["heal"]["steps"] == 4 and plan["curve"]["healed_at"] == [2]
@@ -278,11 +354,34 @@ def test_build_with_heal_steps_heals_the_chosen_merge(tmp_path):
 def test_a_recipe_sets_heal_defaults_and_the_command_line_wins(tmp_path):
     src = make_tiny(tmp_path / "src", "llama", layers=4, seed=24)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\n"
-                      "heal:\n  steps: 3\n  train: changed\n  lr: 0.0001\n")
-    base = ["merge", "--model", str(recipe), "-k", "1", "--method", "drop-last", "--samples", "4", "--seq-len", "64",
-            "--positions", "96", "--repeats", "2", "--heldout-chunks", "0", "--heal-seq-len", "64", "--device", "cpu"]
-    r = _cli(*base, "--out", str(tmp_path / "a"))                   # no --heal-steps: the recipe's 3 steps, changed layers
+    recipe.write_text(
+        f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\n"
+        "heal:\n  steps: 3\n  train: changed\n  lr: 0.0001\n"
+    )
+    base = [
+        "merge",
+        "--model",
+        str(recipe),
+        "-k",
+        "1",
+        "--method",
+        "drop-last",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--positions",
+        "96",
+        "--repeats",
+        "2",
+        "--heldout-chunks",
+        "0",
+        "--heal-seq-len",
+        "64",
+        "--device",
+        "cpu",
+    ]
+    r = _cli(*base, "--out", str(tmp_path / "a"))  # no --heal-steps: the recipe's 3 steps, changed layers
     assert r.returncode == 0, r.stderr[-2000:]
     heal = json.loads((tmp_path / "a" / "merge_log.json").read_text())["heal"]
     assert heal["config"]["steps"] == 3 and heal["config"]["train"] == "changed" and heal["config"]["lr"] == 1e-4
@@ -293,5 +392,9 @@ def test_a_recipe_sets_heal_defaults_and_the_command_line_wins(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(recipe.read_text().replace("train: changed", "train: everything"))
     r = _cli(*base[:2], str(bad), *base[3:], "--out", str(tmp_path / "c"))
-    assert r.returncode == 2 and "field 'heal.train' must be all, changed or lora" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2
+        and "field 'heal.train' must be all, changed or lora" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     assert not (tmp_path / "c").exists()

@@ -1,10 +1,9 @@
 import pytest
+from conftest import tiny_context
 
 from mka_edge.mka.fusion import keep_only
 from mka_edge.mka.methods import AUTO_POOL
 from mka_edge.mka.trajectory import trajectory
-
-from conftest import tiny_context
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +34,8 @@ def test_calibrated_fusion_is_never_worse_than_removing_one_layer_of_the_pair(ct
     pos = step["position"]
     ctx.reset()
     layers = ctx.current_layers()
-    drop_second = ctx.engine.loss_from(pos, [layers[pos]] + layers[pos + 2:])
-    drop_first = ctx.engine.loss_from(pos, layers[pos + 1:])
+    drop_second = ctx.engine.loss_from(pos, [layers[pos]] + layers[pos + 2 :])
+    drop_first = ctx.engine.loss_from(pos, layers[pos + 1 :])
     assert step["calib_kl"] <= min(drop_first, drop_second) + 1e-9
 
 

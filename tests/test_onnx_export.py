@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny
 
 
@@ -41,17 +40,22 @@ def ids():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama3-rope", "llama-bias"])
 def test_fp32_export_matches_pytorch(tmp_path, arch, ids):
-    from mka_edge.exporters.onnx import export_onnx
     from test_gguf_export import _variant
+
+    from mka_edge.exporters.onnx import export_onnx
 
     src = _variant(tmp_path, arch)
     out = tmp_path / f"{arch}-onnx"
     info = export_onnx(str(src), out, "fp32", progress=False)
     assert info["block_count"] == 3 and info["quant"] == "fp32" and not info["quantized_ops"]
-    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "mka_edge.json"} <= set(info["files"])
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "mka_edge.json"} <= set(
+        info["files"]
+    )
     # a KV-cache decoder: past key/values in, present key/values out
-    assert any(n.startswith("past_key_values.") for n in json.dumps(info["inputs"]).split('"')) or \
-        json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["inputs"]["past_key_names"]
+    assert (
+        any(n.startswith("past_key_values.") for n in json.dumps(info["inputs"]).split('"'))
+        or json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["inputs"]["past_key_names"]
+    )
     ref, _ = _torch_logprobs(src, ids)
     kl = _kl(ref, _onnx_logprobs(out, ids))
     assert kl < 1e-5, kl
@@ -62,13 +66,14 @@ def test_fp32_export_matches_pytorch(tmp_path, arch, ids):
 def test_merged_models_export(tmp_path, arch, ids):
     """A fused (not just removed) layer exports: the ONNX model is the merged PyTorch model."""
     from conftest import tiny_context
+
     from mka_edge.exporters.onnx import export_onnx
     from mka_edge.merging import merge
 
     src = make_tiny(tmp_path / arch, arch, layers=5, seed=11)
     merged = tmp_path / "merged"
     log = merge(tiny_context(src), 2, "mka-guided", "0.5", merged, heldout=0, progress=False)
-    assert any(len(m["sources"]) > 1 for m in log["layer_map"])          # a real fusion
+    assert any(len(m["sources"]) > 1 for m in log["layer_map"])  # a real fusion
     info = export_onnx(str(merged), tmp_path / "onnx", "fp32", progress=False)
     assert info["block_count"] == 3 and info["provenance"]["merge_layers"] == 2
     assert info["provenance"]["layer_map"] == log["layer_map"]
@@ -93,7 +98,11 @@ def test_kv_cache_decoding_matches_full_sequence(tmp_path, ids):
     steps = [res[0][0, -1]]
     for t in range(64, len(ids)):
         past = {n.replace("present.", "past_key_values."): v for n, v in zip(names, res) if n.startswith("present.")}
-        f = {"input_ids": np.array([[ids[t]]], dtype=np.int64), "attention_mask": np.ones((1, t + 1), dtype=np.int64), **past}
+        f = {
+            "input_ids": np.array([[ids[t]]], dtype=np.int64),
+            "attention_mask": np.ones((1, t + 1), dtype=np.int64),
+            **past,
+        }
         res = dec.session.run(None, f)
         steps.append(res[0][0, -1])
     np.testing.assert_allclose(np.stack(steps), full[63:], atol=1e-4)
@@ -107,16 +116,21 @@ def test_genai_greedy_equals_pytorch_greedy(tmp_path):
     out = tmp_path / "onnx"
     export_onnx(str(src), out, "fp32", progress=False)
     prompts = [[1, 17, 42, 99, 7], [1, 250, 3, 3, 8, 120, 64]]
-    got = run_child("mka_edge.validate.onnx_worker", {"task": "greedy", "artifact": str(out), "threads": 2,
-                                                      "prompts": prompts, "new_tokens": 12}, 300, "greedy")["tokens"]
+    got = run_child(
+        "mka_edge.validate.onnx_worker",
+        {"task": "greedy", "artifact": str(out), "threads": 2, "prompts": prompts, "new_tokens": 12},
+        300,
+        "greedy",
+    )["tokens"]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     for p, g in zip(prompts, got):
         with torch.no_grad():
-            want = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0, len(p):].tolist()
-        assert g == want[:len(g)] and len(g) >= 1, (g, want)
+            want = model.generate(
+                torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(p) :].tolist()
+        assert g == want[: len(g)] and len(g) >= 1, (g, want)
 
 
 @pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4), ("fp16", None)])
@@ -128,21 +142,25 @@ def test_reduced_precision_exports_run_and_lose_a_little(tmp_path, quant, bits, 
     out = tmp_path / quant
     info = export_onnx(str(src), out, quant, progress=False)
     if bits:
-        assert info["quantized_ops"].get(f"MatMulNBits {bits}-bit", 0) >= 3 * 4    # qkv, o, gate/up, down per layer
+        assert info["quantized_ops"].get(f"MatMulNBits {bits}-bit", 0) >= 3 * 4  # qkv, o, gate/up, down per layer
     else:
         assert not info["quantized_ops"] and "FLOAT16" in info["weight_bytes_by_dtype"]
     ref, _ = _torch_logprobs(src, ids)
     kl = _kl(ref, _onnx_logprobs(out, ids))
     assert 1e-12 < kl < (1e-3 if quant == "fp16" else 0.5), kl
     # and onnxruntime-genai runs it on the CPU (fp16's graph is built for GPUs, providers cleared)
-    got = run_child("mka_edge.validate.onnx_worker", {"task": "greedy", "artifact": str(out), "threads": 2,
-                                                      "prompts": [ids[:8]], "new_tokens": 4}, 300, "greedy")["tokens"]
+    got = run_child(
+        "mka_edge.validate.onnx_worker",
+        {"task": "greedy", "artifact": str(out), "threads": 2, "prompts": [ids[:8]], "new_tokens": 4},
+        300,
+        "greedy",
+    )["tokens"]
     assert len(got[0]) == 4
 
 
 def test_single_file_embeds_weights_and_large_models_are_refused(tmp_path, ids):
-    from mka_edge.exporters.onnx import check_single_file, export_onnx, onnx_quant
     from mka_edge.errors import UserError
+    from mka_edge.exporters.onnx import check_single_file, export_onnx, onnx_quant
 
     src = make_tiny(tmp_path / "llama", "llama", layers=2, seed=7)
     out = tmp_path / "one"
@@ -152,13 +170,13 @@ def test_single_file_embeds_weights_and_large_models_are_refused(tmp_path, ids):
     with pytest.raises(UserError, match="2 GB limit"):
         check_single_file(int(8e9), onnx_quant("fp32"))
     with pytest.raises(UserError, match="2 GB limit"):
-        check_single_file(int(8e9), onnx_quant("int4"))     # ~4.2 GiB even at 4 bits
-    check_single_file(int(1e9), onnx_quant("int8"))         # ~1 GiB fits
+        check_single_file(int(8e9), onnx_quant("int4"))  # ~4.2 GiB even at 4 bits
+    check_single_file(int(1e9), onnx_quant("int8"))  # ~1 GiB fits
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    from mka_edge.exporters.onnx import export_loaded_onnx
     from mka_edge.errors import UserError
+    from mka_edge.exporters.onnx import export_loaded_onnx
     from mka_edge.models.loading import load_model
 
     src = make_tiny(tmp_path / "llama", "llama", layers=2, seed=8)
@@ -176,8 +194,9 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=dict(os.environ), timeout=600
+    )
 
 
 def test_export_and_validate_refuse_bad_input(tmp_path):
@@ -196,13 +215,22 @@ def test_export_and_validate_refuse_bad_input(tmp_path):
     shutil.copytree(good, garbage)
     (garbage / "model.onnx").write_bytes(b"\x08\x07this is not a protobuf" * 10)
     cases = [
-        (["export", "--format", "onnx", "--model", str(src), "--quant", "Q4_K_M", "--out", str(tmp_path / "x")], "unknown ONNX quant type 'Q4_K_M'"),
-        (["export", "--format", "onnx", "--model", str(src), "--quant", "int8", "--out", str(busy)], "not an mka-edge ONNX export"),
+        (
+            ["export", "--format", "onnx", "--model", str(src), "--quant", "Q4_K_M", "--out", str(tmp_path / "x")],
+            "unknown ONNX quant type 'Q4_K_M'",
+        ),
+        (
+            ["export", "--format", "onnx", "--model", str(src), "--quant", "int8", "--out", str(busy)],
+            "not an mka-edge ONNX export",
+        ),
         (["export", "--format", "onnx", "--model", str(src), "--out", str(tmp_path / "m.onnx")], "must be a folder"),
         (["validate", str(truncated), "--reference", str(src)], "truncated"),
         (["validate", str(garbage), "--reference", str(src)], "fails to load as ONNX"),
         (["validate", str(tmp_path / "nowhere"), "--reference", str(src)], "does not exist"),
-        (["validate", str(good), "--reference", str(src), "--profile", "laptop-8gb"], "profile laptop-8gb runs llama.cpp"),
+        (
+            ["validate", str(good), "--reference", str(src), "--profile", "laptop-8gb"],
+            "profile laptop-8gb runs llama.cpp",
+        ),
     ]
     for args, needle in cases:
         r = _cli(*args)
@@ -224,9 +252,19 @@ def test_validate_runs_an_onnx_export(tmp_path):
 
     with pytest.raises(UserError, match="longer than the model's context length"):
         validate_artifact(out, None, context=1024, progress=False)
-    r = validate_artifact(out, None, context=512, repeats=1, chunks=1, mmlu_per_subject=0, prompt_tokens=64,
-                          gen_tokens=8, thresholds=Thresholds(max_kld=1e-9), progress=False)
-    assert r["format"] == "onnx" and r["reference"]["model"] == str(src)        # reference read from provenance
+    r = validate_artifact(
+        out,
+        None,
+        context=512,
+        repeats=1,
+        chunks=1,
+        mmlu_per_subject=0,
+        prompt_tokens=64,
+        gen_tokens=8,
+        thresholds=Thresholds(max_kld=1e-9),
+        progress=False,
+    )
+    assert r["format"] == "onnx" and r["reference"]["model"] == str(src)  # reference read from provenance
     assert 0 < r["accuracy"]["kl"] and r["latency"]["gen_tps"]["median"] > 0 and r["latency"]["peak_rss_mb"] > 50
-    assert not r["passed"] and r["checks"][0]["check"].startswith("mean KL")   # an impossible bar fails
+    assert not r["passed"] and r["checks"][0]["check"].startswith("mean KL")  # an impossible bar fails
     assert (out.parent / "onnx-validation" / "validation.md").read_text().startswith("# Validation of `onnx`")

@@ -21,13 +21,16 @@ def test_unknown_profile_lists_known_ones():
         load_profile("toaster")
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"memory_mb": "lots"}, "field 'memory_mb' must be a positive integer"),
-    ({"runtime": "tflite"}, "field 'runtime' must be one of"),
-    ({"reserve_mb": 9000}, "field 'reserve_mb'"),
-    ({"kv_cache_type": "f8"}, "field 'kv_cache_type'"),
-    ({"colour": "red"}, "unknown field(s) colour"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"memory_mb": "lots"}, "field 'memory_mb' must be a positive integer"),
+        ({"runtime": "tflite"}, "field 'runtime' must be one of"),
+        ({"reserve_mb": 9000}, "field 'reserve_mb'"),
+        ({"kv_cache_type": "f8"}, "field 'kv_cache_type'"),
+        ({"colour": "red"}, "unknown field(s) colour"),
+    ],
+)
 def test_bad_user_profile_names_file_and_field(tmp_path, change, needle):
     import yaml
 

@@ -17,13 +17,13 @@ def _readme_commands() -> list[str]:
 
 def test_readme_main_job_is_what_ci_runs():
     first = _readme_commands()[0]
-    build = first[first.index("mka-edge build"):]
+    build = first[first.index("mka-edge build") :]
     ci = (ROOT / ".ci" / "run").read_text()
     main_job = shlex.split(re.search(r"^MAIN_JOB=(.*)$", ci, re.M).group(1))[0]
     assert build == main_job, (build, main_job)
-    assert 'bash -c "$MAIN_JOB"' in ci and 'MKA_EDGE_CACHE="$(mktemp -d)"' in ci     # run as written, empty cache
+    assert 'bash -c "$MAIN_JOB"' in ci and 'MKA_EDGE_CACHE="$(mktemp -d)"' in ci  # run as written, empty cache
     out = shlex.split(build)[shlex.split(build).index("--out") + 1]
-    assert f"rm -rf {out}" in ci                      # a rerun on the same clone starts clean
+    assert f"rm -rf {out}" in ci  # a rerun on the same clone starts clean
 
 
 def test_readme_test_command_is_what_ci_runs():

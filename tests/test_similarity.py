@@ -1,10 +1,9 @@
 import torch
+from conftest import tiny_context
 
 from mka_edge.analysis import analyze
 from mka_edge.mka.diffusion import diffusion_map
 from mka_edge.mka.similarity import kmeans, nmi_matrix
-
-from conftest import tiny_context
 
 
 def test_nmi_is_one_on_the_diagonal_symmetric_and_label_name_free():
@@ -15,8 +14,8 @@ def test_nmi_is_one_on_the_diagonal_symmetric_and_label_name_free():
     s = nmi_matrix(torch.stack([a, renamed, indep]), 6)
     assert torch.allclose(s, s.T)
     assert torch.allclose(s.diagonal(), torch.ones(3, dtype=s.dtype))
-    assert s[0, 1] > 0.999            # same partition under other label names
-    assert s[0, 2] < 0.02             # independent labels
+    assert s[0, 1] > 0.999  # same partition under other label names
+    assert s[0, 2] < 0.02  # independent labels
 
 
 def test_diffusion_map_separates_two_clusters_and_kmeans_finds_them():

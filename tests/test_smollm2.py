@@ -14,8 +14,13 @@ SMALL = ["--samples", "8", "--seq-len", "128", "--positions", "128", "--repeats"
 
 
 def cli(*args):
-    res = subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True,
-                         env=dict(os.environ), timeout=1200)
+    res = subprocess.run(
+        [sys.executable, "-m", "mka_edge.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=1200,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return res
 
@@ -25,7 +30,7 @@ def test_embedded_default_loads_and_is_cached():
 
     lm = load_model(None)
     assert lm.num_layers == 30 and lm.arch.name == "llama"
-    assert (lm.source["cached_dir"] and os.path.isfile(os.path.join(lm.source["cached_dir"], "model.safetensors")))
+    assert lm.source["cached_dir"] and os.path.isfile(os.path.join(lm.source["cached_dir"], "model.safetensors"))
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")
     text = lm.tokenizer.decode(lm.model.generate(**ids, max_new_tokens=4, do_sample=False)[0])
     assert "Paris" in text
@@ -35,7 +40,9 @@ def test_analyze_smollm2(tmp_path):
     cli("analyze", *SMALL, "--out", str(tmp_path))
     res = json.loads((tmp_path / "similarity.json").read_text())
     s = torch.tensor(res["similarity"])
-    assert s.shape == (30, 30) and torch.allclose(s, s.T) and torch.allclose(s.diagonal(), torch.ones(30, dtype=s.dtype))
+    assert (
+        s.shape == (30, 30) and torch.allclose(s, s.T) and torch.allclose(s.diagonal(), torch.ones(30, dtype=s.dtype))
+    )
     assert len(res["top_adjacent"]) == 5
 
 

@@ -11,7 +11,9 @@ from mka_edge.records import QuantCost
 from mka_edge.solver.memory import MIB, Shape, attention_bytes, kv_bytes, predict, reserved_compute_bytes
 from mka_edge.solver.search import candidates, choose, pareto
 
-SMOL = Shape(n_layers=30, n_embd=576, n_head=9, n_kv_head=3, head_dim=64, n_ff=1536, n_vocab=49152, tied_embeddings=True)
+SMOL = Shape(
+    n_layers=30, n_embd=576, n_head=9, n_kv_head=3, head_dim=64, n_ff=1536, n_vocab=49152, tied_embeddings=True
+)
 
 
 def test_memory_terms_match_llama_cpp_reports():
@@ -38,10 +40,12 @@ def test_resident_memory_prediction_tracks_measured_rss():
 
 def _probe():
     per = lambda mb: [mb * MIB] * 30  # noqa: E731
-    rows = {"F16": {"per_layer": per(6.0), "other": 54 * MIB, "kl": 0.0},
-            "Q8_0": {"per_layer": per(3.2), "other": 29 * MIB, "kl": 0.004},
-            "Q4_K_M": {"per_layer": per(2.3), "other": 22 * MIB, "kl": 0.06},
-            "Q4_0": {"per_layer": per(2.0), "other": 16 * MIB, "kl": 0.30}}
+    rows = {
+        "F16": {"per_layer": per(6.0), "other": 54 * MIB, "kl": 0.0},
+        "Q8_0": {"per_layer": per(3.2), "other": 29 * MIB, "kl": 0.004},
+        "Q4_K_M": {"per_layer": per(2.3), "other": 22 * MIB, "kl": 0.06},
+        "Q4_0": {"per_layer": per(2.0), "other": 16 * MIB, "kl": 0.30},
+    }
     return {q: QuantCost.from_json(q, "gguf", d) for q, d in rows.items()}
 
 
@@ -50,8 +54,20 @@ KEPT = [list(range(30 - k)) for k in range(len(CURVE))]
 
 
 def _cands(budget, min_tps=1.0, context=512):
-    return candidates(SMOL, CURVE, KEPT, _probe(), context=context, kv_type="f16", budget_mb=budget,
-                      bandwidth_gbps=50, efficiency=0.5, min_tps=min_tps, max_kl=0.5, overhead_mb=40)
+    return candidates(
+        SMOL,
+        CURVE,
+        KEPT,
+        _probe(),
+        context=context,
+        kv_type="f16",
+        budget_mb=budget,
+        bandwidth_gbps=50,
+        efficiency=0.5,
+        min_tps=min_tps,
+        max_kl=0.5,
+        overhead_mb=40,
+    )
 
 
 def test_loose_budget_picks_the_highest_quality_quant_unmerged():
@@ -62,7 +78,7 @@ def test_loose_budget_picks_the_highest_quality_quant_unmerged():
 def test_tight_budget_makes_it_merge():
     cands = _cands(1e9)
     unmerged_min = min(c.memory_mb for c in cands if c.k == 0)
-    budget = unmerged_min - 1           # not even the smallest unmerged plan fits
+    budget = unmerged_min - 1  # not even the smallest unmerged plan fits
     ranked, why = choose(_cands(budget), budget, 1.0, 512)
     assert ranked[0].k > 0 and ranked[0].memory_mb <= budget and "merged" in why
     # among the plans that fit, it is the least predicted KL
@@ -80,7 +96,10 @@ def test_merging_can_beat_coarser_quantization():
 
 
 def test_impossible_budget_says_the_smallest_footprint():
-    with pytest.raises(UserError, match=r"no plan fits the 50 MB budget: the smallest footprint reachable is \d+ MB .*raise --budget-mb"):
+    with pytest.raises(
+        UserError,
+        match=r"no plan fits the 50 MB budget: the smallest footprint reachable is \d+ MB .*raise --budget-mb",
+    ):
         choose(_cands(50), 50, 1.0, 512)
 
 
@@ -97,14 +116,24 @@ def test_pareto_front_is_monotone():
 
 def test_published_prior_and_plan_on_a_tiny_model(tmp_path, tiny_dir):
     """The prior path end to end on a tiny model: curve, costs sized for this model, a choice, plan.json."""
-    from mka_edge.planning import plan_with_context, plan_table, write_plan
+    from mka_edge.planning import plan_table, plan_with_context, write_plan
     from mka_edge.solver.quant_prior import bits_per_weight
 
     assert 4.8 < bits_per_weight("Q4_K_M") < 5.0 and 8.4 < bits_per_weight("Q8_0") < 8.6
     opts = dict(samples=4, seq_len=64, positions=96, repeats=2, loss_samples=2, device="cpu")
-    plan, ctx = plan_with_context("laptop-8gb", str(tiny_dir), method="shortgpt", k_max=2, quants=["F16", "Q8_0", "Q4_K_M"], context=512,
-                                  merge_opts=opts, quality_prior=True, progress=False, log=lambda m: None)
-    assert (plan.choice.k, plan.choice.quant) == (0, "F16")     # a loose budget: best quality
+    plan, ctx = plan_with_context(
+        "laptop-8gb",
+        str(tiny_dir),
+        method="shortgpt",
+        k_max=2,
+        quants=["F16", "Q8_0", "Q4_K_M"],
+        context=512,
+        merge_opts=opts,
+        quality_prior=True,
+        progress=False,
+        log=lambda m: None,
+    )
+    assert (plan.choice.k, plan.choice.quant) == (0, "F16")  # a loose budget: best quality
     # F16, the best type, fits unmerged, so no merge can win: the curve is not computed (quality.needed_merge_kl)
     assert "prior" in plan.models["quant_cost"] and len(plan.candidates) == 3
     assert plan.curve["kl"] == [0.0] and not plan.curve["complete"]

@@ -12,13 +12,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import make_tiny
 
 from mka_edge.errors import UserError
 from mka_edge.records import ArtifactSummary, Plan, QuantCost
 from mka_edge.solver.memory import MIB, MemoryPrediction, Shape
 from mka_edge.targets import TARGETS, ReportMemory, Target, get_target, register, target_for_artifact
-
-from conftest import make_tiny
 
 SHAPE = Shape(n_layers=8, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, n_vocab=400)
 
@@ -27,7 +26,7 @@ def test_registry_lists_both_targets_and_finds_them_by_runtime_and_artifact(tmp_
     assert {"gguf", "onnx"} <= set(TARGETS)
     assert get_target("gguf").runtime == "llama.cpp" and get_target("onnx").runtime == "onnxruntime"
     assert target_for_artifact(tmp_path / "x.gguf").name == "gguf"
-    assert target_for_artifact(tmp_path).name == "onnx"              # a folder is an ONNX export
+    assert target_for_artifact(tmp_path).name == "onnx"  # a folder is an ONNX export
     with pytest.raises(UserError, match="unknown target format 'tflite'; known: gguf, onnx"):
         get_target("tflite")
     with pytest.raises(UserError, match="does not exist"):
@@ -109,26 +108,34 @@ def test_a_third_target_flows_through_solve_and_the_report(tmp_path, fake_target
     from mka_edge.report import _model_card, _report
 
     prof = tmp_path / "fake.yaml"
-    prof.write_text("name: fake-device\nmemory_mb: 100\nreserve_mb: 81\nbandwidth_gbps: 10\nruntime: fake-rt\n"
-                    "context_length: 512\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 5\n")
+    prof.write_text(
+        "name: fake-device\nmemory_mb: 100\nreserve_mb: 81\nbandwidth_gbps: 10\nruntime: fake-rt\n"
+        "context_length: 512\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 5\n"
+    )
     s = resolve_settings(str(prof), "some-model", method="sleb")
     assert s.target is fake_target and s.quants == ("w8", "w4")
     sizes = fake_target.type_sizes(None, list(s.quants), True)
-    costs, source = fake_target.quant_costs(None, None, sizes, list(s.quants), measure=True, progress=False,
-                                            calibrate_speed=False, log=print)
+    costs, source = fake_target.quant_costs(
+        None, None, sizes, list(s.quants), measure=True, progress=False, calibrate_speed=False, log=print
+    )
     curve = {"kl": [0.0, 0.05, 0.1], "kept": [list(range(8)), list(range(7)), list(range(6))], "complete": True}
     cheap = CheapFacts(SimpleNamespace(n_layers=8), sizes, True, True, 2)
     plan = solve(Facts(cheap, "fp", SHAPE, costs, source, 0.5, "default", curve, None), s)
     # 19 MB budget: w8 needs 10 + 10 MB unmerged (no), w4 5 + 10 (KL 0.2), w8 at K=1 9 + 10 (KL 0.05 + 0.01)
     assert plan.format == "fake" and (plan.choice.k, plan.choice.quant) == (1, "w8")
     assert plan.models["memory"] == "weights + 10 MB" and plan.budget.kv_cache_type == "f16"
-    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan        # plan.json round-trips
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan  # plan.json round-trips
     summary = fake_target.summary({"path": "m.fake", "quant": "w8"})
     chosen = {"k": 2, "quant": "w8", "artifact": "m.fake"}
     lat = {"gen_tps": {"median": 3.0}, "prompt_tokens": 8, "gen_tokens": 8, "peak_rss_mb": 20.0}
     val = {"accuracy": {"kl": 0.07, "ppl_change_pct": 1.0, "ppl": 10.0, "ref_ppl": 9.9, "top1": 0.9}, "latency": lat}
-    mem = {"runtime": "fake runtime", "predicted_device_mb": 15.0, "measured_host_rss_mb": 20.0, "host_run": "x",
-           "predicted_host_mb": 15.0}
+    mem = {
+        "runtime": "fake runtime",
+        "predicted_device_mb": 15.0,
+        "measured_host_rss_mb": 20.0,
+        "host_run": "x",
+        "predicted_host_mb": 15.0,
+    }
     report = _report(plan, fake_target, chosen, summary, val, [], mem, 9.0)
     assert "`m.fake` — fake, 7 of 8 layers" in report and "- memory: weights + 10 MB" in report
     assert "- Format: FAKE" in _model_card(plan, fake_target, chosen, summary, val)
@@ -140,8 +147,12 @@ def test_a_broken_plan_file_is_refused_in_one_line(tmp_path):
     from mka_edge.planning import load_plan
 
     bad = tmp_path / "plan.json"
-    for text, what in (("{not json", "not readable JSON"), ("[1, 2]", "not an mka-edge plan"),
-                       ('{"choice": {}}', "not an mka-edge plan"), ('{"schema": 99}', "plan schema 99")):
+    for text, what in (
+        ("{not json", "not readable JSON"),
+        ("[1, 2]", "not an mka-edge plan"),
+        ('{"choice": {}}', "not an mka-edge plan"),
+        ('{"schema": 99}', "plan schema 99"),
+    ):
         bad.write_text(text)
         with pytest.raises(UserError, match=what):
             load_plan(bad)
@@ -157,11 +168,14 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\n"
-                      "llama_cpp:\n  pre_tokenizer: gpt-2\n")
+    recipe.write_text(
+        f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\nllama_cpp:\n  pre_tokenizer: gpt-2\n"
+    )
     profile = tmp_path / "laptop.yaml"
-    profile.write_text("name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
-                       "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n")
+    profile.write_text(
+        "name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
+        "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
+    )
     env = dict(os.environ, MKA_EDGE_CACHE=str(tmp_path / "cache"))
     # K=1 forced by a budget between the K=1 and K=0 footprints of Q8_0 (llama.cpp's dry run)
     from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
@@ -173,20 +187,49 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
     for k in (0, 1):
         wb, rb = cost.weight_bytes(ms.n_layers - k)
         mem.append(predict(ms.shape.with_layers(ms.n_layers - k), wb, 1024, "f16", repack_bytes=rb).total_mb)
-    common = ["--model", str(recipe), "--method", "drop-last", "--samples", "4", "--seq-len", "64", "--positions", "96",
-              "--repeats", "2", "--max-merge", "2", "--quants", "Q8_0", "--device", "cpu",
-              "--budget-mb", f"{(mem[0] + mem[1]) / 2:.4f}"]
+    common = [
+        "--model",
+        str(recipe),
+        "--method",
+        "drop-last",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--positions",
+        "96",
+        "--repeats",
+        "2",
+        "--max-merge",
+        "2",
+        "--quants",
+        "Q8_0",
+        "--device",
+        "cpu",
+        "--budget-mb",
+        f"{(mem[0] + mem[1]) / 2:.4f}",
+    ]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=1200)
+        return subprocess.run(
+            [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=env, timeout=1200
+        )
 
     r = cli("plan", "--profile", str(profile), *common, "--out", str(tmp_path / "plan"))
     assert r.returncode == 0, r.stderr[-3000:]
     plan_file = tmp_path / "plan" / "plan.json"
     assert json.loads(plan_file.read_text())["choice"]["k"] == 1
-    r = cli("build", "--profile", str(profile), "--plan", str(plan_file), "--mmlu-per-subject", "0",
-            "--out", str(tmp_path / "from-plan"))
+    r = cli(
+        "build",
+        "--profile",
+        str(profile),
+        "--plan",
+        str(plan_file),
+        "--mmlu-per-subject",
+        "0",
+        "--out",
+        str(tmp_path / "from-plan"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = cli("build", "--profile", str(profile), *common, "--mmlu-per-subject", "0", "--out", str(tmp_path / "inline"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -199,9 +242,11 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
     other_profile.write_text(profile.read_text().replace("reserve_mb: 4096", "reserve_mb: 4000"))
     stale = tmp_path / "stale.json"
     stale.write_text(plan_file.read_text().replace('"mka_edge": "', '"mka_edge": "0.0.0-', 1))
-    for args, what in ((["--profile", str(profile), "--model", str(other)], "was made for model"),
-                       (["--profile", str(other_profile)], "is for profile 'laptop-test'"),
-                       (["--profile", str(profile), "--budget-mb", "100"], "--budget-mb cannot change it")):
+    for args, what in (
+        (["--profile", str(profile), "--model", str(other)], "was made for model"),
+        (["--profile", str(other_profile)], "is for profile 'laptop-test'"),
+        (["--profile", str(profile), "--budget-mb", "100"], "--budget-mb cannot change it"),
+    ):
         out = tmp_path / "refused"
         r = cli("build", *args, "--plan", str(plan_file), "--out", str(out))
         assert r.returncode != 0 and what in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -15,7 +15,6 @@ import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,12 +23,11 @@ from mka_edge.errors import UserError
 from mka_edge.merge_log import MergeLog, provenance, read_merge_log
 from mka_edge.models.recipes import recipe_behind
 
-from .paths import ensure_writable_parent
-
 from .gguf_inspect import inspect_gguf
 from .gguf_names import tensor_name_map
-from .imatrix import compute_imatrix
 from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
+from .imatrix import compute_imatrix
+from .paths import ensure_writable_parent
 from .quant_types import QuantType, quant_type
 
 
@@ -97,7 +95,9 @@ def _hparams(writer, config, n_vocab: int) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
     elif kind not in ("default", "llama3", None):
-        raise UserError(f"rope scaling '{kind}' is not supported by the GGUF exporter yet (supported: none, linear, llama3)")
+        raise UserError(
+            f"rope scaling '{kind}' is not supported by the GGUF exporter yet (supported: none, linear, llama3)"
+        )
 
 
 def _model_name(lm, merge_log: MergeLog | None) -> str:
@@ -194,14 +194,20 @@ def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
         fout = writer.fout[0]
         fout.flush()
         start = gguf.GGUFWriter.ggml_pad(fout.tell(), writer.data_alignment)
-        fout.truncate(start + data_bytes)    # holes, not bytes: the data is never read
+        fout.truncate(start + data_bytes)  # holes, not bytes: the data is never read
     finally:
         writer.close()
     return shapes
 
 
-def write_float_gguf(lm, path: Path, float_type: str, merge_log: MergeLog | None = None,
-                     pre_tokenizer: str | None = None, progress: bool = False) -> dict:
+def write_float_gguf(
+    lm,
+    path: Path,
+    float_type: str,
+    merge_log: MergeLog | None = None,
+    pre_tokenizer: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Write an F32 or F16 GGUF of a loaded model to ``path`` (caller handles atomicity)."""
     import gguf
 
@@ -246,8 +252,16 @@ def check_out_file(out: Path) -> Path:
     return ensure_writable_parent(out)
 
 
-def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str | None = None,
-                  threads: int | None = None, imatrix_texts=None, progress: bool = True) -> dict:
+def export_loaded(
+    lm,
+    out: Path,
+    quant: str | QuantType,
+    *,
+    pre_tokenizer: str | None = None,
+    threads: int | None = None,
+    imatrix_texts=None,
+    progress: bool = True,
+) -> dict:
     """Export a loaded model; returns the summary of the file written (types read back from it)."""
     q = quant if isinstance(quant, QuantType) else quant_type(quant)
     out = check_out_file(out)
@@ -262,7 +276,6 @@ def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str |
         else:
             imatrix = None
             if q.needs_imatrix:
-
                 imatrix = tmpdir / "imatrix.npz"
                 compute_imatrix(lm, imatrix, imatrix_texts, progress=progress)
             from .llama_quantize import quantize
@@ -277,13 +290,22 @@ def export_loaded(lm, out: Path, quant: str | QuantType, *, pre_tokenizer: str |
     return summary
 
 
-def export_gguf(model: str | None, out: Path, quant: str, *, pre_tokenizer: str | None = None,
-                threads: int | None = None, calibration: str | None = None, progress: bool = True) -> dict:
+def export_gguf(
+    model: str | None,
+    out: Path,
+    quant: str,
+    *,
+    pre_tokenizer: str | None = None,
+    threads: int | None = None,
+    calibration: str | None = None,
+    progress: bool = True,
+) -> dict:
     """`mka-edge export --format gguf`: load ``model`` (recipe, directory, GGUF, hub id) and export it."""
     from mka_edge.models.loading import load_model
 
-    q = quant_type(quant)        # a bad name fails before the slow load
+    q = quant_type(quant)  # a bad name fails before the slow load
     check_out_file(out)
     lm = load_model(model, "cpu", torch.float32)
-    return export_loaded(lm, out, q, pre_tokenizer=pre_tokenizer, threads=threads,
-                         imatrix_texts=calibration, progress=progress)
+    return export_loaded(
+        lm, out, q, pre_tokenizer=pre_tokenizer, threads=threads, imatrix_texts=calibration, progress=progress
+    )

@@ -32,7 +32,9 @@ def inspect_gguf(path: str | Path) -> dict:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - any failure here means a bad file
-        raise UserError(f"{path} is not a readable GGUF ({type(exc).__name__}: {str(exc)[:100]}); re-export or re-download it") from None
+        raise UserError(
+            f"{path} is not a readable GGUF ({type(exc).__name__}: {str(exc)[:100]}); re-export or re-download it"
+        ) from None
     types: Counter[str] = Counter()
     type_bytes: Counter[str] = Counter()
     n_params = 0
@@ -54,7 +56,7 @@ def inspect_gguf(path: str | Path) -> dict:
         fld = f.get(f"{arch}.{name}") or f.get(name)
         return _scalar(fld) if fld is not None else default
 
-    provenance = {k[len("mka_edge."):]: _scalar(v) for k, v in f.items() if k.startswith("mka_edge.")}
+    provenance = {k[len("mka_edge.") :]: _scalar(v) for k, v in f.items() if k.startswith("mka_edge.")}
     if isinstance(provenance.get("layer_map"), str):
         provenance["layer_map"] = json.loads(provenance["layer_map"])
     tokens = f.get("tokenizer.ggml.tokens")

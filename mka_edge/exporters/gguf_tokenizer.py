@@ -89,8 +89,9 @@ def _bpe_tokens(folder: Path, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_hf_tokenizer(folder: Path, tokenizer, writer: gguf.GGUFWriter, n_vocab: int,
-                       pre_tokenizer: str | None) -> dict:
+def write_hf_tokenizer(
+    folder: Path, tokenizer, writer: gguf.GGUFWriter, n_vocab: int, pre_tokenizer: str | None
+) -> dict:
     """Tokenizer metadata from a Hugging Face directory; returns what was decided (for the log)."""
     tj_path = folder / "tokenizer.json"
     if not tj_path.is_file():
@@ -119,7 +120,9 @@ def write_hf_tokenizer(folder: Path, tokenizer, writer: gguf.GGUFWriter, n_vocab
     if model.get("type") != "BPE":
         raise UserError(f"{folder}: tokenizer type {model.get('type')} is not supported for GGUF export (BPE only)")
     if pre_tokenizer is not None and pre_tokenizer not in known_pre_tokenizers():
-        raise UserError(f"unknown pre-tokenizer '{pre_tokenizer}'; llama.cpp knows: {', '.join(known_pre_tokenizers())}")
+        raise UserError(
+            f"unknown pre-tokenizer '{pre_tokenizer}'; llama.cpp knows: {', '.join(known_pre_tokenizers())}"
+        )
     pre = pre_tokenizer or pre_tokenizer_name(tokenizer)
     if pre is None:
         raise UserError(

@@ -19,8 +19,9 @@ from .gguf_names import tensor_name_map
 
 
 @torch.no_grad()
-def compute_imatrix(lm, out: Path, calibration: str | None = None, samples: int = 16, seq_len: int = 256,
-                    progress: bool = True) -> dict[str, int]:
+def compute_imatrix(
+    lm, out: Path, calibration: str | None = None, samples: int = 16, seq_len: int = 256, progress: bool = True
+) -> dict[str, int]:
 
     config = lm.model.config
     tmap = tensor_name_map(lm)

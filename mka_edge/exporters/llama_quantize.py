@@ -24,8 +24,8 @@ from mka_edge.errors import UserError
 
 def _imatrix_array(path: str):
     """A NULL-terminated llama_model_imatrix_data array (and the buffers it points into)."""
-    import numpy as np
     import llama_cpp
+    import numpy as np
 
     data = np.load(path)
     keep = []
@@ -42,8 +42,10 @@ def _imatrix_array(path: str):
 
 # one line of llama.cpp's quantizer log per tensor: "[  3/272] blk.0.attn_q.weight - [576, 576, 1, 1],
 # type =    f32, size = 1.266 MiB -> 0.356 MiB (q4_K)"; no "->" when the type stays.
-_TENSOR_LINE = re.compile(r"\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+),\s+size\s*=\s*[\d.]+\s+MiB"
-                          r"(?:\s*->\s*[\d.]+\s+MiB\s+\((\w+)\))?")
+_TENSOR_LINE = re.compile(
+    r"\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+),\s+size\s*=\s*[\d.]+\s+MiB"
+    r"(?:\s*->\s*[\d.]+\s+MiB\s+\((\w+)\))?"
+)
 
 
 def _dry_run(src: str, ftypes: list[int]) -> int:
@@ -99,8 +101,9 @@ def main(argv: list[str]) -> int:
     return 0 if rc == 0 else 1
 
 
-def quantize(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None,
-             progress: bool = False) -> None:
+def quantize(
+    src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None, progress: bool = False
+) -> None:
     """Quantize ``src`` into ``dst`` with llama.cpp; UserError with llama.cpp's reason on failure.
     ``progress``: an elapsed-time line while it runs (minutes for a 7-8B model)."""
     from mka_edge.validate.runner import run_with_progress
@@ -111,7 +114,9 @@ def quantize(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | Non
     proc = run_with_progress(cmd, None, "llama.cpp quantizer", progress)
     if proc.returncode != 0:
         lines = [l.strip() for l in (proc.stderr or "").splitlines() if l.strip()]
-        why = next((l for l in reversed(lines) if "error" in l.lower() or "failed" in l.lower()), lines[-1] if lines else "")
+        why = next(
+            (l for l in reversed(lines) if "error" in l.lower() or "failed" in l.lower()), lines[-1] if lines else ""
+        )
         if proc.returncode < 0:
             why = f"killed by signal {-proc.returncode}" + (f"; {why}" if why else "")
         raise UserError(f"llama.cpp's quantizer failed ({why[:200]}); try another --quant")

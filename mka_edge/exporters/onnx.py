@@ -35,47 +35,77 @@ from mka_edge.merge_log import MergeLog, provenance, read_merge_log
 from .onnx_inspect import PROVENANCE_FILE, inspect_onnx
 from .paths import ensure_writable_parent
 
-PROTOBUF_LIMIT = 2**31 - 1          # one ONNX protobuf file cannot exceed 2 GB
+PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
 
 
 @dataclass(frozen=True)
 class OnnxQuant:
     name: str
-    precision: str                   # the builder's --precision
-    extra: tuple[str, ...]           # the builder's --extra_options
-    bytes_per_weight: float          # nominal, for the single-file size check before exporting
+    precision: str  # the builder's --precision
+    extra: tuple[str, ...]  # the builder's --extra_options
+    bytes_per_weight: float  # nominal, for the single-file size check before exporting
     description: str
-    builder_ep: str = "cpu"          # the builder's --execution_provider (the graph it writes)
+    builder_ep: str = "cpu"  # the builder's --execution_provider (the graph it writes)
 
 
-ONNX_QUANTS = {q.name: q for q in (
-    OnnxQuant("fp32", "fp32", (), 4.0, "float32 weights and activations (the fidelity reference)"),
-    # The builder's CPU fp16 graph is unfused and onnxruntime-genai cannot run it on CPU (a Cast
-    # in repeat_kv fails); its CUDA fp16 graph (fused GroupQueryAttention) runs on both, so fp16
-    # is built for CUDA and the provider list is cleared: CPU by default, a GPU where configured.
-    OnnxQuant("fp16", "fp16", (), 2.0, "float16 weights and KV cache, fused graph (for GPUs/NPUs; also runs on CPU)",
-              builder_ep="cuda"),
-    OnnxQuant("int8", "int8", (), 1.07, "8-bit weight-only MatMulNBits, block 32, symmetric (onnxruntime quantizer); "
-                                        "the embedding stays float32 when tied"),
-    OnnxQuant("int4", "int4", (), 0.57, "4-bit weight-only MatMulNBits, block 32, RTN (onnxruntime quantizer); "
-                                        "int8 activations on CPU (accuracy level 4)"),
-    OnnxQuant("int4-mixed", "int4", ("algo_config=k_quant_mixed",), 0.65,
-              "4-bit k-quant body, 8-bit output projection and the most sensitive layers (llama.cpp's "
-              "Q4_K_M-like mix), onnxruntime quantizer"),
-)}
+ONNX_QUANTS = {
+    q.name: q
+    for q in (
+        OnnxQuant("fp32", "fp32", (), 4.0, "float32 weights and activations (the fidelity reference)"),
+        # The builder's CPU fp16 graph is unfused and onnxruntime-genai cannot run it on CPU (a Cast
+        # in repeat_kv fails); its CUDA fp16 graph (fused GroupQueryAttention) runs on both, so fp16
+        # is built for CUDA and the provider list is cleared: CPU by default, a GPU where configured.
+        OnnxQuant(
+            "fp16",
+            "fp16",
+            (),
+            2.0,
+            "float16 weights and KV cache, fused graph (for GPUs/NPUs; also runs on CPU)",
+            builder_ep="cuda",
+        ),
+        OnnxQuant(
+            "int8",
+            "int8",
+            (),
+            1.07,
+            "8-bit weight-only MatMulNBits, block 32, symmetric (onnxruntime quantizer); "
+            "the embedding stays float32 when tied",
+        ),
+        OnnxQuant(
+            "int4",
+            "int4",
+            (),
+            0.57,
+            "4-bit weight-only MatMulNBits, block 32, RTN (onnxruntime quantizer); "
+            "int8 activations on CPU (accuracy level 4)",
+        ),
+        OnnxQuant(
+            "int4-mixed",
+            "int4",
+            ("algo_config=k_quant_mixed",),
+            0.65,
+            "4-bit k-quant body, 8-bit output projection and the most sensitive layers (llama.cpp's "
+            "Q4_K_M-like mix), onnxruntime quantizer",
+        ),
+    )
+}
 
 
 def onnx_quant(name: str) -> OnnxQuant:
     key = name.strip().lower()
     if key not in ONNX_QUANTS:
-        raise UserError(f"unknown ONNX quant type '{name}'; choose one of {', '.join(ONNX_QUANTS)} "
-                        f"(GGUF types such as Q4_K_M need --format gguf)")
+        raise UserError(
+            f"unknown ONNX quant type '{name}'; choose one of {', '.join(ONNX_QUANTS)} "
+            f"(GGUF types such as Q4_K_M need --format gguf)"
+        )
     return ONNX_QUANTS[key]
 
 
 def quant_help() -> str:
     lines = ["ONNX quant types (onnxruntime-genai builder, onnxruntime's MatMulNBits quantizer):"]
-    lines += [f"  {q.name:<11} ~{8 * q.bytes_per_weight:4.1f} bits/weight  {q.description}" for q in ONNX_QUANTS.values()]
+    lines += [
+        f"  {q.name:<11} ~{8 * q.bytes_per_weight:4.1f} bits/weight  {q.description}" for q in ONNX_QUANTS.values()
+    ]
     return "\n".join(lines)
 
 
@@ -93,7 +123,9 @@ def check_out_dir(out: Path) -> Path:
     """--out is a folder; an existing one is replaced only if it is an earlier ONNX export of ours."""
     out = Path(out)
     if out.suffix.lower() in (".onnx", ".gguf"):
-        raise UserError(f"--out {out} must be a folder for ONNX (model.onnx, its weights, tokenizer and genai_config.json go in it)")
+        raise UserError(
+            f"--out {out} must be a folder for ONNX (model.onnx, its weights, tokenizer and genai_config.json go in it)"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is a file; choose a folder name")
     if out.is_dir() and any(out.iterdir()) and not (out / PROVENANCE_FILE).is_file():
@@ -105,8 +137,10 @@ def check_single_file(n_params: int, q: OnnxQuant) -> None:
     """Refuse before exporting when the weights cannot fit in one protobuf file."""
     need = n_params * q.bytes_per_weight
     if need > 0.95 * PROTOBUF_LIMIT:
-        raise UserError(f"{n_params / 1e9:.2f}B parameters in {q.name} need about {need / 2**30:.1f} GiB, over the 2 GB "
-                        f"limit of a single ONNX file; drop --single-file (weights then go to model.onnx.data)")
+        raise UserError(
+            f"{n_params / 1e9:.2f}B parameters in {q.name} need about {need / 2**30:.1f} GiB, over the 2 GB "
+            f"limit of a single ONNX file; drop --single-file (weights then go to model.onnx.data)"
+        )
 
 
 def _source_dir(lm, stack: ExitStack, parent: Path) -> Path:
@@ -123,8 +157,21 @@ def _source_dir(lm, stack: ExitStack, parent: Path) -> Path:
 def _run_builder(src: Path, out: Path, q: OnnxQuant, n_layers: int, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
-           "-p", q.precision, "-e", q.builder_ep, "-c", str(out / ".builder-cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "-p",
+        q.precision,
+        "-e",
+        q.builder_ep,
+        "-c",
+        str(out / ".builder-cache"),
+    ]
     if q.extra:
         cmd += ["--extra_options", *q.extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -141,10 +188,18 @@ def _run_builder(src: Path, out: Path, q: OnnxQuant, n_layers: int, progress: bo
                 if not line:
                     continue
                 tail.append(line)
-                if line.startswith("Reading layer") or line.startswith("Reading final norm") or line.startswith("Reading LM head"):
+                if (
+                    line.startswith("Reading layer")
+                    or line.startswith("Reading final norm")
+                    or line.startswith("Reading LM head")
+                ):
                     bar.update(1)
                 elif line.startswith("Saving ONNX model"):
-                    bar.set_description(f"ONNX {q.name}: quantizing and saving" if q.precision.startswith("int") else f"ONNX {q.name}: saving")
+                    bar.set_description(
+                        f"ONNX {q.name}: quantizing and saving"
+                        if q.precision.startswith("int")
+                        else f"ONNX {q.name}: saving"
+                    )
         rc = proc.wait()
     except BaseException:
         proc.kill()
@@ -165,14 +220,19 @@ def _finish(out: Path, q: OnnxQuant, lm, merge_log: MergeLog | None, context: in
     cfg_path = out / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
     if context:
-        cfg["search"]["max_length"] = int(context)      # onnxruntime-genai sizes its KV buffer by this
-    cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []   # CPU unless configured
+        cfg["search"]["max_length"] = int(context)  # onnxruntime-genai sizes its KV buffer by this
+    cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []  # CPU unless configured
     cfg_path.write_text(json.dumps(cfg, indent=4))
-    facts = provenance(lm, merge_log)          # the same facts the GGUF exporter writes
+    facts = provenance(lm, merge_log)  # the same facts the GGUF exporter writes
     prov = {
-        "mka_edge": facts.pop("mka_edge"), "format": "onnx", "quant": q.name, "builder_precision": q.precision,
-        "builder_extra_options": list(q.extra), "builder_execution_provider": q.builder_ep, "versions": versions(),
-        **facts,                               # method, merge_layers, layers_before, layers, layer_map, source, source_sha256
+        "mka_edge": facts.pop("mka_edge"),
+        "format": "onnx",
+        "quant": q.name,
+        "builder_precision": q.precision,
+        "builder_extra_options": list(q.extra),
+        "builder_execution_provider": q.builder_ep,
+        "versions": versions(),
+        **facts,  # method, merge_layers, layers_before, layers, layer_map, source, source_sha256
         "context": int(cfg["search"]["max_length"]),
     }
     model_file = out / cfg["model"]["decoder"]["filename"]
@@ -191,24 +251,37 @@ def _finish(out: Path, q: OnnxQuant, lm, merge_log: MergeLog | None, context: in
     (out / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2))
 
 
-def export_onnx(model: str | None, out: Path, quant: str, *, context: int | None = None,
-                single_file: bool = False, progress: bool = True) -> dict:
+def export_onnx(
+    model: str | None,
+    out: Path,
+    quant: str,
+    *,
+    context: int | None = None,
+    single_file: bool = False,
+    progress: bool = True,
+) -> dict:
     """`mka-edge export --format onnx`: load ``model`` (recipe, folder, GGUF, hub id) and export it."""
     import torch
 
     from mka_edge.models.loading import load_model
 
-    q = onnx_quant(quant)            # a bad name fails before the slow load
+    q = onnx_quant(quant)  # a bad name fails before the slow load
     check_out_dir(out)
     lm = load_model(model, "cpu", torch.float32)
     return export_loaded_onnx(lm, out, q, context=context, single_file=single_file, progress=progress)
 
 
-def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | None = None,
-                       single_file: bool = False, progress: bool = True) -> dict:
+def export_loaded_onnx(
+    lm,
+    out: Path,
+    quant: str | OnnxQuant,
+    *,
+    context: int | None = None,
+    single_file: bool = False,
+    progress: bool = True,
+) -> dict:
     """Export a loaded model to an ONNX folder; returns the summary read back from what was written."""
     from mka_edge.cache import atomic_dir
-
 
     q = quant if isinstance(quant, OnnxQuant) else onnx_quant(quant)
     out = check_out_dir(Path(out))
@@ -218,7 +291,9 @@ def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | 
     if context is not None and context < 1:
         raise UserError("--context must be positive")
     if context and model_ctx and context > model_ctx:
-        raise UserError(f"--context {context} is longer than the model's context length ({model_ctx}); use at most {model_ctx}")
+        raise UserError(
+            f"--context {context} is longer than the model's context length ({model_ctx}); use at most {model_ctx}"
+        )
     merge_log = read_merge_log(lm.source.get("model_dir"))
     with ExitStack() as stack:
         src = _source_dir(lm, stack, out.parent)
@@ -226,5 +301,5 @@ def export_loaded_onnx(lm, out: Path, quant: str | OnnxQuant, *, context: int | 
             _run_builder(src, tmp, q, lm.num_layers, progress)
             shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
             _finish(tmp, q, lm, merge_log, context, single_file)
-            info = inspect_onnx(tmp)    # refuse to publish anything that does not read back
+            info = inspect_onnx(tmp)  # refuse to publish anything that does not read back
     return info | {"path": str(out)}

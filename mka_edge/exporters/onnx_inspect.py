@@ -20,7 +20,9 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     """(export folder, decoder .onnx file) for a folder or a .onnx file inside one."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p} does not exist; give an ONNX export folder (from `mka-edge export --format onnx`) or its model.onnx")
+        raise UserError(
+            f"{p} does not exist; give an ONNX export folder (from `mka-edge export --format onnx`) or its model.onnx"
+        )
     folder = p if p.is_dir() else p.parent
     cfg = folder / "genai_config.json"
     if p.is_dir():
@@ -64,7 +66,9 @@ def inspect_onnx(path: str | Path) -> dict:
     try:
         model = onnx.load(str(model_file), load_external_data=False)
     except (DecodeError, ValueError, OSError) as exc:
-        raise UserError(f"{model_file} fails to load as ONNX ({str(exc)[:120] or type(exc).__name__}); re-export it") from None
+        raise UserError(
+            f"{model_file} fails to load as ONNX ({str(exc)[:120] or type(exc).__name__}); re-export it"
+        ) from None
     sizes: dict[str, int] = {}
     weight_bytes = 0
     by_dtype: Counter = Counter()
@@ -74,11 +78,15 @@ def inspect_onnx(path: str | Path) -> dict:
             loc = folder / info.get("location", "")
             if loc.name not in sizes:
                 if not loc.is_file():
-                    raise UserError(f"{model_file.name} keeps weights in {loc.name}, which is missing; copy the whole export folder")
+                    raise UserError(
+                        f"{model_file.name} keeps weights in {loc.name}, which is missing; copy the whole export folder"
+                    )
                 sizes[loc.name] = loc.stat().st_size
             end = int(info.get("offset", 0)) + int(info.get("length", 0))
             if end > sizes[loc.name]:
-                raise UserError(f"{loc} is truncated ({sizes[loc.name]} bytes, tensor {init.name} ends at {end}); re-export or re-copy it")
+                raise UserError(
+                    f"{loc} is truncated ({sizes[loc.name]} bytes, tensor {init.name} ends at {end}); re-export or re-copy it"
+                )
         n = initializer_nbytes(init)
         weight_bytes += n
         by_dtype[onnx.TensorProto.DataType.Name(init.data_type)] += n
@@ -96,14 +104,20 @@ def inspect_onnx(path: str | Path) -> dict:
     n_layers = dec.get("num_hidden_layers") or ops.get("GroupQueryAttention") or None
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return {
-        "path": str(folder), "model_file": model_file.name, "format": "onnx",
-        "files": files, "file_bytes": sum(files.values()),
+        "path": str(folder),
+        "model_file": model_file.name,
+        "format": "onnx",
+        "files": files,
+        "file_bytes": sum(files.values()),
         "model_bytes": model_file.stat().st_size + sum(sizes.values()),
-        "weight_bytes": weight_bytes, "weight_bytes_by_dtype": dict(by_dtype),
-        "quantized_ops": dict(nbits), "op_counts": dict(ops.most_common(8)),
+        "weight_bytes": weight_bytes,
+        "weight_bytes_by_dtype": dict(by_dtype),
+        "quantized_ops": dict(nbits),
+        "op_counts": dict(ops.most_common(8)),
         "block_count": int(n_layers) if n_layers else None,
         "n_vocab": cfg.get("model", {}).get("vocab_size"),
-        "n_kv_heads": dec.get("num_key_value_heads"), "head_size": dec.get("head_size"),
+        "n_kv_heads": dec.get("num_key_value_heads"),
+        "head_size": dec.get("head_size"),
         "context": cfg.get("search", {}).get("max_length"),
         "model_context": cfg.get("model", {}).get("context_length"),
         "inputs": [i.name for i in model.graph.input][:3],

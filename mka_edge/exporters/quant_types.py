@@ -16,10 +16,10 @@ from mka_edge.errors import UserError
 @dataclass(frozen=True)
 class QuantType:
     name: str
-    ftype: int              # llama_ftype (LLAMA_FTYPE_*)
-    main: str               # ggml type of most 2-D weights
+    ftype: int  # llama_ftype (LLAMA_FTYPE_*)
+    main: str  # ggml type of most 2-D weights
     needs_imatrix: bool = False
-    direct: bool = False    # written by gguf-py itself, without llama.cpp's quantizer
+    direct: bool = False  # written by gguf-py itself, without llama.cpp's quantizer
     note: str = ""
 
     @property
@@ -83,6 +83,8 @@ def quant_help() -> str:
         if q.direct:
             notes.append("written directly by gguf-py")
         lines.append(f"{q.name:<9} {q.nominal_bpw:>6.2f}  {'; '.join(notes)}")
-    lines.append("bpw: nominal for the main tensor type; files report the real figure (llama.cpp mixes types "
-                 "and substitutes others when a row width is not a multiple of 256).")
+    lines.append(
+        "bpw: nominal for the main tensor type; files report the real figure (llama.cpp mixes types "
+        "and substitutes others when a row width is not a multiple of 256)."
+    )
     return "\n".join(lines)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -39,7 +39,7 @@ class HealConfig:
     checkpoint_every: int = 10
     calibration: str | None = None
     heldout_chunks: int = 2
-    eval_every: int = 0              # also measure held-out quality every N steps (a quality-vs-steps curve)
+    eval_every: int = 0  # also measure held-out quality every N steps (a quality-vs-steps curve)
 
     def check(self) -> None:
         if self.steps < 0:
@@ -47,7 +47,9 @@ class HealConfig:
         if self.train not in MODES:
             raise UserError(f"unknown --train '{self.train}'; choose one of {', '.join(MODES)}")
         if self.batch < 1 or self.seq_len < 8 or self.lr <= 0 or self.checkpoint_every < 1 or self.heldout_chunks < 1:
-            raise UserError("--batch, --checkpoint-every and --heldout-chunks must be >= 1, --seq-len >= 8 and --lr > 0")
+            raise UserError(
+                "--batch, --checkpoint-every and --heldout-chunks must be >= 1, --seq-len >= 8 and --lr > 0"
+            )
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -59,12 +61,16 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 def _check_pair(student, ref) -> None:
     sv, rv = int(student.model.config.vocab_size), int(ref.model.config.vocab_size)
     if sv != rv or len(student.tokenizer) != len(ref.tokenizer):
-        raise UserError(f"the reference's vocabulary ({rv} tokens) differs from the model's ({sv}); "
-                        f"heal against the model this one was merged from (--reference)")
+        raise UserError(
+            f"the reference's vocabulary ({rv} tokens) differs from the model's ({sv}); "
+            f"heal against the model this one was merged from (--reference)"
+        )
     sh, rh = int(student.model.config.hidden_size), int(ref.model.config.hidden_size)
     if sh != rh:
-        raise UserError(f"the reference's hidden size ({rh}) differs from the model's ({sh}); "
-                        f"heal against the model this one was merged from (--reference)")
+        raise UserError(
+            f"the reference's hidden size ({rh}) differs from the model's ({sh}); "
+            f"heal against the model this one was merged from (--reference)"
+        )
 
 
 def _windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
@@ -74,9 +80,11 @@ def _windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
     try:
         ids, _ = calibration_batch(tokenizer, cfg.calibration, need, cfg.seq_len, cfg.seed)
     except UserError as exc:
-        raise UserError(f"{cfg.steps} steps x {cfg.batch} windows of {cfg.seq_len} tokens need {need} distinct "
-                        f"calibration windows, but {str(exc).split(';')[0].replace('calibration text has', 'the text has')}; "
-                        f"lower --steps, --batch or --seq-len, or give more text with --calibration") from None
+        raise UserError(
+            f"{cfg.steps} steps x {cfg.batch} windows of {cfg.seq_len} tokens need {need} distinct "
+            f"calibration windows, but {str(exc).split(';')[0].replace('calibration text has', 'the text has')}; "
+            f"lower --steps, --batch or --seq-len, or give more text with --calibration"
+        ) from None
     return ids
 
 
@@ -112,7 +120,7 @@ class Checkpoint:
             return 0, []
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != self.key:
-            return 0, []                     # other settings: start over (the old checkpoint is replaced)
+            return 0, []  # other settings: start over (the old checkpoint is replaced)
         from safetensors.torch import load_file
 
         state = load_file(str(self.dir / "trainable.safetensors"))
@@ -129,8 +137,10 @@ class Checkpoint:
         tmp = self.dir.with_name(self.dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / "trainable.safetensors"))
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+            str(tmp / "trainable.safetensors"),
+        )
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "meta.json").write_text(json.dumps({"key": self.key, "step": step, "losses": losses}))
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -146,20 +156,28 @@ def teacher_from(lm):
     return lm if next(lm.model.parameters()).dtype == torch.float32 else None
 
 
-def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | None = None, device: str = "auto",
-         progress: bool = True, log: Callable[[str], None] = print,
-         on_step: Callable[[int, float], None] | None = None, reference_model=None) -> dict:
+def heal(
+    model_spec: str,
+    out: str | Path,
+    cfg: HealConfig,
+    reference: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int, float], None] | None = None,
+    reference_model=None,
+) -> dict:
     """Heal ``model_spec`` (a merged folder) into ``out``; returns the heal log (also in heal_log.json).
 
     ``reference_model``: the reference already loaded (a float32 LoadedModel on the heal's
     device, used read-only), so a caller healing many merges of one model loads it once."""
+    from ..calibration import heldout_chunks
     from ..device import resolve_device
     from ..evaluation import default_reference
     from ..merging import check_out
     from ..mka.output import save_merged
     from ..models.loading import load_model
     from ..quality import Reference, compare
-    from ..calibration import heldout_chunks
 
     cfg.check()
     out = Path(out)
@@ -177,13 +195,22 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
         p.requires_grad_(False)
     heldout = Reference(ref.model, heldout_chunks(student.tokenizer, cfg.heldout_chunks), dev)
     before = compare(student.model, heldout).as_dict()
-    log(f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})")
-    model, what = select(student.model, cfg.train, merge_log.layer_map if merge_log else None, cfg.lora_rank,
-                         merge_log.layers_before if merge_log else None)
+    log(
+        f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})"
+    )
+    model, what = select(
+        student.model,
+        cfg.train,
+        merge_log.layer_map if merge_log else None,
+        cfg.lora_rank,
+        merge_log.layers_before if merge_log else None,
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    ckpt = Checkpoint(out, stable_hash({"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "v": 1}))
+    ckpt = Checkpoint(
+        out, stable_hash({"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "v": 1})
+    )
     start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
     if start:
         log(f"resuming from the checkpoint at step {start} of {cfg.steps}")
@@ -194,7 +221,7 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     train_s = 0.0
     for step in bar:
         t_step = time.perf_counter()
-        ids = windows[step * cfg.batch:(step + 1) * cfg.batch].to(dev)
+        ids = windows[step * cfg.batch : (step + 1) * cfg.batch].to(dev)
         with torch.no_grad():
             teacher = ref.model(input_ids=ids, use_cache=False).logits
         loss = _kl(teacher, model(input_ids=ids, use_cache=False).logits)
@@ -225,19 +252,32 @@ def heal(model_spec: str, out: str | Path, cfg: HealConfig, reference: str | Non
     curve.append({"step": cfg.steps, **after})
     log(f"held-out after {cfg.steps} steps: KL {after['kl']:.4f}, perplexity {after['ppl']:.2f}")
     record = {
-        "mka_edge": __version__, "model": model_spec, "reference": ref_spec, "config": asdict(cfg),
-        "trained": what, "trainable_params": n_train, "device": str(dev),
-        "steps_run_here": cfg.steps - start, "resumed_from": start, "seconds": round(seconds, 2),
+        "mka_edge": __version__,
+        "model": model_spec,
+        "reference": ref_spec,
+        "config": asdict(cfg),
+        "trained": what,
+        "trainable_params": n_train,
+        "device": str(dev),
+        "steps_run_here": cfg.steps - start,
+        "resumed_from": start,
+        "seconds": round(seconds, 2),
         "seconds_per_step": round(train_s / max(1, cfg.steps - start), 4),
-        "losses": [round(x, 6) for x in losses], "heldout_before": before, "heldout_after": after,
+        "losses": [round(x, 6) for x in losses],
+        "heldout_before": before,
+        "heldout_after": after,
         "curve": curve,
     }
     # the merge's log carried forward with the heal added (a model that was never merged gets a log of its own)
-    base = merge_log or MergeLog(mka_edge=__version__, source=student.source, source_fingerprint=student.fingerprint,
-                                 merge_layers=0, layers_before=student.num_layers)
+    base = merge_log or MergeLog(
+        mka_edge=__version__,
+        source=student.source,
+        source_fingerprint=student.fingerprint,
+        merge_layers=0,
+        layers_before=student.num_layers,
+    )
     new_log = replace(base, heal={k: v for k, v in record.items() if k not in ("losses", "curve")})
     save_merged(healed, student.tokenizer, new_log.to_json(), out)
     atomic_write_text(out / "heal_log.json", json.dumps(record, indent=2))
     ckpt.remove()
     return record
-

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1e9
-ACT_BYTES_PER_TOKEN_HIDDEN = 34.0    # per layer, 16-bit activations, standard transformer estimate
+ACT_BYTES_PER_TOKEN_HIDDEN = 34.0  # per layer, 16-bit activations, standard transformer estimate
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,16 @@ class ModelShape:
 LLAMA3_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, kv_dim=1024, vocab=128256, tied=False)
 
 
-def heal_footprint(shape: ModelShape, k: int, mode: str, trained_layers: int | None = None, lora_rank: int = 16,
-                   batch: int = 2, seq_len: int = 256, dtype_bytes: int = 2) -> dict:
+def heal_footprint(
+    shape: ModelShape,
+    k: int,
+    mode: str,
+    trained_layers: int | None = None,
+    lora_rank: int = 16,
+    batch: int = 2,
+    seq_len: int = 256,
+    dtype_bytes: int = 2,
+) -> dict:
     """GB per term for healing ``shape`` with ``k`` layers merged away."""
     layers = shape.layers - k
     student = shape.params(layers)
@@ -62,14 +70,15 @@ def heal_footprint(shape: ModelShape, k: int, mode: str, trained_layers: int | N
         trained = shape.lora_params(layers, lora_rank)
     else:
         raise ValueError(mode)
-    per_trained = dtype_bytes + 8 + (4 if dtype_bytes < 4 else 0)   # grad + AdamW m, v (+ fp32 master)
+    per_trained = dtype_bytes + 8 + (4 if dtype_bytes < 4 else 0)  # grad + AdamW m, v (+ fp32 master)
     tokens = batch * seq_len
     terms = {
         "teacher_weights": shape.params() * dtype_bytes / GB,
         "student_weights": student * dtype_bytes / GB,
         "trained_params_B": trained / 1e9,
         "grads_and_optimizer": trained * per_trained / GB,
-        "activations": (layers * tokens * shape.hidden * ACT_BYTES_PER_TOKEN_HIDDEN + 4 * tokens * shape.vocab * 4) / GB,
+        "activations": (layers * tokens * shape.hidden * ACT_BYTES_PER_TOKEN_HIDDEN + 4 * tokens * shape.vocab * 4)
+        / GB,
     }
     terms["total"] = sum(v for key, v in terms.items() if key != "trained_params_B")
     return {k2: round(v, 2) for k2, v in terms.items()}

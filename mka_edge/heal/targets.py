@@ -26,14 +26,20 @@ def changed_layers(layer_map: list[dict], n_layers: int, n_original: int | None 
         src = sorted(entry["sources"])
         if len(src) > 1 or any(abs(w - 1.0) > 1e-9 for w in entry.get("weights", [1.0])):
             touched.update({i - 1, i, i + 1})
-        if prev_last is not None and src[0] > prev_last + 1:       # a removed layer sat between i-1 and i
+        if prev_last is not None and src[0] > prev_last + 1:  # a removed layer sat between i-1 and i
             touched.update({i - 1, i})
         prev_last = src[-1]
     return sorted(t for t in touched if 0 <= t < n_layers)
 
 
-def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16,
-           n_original: int | None = None, arch: ArchSpec | None = None) -> tuple[object, list[str]]:
+def select(
+    model,
+    mode: str,
+    layer_map: list[dict] | None,
+    lora_rank: int = 16,
+    n_original: int | None = None,
+    arch: ArchSpec | None = None,
+) -> tuple[object, list[str]]:
     """Return the model to train (wrapped for LoRA) and a description of what trains.  Module names
     come from ``arch`` (default: the table entry for the model's config), not from this file."""
     if mode not in MODES:
@@ -44,8 +50,14 @@ def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16,
         from peft import LoraConfig, get_peft_model
 
         targets = list(arch.lora_targets)
-        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets,
-                         bias="none", task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=lora_rank,
+            lora_alpha=2 * lora_rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         wrapped = get_peft_model(model, cfg)
         return wrapped, [f"LoRA rank {lora_rank} on {', '.join(targets)}"]
     for p in model.parameters():
@@ -53,7 +65,9 @@ def select(model, mode: str, layer_map: list[dict] | None, lora_rank: int = 16,
     if mode == "all":
         return model, ["all parameters"]
     if not layer_map:
-        raise UserError("--train changed needs the merge's layer map (merge_log.json beside the model); use --train all or lora")
+        raise UserError(
+            "--train changed needs the merge's layer map (merge_log.json beside the model); use --train all or lora"
+        )
     layers = arch.layers(model)
     idx = changed_layers(layer_map, len(layers), n_original)
     if not idx:

@@ -15,8 +15,8 @@ from .layers import base_model, get_layers
 
 @dataclass
 class Activations:
-    states: torch.Tensor      # [L+1, N, d]: states[0] enters block 0, states[l+1] leaves block l
-                              # (N in the order of the positions passed to ``collect``)
+    states: torch.Tensor  # [L+1, N, d]: states[0] enters block 0, states[l+1] leaves block l
+    # (N in the order of the positions passed to ``collect``)
     last_token: torch.Tensor  # [L+1, B, d]: same, at the last position of each sequence
 
     @property
@@ -37,8 +37,9 @@ def sample_positions(batch: int, seq_len: int, n: int, seed: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def collect(model, arch, input_ids: torch.Tensor, positions: torch.Tensor, batch_size: int,
-            device: torch.device, timer) -> Activations:
+def collect(
+    model, arch, input_ids: torch.Tensor, positions: torch.Tensor, batch_size: int, device: torch.device, timer
+) -> Activations:
     layers = get_layers(model, arch)
     L = len(layers)
     B, T = input_ids.shape
@@ -57,11 +58,13 @@ def collect(model, arch, input_ids: torch.Tensor, positions: torch.Tensor, batch
         def f(_m, args, kwargs):
             if i == 0:
                 keep(0, args[0] if args else kwargs["hidden_states"])
+
         return f
 
     def post(i):
         def f(_m, _a, output):
             keep(i + 1, output[0] if isinstance(output, tuple) else output)
+
         return f
 
     base = base_model(model, arch)
@@ -69,7 +72,7 @@ def collect(model, arch, input_ids: torch.Tensor, positions: torch.Tensor, batch
     handles += [layer.register_forward_hook(post(i)) for i, layer in enumerate(layers)]
     try:
         for start in range(0, B, batch_size):
-            chunk = input_ids[start:start + batch_size].to(device)
+            chunk = input_ids[start : start + batch_size].to(device)
             lo, hi = start * T, (start + chunk.shape[0]) * T
             mask = (positions >= lo) & (positions < hi)
             state["sel"] = (positions[mask] - lo).to(device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -20,16 +20,17 @@ from .timing import PhaseTimer
 @dataclass
 class MergeSettings:
     """Everything that changes a merge decision; part of every cache key."""
-    samples: int = 32           # calibration sequences for activations
+
+    samples: int = 32  # calibration sequences for activations
     seq_len: int = 256
-    positions: int = 512        # token vectors per layer for each diffusion map
-    repeats: int = 8            # independent position subsamples whose NMI matrices are averaged
-    loss_samples: int = 4       # of the calibration sequences, how many score candidate merges
-    dims: int = 8               # diffusion-map dimensions
-    clusters: int = 8           # k-means labels for the NMI
+    positions: int = 512  # token vectors per layer for each diffusion map
+    repeats: int = 8  # independent position subsamples whose NMI matrices are averaged
+    loss_samples: int = 4  # of the calibration sequences, how many score candidate merges
+    dims: int = 8  # diffusion-map dimensions
+    clusters: int = 8  # k-means labels for the NMI
     seed: int = 0
     batch_size: int = 8
-    candidates: int = 6         # mka-guided: shortlist of most similar pairs scored by loss
+    candidates: int = 6  # mka-guided: shortlist of most similar pairs scored by loss
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     calibration: str | None = None
 
@@ -39,9 +40,9 @@ class MergeSettings:
 
 @dataclass
 class Similarity:
-    matrix: torch.Tensor        # [L, L] NMI, on the CPU
-    embeddings: torch.Tensor    # [L, N, dims]
-    labels: torch.Tensor        # [L, N]
+    matrix: torch.Tensor  # [L, L] NMI, on the CPU
+    embeddings: torch.Tensor  # [L, N, dims]
+    labels: torch.Tensor  # [L, N]
 
     def adjacent(self) -> list[float]:
         return [float(self.matrix[i, i + 1]) for i in range(self.matrix.shape[0] - 1)]
@@ -52,8 +53,9 @@ class MergeContext:
         self.lm, self.settings, self.device = lm, settings, device
         self.model, self.arch = lm.model, lm.arch
         self.timer = PhaseTimer()
-        self.ids, self.text_spec = calibration_batch(lm.tokenizer, settings.calibration, settings.samples,
-                                                     settings.seq_len, settings.seed)
+        self.ids, self.text_spec = calibration_batch(
+            lm.tokenizer, settings.calibration, settings.samples, settings.seq_len, settings.seed
+        )
         self.originals = list(get_layers(self.model, self.arch))
         self.names = self.arch.block_params(self.model.config)
         self.comp: Composition = identity(len(self.originals))
@@ -68,8 +70,14 @@ class MergeContext:
         if self._engine is None:
             current = self.comp  # the reference log-probs must come from the original stack
             self.apply(identity(self.n_original), refresh=False)
-            self._engine = CalibrationLoss(self.model, self.arch, self.ids[: self.settings.loss_samples],
-                                           self.device, self.settings.batch_size, self.timer)
+            self._engine = CalibrationLoss(
+                self.model,
+                self.arch,
+                self.ids[: self.settings.loss_samples],
+                self.device,
+                self.settings.batch_size,
+                self.timer,
+            )
             self.apply(current, refresh=True)
         return self._engine
 
@@ -103,15 +111,17 @@ class MergeContext:
         seed = self.settings.seed if seed is None else seed
         n, reps = self.settings.positions, self.settings.repeats
         acts = self.activations(seed, repeats=reps)
-        layer_states = acts.states[1:].to(self.device)          # outputs of each block
+        layer_states = acts.states[1:].to(self.device)  # outputs of each block
         reps = max(1, min(reps, layer_states.shape[1] // n))
         mats, embs, labs = [], [], []
         for r in range(reps):
-            part = layer_states[:, r * n:(r + 1) * n]
+            part = layer_states[:, r * n : (r + 1) * n]
             with self.timer.phase("diffusion", self.device):
                 emb = torch.stack([diffusion_map(x, self.settings.dims) for x in part])
             with self.timer.phase("similarity", self.device):
-                labels = torch.stack([kmeans(e, self.settings.clusters, seed * 1009 + r * 31 + i) for i, e in enumerate(emb)])
+                labels = torch.stack(
+                    [kmeans(e, self.settings.clusters, seed * 1009 + r * 31 + i) for i, e in enumerate(emb)]
+                )
                 mats.append(nmi_matrix(labels, self.settings.clusters))
             embs.append(emb)
             labs.append(labels)
@@ -119,8 +129,19 @@ class MergeContext:
         return Similarity(matrix=s.cpu(), embeddings=embs[0].cpu(), labels=labs[0].cpu())
 
 
-def build_context(model=None, device="auto", dtype="auto", calibration=None, samples=None, seq_len=None,
-                  positions=None, repeats=8, seed=0, trust_remote_code=False, **extra) -> MergeContext:
+def build_context(
+    model=None,
+    device="auto",
+    dtype="auto",
+    calibration=None,
+    samples=None,
+    seq_len=None,
+    positions=None,
+    repeats=8,
+    seed=0,
+    trust_remote_code=False,
+    **extra,
+) -> MergeContext:
     """Load a model and its calibration batch; recipe calibration defaults fill what is not given."""
     from ..device import resolve_device, resolve_dtype
     from ..models.loading import load_model
@@ -129,7 +150,12 @@ def build_context(model=None, device="auto", dtype="auto", calibration=None, sam
     lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
     cal = lm.recipe.get("calibration", {}) if lm.recipe else {}
     settings = MergeSettings(
-        samples=samples or cal.get("samples", 32), seq_len=seq_len or cal.get("seq_len", 256),
-        positions=positions or cal.get("positions", 512), repeats=repeats, seed=seed,
-        calibration=str(calibration) if calibration else None, **extra)
+        samples=samples or cal.get("samples", 32),
+        seq_len=seq_len or cal.get("seq_len", 256),
+        positions=positions or cal.get("positions", 512),
+        repeats=repeats,
+        seed=seed,
+        calibration=str(calibration) if calibration else None,
+        **extra,
+    )
     return MergeContext(lm, settings, dev)

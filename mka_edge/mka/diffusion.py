@@ -20,12 +20,12 @@ def diffusion_map(x: torch.Tensor, dims: int = 8, t: int = 1) -> torch.Tensor:
     n = dist.shape[0]
     off = dist[~torch.eye(n, dtype=torch.bool, device=x.device)]
     sigma = off.median().clamp_min(1e-12)
-    w = torch.exp(-(dist / sigma) ** 2)
+    w = torch.exp(-((dist / sigma) ** 2))
     deg = w.sum(1)
     inv_sqrt = deg.rsqrt()
     sym = inv_sqrt[:, None] * w * inv_sqrt[None, :]
-    evals, evecs = torch.linalg.eigh(sym)               # ascending
+    evals, evecs = torch.linalg.eigh(sym)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
-    psi = inv_sqrt[:, None] * evecs                     # right eigenvectors of D^-1 W
+    psi = inv_sqrt[:, None] * evecs  # right eigenvectors of D^-1 W
     k = min(dims, n - 1)
-    return psi[:, 1:k + 1] * evals[1:k + 1].clamp_min(0) ** t
+    return psi[:, 1 : k + 1] * evals[1 : k + 1].clamp_min(0) ** t

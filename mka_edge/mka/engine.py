@@ -22,9 +22,11 @@ def kl_from_logits(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 class CalibrationLoss:
     def __init__(self, model, arch, input_ids: torch.Tensor, device: torch.device, batch_size: int, timer) -> None:
         self.model, self.arch, self.device, self.timer = model, arch, device, timer
-        self.batches = [input_ids[i:i + batch_size].to(device) for i in range(0, len(input_ids), batch_size)]
+        self.batches = [input_ids[i : i + batch_size].to(device) for i in range(0, len(input_ids), batch_size)]
         with torch.no_grad(), timer.phase("forward", device):
-            self.ref_logp = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in self.batches]
+            self.ref_logp = [
+                torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in self.batches
+            ]
         self.inputs: list[list[torch.Tensor]] = []
         self.refresh()
 

@@ -8,12 +8,12 @@ form makes a trajectory tiny to cache and exact to replay on the original weight
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-Composition = list[dict[int, float]]   # one {original layer index: coefficient} per new layer
+Composition = list[dict[int, float]]  # one {original layer index: coefficient} per new layer
 
 
 def identity(n_layers: int) -> Composition:
@@ -28,11 +28,11 @@ def fuse(comp: Composition, pos: int, alpha: float) -> Composition:
         for i, c in src.items():
             if w * c != 0.0:
                 mixed[i] = mixed.get(i, 0.0) + w * c
-    return comp[:pos] + [dict(sorted(mixed.items()))] + comp[pos + 2:]
+    return comp[:pos] + [dict(sorted(mixed.items()))] + comp[pos + 2 :]
 
 
 def remove(comp: Composition, pos: int) -> Composition:
-    return comp[:pos] + comp[pos + 1:]
+    return comp[:pos] + comp[pos + 1 :]
 
 
 def keep_only(n_layers: int, removed: Sequence[int]) -> Composition:
@@ -44,7 +44,9 @@ def _check_block(layer: nn.Module, names: Sequence[str]) -> None:
     have = {n for n, _ in layer.named_parameters()}
     missing, extra = set(names) - have, have - set(names)
     if missing or extra:
-        raise RuntimeError(f"architecture table disagrees with the model block: missing {sorted(missing)}, unlisted {sorted(extra)}")
+        raise RuntimeError(
+            f"architecture table disagrees with the model block: missing {sorted(missing)}, unlisted {sorted(extra)}"
+        )
 
 
 @torch.no_grad()
@@ -71,5 +73,7 @@ def realize(originals: Sequence[nn.Module], comp: Composition, names: Sequence[s
 
 def describe(comp: Composition) -> list[dict]:
     """Readable form for logs: which original layers went into each new layer, with which weights."""
-    return [{"layer": j, "sources": [int(i) for i in c], "weights": [round(float(w), 6) for w in c.values()]}
-            for j, c in enumerate(comp)]
+    return [
+        {"layer": j, "sources": [int(i) for i in c], "weights": [round(float(w), 6) for w in c.values()]}
+        for j, c in enumerate(comp)
+    ]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MethodRow:
     name: str
-    uses_alpha: bool        # fuses layers, so the alpha rule changes its result (and cache key)
-    in_auto: bool           # one of the methods `auto` picks from, per K, by calibration KL
+    uses_alpha: bool  # fuses layers, so the alpha rule changes its result (and cache key)
+    in_auto: bool  # one of the methods `auto` picks from, per K, by calibration KL
     summary: str
 
 

@@ -10,17 +10,16 @@ generator: a caller that learns after step K that it needs no more (the plan's c
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .context import MergeContext
-from .fusion import Composition, fuse, identity, keep_only, realize_layer, remove
+from .fusion import Composition, fuse, keep_only, realize_layer, remove
 from .method_table import ALL_METHODS, AUTO_POOL, ROWS  # noqa: F401 - re-exported for callers
 
-Step = dict          # the fields of merge_log.MergeStep, plus "composition"; a dict for the JSON trajectory cache
+Step = dict  # the fields of merge_log.MergeStep, plus "composition"; a dict for the JSON trajectory cache
 Trajectory = Iterator[Step]
 
 
@@ -30,7 +29,7 @@ def _sources(comp: Composition, pos: int) -> list[int]:
 
 def _tail_after_fusion(ctx: MergeContext, comp: Composition, pos: int) -> list:
     layers = ctx.current_layers()
-    return [realize_layer(ctx.originals, comp[pos], ctx.names)] + layers[pos + 2:]
+    return [realize_layer(ctx.originals, comp[pos], ctx.names)] + layers[pos + 2 :]
 
 
 def _alpha_search(ctx: MergeContext, pos: int, grid) -> tuple[float, float, dict]:
@@ -52,16 +51,32 @@ def _pick_alpha(ctx: MergeContext, pos: int, sim: float, rule: str) -> tuple[flo
     return float(rule), None, {}
 
 
-def _fusion_step(ctx: MergeContext, k: int, pos: int, alpha: float, sim: float, loss: float | None,
-                 method: str, extra: dict | None = None) -> Step:
+def _fusion_step(
+    ctx: MergeContext,
+    k: int,
+    pos: int,
+    alpha: float,
+    sim: float,
+    loss: float | None,
+    method: str,
+    extra: dict | None = None,
+) -> Step:
     before = (_sources(ctx.comp, pos), _sources(ctx.comp, pos + 1))
     new = fuse(ctx.comp, pos, alpha)
     if loss is None:
         loss = ctx.engine.loss_from(pos, _tail_after_fusion(ctx, new, pos))
     ctx.apply(new)
-    step = {"k": k, "action": "fuse", "position": pos, "pair_sources": [before[0], before[1]],
-            "alpha": round(float(alpha), 6), "similarity": round(float(sim), 6), "calib_kl": loss,
-            "composition": new, "method": method}
+    step = {
+        "k": k,
+        "action": "fuse",
+        "position": pos,
+        "pair_sources": [before[0], before[1]],
+        "alpha": round(float(alpha), 6),
+        "similarity": round(float(sim), 6),
+        "calib_kl": loss,
+        "composition": new,
+        "method": method,
+    }
     step.update(extra or {})
     return step
 
@@ -96,7 +111,7 @@ def mka_oneshot(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     groups = [[i] for i in range(ctx.n_original)]  # membership, even where a weight became 0
     for k, edge in enumerate(order, 1):
         pos = next(j for j, g in enumerate(groups) if edge in g)
-        groups[pos:pos + 2] = [groups[pos] + groups[pos + 1]]
+        groups[pos : pos + 2] = [groups[pos] + groups[pos + 1]]
         a, loss, _ = _pick_alpha(ctx, pos, sim[edge], alpha)
         step = _fusion_step(ctx, k, pos, a, sim[edge], loss, "mka-oneshot", {"edge": [edge, edge + 1]})
         bar.update(1)
@@ -128,8 +143,16 @@ def mka_guided(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         loss, a = scores[pos]
         if alpha == "calibrated":
             a, loss, _ = _alpha_search(ctx, pos, ctx.settings.alpha_grid)
-        step = _fusion_step(ctx, k, pos, a, sim[pos], loss, "mka-guided",
-                            {"shortlist": {str(p): [round(v[0], 6), v[1]] for p, v in scores.items()}})
+        step = _fusion_step(
+            ctx,
+            k,
+            pos,
+            a,
+            sim[pos],
+            loss,
+            "mka-guided",
+            {"shortlist": {str(p): [round(v[0], 6), v[1]] for p, v in scores.items()}},
+        )
         bar.update(1)
         yield step
 
@@ -138,7 +161,9 @@ def mka_guided(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
 def drop_last(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     L = ctx.n_original
     for k in range(1, k_max + 1):
-        step = _removal_step(ctx, k, keep_only(L, range(L - k, L)), None, "drop-last", {"removed": list(range(L - k, L))})
+        step = _removal_step(
+            ctx, k, keep_only(L, range(L - k, L)), None, "drop-last", {"removed": list(range(L - k, L))}
+        )
         bar.update(1)
         yield step
 
@@ -152,8 +177,14 @@ def shortgpt(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     order = sorted(range(len(bi)), key=lambda i: bi[i])
     for k in range(1, k_max + 1):
         gone = sorted(order[:k])
-        step = _removal_step(ctx, k, keep_only(ctx.n_original, gone), None, "shortgpt",
-                             {"removed": gone, "block_influence": [round(b, 6) for b in bi]})
+        step = _removal_step(
+            ctx,
+            k,
+            keep_only(ctx.n_original, gone),
+            None,
+            "shortgpt",
+            {"removed": gone, "block_influence": [round(b, 6) for b in bi]},
+        )
         bar.update(1)
         yield step
 
@@ -161,15 +192,21 @@ def shortgpt(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
 def angular(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     """Gromov et al.: cut the block of n layers minimising arccos(cos(h_l, h_{l+n}))/pi, last token."""
     ctx.reset()
-    last = ctx.activations().last_token            # [L+1, B, d]
+    last = ctx.activations().last_token  # [L+1, B, d]
     L = ctx.n_original
     for k in range(1, k_max + 1):
-        d = [float(torch.arccos(torch.nn.functional.cosine_similarity(last[l], last[l + k], dim=-1).clamp(-1, 1)).mean() / math.pi)
-             for l in range(L - k + 1)]
+        d = [
+            float(
+                torch.arccos(torch.nn.functional.cosine_similarity(last[l], last[l + k], dim=-1).clamp(-1, 1)).mean()
+                / math.pi
+            )
+            for l in range(L - k + 1)
+        ]
         start = min(range(len(d)), key=lambda l: d[l])
         gone = list(range(start, start + k))
-        step = _removal_step(ctx, k, keep_only(L, gone), None, "angular",
-                             {"removed": gone, "angular_distance": round(d[start], 6)})
+        step = _removal_step(
+            ctx, k, keep_only(L, gone), None, "angular", {"removed": gone, "angular_distance": round(d[start], 6)}
+        )
         bar.update(1)
         yield step
 
@@ -179,14 +216,21 @@ def sleb(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     ctx.reset()
     for k in range(1, k_max + 1):
         layers = ctx.current_layers()
-        losses = [ctx.engine.loss_from(p, layers[p + 1:]) for p in range(len(layers))]
+        losses = [ctx.engine.loss_from(p, layers[p + 1 :]) for p in range(len(layers))]
         pos = min(range(len(losses)), key=lambda p: losses[p])
         orig = _sources(ctx.comp, pos)
         new = remove(ctx.comp, pos)
         ctx.apply(new)
         gone = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
-        step = {"k": k, "action": "remove", "removed_now": orig, "removed": gone, "calib_kl": losses[pos],
-                "composition": new, "method": "sleb"}
+        step = {
+            "k": k,
+            "action": "remove",
+            "removed_now": orig,
+            "removed": gone,
+            "calib_kl": losses[pos],
+            "composition": new,
+            "method": "sleb",
+        }
         bar.update(1)
         yield step
 
@@ -200,7 +244,7 @@ METHODS: dict[str, Callable] = {
     "angular": angular,
     "sleb": sleb,
 }
-if set(METHODS) != set(ROWS):       # one table of methods (method_table), one of their functions
+if set(METHODS) != set(ROWS):  # one table of methods (method_table), one of their functions
     raise ImportError(f"merge method tables disagree: {sorted(set(METHODS) ^ set(ROWS))}")
 
 

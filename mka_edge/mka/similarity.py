@@ -50,14 +50,16 @@ def kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 4, iters: int = 50)
 def nmi_matrix(labels: torch.Tensor, k: int) -> torch.Tensor:
     """Pairwise NMI = I(a; b) / sqrt(H(a) H(b)) for label rows ``labels`` [L, N]."""
     L, n = labels.shape
-    onehot = torch.nn.functional.one_hot(labels, k).double()           # [L, N, k]
-    joint = torch.einsum("anx,bny->abxy", onehot, onehot) / n           # [L, L, k, k]
-    pa = joint.sum(3)                                                   # [L, L, k]
+    onehot = torch.nn.functional.one_hot(labels, k).double()  # [L, N, k]
+    joint = torch.einsum("anx,bny->abxy", onehot, onehot) / n  # [L, L, k, k]
+    pa = joint.sum(3)  # [L, L, k]
     pb = joint.sum(2)
     outer = pa[..., :, None] * pb[..., None, :]
     nz = joint > 0
-    mi = torch.where(nz, joint * (torch.log(joint.clamp_min(1e-300)) - torch.log(outer.clamp_min(1e-300))), torch.zeros_like(joint)).sum((2, 3))
-    p = onehot.mean(1)                                                  # [L, k]
+    mi = torch.where(
+        nz, joint * (torch.log(joint.clamp_min(1e-300)) - torch.log(outer.clamp_min(1e-300))), torch.zeros_like(joint)
+    ).sum((2, 3))
+    p = onehot.mean(1)  # [L, k]
     h = -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))).sum(1)
     denom = torch.sqrt(h[:, None] * h[None, :])
     s = torch.where(denom > 0, mi / denom.clamp_min(1e-300), torch.zeros_like(mi))

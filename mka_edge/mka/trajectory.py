@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
@@ -34,9 +34,17 @@ class _Clock:
 
 
 def _key(ctx: MergeContext, method: str, alpha: str) -> str:
-    return stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
-                        "alpha": alpha if uses_alpha(method) else None,
-                        "algo": ALGO_VERSION, "device": ctx.device.type, "dtype": str(ctx.model.dtype)})
+    return stable_hash(
+        {
+            "model": ctx.lm.fingerprint,
+            "settings": ctx.settings.key(),
+            "method": method,
+            "alpha": alpha if uses_alpha(method) else None,
+            "algo": ALGO_VERSION,
+            "device": ctx.device.type,
+            "dtype": str(ctx.model.dtype),
+        }
+    )
 
 
 def _decode(steps: list[dict]) -> list[dict]:
@@ -45,9 +53,15 @@ def _decode(steps: list[dict]) -> list[dict]:
     return steps
 
 
-def trajectory(ctx: MergeContext, method: str, k_max: int, alpha: str = "calibrated",
-               use_cache: bool = True, progress: bool = True,
-               enough: Callable[[dict], bool] | None = None) -> dict:
+def trajectory(
+    ctx: MergeContext,
+    method: str,
+    k_max: int,
+    alpha: str = "calibrated",
+    use_cache: bool = True,
+    progress: bool = True,
+    enough: Callable[[dict], bool] | None = None,
+) -> dict:
     """{'method', 'alpha', 'steps': [...], 'seconds', 'cached'} reaching ``k_max``, or fewer steps
     when ``enough(step)`` (asked after each step, cached ones included) says no more are needed:
     the run stops there, so nothing beyond is computed.  The cache keeps the longest run made."""
@@ -60,7 +74,7 @@ def trajectory(ctx: MergeContext, method: str, k_max: int, alpha: str = "calibra
         cached = _decode(data["steps"])
         stop = next((i + 1 for i, st in enumerate(cached[:k_max]) if enough and enough(st)), None)
         if stop or len(cached) >= k_max:
-            data["steps"] = cached[:stop or k_max]
+            data["steps"] = cached[: stop or k_max]
             data["cached"] = True
             return data
     t0 = time.perf_counter()
@@ -76,8 +90,14 @@ def trajectory(ctx: MergeContext, method: str, k_max: int, alpha: str = "calibra
     for step, t in zip(steps, clock.times):
         step["elapsed_s"] = round(t, 3)  # wall time from the start of the trajectory to this K
     ctx.reset()
-    data = {"method": method, "alpha": alpha, "steps": steps, "seconds": round(time.perf_counter() - t0, 3),
-            "mka_edge": __version__, "cached": False}
+    data = {
+        "method": method,
+        "alpha": alpha,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "mka_edge": __version__,
+        "cached": False,
+    }
     if len(steps) > len(cached):
         atomic_write_text(path, json.dumps(data))
     return data
@@ -94,6 +114,10 @@ def _auto(ctx: MergeContext, k_max: int, alpha: str, use_cache: bool, progress: 
         step["chosen_from"] = {m: round(o["calib_kl"], 6) for m, o in options.items()}
         step["method"] = best
         steps.append(step)
-    return {"method": "auto", "alpha": alpha, "steps": steps,
-            "seconds": round(sum(r["seconds"] for r in runs.values()), 3),
-            "cached": all(r["cached"] for r in runs.values())}
+    return {
+        "method": "auto",
+        "alpha": alpha,
+        "steps": steps,
+        "seconds": round(sum(r["seconds"] for r in runs.values()), 3),
+        "cached": all(r["cached"] for r in runs.values()),
+    }

@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    model: Any                       # a transformers CausalLM in eval mode
+    model: Any  # a transformers CausalLM in eval mode
     tokenizer: Any
     arch: ArchSpec
-    source: dict[str, Any]           # what was asked for and where it resolved to
-    fingerprint: str                 # content identity of the weights (cache keys)
+    source: dict[str, Any]  # what was asked for and where it resolved to
+    fingerprint: str  # content identity of the weights (cache keys)
     recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -129,7 +129,9 @@ def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_r
 
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise UserError(f"{folder} has no config.json: pass a Hugging Face model directory, a .gguf file or a recipe name")
+        raise UserError(
+            f"{folder} has no config.json: pass a Hugging Face model directory, a .gguf file or a recipe name"
+        )
     arch = _check_arch_config(json.loads(cfg_path.read_text()), str(folder))
     if not list(folder.glob("*.safetensors")):
         raise UserError(f"{folder} holds no .safetensors weights; mka-edge does not load pickled weights")
@@ -166,7 +168,9 @@ def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
         ).to(device)
         tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot load the weights of '{hub_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"cannot load the weights of '{hub_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        ) from None
     return model.eval(), tok, arch
 
 
@@ -191,7 +195,9 @@ def resolve_source(spec: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return {"kind": "gguf", "path": str(path.resolve()), "spec": spec}, {}
-        raise UserError(f"{spec} is a file but not a .gguf or a recipe .yaml; pass a model directory, a GGUF or a recipe")
+        raise UserError(
+            f"{spec} is a file but not a .gguf or a recipe .yaml; pass a model directory, a GGUF or a recipe"
+        )
     parts = spec.split("/")
     if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
         return {"kind": "hub", "hub_id": spec, "spec": spec}, {}
@@ -219,7 +225,9 @@ def load_config(spec: str | None = None, trust_remote_code: bool = False):
     elif source["kind"] == "hf-dir":
         folder = Path(source["path"])
         if not (folder / "config.json").is_file():
-            raise UserError(f"{folder} has no config.json: pass a Hugging Face model directory, a .gguf file or a recipe name")
+            raise UserError(
+                f"{folder} has no config.json: pass a Hugging Face model directory, a .gguf file or a recipe name"
+            )
         _check_arch_config(json.loads((folder / "config.json").read_text()), str(folder))
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     else:

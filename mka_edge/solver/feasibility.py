@@ -40,9 +40,10 @@ SIZES_VERSION = 1
 class ModelShape:
     """A model as far as the solver's early checks need it: config, architecture and parameter
     counts, from a meta-device instance (no weights read)."""
+
     config: Any
     arch: Any
-    model: Any                  # transformers CausalLM on the meta device
+    model: Any  # transformers CausalLM on the meta device
     block_params: list[int]
     other_params: int
 
@@ -89,7 +90,7 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
         block, size = gguf.GGML_QUANT_SIZES[ggml]
         sized.append((name, ggml.name, len(shape), math.prod(shape[:-1]) * (shape[-1] // block) * size))
     out = split_by_block(sized, REPACKED_TYPES)
-    out["tensor_types"] = dict(Counter(t for _, t, _, _ in sized).most_common())     # as inspect_gguf reports them
+    out["tensor_types"] = dict(Counter(t for _, t, _, _ in sized).most_common())  # as inspect_gguf reports them
     return out
 
 
@@ -102,8 +103,14 @@ def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
     from mka_edge.exporters.llama_quantize import dry_run_types
     from mka_edge.exporters.quant_types import quant_type
 
-    key = stable_hash({"config": ms.config.to_json_string(use_diff=False), "quants": quants,
-                       "llama_cpp": version("llama-cpp-python"), "v": SIZES_VERSION})
+    key = stable_hash(
+        {
+            "config": ms.config.to_json_string(use_diff=False),
+            "quants": quants,
+            "llama_cpp": version("llama-cpp-python"),
+            "v": SIZES_VERSION,
+        }
+    )
     path = cache_root() / "type_sizes" / f"{key[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -123,16 +130,36 @@ def smallest_kept(per_layer: list[float], k: int) -> list[int]:
     return sorted(order[: len(per_layer) - k])
 
 
-def check_any_fits(ms: ModelShape, sizes: dict[str, QuantCost], *, k_max: int, context: int, kv_type: str,
-                   budget_mb: float, overhead_mb: float, exact: bool) -> None:
+def check_any_fits(
+    ms: ModelShape,
+    sizes: dict[str, QuantCost],
+    *,
+    k_max: int,
+    context: int,
+    kv_type: str,
+    budget_mb: float,
+    overhead_mb: float,
+    exact: bool,
+) -> None:
     """Refuse, before any model work, a budget that no (K <= k_max, type) pair can meet."""
     from .search import candidates, refuse_if_nothing_fits
 
     ref = next(iter(sizes.values())).per_layer
     kept = [smallest_kept(ref, k) for k in range(k_max + 1)]
-    cands = candidates(ms.shape, [0.0] * (k_max + 1), kept, sizes, context=context, kv_type=kv_type,
-                       budget_mb=budget_mb, bandwidth_gbps=1.0, efficiency=1.0, min_tps=0.0, max_kl=float("inf"),
-                       overhead_mb=overhead_mb)
+    cands = candidates(
+        ms.shape,
+        [0.0] * (k_max + 1),
+        kept,
+        sizes,
+        context=context,
+        kv_type=kv_type,
+        budget_mb=budget_mb,
+        bandwidth_gbps=1.0,
+        efficiency=1.0,
+        min_tps=0.0,
+        max_kl=float("inf"),
+        overhead_mb=overhead_mb,
+    )
     # Where llama.cpp's mix gives layers different types (Q4_K_M: more bits in some layers), which
     # layers a merge removes changes the bytes: the K largest give a bound the merge may not reach.
     uniform = all(len(set(e.per_layer)) <= 1 and len(set(e.repack_per_layer)) <= 1 for e in sizes.values())
@@ -142,7 +169,10 @@ def check_any_fits(ms: ModelShape, sizes: dict[str, QuantCost], *, k_max: int, c
 def check_shape(ms: ModelShape, *, context: int, k_max: int | None) -> None:
     """The plan's inputs against the model's shape: one line each, before any model work."""
     if ms.max_positions and context > ms.max_positions:
-        raise UserError(f"--context {context} is beyond the model's {ms.max_positions} positions; "
-                        f"use at most {ms.max_positions}")
+        raise UserError(
+            f"--context {context} is beyond the model's {ms.max_positions} positions; use at most {ms.max_positions}"
+        )
     if k_max is not None and not 0 <= k_max < ms.n_layers:
-        raise UserError(f"--max-merge {k_max} must be between 0 and {ms.n_layers - 1}: the model has {ms.n_layers} layers")
+        raise UserError(
+            f"--max-merge {k_max} must be between 0 and {ms.n_layers - 1}: the model has {ms.n_layers} layers"
+        )

@@ -33,6 +33,7 @@ DEFAULT_OVERHEAD_MB = 69.8
 @dataclass(frozen=True)
 class Shape:
     """What memory depends on, read from a config."""
+
     n_layers: int
     n_embd: int
     n_head: int
@@ -43,13 +44,20 @@ class Shape:
     tied_embeddings: bool = True
 
     @classmethod
-    def from_config(cls, cfg) -> "Shape":
+    def from_config(cls, cfg) -> Shape:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(int(cfg.num_hidden_layers), int(cfg.hidden_size), int(cfg.num_attention_heads),
-                   int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads), int(head_dim),
-                   int(cfg.intermediate_size), int(cfg.vocab_size), bool(getattr(cfg, "tie_word_embeddings", False)))
+        return cls(
+            int(cfg.num_hidden_layers),
+            int(cfg.hidden_size),
+            int(cfg.num_attention_heads),
+            int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+            int(head_dim),
+            int(cfg.intermediate_size),
+            int(cfg.vocab_size),
+            bool(getattr(cfg, "tie_word_embeddings", False)),
+        )
 
-    def with_layers(self, n: int) -> "Shape":
+    def with_layers(self, n: int) -> Shape:
         return Shape(**{**asdict(self), "n_layers": n})
 
 
@@ -86,8 +94,15 @@ def reserved_compute_bytes(shape: Shape, context: int, n_ubatch: int = N_UBATCH)
     return 4.0 * u * max(shape.n_vocab, shape.n_head * context) + 4.0 * u * 2 * shape.n_embd + 330.0 * context
 
 
-def predict(shape: Shape, weight_bytes: float, context: int, kv_type: str = "f16", repack_bytes: float = 0.0,
-            overhead_mb: float = DEFAULT_OVERHEAD_MB, kv_tokens: int | None = None) -> MemoryPrediction:
+def predict(
+    shape: Shape,
+    weight_bytes: float,
+    context: int,
+    kv_type: str = "f16",
+    repack_bytes: float = 0.0,
+    overhead_mb: float = DEFAULT_OVERHEAD_MB,
+    kv_tokens: int | None = None,
+) -> MemoryPrediction:
     """Resident peak for a run that fills ``kv_tokens`` cells of the cache (default: all of it).
     The K·Q scores are sized by the allocated context whatever the fill (measured)."""
     return MemoryPrediction(

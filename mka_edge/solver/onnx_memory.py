@@ -24,7 +24,7 @@ from .memory import MIB, MemoryPrediction, Shape
 # Fitted on this host (bench/memory_model.py, ONNX rows).
 ONNX_OVERHEAD_MB = 70.0
 ACT_FACTOR = 1.17
-PROMPT_TOKENS = 512          # prefill size the device prediction assumes (the validation prompt)
+PROMPT_TOKENS = 512  # prefill size the device prediction assumes (the validation prompt)
 
 
 def onnx_kv_bytes(shape: Shape, context: int, quant: str) -> float:
@@ -36,8 +36,15 @@ def prefill_bytes(shape: Shape, prompt_tokens: int) -> float:
     return 4.0 * prompt_tokens * shape.n_vocab * ACT_FACTOR
 
 
-def predict_onnx(shape: Shape, weight_bytes: float, resident_ratio: float, context: int, quant: str,
-                 prompt_tokens: int = PROMPT_TOKENS, overhead_mb: float = ONNX_OVERHEAD_MB) -> MemoryPrediction:
+def predict_onnx(
+    shape: Shape,
+    weight_bytes: float,
+    resident_ratio: float,
+    context: int,
+    quant: str,
+    prompt_tokens: int = PROMPT_TOKENS,
+    overhead_mb: float = ONNX_OVERHEAD_MB,
+) -> MemoryPrediction:
     """Same terms as the llama.cpp model so plans and reports read alike: ``repack_mb`` holds what
     onnxruntime adds to (or leaves out of) the weight bytes, ``attention_mb`` the prefill activations."""
     return MemoryPrediction(

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from ..cache import atomic_write_text, cache_root, stable_hash
 from .memory import Shape
-from .quant_probe import cached_entries
 from .onnx_memory import PROMPT_TOKENS, predict_onnx
+from .quant_probe import cached_entries
 
 PROBE_VERSION = 2
 RATIO_CONTEXT = 1024
@@ -45,19 +45,23 @@ def initializer_bytes_split(folder: Path) -> dict:
     return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [0] * len(layers), "other": other}
 
 
-def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True,
-               calibrate_speed: bool = False) -> dict[str, dict]:
+def probe_onnx(
+    lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True, calibrate_speed: bool = False
+) -> dict[str, dict]:
     """{quant: {'per_layer', 'other', 'kl', 'top1', 'ppl', 'resident_ratio', 'quantized_ops', 'format': 'onnx'}}."""
     import numpy as np
 
     from mka_edge.exporters.onnx import export_loaded_onnx, onnx_quant
     from mka_edge.exporters.onnx_inspect import inspect_onnx
+
     from ..validate.reference import compact_reference
     from ..validate.runner import run_child
 
     folder = cache_root() / "quant_probe"
-    keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "format": "onnx", "v": PROBE_VERSION})
-            for q in quants}
+    keys = {
+        q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "format": "onnx", "v": PROBE_VERSION})
+        for q in quants
+    }
     for q in quants:
         onnx_quant(q)
     results, missing = cached_entries(folder, "onnx-", keys)
@@ -70,20 +74,45 @@ def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progres
         for q in tqdm(missing, desc="measuring ONNX quant types", disable=not progress, leave=False):
             art = Path(tmp) / q
             export_loaded_onnx(lm, art, q, progress=False)
-            acc = run_child(WORKER, {"task": "accuracy", "artifact": str(art), "threads": threads,
-                                     "reference": str(ref_path)}, 3600, f"ONNX probe of {q}")
-            lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "context": RATIO_CONTEXT,
-                                     "prompt_ids": prompt, "gen_tokens": 32, "repeats": 1}, 1200, f"ONNX probe of {q}")
+            acc = run_child(
+                WORKER,
+                {"task": "accuracy", "artifact": str(art), "threads": threads, "reference": str(ref_path)},
+                3600,
+                f"ONNX probe of {q}",
+            )
+            lat = run_child(
+                WORKER,
+                {
+                    "task": "latency",
+                    "artifact": str(art),
+                    "threads": threads,
+                    "context": RATIO_CONTEXT,
+                    "prompt_ids": prompt,
+                    "gen_tokens": 32,
+                    "repeats": 1,
+                },
+                1200,
+                f"ONNX probe of {q}",
+            )
             split = initializer_bytes_split(art)
             wb = sum(split["per_layer"]) + split["other"]
             info = inspect_onnx(art)
             # what onnxruntime keeps of the weights during a validation-sized run: the peak less
             # every other term of the model (the terms are the ones predictions use)
             rest = predict_onnx(shape, 0.0, 1.0, RATIO_CONTEXT, q, prompt_tokens=len(prompt)).total_mb
-            res = {**split, "format": "onnx", "kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl"],
-                   "resident_ratio": (lat["peak_rss_mb"] - rest) * 2**20 / wb,
-                   "loaded_rss_mb": lat["loaded_rss_mb"], "peak_rss_mb": lat["peak_rss_mb"], "host_gen_tps": lat["gen_tps"]["median"],
-                   "tensor_types": info["quantized_ops"] or {"float": 1}, "measured_on": f"{chunks} x 512 held-out tokens"}
+            res = {
+                **split,
+                "format": "onnx",
+                "kl": acc["kl"],
+                "top1": acc["top1"],
+                "ppl": acc["ppl"],
+                "resident_ratio": (lat["peak_rss_mb"] - rest) * 2**20 / wb,
+                "loaded_rss_mb": lat["loaded_rss_mb"],
+                "peak_rss_mb": lat["peak_rss_mb"],
+                "host_gen_tps": lat["gen_tps"]["median"],
+                "tensor_types": info["quantized_ops"] or {"float": 1},
+                "measured_on": f"{chunks} x 512 held-out tokens",
+            }
             if q == "int8" and calibrate_speed:
                 from .speed import calibrate
 

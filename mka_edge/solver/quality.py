@@ -23,8 +23,16 @@ from ..produce import produce
 CURVE_VERSION = 1
 
 
-def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks: int = 2,
-                progress: bool = True, log=None, useful_below: float | None = None) -> dict:
+def merge_curve(
+    ctx,
+    method: str,
+    k_max: int,
+    alpha: str = "calibrated",
+    chunks: int = 2,
+    progress: bool = True,
+    log=None,
+    useful_below: float | None = None,
+) -> dict:
     """{'kl': [KL at K=0..], 'ppl': [...], 'kept': [[original layers kept at K], ...], 'complete': bool}.
 
     ``useful_below``: only a merge whose held-out KL is below this can change the plan (see
@@ -32,21 +40,39 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
     ends there ('complete': False): held-out KL along a greedy trajectory grows with K (every
     curve in docs/results.md does), so the K beyond cannot beat it either.  0 or less: no K can,
     and nothing is computed.  ``auto`` always runs to k_max (its per-K pick needs every method)."""
-    key = stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method,
-                       "alpha": alpha, "k_max": k_max, "chunks": chunks, "v": CURVE_VERSION})
+    key = stable_hash(
+        {
+            "model": ctx.lm.fingerprint,
+            "settings": ctx.settings.key(),
+            "method": method,
+            "alpha": alpha,
+            "k_max": k_max,
+            "chunks": chunks,
+            "v": CURVE_VERSION,
+        }
+    )
     path = cache_root() / "curves" / f"{method}-{key[:20]}.json"
     stop = None if method == "auto" else useful_below
     if path.is_file():
         curve = json.loads(path.read_text())
         if curve.get("complete", True) or (stop is not None and curve["kl"][-1] >= stop):
             return curve | {"cached": True}
-    base = {"method": method, "alpha": alpha, "chunks": chunks, "kl": [0.0], "ppl": [None],
-            "kept": [list(range(ctx.n_original))], "step_methods": [None]}
+    base = {
+        "method": method,
+        "alpha": alpha,
+        "chunks": chunks,
+        "kl": [0.0],
+        "ppl": [None],
+        "kept": [list(range(ctx.n_original))],
+        "step_methods": [None],
+    }
     if stop is not None and stop <= 0:
         return base | {"complete": False, "cached": False}
     if log:
-        log(f"merge-quality curve for {method} up to K={k_max} is not cached yet: computing it"
-            + ("" if stop is None else f" (only while a merge's held-out KL stays below {stop:.3f} nats)"))
+        log(
+            f"merge-quality curve for {method} up to K={k_max} is not cached yet: computing it"
+            + ("" if stop is None else f" (only while a merge's held-out KL stays below {stop:.3f} nats)")
+        )
     if stop is None:
         traj = trajectory(ctx, method, k_max, alpha, progress=progress)
         steps = traj["steps"][:k_max]
@@ -61,11 +87,13 @@ def merge_curve(ctx, method: str, k_max: int, alpha: str = "calibrated", chunks:
 
         steps = trajectory(ctx, method, k_max, alpha, progress=progress, enough=enough)["steps"]
         quality = [by_k[st["k"]] for st in steps]
-    curve = base | {"kl": [0.0] + [q["kl"] for q in quality],
-                    "ppl": [None] + [q["ppl"] for q in quality],
-                    "kept": base["kept"] + [sorted({min(c) for c in st["composition"]}) for st in steps],
-                    "step_methods": [None] + [st.get("method", method) for st in steps],
-                    "complete": len(steps) >= k_max}
+    curve = base | {
+        "kl": [0.0] + [q["kl"] for q in quality],
+        "ppl": [None] + [q["ppl"] for q in quality],
+        "kept": base["kept"] + [sorted({min(c) for c in st["composition"]}) for st in steps],
+        "step_methods": [None] + [st.get("method", method) for st in steps],
+        "complete": len(steps) >= k_max,
+    }
     atomic_write_text(path, json.dumps(curve))
     return curve | {"cached": False}
 
@@ -119,8 +147,9 @@ def interpolate_healed(unhealed: list[float], measured: dict[int, float]) -> lis
     return out
 
 
-def healed_curve(ctx, curve: dict, method: str, alpha: str, heal_cfg, points: int = 4, progress: bool = True,
-                 log=None) -> dict:
+def healed_curve(
+    ctx, curve: dict, method: str, alpha: str, heal_cfg, points: int = 4, progress: bool = True, log=None
+) -> dict:
     """Held-out KL after healing at every K of ``curve``: the merged models at ``points`` values
     of K (heal_points) are written, healed with ``heal_cfg`` and measured on the curve's held-out
     chunks; the K between are interpolated (interpolate_healed).  Costs ``points`` heals (K heals
@@ -128,20 +157,38 @@ def healed_curve(ctx, curve: dict, method: str, alpha: str, heal_cfg, points: in
     k_max = len(curve["kl"]) - 1
     cfg = replace(heal_cfg, heldout_chunks=curve.get("chunks", 2))
     ks = heal_points(k_max, points)
-    key = stable_hash({"model": ctx.lm.fingerprint, "settings": ctx.settings.key(), "method": method, "alpha": alpha,
-                       "k_max": k_max, "heal": asdict(cfg), "points": ks, "v": CURVE_VERSION})
+    key = stable_hash(
+        {
+            "model": ctx.lm.fingerprint,
+            "settings": ctx.settings.key(),
+            "method": method,
+            "alpha": alpha,
+            "k_max": k_max,
+            "heal": asdict(cfg),
+            "points": ks,
+            "v": CURVE_VERSION,
+        }
+    )
     path = cache_root() / "curves" / f"healed-{method}-{key[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
     if log:
-        log(f"healed quality curve ({cfg.steps} steps at K = {', '.join(map(str, ks))}; the K between interpolated) "
-            "is not cached yet: computing it")
+        log(
+            f"healed quality curve ({cfg.steps} steps at K = {', '.join(map(str, ks))}; the K between interpolated) "
+            "is not cached yet: computing it"
+        )
     measured, ppl = {}, {}
     with tempfile.TemporaryDirectory(prefix="mka-edge-heal-curve-") as tmp:
         for k in ks:
             rec = produce(ctx, k, method, alpha, Path(tmp) / f"k{k}", cfg, progress=progress, log=lambda m: None).heal
             measured[k], ppl[k] = rec["heldout_after"]["kl"], rec["heldout_after"]["ppl"]
-    out = {"kl": interpolate_healed(curve["kl"], measured), "ppl": [None] + [ppl.get(k) for k in range(1, k_max + 1)],
-           "healed_at": ks, "steps": cfg.steps, "train": cfg.train, "unhealed_kl": curve["kl"]}
+    out = {
+        "kl": interpolate_healed(curve["kl"], measured),
+        "ppl": [None] + [ppl.get(k) for k in range(1, k_max + 1)],
+        "healed_at": ks,
+        "steps": cfg.steps,
+        "train": cfg.train,
+        "unhealed_kl": curve["kl"],
+    }
     atomic_write_text(path, json.dumps(out))
     return out | {"cached": False}

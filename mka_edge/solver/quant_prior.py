@@ -14,10 +14,21 @@ from __future__ import annotations
 LLAMA3_8B_PARAMS = 8.03e9
 # type: (model size GiB, mean KLD nats vs FP16)
 PUBLISHED = {
-    "F16": (14.97, 0.000551), "Q8_0": (7.96, 0.001355), "Q6_K": (6.14, 0.005452), "Q5_K_M": (5.33, 0.010762),
-    "Q5_K_S": (5.21, 0.016595), "Q5_1": (5.65, 0.018045), "Q5_0": (5.21, 0.022239), "Q4_K_M": (4.58, 0.031273),
-    "Q4_K_S": (4.37, 0.043136), "Q4_1": (4.78, 0.071683), "Q4_0": (4.34, 0.071940), "Q3_K_L": (4.03, 0.087176),
-    "Q3_K_M": (3.74, 0.101913), "Q3_K_S": (3.41, 0.228217), "Q2_K": (2.96, 0.335308),
+    "F16": (14.97, 0.000551),
+    "Q8_0": (7.96, 0.001355),
+    "Q6_K": (6.14, 0.005452),
+    "Q5_K_M": (5.33, 0.010762),
+    "Q5_K_S": (5.21, 0.016595),
+    "Q5_1": (5.65, 0.018045),
+    "Q5_0": (5.21, 0.022239),
+    "Q4_K_M": (4.58, 0.031273),
+    "Q4_K_S": (4.37, 0.043136),
+    "Q4_1": (4.78, 0.071683),
+    "Q4_0": (4.34, 0.071940),
+    "Q3_K_L": (4.03, 0.087176),
+    "Q3_K_M": (3.74, 0.101913),
+    "Q3_K_S": (3.41, 0.228217),
+    "Q2_K": (2.96, 0.335308),
 }
 SOURCE = "llama.cpp tools/perplexity/README.md, LLaMA 3 8b scoreboard (KLD vs FP16, no imatrix)"
 
@@ -32,5 +43,11 @@ def prior_entry(quant: str, block_params: list[int], other_params: int) -> dict:
     if quant not in PUBLISHED:
         raise KeyError(quant)
     bpw = bits_per_weight(quant)
-    return {"per_layer": [p * bpw / 8 for p in block_params], "repack_per_layer": [0.0] * len(block_params),
-            "other": other_params * bpw / 8, "kl": PUBLISHED[quant][1], "source": SOURCE, "tensor_types": {}}
+    return {
+        "per_layer": [p * bpw / 8 for p in block_params],
+        "repack_per_layer": [0.0] * len(block_params),
+        "other": other_params * bpw / 8,
+        "kl": PUBLISHED[quant][1],
+        "source": SOURCE,
+        "tensor_types": {},
+    }

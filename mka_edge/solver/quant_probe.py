@@ -38,7 +38,11 @@ def split_by_block(tensors, repacked_types) -> dict:
         else:
             other += int(n_bytes)
     layers = sorted(per_layer)
-    return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [repack[i] for i in layers], "other": other}
+    return {
+        "per_layer": [per_layer[i] for i in layers],
+        "repack_per_layer": [repack[i] for i in layers],
+        "other": other,
+    }
 
 
 def tensor_bytes_split(path: Path) -> dict:
@@ -48,7 +52,9 @@ def tensor_bytes_split(path: Path) -> dict:
     from .memory import REPACKED_TYPES
 
     reader = gguf.GGUFReader(str(path))
-    return split_by_block([(t.name, t.tensor_type.name, len(t.shape), t.n_bytes) for t in reader.tensors], REPACKED_TYPES)
+    return split_by_block(
+        [(t.name, t.tensor_type.name, len(t.shape), t.n_bytes) for t in reader.tensors], REPACKED_TYPES
+    )
 
 
 def cached_entries(folder: Path, prefix: str, keys: dict[str, str]) -> tuple[dict[str, dict], list[str]]:
@@ -72,18 +78,33 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
     from .speed import calibrate
 
     prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
-    lat = run_child(WORKER, {"task": "latency", "artifact": str(art), "threads": threads, "kv_type": "f16",
-                             "context": 512, "prompt_ids": prompt, "gen_tokens": 64, "repeats": 3}, 600, "speed calibration")
+    lat = run_child(
+        WORKER,
+        {
+            "task": "latency",
+            "artifact": str(art),
+            "threads": threads,
+            "kv_type": "f16",
+            "context": 512,
+            "prompt_ids": prompt,
+            "gen_tokens": 64,
+            "repeats": 3,
+        },
+        600,
+        "speed calibration",
+    )
     calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"], target="gguf")
 
 
-def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True,
-          calibrate_speed: bool = False) -> dict[str, dict]:
+def probe(
+    lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True, calibrate_speed: bool = False
+) -> dict[str, dict]:
     """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...}}}."""
     from mka_edge.exporters.gguf import write_float_gguf
     from mka_edge.exporters.gguf_inspect import inspect_gguf
     from mka_edge.exporters.llama_quantize import quantize
     from mka_edge.exporters.quant_types import quant_type
+
     from ..validate.gguf import WORKER
     from ..validate.reference import compact_reference
     from ..validate.runner import run_child
@@ -104,10 +125,26 @@ def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bo
                 write_float_gguf(lm, art, "F16")
             elif q != "F32":
                 quantize(base, art, qt.ftype, threads)
-            acc = run_child(WORKER, {"task": "accuracy", "artifact": str(art), "threads": threads, "kv_type": "f16",
-                                     "reference": str(ref_path)}, 3600, f"probe of {q}")
-            res = {**tensor_bytes_split(art), "kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl"],
-                   "tensor_types": inspect_gguf(art)["tensor_types"], "measured_on": f"{chunks} x 512 held-out tokens"}
+            acc = run_child(
+                WORKER,
+                {
+                    "task": "accuracy",
+                    "artifact": str(art),
+                    "threads": threads,
+                    "kv_type": "f16",
+                    "reference": str(ref_path),
+                },
+                3600,
+                f"probe of {q}",
+            )
+            res = {
+                **tensor_bytes_split(art),
+                "kl": acc["kl"],
+                "top1": acc["top1"],
+                "ppl": acc["ppl"],
+                "tensor_types": inspect_gguf(art)["tensor_types"],
+                "measured_on": f"{chunks} x 512 held-out tokens",
+            }
             if q == "Q8_0" and calibrate_speed:
                 _calibrate_speed(art, res, ref_path, threads)
             atomic_write_text(folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
@@ -115,4 +152,3 @@ def probe(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bo
             if art != base:
                 art.unlink()
     return results
-

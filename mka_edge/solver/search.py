@@ -33,9 +33,21 @@ class Candidate:
         return d
 
 
-def candidates(shape: Shape, curve_kl: list[float], kept: list[list[int]], probe: dict[str, QuantCost], *,
-               context: int, kv_type: str, budget_mb: float, bandwidth_gbps: float, efficiency: float,
-               min_tps: float, max_kl: float, overhead_mb: float) -> list[Candidate]:
+def candidates(
+    shape: Shape,
+    curve_kl: list[float],
+    kept: list[list[int]],
+    probe: dict[str, QuantCost],
+    *,
+    context: int,
+    kv_type: str,
+    budget_mb: float,
+    bandwidth_gbps: float,
+    efficiency: float,
+    min_tps: float,
+    max_kl: float,
+    overhead_mb: float,
+) -> list[Candidate]:
     """Every (K, quant) pair with its predicted memory, speed and KL.  Each cost's target supplies
     the memory model and the KV bytes."""
     out = []
@@ -48,9 +60,21 @@ def candidates(shape: Shape, curve_kl: list[float], kept: list[list[int]], probe
             mem = target.predict_memory(sh, cost, wb, rb, context, kv_type, overhead_mb)
             kv = target.kv_bytes(sh, context, quant, kv_type)
             tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
-            kl = kl_merge + (cost.kl or 0.0)     # sizes alone (the early check) carry no KL
-            out.append(Candidate(k, quant, layers, mem.total_mb, mem.as_dict(), kl, tps,
-                                 mem.total_mb <= budget_mb, tps >= min_tps, kl <= max_kl))
+            kl = kl_merge + (cost.kl or 0.0)  # sizes alone (the early check) carry no KL
+            out.append(
+                Candidate(
+                    k,
+                    quant,
+                    layers,
+                    mem.total_mb,
+                    mem.as_dict(),
+                    kl,
+                    tps,
+                    mem.total_mb <= budget_mb,
+                    tps >= min_tps,
+                    kl <= max_kl,
+                )
+            )
     return out
 
 
@@ -75,7 +99,8 @@ def refuse_if_nothing_fits(cands: list[Candidate], budget_mb: float, context: in
         f"no plan fits the {budget_mb:.0f} MB budget: the smallest footprint reachable is "
         f"{'at least ' if at_least else ''}{small.memory_mb:.0f} MB "
         f"(K={small.k}, {small.quant}, {kv:.0f} MB of it KV cache at context {context}); raise --budget-mb to at "
-        f"least {small.memory_mb + 1:.0f} or lower --context")
+        f"least {small.memory_mb + 1:.0f} or lower --context"
+    )
 
 
 def choose(cands: list[Candidate], budget_mb: float, min_tps: float, context: int) -> tuple[list[Candidate], str]:
@@ -89,16 +114,21 @@ def choose(cands: list[Candidate], budget_mb: float, min_tps: float, context: in
         fast = max(fit_mem, key=lambda c: c.tps)
         raise UserError(
             f"no plan within the memory budget reaches {min_tps:g} tokens/s: the fastest is predicted at "
-            f"{fast.tps:.1f} tokens/s (K={fast.k}, {fast.quant}); lower the profile's min_tokens_per_s or pick a faster device")
+            f"{fast.tps:.1f} tokens/s (K={fast.k}, {fast.quant}); lower the profile's min_tokens_per_s or pick a faster device"
+        )
     ranked = sorted(feasible, key=lambda c: (c.kl, c.memory_mb))
     best = ranked[0]
     unmerged = [c for c in feasible if c.k == 0]
-    why = [f"least predicted quality loss ({best.kl:.3f} nats) among {len(feasible)} plans that fit "
-           f"{budget_mb:.0f} MB and reach {min_tps:g} tokens/s"]
+    why = [
+        f"least predicted quality loss ({best.kl:.3f} nats) among {len(feasible)} plans that fit "
+        f"{budget_mb:.0f} MB and reach {min_tps:g} tokens/s"
+    ]
     if best.k > 0:
         if unmerged:
             u = min(unmerged, key=lambda c: c.kl)
-            why.append(f"merging {best.k} layer{'s' if best.k > 1 else ''} beats the best unmerged plan ({u.quant}, {u.kl:.3f} nats)")
+            why.append(
+                f"merging {best.k} layer{'s' if best.k > 1 else ''} beats the best unmerged plan ({u.quant}, {u.kl:.3f} nats)"
+            )
         else:
             why.append("no unmerged plan fits, so layers must be merged")
     if not best.meets_quality:

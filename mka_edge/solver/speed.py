@@ -18,7 +18,7 @@ import numpy as np
 from ..cache import atomic_write_text, cache_root
 from ..targets import get_target
 
-DEFAULT_EFFICIENCY = 0.5   # used until a host measurement exists
+DEFAULT_EFFICIENCY = 0.5  # used until a host measurement exists
 
 
 def host_bandwidth_gbps(mb: int = 256, repeats: int = 5) -> float:
@@ -46,8 +46,14 @@ def _calibration_file(target: str):
 def calibrate(measured_tps: float, bytes_tok: float, target: str, host_gbps: float | None = None) -> dict:
     host_gbps = host_gbps or host_bandwidth_gbps()
     eff = measured_tps * bytes_tok / (host_gbps * 1e9)
-    rec = {"efficiency": eff, "host_copy_gbps": host_gbps, "measured_tps": measured_tps,
-           "bytes_per_token": bytes_tok, "host": platform.node(), "time": time.time()}
+    rec = {
+        "efficiency": eff,
+        "host_copy_gbps": host_gbps,
+        "measured_tps": measured_tps,
+        "bytes_per_token": bytes_tok,
+        "host": platform.node(),
+        "time": time.time(),
+    }
     atomic_write_text(_calibration_file(target), json.dumps(rec))
     return rec
 

@@ -10,5 +10,13 @@ and ``target_for_artifact(path)`` are how the rest of mka-edge reaches them.
 from . import gguf, onnx  # noqa: F401  (each module registers its target)
 from .base import TARGETS, ReportMemory, Target, get_target, register, runtimes, target_for_artifact, target_for_runtime
 
-__all__ = ["TARGETS", "ReportMemory", "Target", "get_target", "register", "runtimes", "target_for_artifact",
-           "target_for_runtime"]
+__all__ = [
+    "TARGETS",
+    "ReportMemory",
+    "Target",
+    "get_target",
+    "register",
+    "runtimes",
+    "target_for_artifact",
+    "target_for_runtime",
+]

@@ -57,8 +57,10 @@ def target_for_artifact(artifact: Path) -> Target:
             return t
     if not artifact.exists():
         raise UserError(f"{artifact} does not exist")
-    raise UserError(f"{artifact} is not an artifact of any known target ({'; '.join(t.artifact_kind for t in TARGETS.values())}); "
-                    "give one of those")
+    raise UserError(
+        f"{artifact} is not an artifact of any known target ({'; '.join(t.artifact_kind for t in TARGETS.values())}); "
+        "give one of those"
+    )
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,16 @@ class ReportMemory:
 class Target(ABC):
     """One runtime target.  Class attributes are its constants; methods its behaviour."""
 
-    name: ClassVar[str]                 # the format name (plan.json, manifest, --format)
-    runtime: ClassVar[str]              # the profile's `runtime` field that selects this target
-    runtime_label: ClassVar[str]        # the runtime as reports name it
-    artifact_kind: ClassVar[str]        # what the artifact is, for messages
-    default_quants: ClassVar[tuple[str, ...]]   # the types a plan considers unless told
+    name: ClassVar[str]  # the format name (plan.json, manifest, --format)
+    runtime: ClassVar[str]  # the profile's `runtime` field that selects this target
+    runtime_label: ClassVar[str]  # the runtime as reports name it
+    artifact_kind: ClassVar[str]  # what the artifact is, for messages
+    default_quants: ClassVar[tuple[str, ...]]  # the types a plan considers unless told
     default_export_quant: ClassVar[str]
-    sizes_are_exact: ClassVar[bool]     # cheap sizes are the bytes the exporter will write
-    memory_model: ClassVar[str]         # how predict_memory works, one line for the plan
+    sizes_are_exact: ClassVar[bool]  # cheap sizes are the bytes the exporter will write
+    memory_model: ClassVar[str]  # how predict_memory works, one line for the plan
     speed_calibration_file: ClassVar[str]
-    export_options: ClassVar[tuple[str, ...]] = ()   # `mka-edge export` options that only this target takes
+    export_options: ClassVar[tuple[str, ...]] = ()  # `mka-edge export` options that only this target takes
 
     # ---- quant types and their costs ----
     @abstractmethod
@@ -98,8 +100,18 @@ class Target(ABC):
         """Cheap facts: bytes of each type on this shape, before any model is loaded."""
 
     @abstractmethod
-    def quant_costs(self, lm, ms: ModelShape, sizes: dict[str, QuantCost], quants: list[str], *, measure: bool,
-                    progress: bool, calibrate_speed: bool, log) -> tuple[dict[str, QuantCost], str]:
+    def quant_costs(
+        self,
+        lm,
+        ms: ModelShape,
+        sizes: dict[str, QuantCost],
+        quants: list[str],
+        *,
+        measure: bool,
+        progress: bool,
+        calibrate_speed: bool,
+        log,
+    ) -> tuple[dict[str, QuantCost], str]:
         """Measured (or prior) costs with KL, and the sentence that says where they come from."""
 
     # ---- memory and speed ----
@@ -107,8 +119,16 @@ class Target(ABC):
     def kv_bytes(self, shape: Shape, context: int, quant: str, kv_type: str) -> float: ...
 
     @abstractmethod
-    def predict_memory(self, shape: Shape, cost: QuantCost, weight_bytes: float, repack_bytes: float, context: int,
-                       kv_type: str, overhead_mb: float) -> MemoryPrediction:
+    def predict_memory(
+        self,
+        shape: Shape,
+        cost: QuantCost,
+        weight_bytes: float,
+        repack_bytes: float,
+        context: int,
+        kv_type: str,
+        overhead_mb: float,
+    ) -> MemoryPrediction:
         """Peak resident memory on the device for a plan with these weights."""
 
     def kv_cache_label(self, kv_type: str) -> str:
@@ -150,8 +170,17 @@ class Target(ABC):
 
     # ---- the package ----
     @abstractmethod
-    def report_memory(self, folder: Path, artifact: str, quant: str, summary: ArtifactSummary, plan, latency: dict,
-                      shape: Shape, kv_type: str) -> ReportMemory: ...
+    def report_memory(
+        self,
+        folder: Path,
+        artifact: str,
+        quant: str,
+        summary: ArtifactSummary,
+        plan,
+        latency: dict,
+        shape: Shape,
+        kv_type: str,
+    ) -> ReportMemory: ...
 
     @abstractmethod
     def artifact_line(self, artifact: str, quant: str, summary: ArtifactSummary, layers: int) -> str: ...

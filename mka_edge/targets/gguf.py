@@ -56,6 +56,7 @@ def modelfile(artifact: str, context: int) -> str:
 
 # ---- validation adapter ----
 
+
 def _inspect(path: Path) -> dict:
     from ..exporters.gguf_inspect import inspect_gguf
 
@@ -71,13 +72,23 @@ def _vocab(artifact: Path, info: dict, lm) -> None:
 
 def _rows(art: dict) -> list[tuple[str, str]]:
     types = ", ".join(f"{k} {v}" for k, v in art["tensor_types"].items())
-    return [("file size", f"{art['file_bytes'] / 2**20:.1f} MiB"),
-            ("bits per weight (tensor types written)", f"{art['bits_per_weight']:.2f} ({types})")]
+    return [
+        ("file size", f"{art['file_bytes'] / 2**20:.1f} MiB"),
+        ("bits per weight (tensor types written)", f"{art['bits_per_weight']:.2f} ({types})"),
+    ]
 
 
-VALIDATION = Format("gguf", "mka_edge.validate.gguf_worker", "llama.cpp (llama-cpp-python)",
-                    lambda: dist_version("llama-cpp-python"), _inspect, _vocab, lambda kv, info: kv or "f16", _rows,
-                    lambda p: p.with_name(f"{p.stem}-validation"))
+VALIDATION = Format(
+    "gguf",
+    "mka_edge.validate.gguf_worker",
+    "llama.cpp (llama-cpp-python)",
+    lambda: dist_version("llama-cpp-python"),
+    _inspect,
+    _vocab,
+    lambda kv, info: kv or "f16",
+    _rows,
+    lambda p: p.with_name(f"{p.stem}-validation"),
+)
 
 
 @register
@@ -127,8 +138,10 @@ class GgufTarget(Target):
 
         log("measuring each quant type on this model with llama.cpp (cached after the first plan)")
         costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed)
-        return ({q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
-                "measured on this model (llama.cpp quantizer, held-out KL)")
+        return (
+            {q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
+            "measured on this model (llama.cpp quantizer, held-out KL)",
+        )
 
     def kv_bytes(self, shape, context, quant, kv_type):
         return memory.kv_bytes(shape, context, kv_type)
@@ -150,9 +163,17 @@ class GgufTarget(Target):
         return self.summary(export_gguf(model, out, quant, **options))
 
     def summary(self, info: dict) -> ArtifactSummary:
-        return ArtifactSummary(self.name, str(info.get("path", "")), info.get("quant"), int(info["block_count"]),
-                               int(info["file_bytes"]), int(info["tensor_bytes"]), float(info["bits_per_weight"]),
-                               dict(info["tensor_types"]), info)
+        return ArtifactSummary(
+            self.name,
+            str(info.get("path", "")),
+            info.get("quant"),
+            int(info["block_count"]),
+            int(info["file_bytes"]),
+            int(info["tensor_bytes"]),
+            float(info["bits_per_weight"]),
+            dict(info["tensor_types"]),
+            info,
+        )
 
     def claims(self, artifact: Path) -> bool:
         return artifact.suffix.lower() == ".gguf"
@@ -163,8 +184,10 @@ class GgufTarget(Target):
 
     def describe_export(self, s):
         types = ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items())
-        return (f"wrote {s.path}: {s.file_bytes / 2**20:.1f} MiB, {s.block_count} layers, "
-                f"{s.bits_per_weight:.2f} bits/weight ({types})")
+        return (
+            f"wrote {s.path}: {s.file_bytes / 2**20:.1f} MiB, {s.block_count} layers, "
+            f"{s.bits_per_weight:.2f} bits/weight ({types})"
+        )
 
     def report_memory(self, folder, artifact, quant, summary, plan, latency, shape, kv_type):
         from ..solver.quant_probe import tensor_bytes_split
@@ -180,14 +203,18 @@ class GgufTarget(Target):
         return ReportMemory(dev, host, used, f"a {used}-token run", weights, memory.kv_bytes(shape, context, kv_type))
 
     def artifact_line(self, artifact, quant, summary, layers):
-        return (f"`{artifact}` — {summary.file_bytes / 2**20:.1f} MiB, {summary.block_count} of "
-                f"{layers} layers, {summary.bits_per_weight:.2f} bits/weight")
+        return (
+            f"`{artifact}` — {summary.file_bytes / 2**20:.1f} MiB, {summary.block_count} of "
+            f"{layers} layers, {summary.bits_per_weight:.2f} bits/weight"
+        )
 
     def card_facts(self, summary):
-        return {"how": "quantized by llama.cpp's quantizer",
-                "format": "GGUF (llama.cpp, llama-cpp-python, Ollama, LM Studio)",
-                "size": f"{summary.file_bytes / 2**20:.1f} MiB, {summary.bits_per_weight:.2f} bits/weight",
-                "provenance": "the GGUF's `mka_edge.*` metadata"}
+        return {
+            "how": "quantized by llama.cpp's quantizer",
+            "format": "GGUF (llama.cpp, llama-cpp-python, Ollama, LM Studio)",
+            "size": f"{summary.file_bytes / 2**20:.1f} MiB, {summary.bits_per_weight:.2f} bits/weight",
+            "provenance": "the GGUF's `mka_edge.*` metadata",
+        }
 
     def write_run_files(self, folder, artifact, context, threads):
         atomic_write_text(folder / "RUN.md", run_commands(artifact, context, threads))

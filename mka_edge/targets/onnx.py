@@ -54,11 +54,12 @@ Plain onnxruntime can run `model.onnx` too (inputs `input_ids`, `attention_mask`
 
 # ---- validation adapter ----
 
+
 def _inspect(path: Path) -> dict:
     from ..exporters.onnx_inspect import inspect_onnx
 
     info = inspect_onnx(path)
-    info["model_path"] = info["path"]            # the worker takes the export folder
+    info["model_path"] = info["path"]  # the worker takes the export folder
     return info
 
 
@@ -80,8 +81,10 @@ def _kv(kv_type: str | None, info: dict) -> str:
 
 def _rows(art: dict) -> list[tuple[str, str]]:
     ops = ", ".join(f"{k} x{v}" for k, v in art["quantized_ops"].items()) or "none (float weights)"
-    return [("model files", f"{art['model_bytes'] / 2**20:.1f} MiB (weights {art['weight_bytes'] / 2**20:.1f} MiB)"),
-            ("quant type (quantized ops)", f"{art.get('quant') or 'unknown'} ({ops})")]
+    return [
+        ("model files", f"{art['model_bytes'] / 2**20:.1f} MiB (weights {art['weight_bytes'] / 2**20:.1f} MiB)"),
+        ("quant type (quantized ops)", f"{art.get('quant') or 'unknown'} ({ops})"),
+    ]
 
 
 def _default_out(p: Path) -> Path:
@@ -89,9 +92,17 @@ def _default_out(p: Path) -> Path:
     return folder.with_name(f"{folder.name}-validation")
 
 
-VALIDATION = Format("onnx", "mka_edge.validate.onnx_worker", "onnxruntime (CPU provider) + onnxruntime-genai",
-                    lambda: f"{dist_version('onnxruntime')} / genai {dist_version('onnxruntime-genai')}", _inspect,
-                    _vocab, _kv, _rows, _default_out)
+VALIDATION = Format(
+    "onnx",
+    "mka_edge.validate.onnx_worker",
+    "onnxruntime (CPU provider) + onnxruntime-genai",
+    lambda: f"{dist_version('onnxruntime')} / genai {dist_version('onnxruntime-genai')}",
+    _inspect,
+    _vocab,
+    _kv,
+    _rows,
+    _default_out,
+)
 
 
 @register
@@ -103,8 +114,10 @@ class OnnxTarget(Target):
     default_quants = PLAN_QUANTS
     default_export_quant = "int4-mixed"
     sizes_are_exact = False
-    memory_model = ("weights x resident ratio (measured per type) + KV buffer of the whole context + prefill logits "
-                    "(512-token prompt) + overhead, onnxruntime-genai CPU provider")
+    memory_model = (
+        "weights x resident ratio (measured per type) + KV buffer of the whole context + prefill logits "
+        "(512-token prompt) + overhead, onnxruntime-genai CPU provider"
+    )
     speed_calibration_file = "speed_calibration-onnx.json"
     export_options = ("context", "single_file")
 
@@ -120,24 +133,38 @@ class OnnxTarget(Target):
         out = {}
         for q in quants:
             bpw = onnx_quant(q).bytes_per_weight
-            out[q] = QuantCost(q, self.name, tuple(p * bpw for p in ms.block_params), ms.other_params * bpw,
-                               (0.0,) * ms.n_layers, None, {}, 1.0)
+            out[q] = QuantCost(
+                q,
+                self.name,
+                tuple(p * bpw for p in ms.block_params),
+                ms.other_params * bpw,
+                (0.0,) * ms.n_layers,
+                None,
+                {},
+                1.0,
+            )
         return out
 
     def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log):
         if not measure:
             from ..solver.quant_prior import PUBLISHED, SOURCE
 
-            costs = {q: c.with_kl(PUBLISHED[PRIOR_AS[q]][1], source=f"prior: llama.cpp {PRIOR_AS[q]} figure")
-                     for q, c in sizes.items()}
-            return costs, (f"prior: {SOURCE}, each ONNX type read as the nearest llama.cpp scheme; "
-                           "it does not transfer to every model")
+            costs = {
+                q: c.with_kl(PUBLISHED[PRIOR_AS[q]][1], source=f"prior: llama.cpp {PRIOR_AS[q]} figure")
+                for q, c in sizes.items()
+            }
+            return costs, (
+                f"prior: {SOURCE}, each ONNX type read as the nearest llama.cpp scheme; "
+                "it does not transfer to every model"
+            )
         from ..solver.onnx_probe import probe_onnx
 
         log("measuring each ONNX quant type on this model in onnxruntime (cached after the first plan)")
         costs = probe_onnx(lm, quants, progress=progress, calibrate_speed=calibrate_speed)
-        return ({q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
-                "measured on this model (onnxruntime-genai builder + onnxruntime quantizer, held-out KL in onnxruntime)")
+        return (
+            {q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
+            "measured on this model (onnxruntime-genai builder + onnxruntime quantizer, held-out KL in onnxruntime)",
+        )
 
     def kv_bytes(self, shape, context, quant, kv_type):
         return onnx_memory.onnx_kv_bytes(shape, context, quant)
@@ -165,9 +192,17 @@ class OnnxTarget(Target):
         return self.summary(export_onnx(model, out, quant, **options))
 
     def summary(self, info: dict) -> ArtifactSummary:
-        return ArtifactSummary(self.name, str(info.get("path", "")), info.get("quant"), int(info["block_count"]),
-                               int(info["model_bytes"]), int(info["weight_bytes"]), None,
-                               dict(info["quantized_ops"]), info)
+        return ArtifactSummary(
+            self.name,
+            str(info.get("path", "")),
+            info.get("quant"),
+            int(info["block_count"]),
+            int(info["model_bytes"]),
+            int(info["weight_bytes"]),
+            None,
+            dict(info["quantized_ops"]),
+            info,
+        )
 
     def claims(self, artifact: Path) -> bool:
         return artifact.is_dir() or artifact.suffix.lower() == ".onnx"
@@ -178,8 +213,10 @@ class OnnxTarget(Target):
 
     def describe_export(self, s):
         ops = ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items()) or "no quantized ops"
-        return (f"wrote {s.path}: {s.file_bytes / 2**20:.1f} MiB of model files, {s.block_count} layers, "
-                f"{s.quant} ({ops}), KV cache sized for {s.raw['context']} tokens")
+        return (
+            f"wrote {s.path}: {s.file_bytes / 2**20:.1f} MiB of model files, {s.block_count} layers, "
+            f"{s.quant} ({ops}), KV cache sized for {s.raw['context']} tokens"
+        )
 
     def report_memory(self, folder, artifact, quant, summary, plan, latency, shape, kv_type):
         ratio = plan.quant_costs[quant].get("resident_ratio", 1.0)
@@ -193,14 +230,18 @@ class OnnxTarget(Target):
 
     def artifact_line(self, artifact, quant, summary, layers):
         ops = ", ".join(f"{k} x{v}" for k, v in summary.tensor_types.items()) or "float weights"
-        return (f"`{artifact}/` — ONNX, {summary.file_bytes / 2**20:.1f} MiB of model files, "
-                f"{summary.block_count} of {layers} layers, {quant} ({ops})")
+        return (
+            f"`{artifact}/` — ONNX, {summary.file_bytes / 2**20:.1f} MiB of model files, "
+            f"{summary.block_count} of {layers} layers, {quant} ({ops})"
+        )
 
     def card_facts(self, summary):
-        return {"how": "exported by onnxruntime-genai's model builder and quantized by onnxruntime's MatMulNBits quantizer",
-                "format": "ONNX folder for onnxruntime-genai / onnxruntime (CPU provider)",
-                "size": f"{summary.file_bytes / 2**20:.1f} MiB of model files",
-                "provenance": "`mka_edge.json` in the folder and `mka_edge.*` metadata in model.onnx"}
+        return {
+            "how": "exported by onnxruntime-genai's model builder and quantized by onnxruntime's MatMulNBits quantizer",
+            "format": "ONNX folder for onnxruntime-genai / onnxruntime (CPU provider)",
+            "size": f"{summary.file_bytes / 2**20:.1f} MiB of model files",
+            "provenance": "`mka_edge.json` in the folder and `mka_edge.*` metadata in model.onnx",
+        }
 
     def write_run_files(self, folder, artifact, context, threads):
         atomic_write_text(folder / "RUN.md", run_commands(artifact, context, threads))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class Thresholds:
-    max_kld: float | None = None          # mean KL(reference || artifact), nats
+    max_kld: float | None = None  # mean KL(reference || artifact), nats
     min_tokens_per_s: float | None = None  # generation tokens/s on this host
 
     def as_dict(self) -> dict:
@@ -19,6 +19,12 @@ def evaluate(th: Thresholds, kl: float | None, gen_tps: float | None) -> list[di
     if th.max_kld is not None and kl is not None:
         checks.append({"check": "mean KL <= max_kld", "value": kl, "limit": th.max_kld, "passed": kl <= th.max_kld})
     if th.min_tokens_per_s is not None and gen_tps is not None:
-        checks.append({"check": "generation tokens/s (host) >= min_tokens_per_s", "value": gen_tps,
-                       "limit": th.min_tokens_per_s, "passed": gen_tps >= th.min_tokens_per_s})
+        checks.append(
+            {
+                "check": "generation tokens/s (host) >= min_tokens_per_s",
+                "value": gen_tps,
+                "limit": th.min_tokens_per_s,
+                "passed": gen_tps >= th.min_tokens_per_s,
+            }
+        )
     return checks

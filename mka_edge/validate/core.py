@@ -16,8 +16,8 @@ from .. import __version__
 from ..cache import atomic_write_text
 from ..errors import UserError
 from ..quality import wilson
-from .checks import Thresholds, evaluate
 from ..targets import target_for_artifact
+from .checks import Thresholds, evaluate
 from .reference import compact_reference, mmlu_jobs, reference_mmlu
 from .runner import run_child
 
@@ -36,19 +36,34 @@ def context_needed(prompt_tokens: int = 512, gen_tokens: int = 128) -> int:
     return prompt_tokens + gen_tokens + 16
 
 
-def validate_artifact(artifact: str | Path, reference: str | None = None, *, profile=None, threads: int | None = None,
-                      context: int | None = None, out: str | Path | None = None, thresholds: Thresholds | None = None,
-                      repeats: int = 3, chunks: int = 4, gen_tokens: int = 128, prompt_tokens: int = 512,
-                      mmlu_per_subject: int = 1, kv_type: str | None = None, progress: bool = True,
-                      timeout_s: float = 3600) -> dict:
+def validate_artifact(
+    artifact: str | Path,
+    reference: str | None = None,
+    *,
+    profile=None,
+    threads: int | None = None,
+    context: int | None = None,
+    out: str | Path | None = None,
+    thresholds: Thresholds | None = None,
+    repeats: int = 3,
+    chunks: int = 4,
+    gen_tokens: int = 128,
+    prompt_tokens: int = 512,
+    mmlu_per_subject: int = 1,
+    kv_type: str | None = None,
+    progress: bool = True,
+    timeout_s: float = 3600,
+) -> dict:
     from ..models.loading import load_model
 
     artifact = Path(artifact)
     fmt = target_for_artifact(Path(artifact)).validation
     if profile is not None and profile.format != fmt.name:
-        raise UserError(f"profile {profile.name} runs {profile.runtime} ({profile.format}) but {artifact} is {fmt.name}; "
-                        f"validate it with a {fmt.name} profile or without --profile")
-    info = fmt.inspect(artifact)                 # refuses corrupt/truncated artifacts before the runtime sees them
+        raise UserError(
+            f"profile {profile.name} runs {profile.runtime} ({profile.format}) but {artifact} is {fmt.name}; "
+            f"validate it with a {fmt.name} profile or without --profile"
+        )
+    info = fmt.inspect(artifact)  # refuses corrupt/truncated artifacts before the runtime sees them
     out = Path(out) if out else fmt.default_out(artifact)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -71,33 +86,70 @@ def validate_artifact(artifact: str | Path, reference: str | None = None, *, pro
     need = context_needed(prompt_tokens, gen_tokens)
     context = context or (profile.context_length if profile else 2048)
     if info.get("model_context") and context > int(info["model_context"]):
-        raise UserError(f"--context {context} is longer than the model's context length ({info['model_context']}); "
-                        f"use at most {info['model_context']}")
+        raise UserError(
+            f"--context {context} is longer than the model's context length ({info['model_context']}); "
+            f"use at most {info['model_context']}"
+        )
     if context < need:
-        raise UserError(f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}")
+        raise UserError(
+            f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}"
+        )
     base = {"artifact": str(info.get("model_path", artifact)), "threads": threads, "kv_type": kv_type}
-    acc = run_child(fmt.worker, {**base, "task": "accuracy", "reference": str(ref_path), "mmlu": jobs, "letter_ids": letters},
-                    timeout_s, f"accuracy run in {fmt.runtime_name}", progress)
-    lat = run_child(fmt.worker, {**base, "task": "latency", "context": context, "prompt_ids": prompt,
-                                 "gen_tokens": gen_tokens, "repeats": repeats}, timeout_s, f"latency run in {fmt.runtime_name}", progress)
+    acc = run_child(
+        fmt.worker,
+        {**base, "task": "accuracy", "reference": str(ref_path), "mmlu": jobs, "letter_ids": letters},
+        timeout_s,
+        f"accuracy run in {fmt.runtime_name}",
+        progress,
+    )
+    lat = run_child(
+        fmt.worker,
+        {
+            **base,
+            "task": "latency",
+            "context": context,
+            "prompt_ids": prompt,
+            "gen_tokens": gen_tokens,
+            "repeats": repeats,
+        },
+        timeout_s,
+        f"latency run in {fmt.runtime_name}",
+        progress,
+    )
     if "mmlu_correct" in acc:
         lo, hi = wilson(acc["mmlu_correct"], acc["mmlu_n"])
-        acc["mmlu"] = {"accuracy": acc.pop("mmlu_correct") / acc["mmlu_n"], "ci95": [lo, hi], "n": acc.pop("mmlu_n"), "chance": 0.25}
+        acc["mmlu"] = {
+            "accuracy": acc.pop("mmlu_correct") / acc["mmlu_n"],
+            "ci95": [lo, hi],
+            "n": acc.pop("mmlu_n"),
+            "chance": 0.25,
+        }
 
     th = thresholds or Thresholds()
     if profile is not None:
-        th = Thresholds(th.max_kld if th.max_kld is not None else profile.max_quality_loss,
-                        th.min_tokens_per_s if th.min_tokens_per_s is not None else profile.min_tokens_per_s)
+        th = Thresholds(
+            th.max_kld if th.max_kld is not None else profile.max_quality_loss,
+            th.min_tokens_per_s if th.min_tokens_per_s is not None else profile.min_tokens_per_s,
+        )
     checks = evaluate(th, acc["kl"], lat["gen_tps"]["median"])
     result = {
         "mka_edge": __version__,
         "format": fmt.name,
         "artifact": {k: v for k, v in info.items() if k != "provenance"} | {"provenance": info.get("provenance")},
         "reference": {"model": ref_spec, **ref_summary, "mmlu": ref_mmlu},
-        "runtime": {"name": fmt.runtime_name, "version": fmt.runtime_version(), "threads": threads,
-                    "kv_cache_type": kv_type, "context": context},
-        "host": {"label": "host figures: measured on this machine, not predictions for the target device",
-                 "machine": platform.machine(), "cpus": os.cpu_count(), "system": platform.system()},
+        "runtime": {
+            "name": fmt.runtime_name,
+            "version": fmt.runtime_version(),
+            "threads": threads,
+            "kv_cache_type": kv_type,
+            "context": context,
+        },
+        "host": {
+            "label": "host figures: measured on this machine, not predictions for the target device",
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "system": platform.system(),
+        },
         "accuracy": acc,
         "latency": lat | {"prompt_tokens": len(prompt), "gen_tokens": gen_tokens, "repeats": repeats},
         "profile": profile.name if profile else None,
@@ -122,25 +174,48 @@ def markdown(r: dict, artifact_rows: list[tuple[str, str]]) -> str:
     ]
     if "mmlu" in a:
         m, rm = a["mmlu"], r["reference"].get("mmlu") or {}
-        rows.append(("MMLU letter accuracy [95% CI] (reference)",
-                     f"{100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f}] of {m['n']}"
-                     + (f" ({100 * rm['accuracy']:.1f}%)" if rm else "") + ", chance 25%"))
-    for key, label in (("prompt_tps", f"prompt tokens/s ({lat['prompt_tokens']}-token prompt)"),
-                       ("gen_tps", f"generation tokens/s ({lat['gen_tokens']} tokens)"), ("ttft_s", "time to first token (s)")):
+        rows.append(
+            (
+                "MMLU letter accuracy [95% CI] (reference)",
+                f"{100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f}] of {m['n']}"
+                + (f" ({100 * rm['accuracy']:.1f}%)" if rm else "")
+                + ", chance 25%",
+            )
+        )
+    for key, label in (
+        ("prompt_tps", f"prompt tokens/s ({lat['prompt_tokens']}-token prompt)"),
+        ("gen_tps", f"generation tokens/s ({lat['gen_tokens']} tokens)"),
+        ("ttft_s", "time to first token (s)"),
+    ):
         v = lat[key]
         rows.append((label, f"{v['median']:.3g} (min {v['min']:.3g}, max {v['max']:.3g}, {lat['repeats']} runs)"))
-    rows += [("load time (s)", f"{lat['load_s']:.2f}"),
-             ("peak RSS (MiB, process incl. Python)", f"{lat['peak_rss_mb']:.0f} (baseline before load {lat['baseline_rss_mb']:.0f})")]
+    rows += [
+        ("load time (s)", f"{lat['load_s']:.2f}"),
+        (
+            "peak RSS (MiB, process incl. Python)",
+            f"{lat['peak_rss_mb']:.0f} (baseline before load {lat['baseline_rss_mb']:.0f})",
+        ),
+    ]
     name = Path(art["path"]).name
-    lines = [f"# Validation of `{name}`", "",
-             f"Runtime: {r['runtime']['name']} {r['runtime']['version']}, {r['runtime']['threads']} threads, "
-             f"KV cache {r['runtime']['kv_cache_type']}, context {r['runtime']['context']}. "
-             f"Reference: `{r['reference']['model']}` on {r['reference']['chunks']} x {r['reference']['chunk_len']} held-out tokens.", "",
-             f"**{r['host']['label']}.**", "", "| measure | value |", "|---|---|"]
+    lines = [
+        f"# Validation of `{name}`",
+        "",
+        f"Runtime: {r['runtime']['name']} {r['runtime']['version']}, {r['runtime']['threads']} threads, "
+        f"KV cache {r['runtime']['kv_cache_type']}, context {r['runtime']['context']}. "
+        f"Reference: `{r['reference']['model']}` on {r['reference']['chunks']} x {r['reference']['chunk_len']} held-out tokens.",
+        "",
+        f"**{r['host']['label']}.**",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in rows]
     if r["checks"]:
         lines += ["", "| check | value | limit | result |", "|---|---|---|---|"]
-        lines += [f"| {c['check']} | {c['value']:.4g} | {c['limit']:.4g} | {'pass' if c['passed'] else 'FAIL'} |" for c in r["checks"]]
+        lines += [
+            f"| {c['check']} | {c['value']:.4g} | {c['limit']:.4g} | {'pass' if c['passed'] else 'FAIL'} |"
+            for c in r["checks"]
+        ]
         lines += ["", f"**{'PASSED' if r['passed'] else 'FAILED'}**"]
     else:
         lines += ["", "No thresholds were set (use --profile, --max-kld or --min-tokens-per-s)."]

@@ -3,10 +3,10 @@ Each target's own adapter lives in its module (mka_edge/targets/)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UserError
 
@@ -22,15 +22,19 @@ def compare_tokens(ours: list[str], lm, n: int) -> None:
     theirs = lm.tokenizer.convert_ids_to_tokens(list(range(n)))
     bad = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if b is not None and a != b), None)
     if bad is not None:
-        raise UserError(f"artifact token {bad} is {ours[bad]!r} but the reference's is {theirs[bad]!r}: "
-                        f"different vocabularies; validate against the model the artifact was made from (--reference)")
+        raise UserError(
+            f"artifact token {bad} is {ours[bad]!r} but the reference's is {theirs[bad]!r}: "
+            f"different vocabularies; validate against the model the artifact was made from (--reference)"
+        )
 
 
 def check_count(n_vocab: int | None, lm) -> int:
     ref_n = int(lm.model.config.vocab_size)
     if n_vocab is not None and int(n_vocab) != ref_n:
-        raise UserError(f"artifact vocabulary ({n_vocab} tokens) differs from the reference's ({ref_n}); "
-                        f"validate against the model the artifact was made from (--reference)")
+        raise UserError(
+            f"artifact vocabulary ({n_vocab} tokens) differs from the reference's ({ref_n}); "
+            f"validate against the model the artifact was made from (--reference)"
+        )
     return min(ref_n, 4096)
 
 
@@ -45,4 +49,3 @@ class Format:
     kv_type: Callable[[str | None, dict], str]
     artifact_rows: Callable[[dict], list]
     default_out: Callable[[Path], Path]
-

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .core import markdown, reference_spec, validate_artifact
 from ..targets.gguf import VALIDATION as GGUF
+from .core import markdown, reference_spec, validate_artifact
 
 WORKER = GGUF.worker
 validate_gguf = validate_artifact

@@ -22,15 +22,26 @@ def _open(job: dict, logits_all: bool, n_ctx: int):
     from llama_cpp import Llama
 
     kv = KV_TYPES[job.get("kv_type", "f16")]
-    return Llama(model_path=job["artifact"], n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=job["threads"],
-                 n_threads_batch=job["threads"], logits_all=logits_all, type_k=kv, type_v=kv, verbose=False,
-                 seed=0, n_gpu_layers=0)
+    return Llama(
+        model_path=job["artifact"],
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=job["threads"],
+        n_threads_batch=job["threads"],
+        logits_all=logits_all,
+        type_k=kv,
+        type_v=kv,
+        verbose=False,
+        seed=0,
+        n_gpu_layers=0,
+    )
 
 
 def _last_logits(llm) -> np.ndarray:
     import llama_cpp
 
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)   # reading the logits waits for the decode to finish
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # reading the logits waits for the decode to finish
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
@@ -42,7 +53,7 @@ def latency(job: dict) -> dict:
     load_s = time.perf_counter() - t0
     prompt = job["prompt_ids"]
     n_gen = job["gen_tokens"]
-    llm.eval(prompt[:16])          # warm-up: llama.cpp's first evaluation after loading is not representative
+    llm.eval(prompt[:16])  # warm-up: llama.cpp's first evaluation after loading is not representative
     _last_logits(llm)
     llm.reset()
     runs = []
@@ -56,9 +67,16 @@ def latency(job: dict) -> dict:
             llm.eval([tok])
             tok = int(np.argmax(_last_logits(llm)))
         t_end = time.perf_counter()
-        runs.append({"ttft_s": t_first - t_start, "prompt_tps": len(prompt) / (t_first - t_start),
-                     "gen_tps": n_gen / (t_end - t_first)})
-    return metrics.summarize_runs(runs, {"load_s": load_s, "baseline_rss_mb": base_rss, "peak_rss_mb": metrics.status_mb("VmHWM")})
+        runs.append(
+            {
+                "ttft_s": t_first - t_start,
+                "prompt_tps": len(prompt) / (t_first - t_start),
+                "gen_tps": n_gen / (t_end - t_first),
+            }
+        )
+    return metrics.summarize_runs(
+        runs, {"load_s": load_s, "baseline_rss_mb": base_rss, "peak_rss_mb": metrics.status_mb("VmHWM")}
+    )
 
 
 def accuracy(job: dict) -> dict:
@@ -69,7 +87,7 @@ def accuracy(job: dict) -> dict:
     def logits_of(ids: list[int]) -> np.ndarray:
         llm.reset()
         llm.eval(ids)
-        return np.asarray(llm.scores[:len(ids)])
+        return np.asarray(llm.scores[: len(ids)])
 
     return metrics.accuracy(logits_of, job["reference"], mmlu, job.get("letter_ids"))
 

@@ -26,9 +26,11 @@ def parse(log: str) -> dict:
 
 
 def reported_buffers(artifact: str, context: int, threads: int = 2, kv_type: int = 1) -> dict:
-    code = ("from llama_cpp import Llama; "
-            f"Llama(model_path={artifact!r}, n_ctx={context}, n_batch=512, n_ubatch=512, n_threads={threads}, "
-            f"type_k={kv_type}, type_v={kv_type}, verbose=True)")
+    code = (
+        "from llama_cpp import Llama; "
+        f"Llama(model_path={artifact!r}, n_ctx={context}, n_batch=512, n_ubatch=512, n_threads={threads}, "
+        f"type_k={kv_type}, type_v={kv_type}, verbose=True)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     res = parse(proc.stderr + proc.stdout)
     if proc.returncode != 0 or "model_mb" not in res:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import resource
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,8 +31,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def accuracy(logits_of: Callable[[list[int]], np.ndarray], reference: str, mmlu: list[dict] | None = None,
-             letter_ids: list[int] | None = None) -> dict:
+def accuracy(
+    logits_of: Callable[[list[int]], np.ndarray],
+    reference: str,
+    mmlu: list[dict] | None = None,
+    letter_ids: list[int] | None = None,
+) -> dict:
     """KL to the reference (top-k + tail form), perplexity, top-1 agreement, MMLU letter accuracy.
 
     ``logits_of(ids)`` runs the artifact on a fresh sequence and returns logits for every position."""
@@ -47,15 +51,22 @@ def accuracy(logits_of: Callable[[list[int]], np.ndarray], reference: str, mmlu:
         q_top = np.exp(np.take_along_axis(lq, top_idx[c], axis=1))
         p_tail = np.clip(1.0 - p_top.sum(-1), 1e-12, None)
         q_tail = np.clip(1.0 - q_top.sum(-1), 1e-12, None)
-        kl += float((p_top * (top_lp[c] - np.log(np.clip(q_top, 1e-300, None)))).sum()
-                    + (p_tail * (np.log(p_tail) - np.log(q_tail))).sum())
+        kl += float(
+            (p_top * (top_lp[c] - np.log(np.clip(q_top, 1e-300, None)))).sum()
+            + (p_tail * (np.log(p_tail) - np.log(q_tail))).sum()
+        )
         agree += float((lq.argmax(-1) == top_idx[c][:, 0]).sum())
         n_pos += length
         nll += float(-lq[np.arange(length - 1), ids[c][1:]].sum())
         ref_nll += float(-tgt_lp[c].astype(np.float64).sum())
         n_tok += length - 1
-    res = {"kl": kl / n_pos, "top1": agree / n_pos, "ppl": float(np.exp(nll / n_tok)),
-           "ref_ppl": float(np.exp(ref_nll / n_tok)), "tokens": n_pos}
+    res = {
+        "kl": kl / n_pos,
+        "top1": agree / n_pos,
+        "ppl": float(np.exp(nll / n_tok)),
+        "ref_ppl": float(np.exp(ref_nll / n_tok)),
+        "tokens": n_pos,
+    }
     res["ppl_change_pct"] = 100 * (res["ppl"] / res["ref_ppl"] - 1)
     if mmlu:
         correct = 0

@@ -62,8 +62,11 @@ def _genai_model(folder: str, threads: int):
     import onnxruntime_genai as og
 
     cfg = og.Config(folder)
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                      "inter_op_num_threads": 1}}}}))
+    cfg.overlay(
+        json.dumps(
+            {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}
+        )
+    )
     return og, og.Model(cfg)
 
 
@@ -83,23 +86,35 @@ def latency(job: dict) -> dict:
     load_s = time.perf_counter() - t0
     loaded_rss = metrics.status_mb("VmRSS")
     prompt, n_gen, context = job["prompt_ids"], job["gen_tokens"], job["context"]
-    warm = _generator(og, model, prompt[:16], context)     # the first run after loading is not representative
+    warm = _generator(og, model, prompt[:16], context)  # the first run after loading is not representative
     warm.generate_next_token()
     del warm
     runs = []
     for _ in range(job["repeats"]):
         t_start = time.perf_counter()
-        gen = _generator(og, model, prompt, context)      # runs the prompt
-        gen.generate_next_token()                          # picks the first token from the prompt's logits
+        gen = _generator(og, model, prompt, context)  # runs the prompt
+        gen.generate_next_token()  # picks the first token from the prompt's logits
         t_first = time.perf_counter()
-        for _ in range(n_gen):                             # each call runs one decode step, then picks
+        for _ in range(n_gen):  # each call runs one decode step, then picks
             gen.generate_next_token()
         t_end = time.perf_counter()
-        runs.append({"ttft_s": t_first - t_start, "prompt_tps": len(prompt) / (t_first - t_start),
-                     "gen_tps": n_gen / (t_end - t_first)})
+        runs.append(
+            {
+                "ttft_s": t_first - t_start,
+                "prompt_tps": len(prompt) / (t_first - t_start),
+                "gen_tps": n_gen / (t_end - t_first),
+            }
+        )
         del gen
-    return metrics.summarize_runs(runs, {"load_s": load_s, "baseline_rss_mb": base_rss, "loaded_rss_mb": loaded_rss,
-                                         "peak_rss_mb": metrics.status_mb("VmHWM")})
+    return metrics.summarize_runs(
+        runs,
+        {
+            "load_s": load_s,
+            "baseline_rss_mb": base_rss,
+            "loaded_rss_mb": loaded_rss,
+            "peak_rss_mb": metrics.status_mb("VmHWM"),
+        },
+    )
 
 
 def greedy(job: dict) -> dict:

@@ -28,8 +28,9 @@ def reference_key(fingerprint: str, ids: torch.Tensor, top_k: int = TOP_K) -> st
 
 
 @torch.no_grad()
-def compact_reference(lm, n_chunks: int = 4, heldout: str | None = None, progress: bool = True,
-                      top_k: int = TOP_K) -> tuple[Path, dict]:
+def compact_reference(
+    lm, n_chunks: int = 4, heldout: str | None = None, progress: bool = True, top_k: int = TOP_K
+) -> tuple[Path, dict]:
     """Path of the cached .npz for ``lm`` on the held-out chunks (computed if missing) and a summary."""
     ids = heldout_chunks(lm.tokenizer, n_chunks, path=heldout)
     key = reference_key(lm.fingerprint, ids, top_k)
@@ -45,19 +46,28 @@ def compact_reference(lm, n_chunks: int = 4, heldout: str | None = None, progres
             tgt.append(lp[:-1].gather(1, row[1:, None].to(device))[:, 0].float().cpu().numpy())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
-        np.savez(tmp, ids=ids.int().numpy(), top_idx=np.stack(top_idx), top_logp=np.stack(top_lp), target_logp=np.stack(tgt))
+        np.savez(
+            tmp, ids=ids.int().numpy(), top_idx=np.stack(top_idx), top_logp=np.stack(top_lp), target_logp=np.stack(tgt)
+        )
         tmp.replace(path)
     data = np.load(path)
     tail = 1.0 - np.exp(data["top_logp"].astype(np.float64)).sum(-1)
-    return path, {"chunks": int(ids.shape[0]), "chunk_len": int(ids.shape[1]), "top_k": top_k,
-                  "mean_tail_mass": float(tail.mean()), "cache": str(path)}
+    return path, {
+        "chunks": int(ids.shape[0]),
+        "chunk_len": int(ids.shape[1]),
+        "top_k": top_k,
+        "mean_tail_mass": float(tail.mean()),
+        "cache": str(path),
+    }
 
 
 def mmlu_jobs(tokenizer, per_subject: int) -> tuple[list[dict], list[int]]:
     """MMLU letter prompts as token ids (the artifact is fed the reference tokenizer's ids)."""
     qs = mmlu_questions(per_subject) if per_subject > 0 else []
     letters = [tokenizer(f" {l}", add_special_tokens=False)["input_ids"][-1] for l in "ABCD"]
-    jobs = [{"ids": tokenizer(_letter_prompt(q), add_special_tokens=False)["input_ids"], "answer": q["answer"]} for q in qs]
+    jobs = [
+        {"ids": tokenizer(_letter_prompt(q), add_special_tokens=False)["input_ids"], "answer": q["answer"]} for q in qs
+    ]
     return jobs, letters
 
 

@@ -12,15 +12,20 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def run_with_progress(cmd: list[str], timeout_s: float | None, what: str, progress: bool) -> subprocess.CompletedProcess:
+def run_with_progress(
+    cmd: list[str], timeout_s: float | None, what: str, progress: bool
+) -> subprocess.CompletedProcess:
     """subprocess.run, with a ticking elapsed-time line while it runs when ``progress``: a runtime
     measurement can take minutes and says nothing itself."""
     if not progress:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     from tqdm.auto import tqdm
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
-            tqdm(desc=what, bar_format="{desc}: {elapsed}", leave=False) as bar:
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tqdm(desc=what, bar_format="{desc}: {elapsed}", leave=False) as bar,
+    ):
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         t0 = time.monotonic()
         try:
@@ -46,9 +51,13 @@ def run_child(module: str, job: dict, timeout_s: float, what: str, progress: boo
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
         try:
-            proc = run_with_progress([sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress)
+            proc = run_with_progress(
+                [sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress
+            )
         except subprocess.TimeoutExpired:
-            raise UserError(f"{what} did not finish within {timeout_s:.0f} s; use fewer --repeats/--chunks or a smaller model") from None
+            raise UserError(
+                f"{what} did not finish within {timeout_s:.0f} s; use fewer --repeats/--chunks or a smaller model"
+            ) from None
         if proc.returncode != 0 or not out_path.is_file():
             lines = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()]
             why = lines[-1].strip() if lines else ""
