@@ -16,8 +16,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,34 +23,14 @@ from pathlib import Path
 from mka_edge.cache import atomic_write_text
 from mka_edge.heal.distill import HealConfig, heal
 from mka_edge.merge_log import read_merge_log
+from mka_edge.produce import merged_folder
 
 
 def _merge(work: Path, method: str, k: int) -> Path:
     """``method`` is a merge method, or METHOD@ALPHA for another alpha rule than the default
     (calibrated): ``mka@paper`` is the literal paper method."""
     name, _, alpha = method.partition("@")
-    out = work / f"{method}-k{k}"
-    if not (out / "merge_log.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mka_edge.cli",
-                "merge",
-                "-k",
-                str(k),
-                "--method",
-                name,
-                *(["--alpha", alpha] if alpha else []),
-                "--heldout-chunks",
-                "0",
-                "--out",
-                str(out),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    return out
+    return merged_folder(work / f"{method}-k{k}", k, name, alpha or "calibrated")
 
 
 def _fuses(folder: Path) -> bool:

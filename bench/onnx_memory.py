@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,8 @@ from mka_edge.cache import atomic_write_text
 from mka_edge.exporters.onnx import export_loaded_onnx
 from mka_edge.exporters.onnx_inspect import inspect_onnx
 from mka_edge.models.loading import load_model
+from mka_edge.models.synthetic import make_tiny
+from mka_edge.produce import merged_folder
 from mka_edge.solver.memory import Shape
 from mka_edge.solver.onnx_memory import ONNX_OVERHEAD_MB, predict_onnx
 from mka_edge.solver.onnx_probe import RATIO_CONTEXT, WORKER, probe_onnx
@@ -37,26 +37,7 @@ QUANTS = ["fp32", "int8", "int4-mixed", "int4"]
 
 
 def _merged(work: Path, k: int) -> Path:
-    out = work / f"mka-guided-k{k}"
-    if not (out / "merge_log.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mka_edge.cli",
-                "merge",
-                "-k",
-                str(k),
-                "--method",
-                "mka-guided",
-                "--heldout-chunks",
-                "0",
-                "--out",
-                str(out),
-            ],
-            check=True,
-        )
-    return out
+    return merged_folder(work / f"mka-guided-k{k}", k, "mka-guided")
 
 
 def _export(lm, path: Path, q: str) -> Path:
@@ -93,8 +74,6 @@ def main() -> None:
     rows = []
 
     # overhead: a 1 MB model
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_tiny
 
     tiny_dir = work / "tiny"
     if not (tiny_dir / "config.json").is_file():
@@ -148,8 +127,7 @@ def main() -> None:
         if m is not lm:
             del m
     if not args.no_synthetic:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from memory_model import synthetic_1b
+        from memory_model import synthetic_1b  # bench/ is the script's folder, so on the path
 
         syn = load_model(str(synthetic_1b(work, Path(lm.source["model_dir"]))), "cpu", torch.float32)
         sh = Shape.from_config(syn.model.config)

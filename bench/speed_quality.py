@@ -27,6 +27,7 @@ from mka_edge.calibration import heldout_chunks
 from mka_edge.exporters.gguf import export_loaded
 from mka_edge.exporters.onnx import export_loaded_onnx
 from mka_edge.models.loading import load_model
+from mka_edge.produce import merged_folder
 from mka_edge.targets import get_target
 from mka_edge.validate.core import validate_artifact
 from mka_edge.validate.runner import run_child
@@ -37,30 +38,8 @@ WORKERS = {name: get_target(name).validation.worker for name in ("gguf", "onnx")
 
 
 def merged_dir(work: Path, k: int, method: str) -> Path:
-    """The merged model from `mka-edge merge` (its trajectory cache makes reruns cheap)."""
-    import subprocess
-    import sys
-
-    out = work / f"{method}-k{k}"
-    if not (out / "merge_log.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mka_edge.cli",
-                "merge",
-                "-k",
-                str(k),
-                "--method",
-                method,
-                "--heldout-chunks",
-                "0",
-                "--out",
-                str(out),
-            ],
-            check=True,
-        )
-    return out
+    """The merged model (its trajectory cache makes reruns cheap)."""
+    return merged_folder(work / f"{method}-k{k}", k, method)
 
 
 def main() -> None:

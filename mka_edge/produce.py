@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .heal.distill import HealConfig, heal, teacher_from
+from .merge_log import FILE as MERGE_LOG
 from .merging import merge
-from .mka.context import MergeContext
+from .mka.context import MergeContext, build_context
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,14 @@ def produce(
     finally:
         shutil.rmtree(unhealed, ignore_errors=True)
     return Produced(out, merge_log, record)
+
+
+def merged_folder(
+    out: Path, k: int, method: str, alpha: str = "calibrated", model: str | None = None, **context_opts
+) -> Path:
+    """``out`` holding ``model`` merged to K layers fewer (made once; a folder with a merge log is
+    reused): what benchmarks need, without the CLI.  The trajectory cache makes a remake cheap."""
+    out = Path(out)
+    if not (out / MERGE_LOG).is_file():
+        produce(build_context(model=model, **context_opts), k, method, alpha, out, heldout=0)
+    return out
