@@ -18,6 +18,7 @@ from .cache import atomic_dir
 from .errors import UserError
 from .exporters.paths import check_creatable
 from .heal.distill import HealConfig
+from .mka.context import build_context
 from .models.loading import load_model
 from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
 from .produce import produce
@@ -119,7 +120,6 @@ def _check_validation_context(context: int) -> None:
 def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple[Plan, object, Profile]:
     """A saved plan, checked against this run: same mka-edge, same profile content, same model
     weights; refused in one line otherwise, before anything is written."""
-    from .mka.context import build_context
 
     plan = load_plan(Path(plan_file))
     if plan.mka_edge != __version__:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import UserError
 
 FILE = "merge_log.json"
@@ -245,7 +246,6 @@ def provenance(lm, log: MergeLog | None) -> dict:
     """The facts both exporters record about where a model came from (GGUF as ``mka_edge.*``
     metadata, ONNX in mka_edge.json and the model's metadata): from ``log`` when the model is a
     merge (or a heal), else from the loaded model itself (no merge: K 0, identity layer map)."""
-    from . import __version__
 
     source = (log.source if log is not None else None) or lm.source
     return {

@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .cache import atomic_write_text
 from .errors import UserError
+from .heal.distill import effective_heal
 from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
@@ -83,7 +84,6 @@ def resolve_settings(
 ) -> PlanSettings:
     """The one precedence rule: a value given here (the command line, or the recipe's defaults the
     CLI already applied) wins, else the profile's.  Every check needs no model."""
-    from .heal.distill import effective_heal
 
     if method not in ALL_METHODS:
         raise UserError(f"unknown merge method '{method}'; known: {', '.join(ALL_METHODS)}")

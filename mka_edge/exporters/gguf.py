@@ -16,17 +16,20 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
 from mka_edge.errors import UserError
 from mka_edge.merge_log import MergeLog, provenance, read_merge_log
+from mka_edge.models.loading import load_model
 from mka_edge.models.recipes import recipe_behind
 
 from .gguf_inspect import inspect_gguf
 from .gguf_names import tensor_name_map
 from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
 from .imatrix import compute_imatrix
+from .llama_quantize import quantize
 from .paths import ensure_writable_parent
 from .quant_types import QuantType, quant_type
 
@@ -90,8 +93,6 @@ def _hparams(writer, config, n_vocab: int) -> None:
     writer.add_rope_freq_base(theta)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "linear":
-        import gguf
-
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
     elif kind not in ("default", "llama3", None):
@@ -169,7 +170,6 @@ def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
     file of the right length): enough for llama.cpp's quantizer to work out, in a dry run, which
     type it would give every tensor.  ``lm.model`` may live on the meta device, so this costs
     nothing even for an 8B model.  Returns {GGUF name: numpy-order shape}."""
-    import gguf
 
     config = lm.model.config
     writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
@@ -209,7 +209,6 @@ def write_float_gguf(
     progress: bool = False,
 ) -> dict:
     """Write an F32 or F16 GGUF of a loaded model to ``path`` (caller handles atomicity)."""
-    import gguf
 
     config = lm.model.config
     writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
@@ -278,7 +277,6 @@ def export_loaded(
             if q.needs_imatrix:
                 imatrix = tmpdir / "imatrix.npz"
                 compute_imatrix(lm, imatrix, imatrix_texts, progress=progress)
-            from .llama_quantize import quantize
 
             final_tmp = tmpdir / "quantized.gguf"
             quantize(base, final_tmp, q.ftype, threads, imatrix, progress=progress)
@@ -301,7 +299,6 @@ def export_gguf(
     progress: bool = True,
 ) -> dict:
     """`mka-edge export --format gguf`: load ``model`` (recipe, directory, GGUF, hub id) and export it."""
-    from mka_edge.models.loading import load_model
 
     q = quant_type(quant)  # a bad name fails before the slow load
     check_out_file(out)

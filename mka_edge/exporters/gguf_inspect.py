@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from mka_edge.errors import UserError
@@ -23,7 +24,6 @@ def _scalar(fld) -> Any:
 
 def inspect_gguf(path: str | Path) -> dict:
     """Metadata and tensor-type summary of a GGUF; UserError if the file is not a whole GGUF."""
-    import gguf
 
     path = Path(path)
     if not path.is_file():
@@ -86,7 +86,6 @@ def inspect_gguf(path: str | Path) -> dict:
 
 def gguf_tokens(path: str | Path, limit: int | None = None) -> list[str]:
     """The artifact's token strings (for the vocabulary check against a reference)."""
-    import gguf
 
     reader = gguf.GGUFReader(str(path))
     fld = reader.fields["tokenizer.ggml.tokens"]

@@ -8,6 +8,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import onnx
+from google.protobuf.message import DecodeError
+
 from mka_edge.errors import UserError
 
 # Written next to the model by the exporter (onnx.py); read back here.
@@ -51,7 +54,6 @@ def _numel(dims) -> int:
 
 def initializer_nbytes(init) -> int:
     """Bytes of one initializer: its external-data length, else its embedded data."""
-    import onnx
 
     if init.data_location == onnx.TensorProto.EXTERNAL:
         return int({e.key: e.value for e in init.external_data}.get("length", 0))
@@ -59,8 +61,6 @@ def initializer_nbytes(init) -> int:
 
 
 def inspect_onnx(path: str | Path) -> dict:
-    import onnx
-    from google.protobuf.message import DecodeError
 
     folder, model_file = resolve(path)
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from mka_edge.errors import UserError
 
 
@@ -24,7 +26,6 @@ class QuantType:
 
     @property
     def nominal_bpw(self) -> float:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.main]]
         return 8.0 * size / block

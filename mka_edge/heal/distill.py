@@ -18,12 +18,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache import atomic_write_text, stable_hash
+from ..calibration import calibration_batch, heldout_chunks
+from ..device import resolve_device
 from ..errors import UserError
+from ..evaluation import default_reference
 from ..merge_log import MergeLog, read_merge_log
+from ..merging import check_out
+from ..mka.output import save_merged
+from ..models.loading import load_model
+from ..models.recipes import recipe_behind
+from ..quality import Reference, compare
 from .targets import MODES, select
 
 
@@ -74,7 +83,6 @@ def _check_pair(student, ref) -> None:
 
 
 def _windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
-    from ..calibration import calibration_batch
 
     need = cfg.steps * cfg.batch
     try:
@@ -92,7 +100,6 @@ def recipe_heal_defaults(model_spec: str | None) -> dict:
     """The ``heal:`` defaults of the recipe behind ``model_spec`` (for a merged folder: the recipe
     its merge_log names as source), without loading weights; {} when there is none.  Why here and
     not after loading: the heal settings key checkpoints and caches before any model is read."""
-    from ..models.recipes import recipe_behind
 
     return dict(recipe_behind(model_spec).get("heal") or {})
 
@@ -100,7 +107,6 @@ def recipe_heal_defaults(model_spec: str | None) -> dict:
 def effective_heal(cfg: HealConfig | None, profile) -> HealConfig | None:
     """The heal a plan or build runs: the one asked for (or the recipe's), else the profile's
     ``heal_steps``, else none."""
-    from dataclasses import replace
 
     if (cfg is None or cfg.steps == 0) and profile.heal_steps:
         cfg = replace(cfg or HealConfig(steps=0), steps=profile.heal_steps)
@@ -121,7 +127,6 @@ class Checkpoint:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != self.key:
             return 0, []  # other settings: start over (the old checkpoint is replaced)
-        from safetensors.torch import load_file
 
         state = load_file(str(self.dir / "trainable.safetensors"))
         params = dict(model.named_parameters())
@@ -132,7 +137,6 @@ class Checkpoint:
         return int(meta["step"]), list(meta["losses"])
 
     def save(self, model, opt, step: int, losses: list[float]) -> None:
-        from safetensors.torch import save_file
 
         tmp = self.dir.with_name(self.dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,13 +175,6 @@ def heal(
 
     ``reference_model``: the reference already loaded (a float32 LoadedModel on the heal's
     device, used read-only), so a caller healing many merges of one model loads it once."""
-    from ..calibration import heldout_chunks
-    from ..device import resolve_device
-    from ..evaluation import default_reference
-    from ..merging import check_out
-    from ..mka.output import save_merged
-    from ..models.loading import load_model
-    from ..quality import Reference, compare
 
     cfg.check()
     out = Path(out)

@@ -6,6 +6,8 @@ so the healed folder is a plain model and optimizer state stays small on large m
 
 from __future__ import annotations
 
+from peft import LoraConfig, get_peft_model
+
 from ..errors import UserError
 from ..models.architectures import ArchSpec, arch_for
 
@@ -47,8 +49,6 @@ def select(
     if mode != "all":
         arch = arch or arch_for(model.config.model_type)
     if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
         targets = list(arch.lora_targets)
         cfg = LoraConfig(
             r=lora_rank,

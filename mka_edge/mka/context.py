@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..calibration import calibration_batch
-from ..models.loading import LoadedModel
+from ..device import resolve_device, resolve_dtype
+from ..models.loading import LoadedModel, load_model
 from . import activations as act
 from .diffusion import diffusion_map
 from .engine import CalibrationLoss
@@ -143,8 +144,6 @@ def build_context(
     **extra,
 ) -> MergeContext:
     """Load a model and its calibration batch; recipe calibration defaults fill what is not given."""
-    from ..device import resolve_device, resolve_dtype
-    from ..models.loading import load_model
 
     dev = resolve_device(device)
     lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)

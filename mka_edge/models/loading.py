@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGUFReader
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..cache import atomic_dir, cache_root, file_fingerprint, stable_hash
 from ..errors import UserError
@@ -63,7 +65,6 @@ def _check_arch_config(config_dict: dict[str, Any], where: str) -> ArchSpec:
 
 
 def _gguf_arch(path: Path) -> str:
-    from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
@@ -76,7 +77,6 @@ def _gguf_arch(path: Path) -> str:
 def _plain_config(gguf_config):
     """The config transformers reads from a GGUF, without the GGUF's quantization and path, so it
     describes a plain float model (what the dequantized copy is)."""
-    from transformers import AutoConfig
 
     cfg = gguf_config.to_dict()
     cfg.pop("quantization_config", None)
@@ -89,7 +89,6 @@ def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
 
     A model loaded with ``gguf_file=`` refuses ``save_pretrained``, hence the rebuild.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -125,7 +124,6 @@ def _dir_fingerprint(folder: Path) -> str:
 
 
 def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -143,7 +141,6 @@ def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_r
 
 
 def _hub_config(hub_id: str, trust_remote_code: bool):
-    from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
@@ -158,7 +155,6 @@ def _hub_config(hub_id: str, trust_remote_code: bool):
 
 
 def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = _hub_config(hub_id, trust_remote_code)
     arch = arch_for(config.model_type)
@@ -209,7 +205,6 @@ def resolve_source(spec: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
 def load_config(spec: str | None = None, trust_remote_code: bool = False):
     """The model's transformers config, without loading a weight: what every check that needs only
     the model's shape (layers, positions, sizes) reads, so it can run before any heavy work."""
-    from transformers import AutoConfig
 
     source, _ = resolve_source(spec)
     if source["kind"] == "gguf":

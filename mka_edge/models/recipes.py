@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..merge_log import read_merge_log
 
 DEFAULT_MODEL = "smollm2-135m"
 _KINDS = ("pip-gguf", "hub", "hf-dir", "gguf")
@@ -60,7 +61,6 @@ def recipe_behind(spec: str | None) -> dict[str, Any]:
     """The recipe a model comes from: ``spec``'s own (the default model when None), or for a
     merged or healed folder the recipe its merge_log.json names as source; {} when there is none.
     Reads no weights, and never fails: the command's own model loading reports a bad spec."""
-    from ..merge_log import read_merge_log
 
     spec = spec or DEFAULT_MODEL
     try:

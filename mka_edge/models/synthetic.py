@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from mka_edge.calibration import load_texts
 
 
 def tiny_tokenizer():
     """A 400-token byte-level BPE trained on a few packaged Wikipedia articles: real merges, tiny vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mka_edge.calibration import load_texts
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -28,7 +28,6 @@ def tiny_tokenizer():
 def make_tiny(path: Path, model_type: str = "llama", layers: int = 6, seed: int = 0) -> Path:
     """A random model (hidden 64, 4 heads, 2 KV heads, tied embeddings) saved as a Hugging Face folder with
     its tokenizer; norms and biases randomised so that every layer differs (merges then differ too)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer()

@@ -24,14 +24,28 @@ import math
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gguf
+import torch
+from transformers import AutoModelForCausalLM
+
+from mka_edge.exporters.gguf import write_shape_gguf
+from mka_edge.exporters.llama_quantize import dry_run_types
+from mka_edge.exporters.quant_types import quant_type
+
 from ..cache import atomic_write_text, cache_root, stable_hash
 from ..errors import UserError
+from ..mka.layers import get_layers
+from ..models.architectures import arch_for
+from ..models.loading import load_config
 from ..records import QuantCost
-from .memory import Shape
+from .memory import REPACKED_TYPES, Shape
+from .quant_probe import split_by_block
+from .search import candidates, refuse_if_nothing_fits
 
 SIZES_VERSION = 1
 
@@ -61,12 +75,6 @@ class ModelShape:
 
 
 def read_shape(spec: str | None, trust_remote_code: bool = False) -> ModelShape:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..mka.layers import get_layers
-    from ..models.architectures import arch_for
-    from ..models.loading import load_config
 
     config = load_config(spec, trust_remote_code)
     arch = arch_for(config.model_type)
@@ -79,10 +87,6 @@ def read_shape(spec: str | None, trust_remote_code: bool = False) -> ModelShape:
 
 def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) -> dict:
     """{'per_layer', 'repack_per_layer', 'other', 'tensor_types'}: the quant probe's size fields."""
-    import gguf
-
-    from .memory import REPACKED_TYPES
-    from .quant_probe import split_by_block
 
     sized = []
     for name, shape in shapes.items():
@@ -97,11 +101,6 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
 def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
     """Bytes per layer and outside the layers for each GGUF type, from llama.cpp's dry run.
     Cached by the model's config and the types."""
-    from importlib.metadata import version
-
-    from mka_edge.exporters.gguf import write_shape_gguf
-    from mka_edge.exporters.llama_quantize import dry_run_types
-    from mka_edge.exporters.quant_types import quant_type
 
     key = stable_hash(
         {
@@ -142,7 +141,6 @@ def check_any_fits(
     exact: bool,
 ) -> None:
     """Refuse, before any model work, a budget that no (K <= k_max, type) pair can meet."""
-    from .search import candidates, refuse_if_nothing_fits
 
     ref = next(iter(sizes.values())).per_layer
     kept = [smallest_kept(ref, k) for k in range(k_max + 1)]

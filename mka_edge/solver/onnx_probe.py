@@ -11,12 +11,20 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+import onnx
 from tqdm.auto import tqdm
 
+from mka_edge.exporters.onnx import export_loaded_onnx, onnx_quant
+from mka_edge.exporters.onnx_inspect import initializer_nbytes, inspect_onnx, resolve
+
 from ..cache import atomic_write_text, cache_root, stable_hash
+from ..validate.reference import compact_reference
+from ..validate.runner import run_child
 from .memory import Shape
 from .onnx_memory import PROMPT_TOKENS, predict_onnx
 from .quant_probe import cached_entries
+from .speed import calibrate
 
 PROBE_VERSION = 2
 RATIO_CONTEXT = 1024
@@ -26,9 +34,6 @@ WORKER = "mka_edge.validate.onnx_worker"
 
 def initializer_bytes_split(folder: Path) -> dict:
     """Bytes inside transformer layers (per layer) and outside them, from the initializers' names."""
-    import onnx
-
-    from mka_edge.exporters.onnx_inspect import initializer_nbytes, resolve
 
     _, model_file = resolve(folder)
     model = onnx.load(str(model_file), load_external_data=False)
@@ -49,13 +54,6 @@ def probe_onnx(
     lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True, calibrate_speed: bool = False
 ) -> dict[str, dict]:
     """{quant: {'per_layer', 'other', 'kl', 'top1', 'ppl', 'resident_ratio', 'quantized_ops', 'format': 'onnx'}}."""
-    import numpy as np
-
-    from mka_edge.exporters.onnx import export_loaded_onnx, onnx_quant
-    from mka_edge.exporters.onnx_inspect import inspect_onnx
-
-    from ..validate.reference import compact_reference
-    from ..validate.runner import run_child
 
     folder = cache_root() / "quant_probe"
     keys = {
@@ -114,8 +112,6 @@ def probe_onnx(
                 "measured_on": f"{chunks} x 512 held-out tokens",
             }
             if q == "int8" and calibrate_speed:
-                from .speed import calibrate
-
                 calibrate(lat["gen_tps"]["median"], wb, target="onnx")
             atomic_write_text(folder / f"onnx-{q}-{keys[q][:20]}.json", json.dumps(res))
             results[q] = res

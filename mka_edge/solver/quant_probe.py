@@ -15,9 +15,21 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import gguf
+import numpy as np
 from tqdm.auto import tqdm
 
+from mka_edge.exporters.gguf import write_float_gguf
+from mka_edge.exporters.gguf_inspect import inspect_gguf
+from mka_edge.exporters.llama_quantize import quantize
+from mka_edge.exporters.quant_types import quant_type
+
 from ..cache import atomic_write_text, cache_root, stable_hash
+from ..validate.gguf import WORKER
+from ..validate.reference import compact_reference
+from ..validate.runner import run_child
+from .memory import REPACKED_TYPES
+from .speed import calibrate
 
 PROBE_VERSION = 2
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -47,9 +59,6 @@ def split_by_block(tensors, repacked_types) -> dict:
 
 def tensor_bytes_split(path: Path) -> dict:
     """split_by_block of a written GGUF file."""
-    import gguf
-
-    from .memory import REPACKED_TYPES
 
     reader = gguf.GGUFReader(str(path))
     return split_by_block(
@@ -71,11 +80,6 @@ def cached_entries(folder: Path, prefix: str, keys: dict[str, str]) -> tuple[dic
 
 def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> None:
     """Host decode speed of the Q8_0 probe file: the efficiency the speed model starts from."""
-    import numpy as np
-
-    from ..validate.gguf import WORKER
-    from ..validate.runner import run_child
-    from .speed import calibrate
 
     prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
     lat = run_child(
@@ -100,14 +104,6 @@ def probe(
     lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True, calibrate_speed: bool = False
 ) -> dict[str, dict]:
     """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...}}}."""
-    from mka_edge.exporters.gguf import write_float_gguf
-    from mka_edge.exporters.gguf_inspect import inspect_gguf
-    from mka_edge.exporters.llama_quantize import quantize
-    from mka_edge.exporters.quant_types import quant_type
-
-    from ..validate.gguf import WORKER
-    from ..validate.reference import compact_reference
-    from ..validate.runner import run_child
 
     folder = cache_root() / "quant_probe"
     keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "v": PROBE_VERSION}) for q in quants}

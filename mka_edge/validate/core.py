@@ -12,9 +12,12 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..cache import atomic_write_text
 from ..errors import UserError
+from ..models.loading import load_model
 from ..quality import wilson
 from ..targets import target_for_artifact
 from .checks import Thresholds, evaluate
@@ -54,7 +57,6 @@ def validate_artifact(
     progress: bool = True,
     timeout_s: float = 3600,
 ) -> dict:
-    from ..models.loading import load_model
 
     artifact = Path(artifact)
     fmt = target_for_artifact(Path(artifact)).validation
@@ -73,7 +75,6 @@ def validate_artifact(
     ref_path, ref_summary = compact_reference(lm, chunks, progress=progress)
     jobs, letters = mmlu_jobs(lm.tokenizer, mmlu_per_subject)
     ref_mmlu = reference_mmlu(lm, jobs, letters, progress=progress)
-    import numpy as np
 
     prompt = np.load(ref_path)["ids"].reshape(-1)[:prompt_tokens].tolist()
     if len(prompt) < prompt_tokens:

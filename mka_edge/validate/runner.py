@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..errors import UserError
 
 
@@ -19,7 +21,6 @@ def run_with_progress(
     measurement can take minutes and says nothing itself."""
     if not progress:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    from tqdm.auto import tqdm
 
     with (
         tempfile.TemporaryFile("w+") as out,
