@@ -23,6 +23,7 @@ from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import MIB, Shape, predict, reserved_compute_bytes
 from mka_edge.solver.quant_probe import tensor_bytes_split
 from mka_edge.validate.gguf import WORKER
+from mka_edge.validate.jobs import LatencyJob
 from mka_edge.validate.llama_buffers import reported_buffers
 from mka_edge.validate.runner import run_child
 
@@ -82,16 +83,7 @@ def main() -> None:
         rep = reported_buffers(str(art), ctx, args.threads)
         lat = run_child(
             WORKER,
-            {
-                "task": "latency",
-                "artifact": str(art),
-                "threads": args.threads,
-                "kv_type": "f16",
-                "context": ctx,
-                "prompt_ids": long_ids[: ctx - 48],
-                "gen_tokens": 32,
-                "repeats": 1,
-            },
+            LatencyJob(str(art), args.threads, context=ctx, prompt_ids=long_ids[: ctx - 48], gen_tokens=32, repeats=1),
             1800,
             "latency",
         )

@@ -30,6 +30,7 @@ from mka_edge.produce import merged_folder
 from mka_edge.solver.memory import Shape
 from mka_edge.solver.onnx_memory import ONNX_OVERHEAD_MB, predict_onnx
 from mka_edge.solver.onnx_probe import RATIO_CONTEXT, WORKER, probe_onnx
+from mka_edge.validate.jobs import LatencyJob
 from mka_edge.validate.reference import compact_reference
 from mka_edge.validate.runner import run_child
 
@@ -49,15 +50,7 @@ def _export(lm, path: Path, q: str) -> Path:
 def _peak(art: Path, ctx: int, prompt: list[int], threads: int) -> dict:
     return run_child(
         WORKER,
-        {
-            "task": "latency",
-            "artifact": str(art),
-            "threads": threads,
-            "context": ctx,
-            "prompt_ids": prompt,
-            "gen_tokens": 32,
-            "repeats": 1,
-        },
+        LatencyJob(str(art), threads, context=ctx, prompt_ids=prompt, gen_tokens=32, repeats=1),
         1800,
         "latency",
     )

@@ -30,6 +30,7 @@ from mka_edge.models.loading import load_model
 from mka_edge.produce import merged_folder
 from mka_edge.targets import get_target
 from mka_edge.validate.core import validate_artifact
+from mka_edge.validate.jobs import LatencyJob
 from mka_edge.validate.runner import run_child
 
 QUANTS = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
@@ -163,16 +164,7 @@ def interleaved_latency(rows: list[dict], rounds: int, threads: int, prompt: lis
     per = {r["artifact"]: [] for r in rows}
     for i in range(rounds):
         for r in rows:
-            job = {
-                "task": "latency",
-                "artifact": r["artifact"],
-                "threads": threads,
-                "kv_type": "f16",
-                "context": 2048,
-                "prompt_ids": prompt,
-                "gen_tokens": 128,
-                "repeats": 1,
-            }
+            job = LatencyJob(r["artifact"], threads, context=2048, prompt_ids=prompt, gen_tokens=128, repeats=1)
             per[r["artifact"]].append(run_child(WORKERS[r["format"]], job, 600, "latency run"))
         print(f"latency round {i + 1}/{rounds} done", flush=True)
     for r in rows:

@@ -110,6 +110,7 @@ def test_kv_cache_decoding_matches_full_sequence(tmp_path, ids):
 
 def test_genai_greedy_equals_pytorch_greedy(tmp_path):
     from mka_edge.exporters.onnx import export_onnx
+    from mka_edge.validate.jobs import GreedyJob
     from mka_edge.validate.runner import run_child
 
     src = make_tiny(tmp_path / "llama", "llama", layers=3, seed=5)
@@ -118,7 +119,7 @@ def test_genai_greedy_equals_pytorch_greedy(tmp_path):
     prompts = [[1, 17, 42, 99, 7], [1, 250, 3, 3, 8, 120, 64]]
     got = run_child(
         "mka_edge.validate.onnx_worker",
-        {"task": "greedy", "artifact": str(out), "threads": 2, "prompts": prompts, "new_tokens": 12},
+        GreedyJob(str(out), 2, prompts=prompts, new_tokens=12),
         300,
         "greedy",
     )["tokens"]
@@ -136,6 +137,7 @@ def test_genai_greedy_equals_pytorch_greedy(tmp_path):
 @pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4), ("fp16", None)])
 def test_reduced_precision_exports_run_and_lose_a_little(tmp_path, quant, bits, ids):
     from mka_edge.exporters.onnx import export_onnx
+    from mka_edge.validate.jobs import GreedyJob
     from mka_edge.validate.runner import run_child
 
     src = make_tiny(tmp_path / "llama", "llama", layers=3, seed=6)
@@ -151,7 +153,7 @@ def test_reduced_precision_exports_run_and_lose_a_little(tmp_path, quant, bits, 
     # and onnxruntime-genai runs it on the CPU (fp16's graph is built for GPUs, providers cleared)
     got = run_child(
         "mka_edge.validate.onnx_worker",
-        {"task": "greedy", "artifact": str(out), "threads": 2, "prompts": [ids[:8]], "new_tokens": 4},
+        GreedyJob(str(out), 2, prompts=[ids[:8]], new_tokens=4),
         300,
         "greedy",
     )["tokens"]

@@ -58,6 +58,7 @@ def heldout_ids():
 
 def test_merged_smollm2_onnx_matches_pytorch(exports, heldout_ids):
     from mka_edge.exporters.onnx_inspect import inspect_onnx
+    from mka_edge.validate.jobs import GreedyJob
     from mka_edge.validate.metrics import log_softmax
     from mka_edge.validate.onnx_worker import Decoder
     from mka_edge.validate.runner import run_child
@@ -79,7 +80,7 @@ def test_merged_smollm2_onnx_matches_pytorch(exports, heldout_ids):
     ids = [tok(p)["input_ids"] for p in prompts]
     got = run_child(
         "mka_edge.validate.onnx_worker",
-        {"task": "greedy", "artifact": str(exports["fp32"]), "threads": 2, "prompts": ids, "new_tokens": 16},
+        GreedyJob(str(exports["fp32"]), 2, prompts=ids, new_tokens=16),
         600,
         "greedy",
     )["tokens"]

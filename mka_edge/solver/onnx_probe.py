@@ -19,6 +19,7 @@ from mka_edge.exporters.onnx import export_loaded_onnx, onnx_quant
 from mka_edge.exporters.onnx_inspect import initializer_nbytes, inspect_onnx, resolve
 
 from ..cache import atomic_write_text, cache_root, stable_hash
+from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
 from ..validate.runner import run_child
 from .memory import Shape
@@ -74,21 +75,13 @@ def probe_onnx(
             export_loaded_onnx(lm, art, q, progress=False)
             acc = run_child(
                 WORKER,
-                {"task": "accuracy", "artifact": str(art), "threads": threads, "reference": str(ref_path)},
+                AccuracyJob(str(art), threads, reference=str(ref_path)),
                 3600,
                 f"ONNX probe of {q}",
             )
             lat = run_child(
                 WORKER,
-                {
-                    "task": "latency",
-                    "artifact": str(art),
-                    "threads": threads,
-                    "context": RATIO_CONTEXT,
-                    "prompt_ids": prompt,
-                    "gen_tokens": 32,
-                    "repeats": 1,
-                },
+                LatencyJob(str(art), threads, context=RATIO_CONTEXT, prompt_ids=prompt, gen_tokens=32, repeats=1),
                 1200,
                 f"ONNX probe of {q}",
             )

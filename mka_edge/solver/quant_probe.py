@@ -26,6 +26,7 @@ from mka_edge.exporters.quant_types import quant_type
 
 from ..cache import atomic_write_text, cache_root, stable_hash
 from ..validate.gguf import WORKER
+from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
 from ..validate.runner import run_child
 from .memory import REPACKED_TYPES
@@ -84,16 +85,7 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
     prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
     lat = run_child(
         WORKER,
-        {
-            "task": "latency",
-            "artifact": str(art),
-            "threads": threads,
-            "kv_type": "f16",
-            "context": 512,
-            "prompt_ids": prompt,
-            "gen_tokens": 64,
-            "repeats": 3,
-        },
+        LatencyJob(str(art), threads, context=512, prompt_ids=prompt, gen_tokens=64, repeats=3),
         600,
         "speed calibration",
     )
@@ -123,13 +115,7 @@ def probe(
                 quantize(base, art, qt.ftype, threads)
             acc = run_child(
                 WORKER,
-                {
-                    "task": "accuracy",
-                    "artifact": str(art),
-                    "threads": threads,
-                    "kv_type": "f16",
-                    "reference": str(ref_path),
-                },
+                AccuracyJob(str(art), threads, reference=str(ref_path)),
                 3600,
                 f"probe of {q}",
             )

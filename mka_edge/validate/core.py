@@ -21,6 +21,7 @@ from ..models.loading import load_model
 from ..quality import wilson
 from ..targets import target_for_artifact
 from .checks import Thresholds, evaluate
+from .jobs import AccuracyJob, LatencyJob
 from .reference import compact_reference, mmlu_jobs, reference_mmlu
 from .runner import run_child
 
@@ -95,24 +96,19 @@ def validate_artifact(
         raise UserError(
             f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}"
         )
-    base = {"artifact": str(info.get("model_path", artifact)), "threads": threads, "kv_type": kv_type}
+    path = str(info.get("model_path", artifact))
     acc = run_child(
         fmt.worker,
-        {**base, "task": "accuracy", "reference": str(ref_path), "mmlu": jobs, "letter_ids": letters},
+        AccuracyJob(path, threads, reference=str(ref_path), kv_type=kv_type, mmlu=jobs, letter_ids=letters),
         timeout_s,
         f"accuracy run in {fmt.runtime_name}",
         progress,
     )
     lat = run_child(
         fmt.worker,
-        {
-            **base,
-            "task": "latency",
-            "context": context,
-            "prompt_ids": prompt,
-            "gen_tokens": gen_tokens,
-            "repeats": repeats,
-        },
+        LatencyJob(
+            path, threads, context=context, prompt_ids=prompt, gen_tokens=gen_tokens, repeats=repeats, kv_type=kv_type
+        ),
         timeout_s,
         f"latency run in {fmt.runtime_name}",
         progress,

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from mka_edge.validate import metrics
+from mka_edge.validate.jobs import job_from_json
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 
@@ -21,14 +22,14 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 def _open(job: dict, logits_all: bool, n_ctx: int):
     from llama_cpp import Llama
 
-    kv = KV_TYPES[job.get("kv_type", "f16")]
+    kv = KV_TYPES[job.kv_type]
     return Llama(
-        model_path=job["artifact"],
+        model_path=job.artifact,
         n_ctx=n_ctx,
         n_batch=512,
         n_ubatch=512,
-        n_threads=job["threads"],
-        n_threads_batch=job["threads"],
+        n_threads=job.threads,
+        n_threads_batch=job.threads,
         logits_all=logits_all,
         type_k=kv,
         type_v=kv,
@@ -49,15 +50,15 @@ def latency(job: dict) -> dict:
     """Prompt and generation speed, time to first token, load time and peak RSS (no all-position logits)."""
     base_rss = metrics.status_mb("VmRSS")
     t0 = time.perf_counter()
-    llm = _open(job, logits_all=False, n_ctx=job["context"])
+    llm = _open(job, logits_all=False, n_ctx=job.context)
     load_s = time.perf_counter() - t0
-    prompt = job["prompt_ids"]
-    n_gen = job["gen_tokens"]
+    prompt = job.prompt_ids
+    n_gen = job.gen_tokens
     llm.eval(prompt[:16])  # warm-up: llama.cpp's first evaluation after loading is not representative
     _last_logits(llm)
     llm.reset()
     runs = []
-    for _ in range(job["repeats"]):
+    for _ in range(job.repeats):
         llm.reset()
         t_start = time.perf_counter()
         llm.eval(prompt)
@@ -80,8 +81,8 @@ def latency(job: dict) -> dict:
 
 
 def accuracy(job: dict) -> dict:
-    mmlu = job.get("mmlu") or []
-    length = int(np.load(job["reference"])["ids"].shape[1])
+    mmlu = job.mmlu or []
+    length = int(np.load(job.reference)["ids"].shape[1])
     llm = _open(job, logits_all=True, n_ctx=max([length] + [len(q["ids"]) for q in mmlu]))
 
     def logits_of(ids: list[int]) -> np.ndarray:
@@ -89,12 +90,12 @@ def accuracy(job: dict) -> dict:
         llm.eval(ids)
         return np.asarray(llm.scores[: len(ids)])
 
-    return metrics.accuracy(logits_of, job["reference"], mmlu, job.get("letter_ids"))
+    return metrics.accuracy(logits_of, job.reference, mmlu, job.letter_ids)
 
 
 def main(argv: list[str]) -> int:
-    job = json.loads(open(argv[0]).read())
-    result = {"latency": latency, "accuracy": accuracy}[job["task"]](job)
+    job = job_from_json(json.loads(open(argv[0]).read()))
+    result = {"latency": latency, "accuracy": accuracy}[job.task](job)
     with open(argv[1], "w") as fh:
         json.dump(result, fh)
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mka_edge.validate import metrics
+from mka_edge.validate.jobs import job_from_json
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -54,8 +55,8 @@ class Decoder:
 
 
 def accuracy(job: dict) -> dict:
-    dec = Decoder(job["artifact"], job["threads"])
-    return metrics.accuracy(dec.logits, job["reference"], job.get("mmlu") or [], job.get("letter_ids"))
+    dec = Decoder(job.artifact, job.threads)
+    return metrics.accuracy(dec.logits, job.reference, job.mmlu or [], job.letter_ids)
 
 
 def _genai_model(folder: str, threads: int):
@@ -82,15 +83,15 @@ def latency(job: dict) -> dict:
     """Prompt and generation speed, time to first token, load time and peak RSS."""
     base_rss = metrics.status_mb("VmRSS")
     t0 = time.perf_counter()
-    og, model = _genai_model(job["artifact"], job["threads"])
+    og, model = _genai_model(job.artifact, job.threads)
     load_s = time.perf_counter() - t0
     loaded_rss = metrics.status_mb("VmRSS")
-    prompt, n_gen, context = job["prompt_ids"], job["gen_tokens"], job["context"]
+    prompt, n_gen, context = job.prompt_ids, job.gen_tokens, job.context
     warm = _generator(og, model, prompt[:16], context)  # the first run after loading is not representative
     warm.generate_next_token()
     del warm
     runs = []
-    for _ in range(job["repeats"]):
+    for _ in range(job.repeats):
         t_start = time.perf_counter()
         gen = _generator(og, model, prompt, context)  # runs the prompt
         gen.generate_next_token()  # picks the first token from the prompt's logits
@@ -119,12 +120,12 @@ def latency(job: dict) -> dict:
 
 def greedy(job: dict) -> dict:
     """Greedy continuations of each prompt, as onnxruntime-genai produces them (fidelity tests)."""
-    og, model = _genai_model(job["artifact"], job["threads"])
+    og, model = _genai_model(job.artifact, job.threads)
     out = []
-    for ids in job["prompts"]:
-        gen = _generator(og, model, ids, len(ids) + job["new_tokens"])
+    for ids in job.prompts:
+        gen = _generator(og, model, ids, len(ids) + job.new_tokens)
         toks = []
-        while len(toks) < job["new_tokens"] and not gen.is_done():
+        while len(toks) < job.new_tokens and not gen.is_done():
             gen.generate_next_token()
             toks.append(int(gen.get_next_tokens()[0]))
         out.append(toks)
@@ -132,8 +133,8 @@ def greedy(job: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    job = json.loads(open(argv[0]).read())
-    result = {"latency": latency, "accuracy": accuracy, "greedy": greedy}[job["task"]](job)
+    job = job_from_json(json.loads(open(argv[0]).read()))
+    result = {"latency": latency, "accuracy": accuracy, "greedy": greedy}[job.task](job)
     with open(argv[1], "w") as fh:
         json.dump(result, fh)
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from .jobs import _Job as Job
 
 
 def run_with_progress(
@@ -47,10 +48,11 @@ def run_with_progress(
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
-def run_child(module: str, job: dict, timeout_s: float, what: str, progress: bool = False) -> dict:
+def run_child(module: str, job: Job, timeout_s: float, what: str, progress: bool = False) -> dict:
+    """Run ``job`` in ``module`` (a worker) in a child process; its result, or one line saying why not."""
     with tempfile.TemporaryDirectory(prefix="mka-edge-job-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(job))
+        job_path.write_text(json.dumps(job.to_json()))
         try:
             proc = run_with_progress(
                 [sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress
