@@ -25,7 +25,7 @@ from .heal.distill import effective_heal
 from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
-from .profiles import Profile, load_profile
+from .profiles import Profile, load_profile, resolved
 from .records import Budget, Choice, Plan, QuantCost
 from .solver import speed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
@@ -90,11 +90,11 @@ def resolve_settings(
     alpha = check_alpha(alpha)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     budget = Budget(
-        memory_mb=float(budget_mb if budget_mb is not None else prof.budget_mb),
-        context=int(context if context is not None else prof.context_length),
+        memory_mb=float(resolved(budget_mb, prof, "budget_mb")),
+        context=int(resolved(context, prof, "context_length")),
         kv_cache_type=prof.kv_cache_type,
         min_tokens_per_s=prof.min_tokens_per_s,
-        max_quality_loss=float(max_quality_loss if max_quality_loss is not None else prof.max_quality_loss),
+        max_quality_loss=float(resolved(max_quality_loss, prof, "max_quality_loss")),
     )
     if budget.memory_mb <= 0 or budget.context < 1:
         raise UserError("--budget-mb and --context must be positive")

@@ -56,6 +56,17 @@ class Profile:
         return d
 
 
+def resolved(given, profile: Profile | None, field: str, fallback=None):
+    """The one precedence rule for a setting: a value given (command line, or a recipe's default the
+    CLI applied) wins, else the profile's field, else the fallback.  0 counts as given: it is
+    checked, not silently replaced."""
+    if given is not None:
+        return given
+    if profile is not None:
+        return getattr(profile, field)
+    return fallback
+
+
 _REQUIRED = {
     f.name: f.type
     for f in fields(Profile)

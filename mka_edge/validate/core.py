@@ -18,6 +18,7 @@ from .. import __version__
 from ..cache import atomic_write_text
 from ..errors import UserError
 from ..models.loading import load_model
+from ..profiles import resolved
 from ..quality import wilson
 from ..targets import target_for_artifact
 from .checks import Thresholds, evaluate
@@ -70,6 +71,22 @@ def validate_artifact(
     out = Path(out) if out else fmt.default_out(artifact)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    # settings and their checks before the reference model loads
+    threads = resolved(threads, profile, "threads", max(1, os.cpu_count() or 1))
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {threads})")
+    kv_type = fmt.kv_type(resolved(kv_type, profile, "kv_cache_type"), info)
+    need = context_needed(prompt_tokens, gen_tokens)
+    context = resolved(context, profile, "context_length", 2048)
+    if info.get("model_context") and context > int(info["model_context"]):
+        raise UserError(
+            f"--context {context} is longer than the model's context length ({info['model_context']}); "
+            f"use at most {info['model_context']}"
+        )
+    if context < need:
+        raise UserError(
+            f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}"
+        )
     ref_spec = reference_spec(info, reference)
     lm = load_model(ref_spec)
     fmt.check_vocab(artifact, info, lm)
@@ -83,19 +100,6 @@ def validate_artifact(
     del lm
     gc.collect()
 
-    threads = threads or (profile.threads if profile else None) or max(1, os.cpu_count() or 1)
-    kv_type = fmt.kv_type(kv_type or (profile.kv_cache_type if profile else None), info)
-    need = context_needed(prompt_tokens, gen_tokens)
-    context = context or (profile.context_length if profile else 2048)
-    if info.get("model_context") and context > int(info["model_context"]):
-        raise UserError(
-            f"--context {context} is longer than the model's context length ({info['model_context']}); "
-            f"use at most {info['model_context']}"
-        )
-    if context < need:
-        raise UserError(
-            f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}"
-        )
     path = str(info.get("model_path", artifact))
     acc = run_child(
         fmt.worker,
