@@ -25,6 +25,8 @@ from .produce import produce
 from .profiles import Profile, load_profile
 from .records import Plan
 from .report import package
+from .solver.memory import Shape
+from .solver.speed import bytes_per_token, efficiency, predict_tps
 from .validate.checks import Thresholds
 from .validate.core import context_needed, validate_artifact
 
@@ -231,7 +233,34 @@ def execute(
             )
         log("[5/5] package")
         chosen = {"k": k, "quant": quant, "artifact": art.name}
-        manifest = package(tmp, plan, ctx, chosen, summary, val, attempts, merged_dir, prof)
+        pred = predict_artifact(tmp, chosen, summary, plan, val["latency"], ctx.model.config, prof)
+        similarity = ctx.similarity().matrix.numpy()
+        manifest = package(tmp, plan, chosen, summary, val, attempts, merged_dir, prof, pred, similarity)
         shutil.rmtree(work, ignore_errors=True)
     manifest["out"] = str(out)
     return manifest
+
+
+def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: dict, config, prof: Profile) -> dict:
+    """The device predictions for the artifact as built (its own weight bytes, not the plan's
+    estimate), and the host prediction for the validation run beside the measured peak."""
+    target = prof.target
+    shape = Shape.from_config(config).with_layers(summary.block_count)
+    rm = target.report_memory(
+        folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, prof.kv_cache_type
+    )
+    eff, eff_src = efficiency(target.name)
+    tps = predict_tps(
+        prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings), eff
+    )
+    memory = {
+        "runtime": target.runtime_label,
+        "host_run": rm.host_run,
+        "predicted_device_mb": rm.device.total_mb,
+        "predicted_device_terms": rm.device.as_dict(),
+        "predicted_host_mb": rm.host.total_mb,
+        "predicted_host_context": rm.host_context,
+        "measured_host_rss_mb": latency["peak_rss_mb"],
+        "host_error_pct": 100 * (rm.host.total_mb / latency["peak_rss_mb"] - 1),
+    }
+    return {"memory": memory, "generation_tps": tps, "efficiency_source": eff_src}

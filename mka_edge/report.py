@@ -7,15 +7,13 @@ import hashlib
 import json
 import shutil
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
 from . import __version__
 from .cache import atomic_write_text
 from .plots import pareto_plot, similarity_heatmap
 from .records import ArtifactSummary, Plan
-from .solver.memory import Shape
-from .solver.speed import bytes_per_token, efficiency, predict_tps
+from .versions import versions
 
 
 def _sha256(path: Path) -> str:
@@ -24,25 +22,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _versions() -> dict:
-    out = {"mka-edge": __version__}
-    for dist in (
-        "torch",
-        "transformers",
-        "gguf",
-        "llama-cpp-python",
-        "onnx",
-        "onnxruntime",
-        "onnxruntime-genai",
-        "numpy",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _report(
@@ -143,42 +122,27 @@ Merged models lose knowledge and fluency in ways the figures above only sample: 
 def package(
     folder: Path,
     plan: Plan,
-    ctx,
     chosen: dict,
     summary: ArtifactSummary,
     val: dict,
     attempts: list,
     merged_dir: Path | None,
     prof,
+    pred: dict,
+    similarity,
 ) -> dict:
-    """Write everything beside the artifact in ``folder`` and return the manifest."""
+    """Write everything beside the artifact in ``folder`` and return the manifest.  Renders only:
+    the plan, the measurements (``val``), the predictions for the built artifact (``pred``:
+    build.predict_artifact) and the layer similarity matrix."""
     folder = Path(folder)
     target = prof.target
     context = plan.budget.context
-    shape = Shape.from_config(ctx.model.config).with_layers(summary.block_count)
-    rm = target.report_memory(
-        folder, chosen["artifact"], chosen["quant"], summary, plan, val["latency"], shape, prof.kv_cache_type
-    )
-    eff, eff_src = efficiency(target.name)
-    device_tps = predict_tps(
-        prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings), eff
-    )
-    mem = {
-        "runtime": target.runtime_label,
-        "host_run": rm.host_run,
-        "predicted_device_mb": rm.device.total_mb,
-        "predicted_device_terms": rm.device.as_dict(),
-        "predicted_host_mb": rm.host.total_mb,
-        "predicted_host_context": rm.host_context,
-        "measured_host_rss_mb": val["latency"]["peak_rss_mb"],
-        "host_error_pct": 100 * (rm.host.total_mb / val["latency"]["peak_rss_mb"] - 1),
-    }
+    mem, device_tps, eff_src = pred["memory"], pred["generation_tps"], pred["efficiency_source"]
     atomic_write_text(folder / "plan.json", json.dumps(plan.to_json(), indent=2))
     atomic_write_text(folder / "validation.json", json.dumps(val, indent=2))
     if merged_dir is not None:
         shutil.copy(merged_dir / "merge_log.json", folder / "merge_log.json")
-    sim = ctx.similarity()
-    similarity_heatmap(sim.matrix.numpy(), folder / "similarity.png", f"{plan.model['spec']}: layer similarity (NMI)")
+    similarity_heatmap(similarity, folder / "similarity.png", f"{plan.model['spec']}: layer similarity (NMI)")
     chosen_c = next(c for c in plan.candidates if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"]))
     pareto_plot(
         plan.candidates,
@@ -202,7 +166,7 @@ def package(
             files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
     manifest = {
         "mka_edge": __version__,
-        "versions": _versions(),
+        "versions": versions(),
         "profile": prof.name,
         "model": plan.model,
         "format": target.name,
@@ -217,7 +181,7 @@ def package(
         },
         "device_predictions": {
             "label": "predicted for the device from its profile",
-            "memory_mb": rm.device.total_mb,
+            "memory_mb": mem["predicted_device_mb"],
             "generation_tps": device_tps,
             "efficiency_source": eff_src,
         },

@@ -26,11 +26,11 @@ import tempfile
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from mka_edge.errors import UserError
 from mka_edge.merge_log import MergeLog, provenance, read_merge_log
+from mka_edge.versions import versions
 
 from .onnx_inspect import PROVENANCE_FILE, inspect_onnx
 from .paths import ensure_writable_parent
@@ -107,16 +107,6 @@ def quant_help() -> str:
         f"  {q.name:<11} ~{8 * q.bytes_per_weight:4.1f} bits/weight  {q.description}" for q in ONNX_QUANTS.values()
     ]
     return "\n".join(lines)
-
-
-def versions() -> dict:
-    out = {}
-    for dist in ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def check_out_dir(out: Path) -> Path:
@@ -231,7 +221,7 @@ def _finish(out: Path, q: OnnxQuant, lm, merge_log: MergeLog | None, context: in
         "builder_precision": q.precision,
         "builder_extra_options": list(q.extra),
         "builder_execution_provider": q.builder_ep,
-        "versions": versions(),
+        "versions": versions(("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"), with_self=False),
         **facts,  # method, merge_layers, layers_before, layers, layer_map, source, source_sha256
         "context": int(cfg["search"]["max_length"]),
     }

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from ..errors import UserError
+from ..versions import dist_version as _installed
 
 
 def dist_version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return _installed(dist) or "unknown"
 
 
 def compare_tokens(ours: list[str], lm, n: int) -> None:
