@@ -163,7 +163,7 @@ def execute(
     """Merge, (heal,) export, validate and package the plan's best candidate, falling back to the
     next ones when the artifact misses the measured quality bar."""
     target = prof.target
-    heal = HealConfig(**plan.heal) if plan.heal else None
+    heal = HealConfig(**plan.settings["heal"]) if plan.settings.get("heal") else None
     method, alpha = plan.choice.method, plan.choice.alpha
     check_host(sum(p.numel() for p in ctx.model.parameters()), out)
     max_kl = plan.budget.max_quality_loss

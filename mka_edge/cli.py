@@ -1032,7 +1032,21 @@ def build(
 
 
 def main() -> None:
-    cli()
+    """The entry point: a usage error (unknown option, a value not among the choices, a missing
+    required option) is one line naming what is wrong, like every other error, exit code 2."""
+    try:
+        rc = cli.main(standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        where = f"mka-edge {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else "mka-edge --help"
+        click.echo(f"error: {exc.format_message().rstrip('.')}; see `{where}`", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,23 @@ def test_bad_input_is_refused_before_any_model_work(tmp_path):
             ["build", "--profile", "laptop-8gb", "--method", "SLEB", "--out", str(tmp_path / "o")],
             "unknown merge method 'SLEB'",
         ),
+        (["plan", "--profile", "laptop-8gb", "--quants", "Q8_0,Q9_9"], "unknown quant type 'Q9_9'; valid: F32, F16"),
+        (
+            ["build", "--profile", "phone-4gb", "--quants", "int3", "--out", str(tmp_path / "o")],
+            "unknown ONNX quant type 'int3'; choose one of fp32",
+        ),
+        (["export", "--format", "tflite", "--out", str(tmp_path / "o")], "'tflite' is not one of 'gguf', 'onnx'"),
+        (["export", "--format", "onnx", "--threads", "2", "--out", str(tmp_path / "o")], "--threads applies to GGUF"),
+        (["plan", "--profile", "laptop-8gb", "--context", "0"], "--budget-mb and --context must be positive"),
+        (["plan", "--profile", "laptop-8gb", "--budget-mb", "-5"], "--budget-mb and --context must be positive"),
+        (
+            ["build", "--profile", "laptop-8gb", "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")],
+            "none.json does not exist",
+        ),
+        (
+            ["build", "--profile", "laptop-8gb", "--plan", str(a_file), "--out", str(tmp_path / "o")],
+            "is not readable JSON",
+        ),
     ]
     for args, needle in cases:
         line = one_line(run(*args, cache=cache))
