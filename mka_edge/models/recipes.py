@@ -82,6 +82,8 @@ def find_recipe(name: str) -> dict[str, Any] | None:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return load_recipe_file(p)
+    if len(p.parts) != 1:  # a path (a folder, a .gguf): never a recipe name; `dir/x` must not find `dir/x.yaml`
+        return None
     candidate = _recipe_dir() / f"{name}.yaml"
     if candidate.is_file():
         return load_recipe_file(candidate)
