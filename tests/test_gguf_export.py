@@ -148,7 +148,7 @@ def test_failed_export_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
     def boom(*a, **k):
         raise UserError("quantizer failed")
 
-    monkeypatch.setattr("mka_edge.exporters.llama_quantize.quantize", boom)
+    monkeypatch.setattr("mka_edge.exporters.gguf.quantize", boom)
     out = tmp_path / "out" / "m.gguf"
     with pytest.raises(UserError):
         _export(tiny_dir, out, "Q4_0")
