@@ -224,39 +224,40 @@ def _heal_config(
     heldout_chunks=2,
     model_spec: str | None = None,
 ):
-    """The heal settings: each option given on the command line, else the model recipe's ``heal:``
-    default (steps, train, lr, lora_rank), else the option's default."""
+    """The heal settings from the command line; heal.distill.heal_config applies the precedence
+    (an option given here, else the recipe's ``heal:`` default, else the option's default)."""
     from click.core import ParameterSource
 
-    from .heal.distill import HealConfig, recipe_heal_defaults
+    from .heal.distill import heal_config
 
-    values = {"steps": steps, "train": heal_train, "lr": heal_lr, "lora_rank": lora_rank}
-    params = {
+    ctx = click.get_current_context(silent=True)
+    names = {
         "steps": ("steps", "heal_steps"),
         "train": ("heal_train",),
         "lr": ("heal_lr",),
         "lora_rank": ("lora_rank",),
     }
-    ctx = click.get_current_context(silent=True)
-    recipe = recipe_heal_defaults(model_spec) if ctx is not None else {}
-    for key, default in recipe.items():
-        given = any(ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT) for n in params[key])
-        if not given:
-            values[key] = default
-    cfg = HealConfig(
-        steps=values["steps"],
-        train=values["train"],
-        lr=float(values["lr"]),
-        batch=heal_batch,
-        seq_len=heal_seq_len,
-        seed=seed,
-        lora_rank=values["lora_rank"],
-        checkpoint_every=checkpoint_every,
-        calibration=calibration,
-        heldout_chunks=heldout_chunks,
+    given = {
+        key
+        for key, params in names.items()
+        if ctx is None or any(ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT) for n in params)
+    }
+    return heal_config(
+        dict(
+            steps=steps,
+            train=heal_train,
+            lr=heal_lr,
+            batch=heal_batch,
+            seq_len=heal_seq_len,
+            seed=seed,
+            lora_rank=lora_rank,
+            checkpoint_every=checkpoint_every,
+            calibration=calibration,
+            heldout_chunks=heldout_chunks,
+        ),
+        given,
+        model_spec,
     )
-    cfg.check()
-    return cfg
 
 
 @cli.command()

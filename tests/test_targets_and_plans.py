@@ -253,3 +253,21 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = cli("build", "--profile", str(profile), "--plan", str(stale), "--out", str(tmp_path / "refused"))
     assert r.returncode != 0 and "was made by mka-edge 0.0.0-" in r.stderr and not (tmp_path / "refused").exists()
+
+
+def test_no_module_outside_the_targets_branches_on_a_format_name():
+    """Format knowledge lives in mka_edge/targets (and the exporters they call): elsewhere a format
+    name may appear in user-facing text, never in a comparison.  models/ is left out: there "gguf"
+    names a kind of input model (a .gguf file to dequantize), not a runtime target."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "mka_edge"
+    branch = re.compile(r"""(==|!=|\bin\b|\bis\b)\s*[\(\[{]?\s*["'](gguf|onnx)["']|["'](gguf|onnx)["']\s*(==|!=)""")
+    found = [
+        f"{path.relative_to(root)}:{i}: {line.strip()}"
+        for path in root.rglob("*.py")
+        if not {"targets", "exporters", "models"} & set(path.relative_to(root).parts)
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if branch.search(line)
+    ]
+    assert not found, found

@@ -104,6 +104,20 @@ def recipe_heal_defaults(model_spec: str | None) -> dict:
     return dict(recipe_behind(model_spec).get("heal") or {})
 
 
+def heal_config(values: dict, given: set[str], model_spec: str | None) -> HealConfig:
+    """The heal settings, one precedence rule: a value the user gave (``given`` names them) wins,
+    else the recipe's ``heal:`` default (steps, train, lr, lora_rank), else the value passed in
+    (the option's default).  Checked before any model work."""
+    values = dict(values)
+    for key, default in recipe_heal_defaults(model_spec).items():
+        if key not in given and key in values:
+            values[key] = default
+    values["lr"] = float(values["lr"])
+    cfg = HealConfig(**values)
+    cfg.check()
+    return cfg
+
+
 def effective_heal(cfg: HealConfig | None, profile) -> HealConfig | None:
     """The heal a plan or build runs: the one asked for (or the recipe's), else the profile's
     ``heal_steps``, else none."""
