@@ -211,25 +211,17 @@ def heal_options(f):
     return f
 
 
-def _heal_config(
-    steps,
-    heal_train,
-    heal_lr,
-    heal_batch,
-    heal_seq_len,
-    lora_rank,
-    checkpoint_every,
-    calibration=None,
-    seed=0,
-    heldout_chunks=2,
-    model_spec: str | None = None,
-):
+HEAL_KEYS = ("heal_train", "heal_lr", "heal_batch", "heal_seq_len", "lora_rank", "checkpoint_every")
+
+
+def _heal_config(steps, opts: dict, calibration=None, seed=0, heldout_chunks=2, model_spec: str | None = None):
     """The heal settings from the command line; heal.distill.heal_config applies the precedence
     (an option given here, else the recipe's ``heal:`` default, else the option's default)."""
     from click.core import ParameterSource
 
     from .heal.distill import heal_config
 
+    h = {key: opts.pop(key) for key in HEAL_KEYS}  # the heal options leave opts (the rest are model options)
     ctx = click.get_current_context(silent=True)
     names = {
         "steps": ("steps", "heal_steps"),
@@ -245,13 +237,13 @@ def _heal_config(
     return heal_config(
         dict(
             steps=steps,
-            train=heal_train,
-            lr=heal_lr,
-            batch=heal_batch,
-            seq_len=heal_seq_len,
+            train=h["heal_train"],
+            lr=h["heal_lr"],
+            batch=h["heal_batch"],
+            seq_len=h["heal_seq_len"],
             seed=seed,
-            lora_rank=lora_rank,
-            checkpoint_every=checkpoint_every,
+            lora_rank=h["lora_rank"],
+            checkpoint_every=h["checkpoint_every"],
             calibration=calibration,
             heldout_chunks=heldout_chunks,
         ),
@@ -325,12 +317,6 @@ def merge(
     no_cache,
     out,
     heal_steps,
-    heal_train,
-    heal_lr,
-    heal_batch,
-    heal_seq_len,
-    lora_rank,
-    checkpoint_every,
     **opts,
 ) -> None:
     """Merge K layers away and write a Hugging Face model directory that transformers loads
@@ -345,18 +331,7 @@ def merge(
         raise UserError(f"--merge-layers must be at least 1 (got {k})")
     if heal_steps < 0:
         raise UserError(f"--heal-steps must be 0 or more (got {heal_steps})")
-    cfg = _heal_config(
-        heal_steps,
-        heal_train,
-        heal_lr,
-        heal_batch,
-        heal_seq_len,
-        lora_rank,
-        checkpoint_every,
-        opts.get("calibration"),
-        opts.get("seed") or 0,
-        model_spec=opts.get("model"),
-    )
+    cfg = _heal_config(heal_steps, opts, opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
     cfg = cfg if cfg.steps else None
     out = Path(out)
     check_out(out)
@@ -433,36 +408,19 @@ def heal(
     model,
     reference,
     steps,
-    heal_train,
-    heal_lr,
-    heal_batch,
-    heal_seq_len,
-    lora_rank,
-    checkpoint_every,
     calibration,
     seed,
     heldout_chunks,
     device,
     out,
+    **opts,
 ) -> None:
     """Heal a merged model: a short distillation from the original model's next-token
     distributions (loss KL(reference || model) on calibration text). Prints the running loss,
     checkpoints as it goes, and reports held-out KL and perplexity before and after."""
     from .heal.distill import heal as run
 
-    cfg = _heal_config(
-        steps,
-        heal_train,
-        heal_lr,
-        heal_batch,
-        heal_seq_len,
-        lora_rank,
-        checkpoint_every,
-        calibration,
-        seed,
-        heldout_chunks,
-        model_spec=model,
-    )
+    cfg = _heal_config(steps, opts, calibration, seed, heldout_chunks, model_spec=model)
     rec = run(model, Path(out), cfg, reference=reference, device=device, log=lambda m: click.echo(m, err=True))
     b, a = rec["heldout_before"], rec["heldout_after"]
     click.echo(
@@ -829,12 +787,6 @@ def plan(
     out,
     heal_steps,
     heal_curve_points,
-    heal_train,
-    heal_lr,
-    heal_batch,
-    heal_seq_len,
-    lora_rank,
-    checkpoint_every,
     **opts,
 ) -> None:
     """Pick the merge ratio and quant type that fit a device, and say why; exports nothing.
@@ -847,18 +799,7 @@ def plan(
 
     if out:
         check_creatable(Path(out))
-    cfg = _heal_config(
-        heal_steps,
-        heal_train,
-        heal_lr,
-        heal_batch,
-        heal_seq_len,
-        lora_rank,
-        checkpoint_every,
-        opts.get("calibration"),
-        opts.get("seed") or 0,
-        model_spec=opts.get("model"),
-    )
+    cfg = _heal_config(heal_steps, opts, opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
     s = resolve_settings(
         profile,
         opts.pop("model"),
@@ -936,12 +877,6 @@ def build(
     mmlu_per_subject,
     heal_steps,
     heal_curve_points,
-    heal_train,
-    heal_lr,
-    heal_batch,
-    heal_seq_len,
-    lora_rank,
-    checkpoint_every,
     **opts,
 ) -> None:
     """Plan, merge, (heal,) export, validate and package a model for a device, in one go
@@ -996,16 +931,7 @@ def build(
         )
     else:
         cfg = _heal_config(
-            heal_steps,
-            heal_train,
-            heal_lr,
-            heal_batch,
-            heal_seq_len,
-            lora_rank,
-            checkpoint_every,
-            opts.get("calibration"),
-            opts.get("seed") or 0,
-            model_spec=opts.get("model"),
+            heal_steps, opts, opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model")
         )
         m = run(
             profile,

@@ -13,6 +13,27 @@ from mka_edge.models.synthetic import make_tiny, tiny_tokenizer  # noqa: F401 (t
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def tiny_build_inputs(root: Path, seed: int) -> tuple[Path, Path, Path]:
+    """What a tiny end-to-end build needs: a 6-layer random llama with room for the validation's
+    latency run, a recipe for it (llama.cpp's pre-tokenizer of the made-up tokenizer) and a laptop
+    profile without a speed bar (a random tiny model's host speed calibration predicts little)."""
+    import json
+
+    src = make_tiny(root / "src", "llama", layers=6, seed=seed)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))
+    recipe = root / "tiny.yaml"
+    recipe.write_text(
+        f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\nllama_cpp:\n  pre_tokenizer: gpt-2\n"
+    )
+    profile = root / "laptop.yaml"
+    profile.write_text(
+        "name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
+        "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
+    )
+    return src, recipe, profile
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_context
+from conftest import make_tiny, tiny_build_inputs, tiny_context
 
 
 @pytest.fixture(scope="module")
@@ -274,19 +274,7 @@ def _memory_at(model: Path, quant: str, k: int, context: int) -> float:
 def test_build_with_heal_steps_heals_the_chosen_merge(tmp_path):
     """`build --heal-steps` end to end on a tiny model: plan on the healed curve, heal, export,
     validate in llama.cpp, and a report that shows the heal."""
-    src = make_tiny(tmp_path / "src", "llama", layers=6, seed=23)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))  # room for the latency run
-    recipe = tmp_path / "tiny.yaml"  # a recipe, for the llama.cpp pre-tokenizer of the made-up tokenizer
-    recipe.write_text(
-        f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\nllama_cpp:\n  pre_tokenizer: gpt-2\n"
-    )
-    # a laptop profile without a speed bar: a random tiny model's host speed calibration predicts little
-    profile = tmp_path / "laptop.yaml"
-    profile.write_text(
-        "name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
-        "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
-    )
+    src, recipe, profile = tiny_build_inputs(tmp_path, seed=23)
     env = dict(os.environ, MKA_EDGE_CACHE=str(tmp_path / "cache"))
     common = [
         "--profile",

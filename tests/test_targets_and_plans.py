@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_tiny
+from conftest import make_tiny, tiny_build_inputs
 
 from mka_edge.errors import UserError
 from mka_edge.records import ArtifactSummary, Plan, QuantCost
@@ -164,18 +164,7 @@ def test_a_broken_plan_file_is_refused_in_one_line(tmp_path):
 def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_path):
     """plan --out, then build --plan: the artifact's sha256 is the inline build's; a plan for other
     weights, another profile or another version is refused in one line with nothing at --out."""
-    src = make_tiny(tmp_path / "src", "llama", layers=6, seed=31)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(
-        f"name: tiny\nsource:\n  kind: hf-dir\n  path: {src}\narchitecture: llama\nllama_cpp:\n  pre_tokenizer: gpt-2\n"
-    )
-    profile = tmp_path / "laptop.yaml"
-    profile.write_text(
-        "name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
-        "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
-    )
+    src, recipe, profile = tiny_build_inputs(tmp_path, seed=31)
     env = dict(os.environ, MKA_EDGE_CACHE=str(tmp_path / "cache"))
     # K=1 forced by a budget between the K=1 and K=0 footprints of Q8_0 (llama.cpp's dry run)
     from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
