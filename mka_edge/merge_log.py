@@ -136,7 +136,7 @@ class MergeStep(_Record):
     method: str
     edge: tuple[int, int] | None = None  # mka-oneshot: the similarity edge taken
     adjacent_similarity: tuple[float, ...] | None = None  # mka: NMI of every adjacent pair
-    shortlist: dict | None = None  # mka-guided: {position: [calib KL, alpha]}
+    shortlist: dict | None = None  # mka-guided: {position: [calib KL, alpha]}; sleb-fast: {position: calib KL}
     removed_now: tuple[int, ...] | None = None  # sleb: the original layers removed at this step
     removed: tuple[int, ...] | None = None  # removal: all original layers removed so far
     block_influence: tuple[float, ...] | None = None  # shortgpt

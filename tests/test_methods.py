@@ -11,7 +11,9 @@ def ctx(tiny_dir):
     return tiny_context(tiny_dir)
 
 
-@pytest.mark.parametrize("method", ["mka", "mka-oneshot", "mka-guided", "drop-last", "shortgpt", "angular", "sleb"])
+@pytest.mark.parametrize(
+    "method", ["mka", "mka-oneshot", "mka-guided", "drop-last", "shortgpt", "angular", "sleb", "sleb-fast"]
+)
 def test_every_method_walks_k_steps_down_the_stack(ctx, method):
     tr = trajectory(ctx, method, 3, "calibrated", use_cache=False, progress=False)
     assert [s["k"] for s in tr["steps"]] == [1, 2, 3]
@@ -60,3 +62,20 @@ def test_auto_takes_the_least_calibration_loss_per_k_and_the_cache_replays_it(ct
     again = trajectory(ctx, "auto", 2, "calibrated", progress=False)
     assert again["cached"] is True
     assert [s["composition"] for s in again["steps"]] == [s["composition"] for s in tr["steps"][:2]]
+
+
+def test_sleb_fast_confirms_the_least_block_influence_layers_on_calibration_kl(ctx):
+    """sleb-fast scores only the shortlist (least block influence) and picks the least calibration
+    KL among it: the same scores sleb gives those layers."""
+    from mka_edge.mka.methods import block_influence, shortlist_size
+
+    ctx.reset()
+    layers = ctx.current_layers()
+    bi = block_influence(ctx.engine.inputs)
+    full = [ctx.engine.loss_from(p, layers[p + 1 :]) for p in range(len(layers))]
+    short = sorted(range(len(layers)), key=lambda p: bi[p])[: shortlist_size(len(layers))]
+    assert len(short) == 4 < len(layers)
+    step = trajectory(ctx, "sleb-fast", 1, use_cache=False, progress=False)["steps"][0]
+    assert sorted(map(int, step["shortlist"])) == sorted(short)
+    assert step["calib_kl"] == pytest.approx(min(full[p] for p in short))
+    assert step["removed"] == [min(short, key=lambda p: full[p])]

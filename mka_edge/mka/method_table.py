@@ -21,6 +21,12 @@ class MethodRow:
 TABLE: tuple[MethodRow, ...] = (
     MethodRow("mka-guided", True, True, "protected first/last layer, loss-guided choice among the most similar pairs"),
     MethodRow("sleb", False, True, "greedy removal of the layer whose removal costs least calibration KL"),
+    MethodRow(
+        "sleb-fast",
+        False,
+        False,
+        "sleb scoring only the least block-influence fifth of the layers on calibration KL (about 5x cheaper)",
+    ),
     MethodRow("shortgpt", False, True, "remove the K layers of lowest Block Influence"),
     MethodRow("angular", False, True, "cut the block of K layers of least angular distance (Gromov et al.)"),
     MethodRow("drop-last", False, True, "remove the last K layers"),

@@ -235,6 +235,55 @@ def sleb(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         yield step
 
 
+def shortlist_size(n_layers: int) -> int:
+    """How many candidates sleb-fast confirms on calibration KL per step: a fifth of the layers, at
+    least 4 (6 of SmolLM2's 30, 7 of Llama-3-8B's 32)."""
+    return max(4, math.ceil(n_layers / 5))
+
+
+def block_influence(states: list[list[torch.Tensor]]) -> list[float]:
+    """1 - mean cos(hidden entering layer p, hidden leaving it) per current layer, from the cached
+    hidden states (no forward pass); position 0 (the attention sink, a huge outlier) is left out."""
+    n = len(states[0]) - 1
+    sims = torch.zeros(n)
+    count = 0
+    for st in states:
+        for p in range(n):
+            a, b = st[p][:, 1:].float(), st[p + 1][:, 1:].float()
+            sims[p] += torch.nn.functional.cosine_similarity(a, b, dim=-1).sum().cpu()
+        count += st[0][:, 1:].shape[0] * st[0][:, 1:].shape[1]
+    return (1 - sims / count).tolist()
+
+
+def sleb_fast(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
+    """sleb with a one-pass shortlist: at each step the layers are ranked by block influence from
+    the hidden states already cached for the calibration loss, and only the ``shortlist_size`` least
+    influential are scored on calibration KL (sleb scores every layer: ~5x fewer tail passes)."""
+    ctx.reset()
+    for k in range(1, k_max + 1):
+        layers = ctx.current_layers()
+        bi = block_influence(ctx.engine.inputs)
+        short = sorted(range(len(layers)), key=lambda p: bi[p])[: shortlist_size(len(layers))]
+        losses = {p: ctx.engine.loss_from(p, layers[p + 1 :]) for p in short}
+        pos = min(short, key=lambda p: losses[p])
+        orig = _sources(ctx.comp, pos)
+        new = remove(ctx.comp, pos)
+        ctx.apply(new)
+        gone = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
+        step = {
+            "k": k,
+            "action": "remove",
+            "removed_now": orig,
+            "removed": gone,
+            "calib_kl": losses[pos],
+            "composition": new,
+            "method": "sleb-fast",
+            "shortlist": {str(p): round(losses[p], 6) for p in short},
+        }
+        bar.update(1)
+        yield step
+
+
 METHODS: dict[str, Callable] = {
     "mka": mka_iterative,
     "mka-oneshot": mka_oneshot,
@@ -243,6 +292,7 @@ METHODS: dict[str, Callable] = {
     "shortgpt": shortgpt,
     "angular": angular,
     "sleb": sleb,
+    "sleb-fast": sleb_fast,
 }
 if set(METHODS) != set(ROWS):  # one table of methods (method_table), one of their functions
     raise ImportError(f"merge method tables disagree: {sorted(set(METHODS) ^ set(ROWS))}")
