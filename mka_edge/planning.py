@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .cache import atomic_write_text
+from .cache import atomic_write_text, stable_hash
 from .errors import UserError
 from .heal.distill import effective_heal
 from .mka.context import build_context
@@ -62,8 +61,7 @@ class PlanSettings:
 
 def profile_fingerprint(prof: Profile) -> str:
     """Identity of a profile's content (not its file path): a saved plan is for this device."""
-    d = {k: v for k, v in prof.as_dict().items() if k != "path"}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash({k: v for k, v in prof.as_dict().items() if k != "path"})[:16]
 
 
 def resolve_settings(
@@ -196,7 +194,7 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
         calibrate_speed=eff_source.startswith("default"),
         log=log,
     )
-    eff, eff_source = speed.efficiency(t.name)
+    eff, eff_source = speed.efficiency(t.name)  # again: the probe calibrates it on a first run
     shape = Shape.from_config(ctx.model.config)
     k_max = cheap.k_max
     ref_layers = next(iter(costs.values())).per_layer

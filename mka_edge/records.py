@@ -181,7 +181,3 @@ class Plan:
             raise UserError(
                 f"{where} is not an mka-edge plan ({type(exc).__name__}: {exc}); write one with `mka-edge plan --out`"
             ) from None
-
-    @property
-    def version(self) -> str:
-        return self.mka_edge

@@ -34,6 +34,17 @@ def tiny_build_inputs(root: Path, seed: int) -> tuple[Path, Path, Path]:
     return src, recipe, profile
 
 
+def predicted_memory_mb(model: Path, quant: str, k: int, context: int) -> float:
+    """The plan's memory prediction for ``model`` with ``k`` layers merged (sizes from llama.cpp's dry run)."""
+    from mka_edge.records import QuantCost
+    from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
+    from mka_edge.solver.memory import predict
+
+    ms = read_shape(str(model))
+    wb, rb = QuantCost.from_json(quant, "gguf", gguf_type_sizes(ms, [quant])[quant]).weight_bytes(ms.n_layers - k)
+    return predict(ms.shape.with_layers(ms.n_layers - k), wb, context, "f16", repack_bytes=rb).total_mb
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama")

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_build_inputs, tiny_context
+from conftest import make_tiny, predicted_memory_mb, tiny_build_inputs, tiny_context
 
 
 @pytest.fixture(scope="module")
@@ -260,17 +259,6 @@ def test_healed_curve_heals_only_its_points(tmp_path, merged_tiny):
     assert all(p.dtype == torch.float32 for p in ctx.lm.model.parameters())
 
 
-def _memory_at(model: Path, quant: str, k: int, context: int) -> float:
-    """The plan's memory prediction for ``model`` with ``k`` layers merged (sizes from llama.cpp's dry run)."""
-    from mka_edge.records import QuantCost
-    from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
-    from mka_edge.solver.memory import predict
-
-    ms = read_shape(str(model))
-    wb, rb = QuantCost.from_json(quant, "gguf", gguf_type_sizes(ms, [quant])[quant]).weight_bytes(ms.n_layers - k)
-    return predict(ms.shape.with_layers(ms.n_layers - k), wb, context, "f16", repack_bytes=rb).total_mb
-
-
 def test_build_with_heal_steps_heals_the_chosen_merge(tmp_path):
     """`build --heal-steps` end to end on a tiny model: plan on the healed curve, heal, export,
     validate in llama.cpp, and a report that shows the heal."""
@@ -308,7 +296,7 @@ def test_build_with_heal_steps_heals_the_chosen_merge(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     mem = {c["k"]: c["memory_mb"] for c in json.loads((tmp_path / "plan" / "plan.json").read_text())["candidates"]}
     assert set(mem) == {0}  # Q8_0 fits unmerged and is the only type: no merge can win, none is scored
-    mem[1] = _memory_at(src, "Q8_0", k=1, context=1024)
+    mem[1] = predicted_memory_mb(src, "Q8_0", k=1, context=1024)
     assert mem[1] < mem[0]
     budget = (mem[0] + mem[1]) / 2  # K=0 does not fit: the build has to merge
     out = tmp_path / "pkg"

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_tiny, tiny_build_inputs
+from conftest import make_tiny, predicted_memory_mb, tiny_build_inputs
 
 from mka_edge.errors import UserError
 from mka_edge.records import ArtifactSummary, Plan, QuantCost
@@ -167,15 +167,7 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
     src, recipe, profile = tiny_build_inputs(tmp_path, seed=31)
     env = dict(os.environ, MKA_EDGE_CACHE=str(tmp_path / "cache"))
     # K=1 forced by a budget between the K=1 and K=0 footprints of Q8_0 (llama.cpp's dry run)
-    from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
-    from mka_edge.solver.memory import predict
-
-    ms = read_shape(str(src))
-    cost = QuantCost.from_json("Q8_0", "gguf", gguf_type_sizes(ms, ["Q8_0"])["Q8_0"])
-    mem = []
-    for k in (0, 1):
-        wb, rb = cost.weight_bytes(ms.n_layers - k)
-        mem.append(predict(ms.shape.with_layers(ms.n_layers - k), wb, 1024, "f16", repack_bytes=rb).total_mb)
+    mem = [predicted_memory_mb(src, "Q8_0", k=k, context=1024) for k in (0, 1)]
     common = [
         "--model",
         str(recipe),

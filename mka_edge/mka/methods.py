@@ -211,6 +211,25 @@ def angular(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         yield step
 
 
+def _greedy_removal(ctx: MergeContext, k: int, pos: int, loss: float, method: str, extra: dict, bar) -> Step:
+    """Remove the layer at ``pos`` of the working stack (the greedy searches' step) and record it."""
+    orig = _sources(ctx.comp, pos)
+    new = remove(ctx.comp, pos)
+    ctx.apply(new)
+    gone = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
+    bar.update(1)
+    return {
+        "k": k,
+        "action": "remove",
+        "removed_now": orig,
+        "removed": gone,
+        "calib_kl": loss,
+        "composition": new,
+        "method": method,
+        **extra,
+    }
+
+
 def sleb(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
     """SLEB-style greedy removal: at each step drop the layer whose removal costs least calibration KL."""
     ctx.reset()
@@ -218,21 +237,7 @@ def sleb(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         layers = ctx.current_layers()
         losses = [ctx.engine.loss_from(p, layers[p + 1 :]) for p in range(len(layers))]
         pos = min(range(len(losses)), key=lambda p: losses[p])
-        orig = _sources(ctx.comp, pos)
-        new = remove(ctx.comp, pos)
-        ctx.apply(new)
-        gone = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
-        step = {
-            "k": k,
-            "action": "remove",
-            "removed_now": orig,
-            "removed": gone,
-            "calib_kl": losses[pos],
-            "composition": new,
-            "method": "sleb",
-        }
-        bar.update(1)
-        yield step
+        yield _greedy_removal(ctx, k, pos, losses[pos], "sleb", {}, bar)
 
 
 def shortlist_size(n_layers: int) -> int:
@@ -266,22 +271,9 @@ def sleb_fast(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         short = sorted(range(len(layers)), key=lambda p: bi[p])[: shortlist_size(len(layers))]
         losses = {p: ctx.engine.loss_from(p, layers[p + 1 :]) for p in short}
         pos = min(short, key=lambda p: losses[p])
-        orig = _sources(ctx.comp, pos)
-        new = remove(ctx.comp, pos)
-        ctx.apply(new)
-        gone = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
-        step = {
-            "k": k,
-            "action": "remove",
-            "removed_now": orig,
-            "removed": gone,
-            "calib_kl": losses[pos],
-            "composition": new,
-            "method": "sleb-fast",
-            "shortlist": {str(p): round(losses[p], 6) for p in short},
-        }
-        bar.update(1)
-        yield step
+        yield _greedy_removal(
+            ctx, k, pos, losses[pos], "sleb-fast", {"shortlist": {str(p): round(losses[p], 6) for p in short}}, bar
+        )
 
 
 METHODS: dict[str, Callable] = {

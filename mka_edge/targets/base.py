@@ -165,6 +165,7 @@ class Target(ABC):
         """The validation adapter (worker, inspection, vocabulary check, report rows)."""
 
     def describe_export(self, s: ArtifactSummary) -> str:
+        """The one line `mka-edge export` prints; a target says more of its own artifact if it likes."""
         types = ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items())
         return f"wrote {s.path}: {s.file_bytes / 2**20:.1f} MiB, {s.block_count} layers, {s.quant} ({types})"
 
