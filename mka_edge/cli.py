@@ -26,6 +26,49 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
+def _max_memory_arg(ctx, param, value):
+    """Parse --max-memory at once (a bad one is refused before anything loads) and record it for the
+    process: every model this command loads is then placed by it."""
+    from .device import parse_max_memory, set_max_memory
+
+    try:
+        caps = parse_max_memory(value)
+    except UserError as exc:
+        raise click.UsageError(str(exc), ctx) from None
+    set_max_memory(caps)
+    ctx.call_on_close(lambda: set_max_memory(None))  # the cap is this command's, not the process's after it
+    return caps
+
+
+MAX_MEMORY_HELP = (
+    'Cap the memory the weights may take on each device, e.g. "cuda:0=20GiB,cpu=16GiB" (GPUs as cuda or '
+    "cuda:N; sizes in B, KB, MB, GB, TB or KiB, MiB, GiB, TiB): Hugging Face accelerate fills the GPUs named, "
+    "then the CPU, and leaves the rest on disk (in the mka-edge cache), bringing each layer's weights in for "
+    "its forward pass, so a model larger than the GPU or the RAM still runs (slower). Every device named must "
+    "hold one layer. Default: no cap, the whole model on --device."
+)
+
+
+def max_memory_option(f):
+    return click.option(
+        "--max-memory",
+        "max_memory",
+        default=None,
+        metavar="DEV=SIZE,...",
+        expose_value=False,
+        callback=_max_memory_arg,
+        help=MAX_MEMORY_HELP,
+    )(f)
+
+
+def _check_device_caps(device: str) -> None:
+    """--device and --max-memory agree (checked before anything loads)."""
+    from .device import check_placement, current_max_memory, resolve_device
+
+    resolve_device(device)
+    check_placement(device, current_max_memory())
+
+
 def model_options(f):
     """Options shared by every command that loads a model and calibration text."""
     opts = [
@@ -77,6 +120,7 @@ def model_options(f):
         click.option(
             "--trust-remote-code", is_flag=True, help="Allow model code from the hub to run (off unless you ask)."
         ),
+        max_memory_option,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -397,6 +441,7 @@ def merge(
     help="512-token held-out chunks for the quality before and after.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@max_memory_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
@@ -420,6 +465,7 @@ def heal(
     checkpoints as it goes, and reports held-out KL and perplexity before and after."""
     from .heal.distill import heal as run
 
+    _check_device_caps(device)
     cfg = _heal_config(steps, opts, calibration, seed, heldout_chunks, model_spec=model)
     rec = run(model, Path(out), cfg, reference=reference, device=device, log=lambda m: click.echo(m, err=True))
     b, a = rec["heldout_before"], rec["heldout_after"]
@@ -458,6 +504,7 @@ def heal(
     help="MMLU questions per subject (57 subjects; 0 skips MMLU).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@max_memory_option
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON here.")
 @handle_errors
 def eval_cmd(model, reference, heldout_chunks, mmlu_per_subject, device, out) -> None:
@@ -465,6 +512,7 @@ def eval_cmd(model, reference, heldout_chunks, mmlu_per_subject, device, out) ->
     perplexity change, top-1 agreement, and MMLU (letter and cloze) beside chance."""
     from .evaluation import evaluate
 
+    _check_device_caps(device)
     res = evaluate(model, reference, heldout_chunks, mmlu_per_subject, device)
     q = res["heldout"]
     click.echo(f"model {res['model']} vs reference {res['reference']}")
@@ -543,6 +591,14 @@ def _quant_arg(ctx, param, value):
     help="GGUF only: text for the importance matrix of IQ1/IQ2/IQ3_XXS/Q2_K_S types (default: packaged Wikipedia articles).",
 )
 @click.option(
+    "--intermediate",
+    type=click.Choice(["auto", "F32", "BF16", "F16"], case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="GGUF only: the float file handed to llama.cpp's quantizer. auto: the weights' own 16-bit type; "
+    "for 32-bit weights F32 up to 2 GiB of F32 data, else BF16 (F32 doubles the scratch space: 32 GB at 8B).",
+)
+@click.option(
     "--context",
     type=int,
     default=None,
@@ -553,14 +609,16 @@ def _quant_arg(ctx, param, value):
     is_flag=True,
     help="ONNX only: embed the weights in model.onnx instead of model.onnx.data (refused above the 2 GB protobuf limit).",
 )
+@max_memory_option
 @handle_errors
-def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, context, single_file) -> None:
+def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, intermediate, context, single_file) -> None:
     """Write a model (merged or not) as a quantized artifact for an edge runtime."""
     target = get_target(fmt)
     given = {
         "pre_tokenizer": pre_tokenizer,
         "threads": threads,
         "calibration": calibration,
+        "intermediate": None if intermediate.lower() == "auto" else intermediate.upper(),
         "context": context,
         "single_file": single_file,
     }
@@ -630,6 +688,7 @@ def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, context,
     default=None,
     help="Folder for validation.json and validation.md (default: ARTIFACT-validation beside the artifact).",
 )
+@max_memory_option
 @handle_errors
 def validate(
     artifact,

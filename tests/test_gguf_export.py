@@ -254,3 +254,85 @@ def test_importance_matrix_types_export(tmp_path, tiny_dir, monkeypatch):
     s = _export(tiny_dir, tmp_path / "iq2.gguf", "IQ2_XS")
     assert "blk.0.attn_q.weight" in seen and "blk.0.ffn_down.weight" in seen and seen["blk.0.ffn_down.weight"] == 128
     assert s["bits_per_weight"] < 16 and (tmp_path / "iq2.gguf").is_file()
+
+
+def test_intermediate_type_rule():
+    """F32 only when asked, for F32 output, or for 32-bit weights whose F32 file is small."""
+    from transformers import LlamaConfig
+
+    from mka_edge.exporters.gguf import F32_INTERMEDIATE_MAX_BYTES, f32_bytes, intermediate_type
+
+    one_b = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+    assert abs(f32_bytes(one_b) / 4 - 1.2358e9) / 1.2358e9 < 0.01  # Llama-3.2-1B: 1.236 B parameters
+    assert f32_bytes(one_b) > F32_INTERMEDIATE_MAX_BYTES
+    assert intermediate_type(one_b, "Q4_K_M") == "BF16"
+    assert intermediate_type(one_b, "Q4_K_M", "f32") == "F32"
+    assert intermediate_type(one_b, "F32") == "F32"
+    small = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, dtype="float32"
+    )
+    assert intermediate_type(small, "Q8_0") == "F32"
+    small.dtype = "float16"
+    assert intermediate_type(small, "Q8_0") == "F16"
+    small.dtype = "bfloat16"
+    assert intermediate_type(small, "Q8_0") == "BF16"
+
+
+def test_large_model_export_writes_no_f32_intermediate(tmp_path, tiny_dir, monkeypatch):
+    """Above F32_INTERMEDIATE_MAX_BYTES (2 GiB of F32 weights: every model from ~0.5 B parameters on)
+    the quantizer gets a BF16 file, half the size; the artifact still matches PyTorch in llama.cpp."""
+    import gguf
+
+    from mka_edge.exporters import gguf as exp
+    from mka_edge.models.loading import load_model
+
+    monkeypatch.setattr(exp, "F32_INTERMEDIATE_MAX_BYTES", 1000)  # the tiny model counts as large
+    seen = {}
+    real = exp.quantize
+
+    def spy(base, out, *a, **k):
+        reader = gguf.GGUFReader(str(base))
+        seen["types"] = {t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}
+        seen["bytes"] = Path(base).stat().st_size
+        return real(base, out, *a, **k)
+
+    monkeypatch.setattr(exp, "quantize", spy)
+    s = exp.export_gguf(str(tiny_dir), tmp_path / "q8.gguf", "Q8_0", pre_tokenizer="gpt-2", progress=False)
+    assert seen["types"] == {"BF16"} and s["intermediate"] == "BF16"
+    f32 = exp.export_loaded(
+        load_model(str(tiny_dir)), tmp_path / "f32.gguf", "F32", pre_tokenizer="gpt-2", progress=False
+    )
+    assert seen["bytes"] < 0.6 * Path(f32["path"]).stat().st_size
+    lm = load_model(str(tiny_dir))
+    ids = list(range(3, 99))
+    kl, top1 = kl_top1(torch_logprobs(lm.model, ids), llama_logprobs(tmp_path / "q8.gguf", ids))
+    assert kl < 5e-3 and top1 > 0.9
+
+
+def test_bf16_float_file_matches_pytorch(tmp_path):
+    """The streamed BF16 writer (raw 16-bit patterns, q/k permuted in torch) loads in llama.cpp and
+    agrees with PyTorch; the llama3-rope variant also checks rope_freqs is written after the weights."""
+    import gguf
+
+    from mka_edge.exporters.gguf import write_float_gguf
+    from mka_edge.models.loading import load_model
+
+    src = _variant(tmp_path, "llama3-rope")
+    lm = load_model(str(src))
+    path = tmp_path / "bf16.gguf"
+    write_float_gguf(lm, path, "BF16", pre_tokenizer="gpt-2")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32"
+    assert "rope_freqs.weight" in types
+    ids = torch.randint(3, lm.model.config.vocab_size, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    kl, top1 = kl_top1(torch_logprobs(lm.model, ids), llama_logprobs(path, ids))
+    assert kl < 1e-3 and top1 > 0.9, (kl, top1)

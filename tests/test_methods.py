@@ -1,4 +1,5 @@
 import pytest
+import torch
 from conftest import tiny_context
 
 from mka_edge.mka.fusion import keep_only
@@ -64,18 +65,45 @@ def test_auto_takes_the_least_calibration_loss_per_k_and_the_cache_replays_it(ct
     assert [s["composition"] for s in again["steps"]] == [s["composition"] for s in tr["steps"][:2]]
 
 
-def test_sleb_fast_confirms_the_least_block_influence_layers_on_calibration_kl(ctx):
-    """sleb-fast scores only the shortlist (least block influence) and picks the least calibration
-    KL among it: the same scores sleb gives those layers."""
-    from mka_edge.mka.methods import block_influence, shortlist_size
+def test_sleb_fast_screens_the_shortlist_and_confirms_the_best_on_sleb_s_loss(ctx, monkeypatch):
+    """sleb-fast screens the least block-influence layers on the first quarter of every calibration
+    sequence, confirms the best CONFIRM of them on sleb's full loss and takes the least."""
+    from mka_edge.mka import methods
 
+    monkeypatch.setattr(methods, "shortlist_size", lambda n: 4)
+    monkeypatch.setattr(methods, "CONFIRM", 2)
     ctx.reset()
     layers = ctx.current_layers()
-    bi = block_influence(ctx.engine.inputs)
+    bi = methods.block_influence(ctx.engine.inputs)
     full = [ctx.engine.loss_from(p, layers[p + 1 :]) for p in range(len(layers))]
-    short = sorted(range(len(layers)), key=lambda p: bi[p])[: shortlist_size(len(layers))]
-    assert len(short) == 4 < len(layers)
+    short = sorted(range(len(layers)), key=lambda p: bi[p])[:4]
     step = trajectory(ctx, "sleb-fast", 1, use_cache=False, progress=False)["steps"][0]
     assert sorted(map(int, step["shortlist"])) == sorted(short)
-    assert step["calib_kl"] == pytest.approx(min(full[p] for p in short))
-    assert step["removed"] == [min(short, key=lambda p: full[p])]
+    screened = sorted(short, key=lambda p: step["shortlist"][str(p)])[:2]
+    assert sorted(map(int, step["confirmed"])) == sorted(screened)
+    seq = ctx.engine.batches[0].shape[1]
+    for p in short:  # the screen is the KL on the first quarter of the positions
+        t, c = ctx.engine.kl_sum(p, layers[p + 1 :], prefix=seq // methods.SCREEN_FRACTION)
+        assert c == sum(len(b) for b in ctx.engine.batches) * (seq // 4)
+        assert step["shortlist"][str(p)] == pytest.approx(t / c, abs=1e-6)
+    for p in screened:  # the confirmed losses are sleb's
+        assert step["confirmed"][str(p)] == pytest.approx(full[p], abs=1e-6)
+    assert step["removed"] == [min(screened, key=lambda p: full[p])]
+
+
+@pytest.mark.parametrize("pos", [0, 2, 5])
+def test_partial_refresh_equals_a_full_one(ctx, pos):
+    """After a layer is removed, recomputing the cached hidden states from its position on gives the
+    states a full forward pass gives (the ones before it are reused)."""
+    from mka_edge.mka.fusion import identity, remove
+
+    ctx.reset()
+    ctx.apply(remove(identity(ctx.n_original), pos), refresh=False)
+    ctx.engine.refresh_from(pos)
+    partial = [list(b) for b in ctx.engine.inputs]
+    ctx.engine.refresh()
+    assert len(partial[0]) == len(ctx.engine.inputs[0]) == ctx.n_original
+    for got, want in zip(partial, ctx.engine.inputs):
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, atol=1e-5)
+    ctx.reset()

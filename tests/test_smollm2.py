@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def test_embedded_default_loads_and_is_cached():
 
     lm = load_model(None)
     assert lm.num_layers == 30 and lm.arch.name == "llama"
-    assert lm.source["cached_dir"] and os.path.isfile(os.path.join(lm.source["cached_dir"], "model.safetensors"))
+    assert lm.source["cached_dir"] and list(Path(lm.source["cached_dir"]).glob("*.safetensors"))
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")
     text = lm.tokenizer.decode(lm.model.generate(**ids, max_new_tokens=4, do_sample=False)[0])
     assert "Paris" in text

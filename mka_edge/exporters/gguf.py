@@ -19,10 +19,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from mka_edge.errors import UserError
 from mka_edge.merge_log import MergeLog, provenance, read_merge_log
-from mka_edge.models.loading import load_model
+from mka_edge.models.loading import load_config, load_model
 from mka_edge.models.recipes import recipe_behind
 
 from .gguf_inspect import inspect_gguf
@@ -34,10 +36,10 @@ from .paths import ensure_writable_parent
 from .quant_types import QuantType, quant_type
 
 
-def _permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def _permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF keeps the two rotary halves of each head apart; llama.cpp's rope wants them interleaved."""
     shape = w.shape
-    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
 def _rope(config) -> tuple[float, dict]:
@@ -123,12 +125,59 @@ def _provenance(writer, lm, merge_log: MergeLog | None) -> None:
     writer.add_string("mka_edge.source_sha256", prov["source_sha256"])
 
 
-def _named_tensors(lm):
+# The float file gguf-py writes for llama.cpp's quantizer.  The quantizer reads F32, F16 and BF16
+# alike, for every type; F32 doubles the intermediate's size (32 GB for an 8B model) and buys
+# nothing when the weights are stored in 16 bits, so it is used only when asked, when the model's
+# own weights are 32-bit and its F32 file stays small (then the intermediate is exact and the
+# artifact identical to one made from the float32 weights), or when F32 is the output.
+INTERMEDIATES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+F32_INTERMEDIATE_MAX_BYTES = 2 * 1024**3
+_FILE_TYPES = {
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+}
+_GGML_TYPES = {"F32": None, "F16": None, "BF16": gguf.GGMLQuantizationType.BF16}
+
+
+def storage_dtype(config) -> torch.dtype:
+    """The dtype the model's weights are stored in (config ``dtype``/``torch_dtype``; float32 if unsaid)."""
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    if isinstance(name, torch.dtype):
+        return name
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def intermediate_type(config, quant: str, asked: str | None = None) -> str:
+    """F32, F16 or BF16: what the float GGUF handed to llama.cpp's quantizer holds (see INTERMEDIATES)."""
+    if quant in ("F32", "F16", "BF16"):
+        return quant  # the float file is the artifact
+    if asked:
+        asked = asked.upper()
+        if asked not in INTERMEDIATES:
+            raise UserError(f"--intermediate must be one of {', '.join(INTERMEDIATES)} (or auto), not '{asked}'")
+        return asked
+    stored = storage_dtype(config)
+    if stored in (torch.bfloat16, torch.float16):
+        return "BF16" if stored == torch.bfloat16 else "F16"
+    return "F32" if f32_bytes(config) <= F32_INTERMEDIATE_MAX_BYTES else "BF16"
+
+
+def f32_bytes(config) -> int:
+    """Bytes of the model's weights at float32, from its config alone (a meta-device instance: no
+    weight is read or allocated); tied tensors count once."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def _named_tensors(lm, tensors=None):
     """(GGUF name, HF name, tensor) of every tensor the GGUF holds, in file order: the tied output
-    projection and rotary buffers are left out (llama.cpp reuses token_embd / computes them)."""
+    projection and rotary buffers are left out (llama.cpp reuses token_embd / computes them).
+    ``tensors`` is an iterable of (HF name, tensor); default: the model's, streamed one at a time."""
     tmap = tensor_name_map(lm)
     tied = bool(getattr(lm.model.config, "tie_word_embeddings", False))
-    for hf_name, tensor in lm.model.state_dict().items():
+    for hf_name, tensor in tensors if tensors is not None else lm.named_tensors():
         if tied and hf_name == f"{lm.arch.output_head}.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -147,22 +196,55 @@ def _rope_freqs(config) -> np.ndarray | None:
     return _llama3_rope_factors(params, theta, head_dim)
 
 
-def _tensors(writer, lm, float_type: str) -> None:
+def _gguf_array(lm, hf_name: str, tensor: torch.Tensor, float_type: str) -> np.ndarray:
+    """One tensor as the array the file holds: q/k rows permuted for llama.cpp's rope, 2-D weights
+    in ``float_type`` (BF16 as its raw 16-bit patterns), 1-D tensors (norms, biases) in F32."""
     config, arch = lm.model.config, lm.arch
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    for name, hf_name, tensor in _named_tensors(lm):
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if arch.rotary_permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _permute_for_rope(data, n_head)
-        elif arch.rotary_permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _permute_for_rope(data, n_kv)
-        if data.ndim >= 2 and float_type == "F16":
-            data = data.astype(np.float16)
-        writer.add_tensor(name, np.ascontiguousarray(data))
-    freqs = _rope_freqs(config)
+    t = tensor.detach().cpu()
+    if arch.rotary_permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        t = _permute_for_rope(t, n_head)
+    elif arch.rotary_permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        t = _permute_for_rope(t, n_kv)
+    if t.ndim < 2 or float_type == "F32":
+        return np.ascontiguousarray(t.to(torch.float32).numpy())
+    t = t.to(INTERMEDIATES[float_type]).contiguous()
+    return t.view(torch.int16).numpy() if float_type == "BF16" else t.numpy()
+
+
+def _tensor_infos(writer, lm, float_type: str) -> np.ndarray | None:
+    """Declare every tensor (name, shape, type) before any data is written, from shapes alone."""
+    shapes = ((n, h, t.shape, t.ndim) for n, h, t in _named_tensors(lm, lm.model.state_dict().items()))
+    for name, _, shape, ndim in shapes:
+        shape = tuple(int(d) for d in shape)
+        if ndim < 2 or float_type == "F32":
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        elif float_type == "F16":
+            writer.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
+        else:
+            writer.add_tensor_info(
+                name, shape, np.dtype(np.int16), int(np.prod(shape)) * 2, raw_dtype=_GGML_TYPES[float_type]
+            )
+    freqs = _rope_freqs(lm.model.config)
     if freqs is not None:
-        writer.add_tensor("rope_freqs.weight", freqs)
+        writer.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes)
+    return freqs
+
+
+def _write_tensors(writer, lm, float_type: str, freqs: np.ndarray | None, progress: bool) -> None:
+    """Stream the tensors into the file in declaration order: one converted tensor in memory at a time."""
+    named = list(_named_tensors(lm, lm.model.state_dict().items()))
+    bar = tqdm(
+        total=len(named) + (freqs is not None), desc="writing GGUF", unit="tensor", disable=not progress, leave=False
+    )
+    with bar:
+        for _, hf_name, tensor in _named_tensors(lm):
+            writer.write_tensor_data(_gguf_array(lm, hf_name, tensor, float_type))
+            bar.update(1)
+        if freqs is not None:
+            writer.write_tensor_data(freqs)
+            bar.update(1)
 
 
 def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
@@ -178,7 +260,7 @@ def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _hparams(writer, config, int(config.vocab_size))
-        entries = [(name, tuple(t.shape)) for name, _, t in _named_tensors(lm)]
+        entries = [(name, tuple(t.shape)) for name, _, t in _named_tensors(lm, lm.model.state_dict().items())]
         freqs = _rope_freqs(config)
         if freqs is not None:
             entries.append(("rope_freqs.weight", freqs.shape))
@@ -208,13 +290,16 @@ def write_float_gguf(
     pre_tokenizer: str | None = None,
     progress: bool = False,
 ) -> dict:
-    """Write an F32 or F16 GGUF of a loaded model to ``path`` (caller handles atomicity)."""
+    """Write an F32, F16 or BF16 GGUF of a loaded model to ``path`` (caller handles atomicity),
+    streaming the tensors: the writer holds one converted tensor at a time, never a model copy."""
+    if float_type not in INTERMEDIATES:
+        raise ValueError(f"float GGUF type must be one of {sorted(INTERMEDIATES)}, not {float_type}")
 
     config = lm.model.config
     writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
     try:
         writer.add_name(_model_name(lm, merge_log))
-        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_type == "F32" else gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_file_type(int(_FILE_TYPES[float_type]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         src_gguf = _tokenizer_gguf(lm, merge_log)
         if src_gguf is not None:
@@ -233,10 +318,11 @@ def write_float_gguf(
             raise UserError(f"tokenizer has {n_vocab} tokens but the model's embedding has {config.vocab_size} rows")
         _hparams(writer, config, n_vocab)
         _provenance(writer, lm, merge_log)
-        _tensors(writer, lm, float_type)
+        freqs = _tensor_infos(writer, lm, float_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        writer.write_ti_data_to_file()
+        _write_tensors(writer, lm, float_type, freqs, progress)
     finally:
         writer.close()
     return tok_info
@@ -259,17 +345,21 @@ def export_loaded(
     pre_tokenizer: str | None = None,
     threads: int | None = None,
     imatrix_texts=None,
+    intermediate: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Export a loaded model; returns the summary of the file written (types read back from it)."""
+    """Export a loaded model; returns the summary of the file written (types read back from it).
+    ``intermediate`` (F32, F16, BF16; default by ``intermediate_type``) is the float file handed
+    to llama.cpp's quantizer."""
     q = quant if isinstance(quant, QuantType) else quant_type(quant)
     out = check_out_file(out)
     merge_log = read_merge_log(lm.source.get("model_dir"))
     threads = threads or max(1, os.cpu_count() or 1)
     with ExitStack() as stack:
         tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent)))
-        base = tmpdir / ("base-f16.gguf" if q.name == "F16" else "base-f32.gguf")
-        tok_info = write_float_gguf(lm, base, "F16" if q.name == "F16" else "F32", merge_log, pre_tokenizer, progress)
+        float_type = intermediate_type(lm.model.config, q.name, intermediate)
+        base = tmpdir / f"base-{float_type.lower()}.gguf"
+        tok_info = write_float_gguf(lm, base, float_type, merge_log, pre_tokenizer, progress)
         if q.direct:
             final_tmp = base
         else:
@@ -285,6 +375,7 @@ def export_loaded(
     summary["path"] = str(out)
     summary["quant"] = q.name
     summary["tokenizer"] = tok_info
+    summary["intermediate"] = float_type
     return summary
 
 
@@ -296,13 +387,26 @@ def export_gguf(
     pre_tokenizer: str | None = None,
     threads: int | None = None,
     calibration: str | None = None,
+    intermediate: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """`mka-edge export --format gguf`: load ``model`` (recipe, directory, GGUF, hub id) and export it."""
+    """`mka-edge export --format gguf`: load ``model`` (recipe, directory, GGUF, hub id) and export it.
+
+    The weights load in the intermediate's dtype (a 16-bit intermediate from a float32 load would
+    hold twice the bytes for nothing), in float32 when an importance matrix is computed first."""
 
     q = quant_type(quant)  # a bad name fails before the slow load
     check_out_file(out)
-    lm = load_model(model, "cpu", torch.float32)
+    float_type = intermediate_type(load_config(model), q.name, intermediate)
+    dtype = torch.float32 if q.needs_imatrix else INTERMEDIATES[float_type]
+    lm = load_model(model, "cpu", dtype)
     return export_loaded(
-        lm, out, q, pre_tokenizer=pre_tokenizer, threads=threads, imatrix_texts=calibration, progress=progress
+        lm,
+        out,
+        q,
+        pre_tokenizer=pre_tokenizer,
+        threads=threads,
+        imatrix_texts=calibration,
+        intermediate=float_type,
+        progress=progress,
     )

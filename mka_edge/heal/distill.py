@@ -198,6 +198,11 @@ def heal(
     if not ref_spec:
         raise UserError(f"{model_spec} has no merge_log.json naming its source; pass --reference MODEL")
     student = load_model(model_spec, dev, torch.float32)
+    if student.offloaded:  # accelerate's hooks swap offloaded weights in and out: nothing could train them
+        raise UserError(
+            f"--max-memory leaves part of {model_spec} offloaded, and healing trains its weights in memory; "
+            "give the devices room for the whole merged model in float32, or heal without --max-memory"
+        )
     ref = reference_model if reference_model is not None else load_model(ref_spec, dev, torch.float32)
     _check_pair(student, ref)
     windows = _windows(student.tokenizer, cfg) if cfg.steps else None

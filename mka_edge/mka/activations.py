@@ -50,6 +50,7 @@ def collect(
     state = {"sel": None}
 
     def keep(idx: int, hs: torch.Tensor) -> None:
+        hs = hs.to(device)  # a model spread over GPUs by accelerate (--max-memory) runs each block on its own
         flat = hs.reshape(-1, hs.shape[-1])
         per_layer[idx].append(flat[state["sel"]].float())
         last[idx].append(hs[:, -1, :].float())

@@ -7,14 +7,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..calibration import calibration_batch
-from ..device import resolve_device, resolve_dtype
+from ..device import check_placement, current_max_memory, main_device, parse_max_memory, resolve_device, resolve_dtype
 from ..models.loading import LoadedModel, load_model
 from . import activations as act
 from .diffusion import diffusion_map
 from .engine import CalibrationLoss
 from .fusion import Composition, identity, realize
 from .layers import get_layers, set_layers
-from .similarity import kmeans, nmi_matrix
+from .similarity import kmeans_batched, nmi_matrix
 from .timing import PhaseTimer
 
 
@@ -107,27 +107,27 @@ class MergeContext:
         One forward pass per batch gathers ``repeats`` x ``positions`` token vectors per layer;
         each subsample of ``positions`` gets its own diffusion maps and k-means labels, and the
         NMI matrices are averaged. Why: adjacent-layer NMIs sit close together (0.75-1.0 on
-        SmolLM2), and a single 512-sample estimate reorders them from seed to seed.
+        SmolLM2), and a single 512-sample estimate reorders them from seed to seed.  The k-means
+        of all layers and subsamples is one batched call (``kmeans_batched``): one problem at a
+        time it was most of an analyze's time on a GPU.
         """
         seed = self.settings.seed if seed is None else seed
         n, reps = self.settings.positions, self.settings.repeats
         acts = self.activations(seed, repeats=reps)
         layer_states = acts.states[1:].to(self.device)  # outputs of each block
         reps = max(1, min(reps, layer_states.shape[1] // n))
-        mats, embs, labs = [], [], []
-        for r in range(reps):
-            part = layer_states[:, r * n : (r + 1) * n]
-            with self.timer.phase("diffusion", self.device):
-                emb = torch.stack([diffusion_map(x, self.settings.dims) for x in part])
-            with self.timer.phase("similarity", self.device):
-                labels = torch.stack(
-                    [kmeans(e, self.settings.clusters, seed * 1009 + r * 31 + i) for i, e in enumerate(emb)]
-                )
-                mats.append(nmi_matrix(labels, self.settings.clusters))
-            embs.append(emb)
-            labs.append(labels)
-        s = torch.stack(mats).mean(0)
-        return Similarity(matrix=s.cpu(), embeddings=embs[0].cpu(), labels=labs[0].cpu())
+        n = min(n, layer_states.shape[1])  # fewer positions than asked: one subsample of them all
+        n_layers = layer_states.shape[0]
+        parts = layer_states[:, : reps * n].unflatten(1, (reps, n)).transpose(0, 1)  # [reps, L, n, hidden]
+        with self.timer.phase("diffusion", self.device):
+            emb = torch.stack([torch.stack([diffusion_map(x, self.settings.dims) for x in part]) for part in parts])
+        with self.timer.phase("similarity", self.device):
+            # Every layer of every subsample in one batched k-means (one seed per problem, so a
+            # layer's labels do not depend on how many layers or repeats share the batch).
+            seeds = [seed * 1009 + r * 31 + i for r in range(reps) for i in range(n_layers)]
+            labels = kmeans_batched(emb.flatten(0, 1), self.settings.clusters, seeds).view(reps, n_layers, -1)
+            s = torch.stack([nmi_matrix(lab, self.settings.clusters) for lab in labels]).mean(0)
+        return Similarity(matrix=s.cpu(), embeddings=emb[0].cpu(), labels=labels[0].cpu())
 
 
 def build_context(
@@ -141,12 +141,20 @@ def build_context(
     repeats=8,
     seed=0,
     trust_remote_code=False,
+    max_memory=None,
     **extra,
 ) -> MergeContext:
-    """Load a model and its calibration batch; recipe calibration defaults fill what is not given."""
+    """Load a model and its calibration batch; recipe calibration defaults fill what is not given.
 
-    dev = resolve_device(device)
-    lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    ``max_memory`` (accelerate's caps, or --max-memory's text; default: the process's --max-memory)
+    places the model over the GPUs and CPU it names and the disk; the work then runs on its main
+    device (the first GPU named, else the CPU)."""
+
+    caps = parse_max_memory(max_memory) if max_memory is not None else current_max_memory()
+    dev = resolve_device(device)  # refuses --device cuda without a GPU, with or without a cap
+    check_placement(device, caps)
+    dev = main_device(caps) if caps else dev
+    lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code, max_memory=caps)
     cal = lm.recipe.get("calibration", {}) if lm.recipe else {}
     settings = MergeSettings(
         samples=samples or cal.get("samples", 32),

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..models.offload import is_dispatched, realize_offloaded
+
 Composition = list[dict[int, float]]  # one {original layer index: coefficient} per new layer
 
 
@@ -57,6 +59,8 @@ def realize_layer(originals: Sequence[nn.Module], coeffs: dict[int, float], name
         return originals[items[0][0]]
     base = originals[items[0][0]]
     _check_block(base, names)
+    if is_dispatched(base):  # placed by accelerate (--max-memory): weights may be offloaded (meta here)
+        return realize_offloaded(originals, items, names)
     new = copy.deepcopy(base)
     params = dict(new.named_parameters())
     for name in names:

@@ -64,16 +64,21 @@ def logits_from(model, arch, layers: list[nn.Module], hidden: torch.Tensor) -> t
 
 @torch.no_grad()
 def layer_inputs(model, arch, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden state entering each block (and, last, leaving the final block) for ``input_ids``."""
+    """Hidden state entering each block (and, last, leaving the final block) for ``input_ids``.
+
+    All on the device of ``input_ids``: with a model spread over several GPUs by accelerate each
+    block runs on its own, and ``logits_from`` then feeds any of them back through the model's
+    top-level hook, which takes inputs to where the model runs and brings logits back."""
     layers = get_layers(model, arch)
     captured: list[torch.Tensor] = []
+    home = input_ids.device
 
     def hook(_mod, args, kwargs):
         hs = args[0] if args else kwargs["hidden_states"]
-        captured.append(hs.detach())
+        captured.append(hs.detach().to(home))
 
     def out_hook(_mod, _args, output):
-        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+        captured.append((output[0] if isinstance(output, tuple) else output).detach().to(home))
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(out_hook))

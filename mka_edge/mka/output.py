@@ -4,28 +4,45 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from ..cache import atomic_dir
+from ..models.loading import shard_size
+from ..models.offload import is_dispatched, is_offloaded, lazy_from
 from .context import MergeContext
 from .fusion import Composition, describe, realize
 from .layers import temporary_stack
 
+OFFLOADED_SHARD = "2GB"
+
 
 def build_model(ctx: MergeContext, comp: Composition):
-    """A standalone model (new config, its own tensors) whose blocks follow ``comp``."""
+    """A standalone model (new config, its own tensors) whose blocks follow ``comp``.
+
+    When the working model is placed by accelerate (--max-memory), the new one holds no copy: its
+    weights are read from the working model's blocks (and the fused ones) through accelerate's
+    hooks, one tensor at a time, when it is saved (``save_merged``), so saving needs no room for
+    the model on any device (only a shard's worth of CPU RAM)."""
     layers = realize(ctx.originals, comp, ctx.names)
-    with temporary_stack(ctx.model, ctx.arch, layers):
-        state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
     config = copy.deepcopy(ctx.model.config)
     config.num_hidden_layers = len(comp)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[min(c)] for c in comp]
     with torch.device("meta"):
         new = AutoModelForCausalLM.from_config(config, dtype=ctx.model.dtype)
+    if is_dispatched(ctx.model):  # placed by accelerate (--max-memory): no second copy, on any device
+        new.tie_weights()
+        with temporary_stack(ctx.model, ctx.arch, layers):
+            lazy_from(new, ctx.model)
+        return new.eval()
+    with temporary_stack(ctx.model, ctx.arch, layers):
+        # shared, not cloned: the new model is only saved (never trained or changed), and a clone
+        # held a second copy of the whole model at the merge's peak
+        state = {k: v.detach() for k, v in ctx.model.state_dict().items()}
     new.load_state_dict(state, strict=False, assign=True)
     new.tie_weights()
     missing = [n for n, p in new.named_parameters() if p.is_meta]
@@ -36,8 +53,11 @@ def build_model(ctx: MergeContext, comp: Composition):
 
 def save_merged(model, tokenizer, log: dict, out: Path) -> Path:
     """Write config, safetensors, tokenizer and merge_log.json; nothing appears at ``out`` on failure."""
-    with atomic_dir(Path(out)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+    # an offloaded model is saved shard by shard, each shard whole in CPU RAM first: keep them small
+    shards = {"max_shard_size": OFFLOADED_SHARD if is_offloaded(model) else shard_size(model)}
+    with atomic_dir(Path(out)) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(tmp, safe_serialization=True, **shards)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge_log.json").write_text(json.dumps(log, indent=2))
     return Path(out)

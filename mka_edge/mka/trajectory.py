@@ -19,7 +19,7 @@ from .context import MergeContext
 from .method_table import AUTO_POOL, uses_alpha
 from .methods import METHODS
 
-ALGO_VERSION = 1  # bump when a method's decisions change, to invalidate cached trajectories
+ALGO_VERSION = 2  # bump when a method's decisions change, to invalidate cached trajectories
 
 
 class _Clock:

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGUFReader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..cache import atomic_dir, cache_root, file_fingerprint, stable_hash
+from ..device import current_max_memory, main_device, parse_max_memory
 from ..errors import UserError
 from .architectures import ArchSpec, arch_for
+from .offload import check_cap, is_dispatched, is_offloaded, new_offload_dir
+from .offload import named_tensors as _named_tensors
 from .recipes import DEFAULT_MODEL, find_recipe, known_recipes
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,35 @@ class LoadedModel:
     source: dict[str, Any]  # what was asked for and where it resolved to
     fingerprint: str  # content identity of the weights (cache keys)
     recipe: dict[str, Any] = field(default_factory=dict)
+    max_memory: dict | None = None  # accelerate's caps it was placed by (--max-memory), else None
 
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether some weights wait off the execution device (CPU RAM under a GPU, or disk)."""
+        return is_offloaded(self.model)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the main device of accelerate's placement (its first parameter may be
+        offloaded, on meta), else the device of the weights."""
+        if self.max_memory and is_dispatched(self.model):
+            return main_device(self.max_memory)
+        return next(self.model.parameters()).device
+
+    @property
+    def device_map(self) -> dict | None:
+        """accelerate's placement (module -> GPU index, "cpu" or "disk") when it split the model."""
+        return getattr(self.model, "hf_device_map", None)
+
+    def named_tensors(self):
+        """(Hugging Face name, tensor) of every weight and buffer, one at a time: what exporters stream
+        from, so that a writer never needs a second copy of the whole model.  Offloaded weights come
+        as real CPU tensors, brought in one module at a time by accelerate's hooks."""
+        yield from _named_tensors(self.model)
 
 
 def _pip_gguf_path(src: dict[str, Any]) -> Path:
@@ -65,6 +92,7 @@ def _check_arch_config(config_dict: dict[str, Any], where: str) -> ArchSpec:
 
 
 def _gguf_arch(path: Path) -> str:
+    from gguf import GGUFReader  # here, not at the top: a machine without gguf still loads HF folders
 
     try:
         reader = GGUFReader(str(path))
@@ -84,6 +112,17 @@ def _plain_config(gguf_config):
     return AutoConfig.for_model(**cfg)
 
 
+SHARDS = 10  # safetensors serialises a shard as one bytes object, a copy of its tensors: a tenth
+
+
+def shard_size(model) -> int:
+    """Bytes per safetensors shard when mka-edge saves a model: a tenth of it (at least 100 MB), so
+    saving holds at most a tenth of the model twice (transformers' default, one shard up to 50 GB,
+    copied the whole model at once)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(100_000_000, total // SHARDS + 1)
+
+
 def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
     """Dequantize with transformers and rebuild the model from config + state dict to save it.
 
@@ -98,7 +137,8 @@ def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(src.state_dict(), assign=True, strict=True)
     clean.tie_weights()
-    clean.save_pretrained(out, safe_serialization=True)
+    del src  # its tensors live on in ``clean``
+    clean.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size(clean))
     tok.save_pretrained(out)
 
 
@@ -123,7 +163,21 @@ def _dir_fingerprint(folder: Path) -> str:
     return stable_hash([(f.name, file_fingerprint(f)) for f in files] + [(folder / "config.json").read_text()])
 
 
-def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
+def _placement(max_memory: dict | None) -> dict[str, Any]:
+    """from_pretrained's placement arguments: with a cap, accelerate's device map (GPUs, CPU, then the
+    disk, in a per-process folder under the cache); without, none (the model is moved whole)."""
+    if not max_memory:
+        return {}
+    return {"device_map": "auto", "max_memory": dict(max_memory), "offload_folder": str(new_offload_dir("model-"))}
+
+
+def _place(model, device: torch.device, max_memory: dict | None):
+    return model if max_memory else model.to(device)
+
+
+def _load_hf_dir(
+    folder: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, max_memory: dict | None = None
+):
 
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -134,8 +188,13 @@ def _load_hf_dir(folder: Path, device: torch.device, dtype: torch.dtype, trust_r
     if not list(folder.glob("*.safetensors")):
         raise UserError(f"{folder} holds no .safetensors weights; mka-edge does not load pickled weights")
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(device)
+        folder,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        **_placement(max_memory),
+    )
+    model = _place(model, device, max_memory)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model.eval(), tok, arch
 
@@ -154,14 +213,19 @@ def _hub_config(hub_id: str, trust_remote_code: bool):
         ) from None
 
 
-def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool):
+def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool, max_memory: dict | None = None):
 
     config = _hub_config(hub_id, trust_remote_code)
     arch = arch_for(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            hub_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        ).to(device)
+            hub_id,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            **_placement(max_memory),
+        )
+        model = _place(model, device, max_memory)
         tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise UserError(
@@ -236,10 +300,20 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    max_memory: dict | str | None = None,
 ) -> LoadedModel:
+    """Load ``spec`` on ``device`` (moved there whole), or, with ``max_memory`` (accelerate's caps,
+    or --max-memory's text; default: the process's --max-memory, if any), placed by accelerate
+    over the GPUs and CPU it names and the disk (``device`` is then unused: inputs go to
+    ``main_device(max_memory)``).  A cap that cannot hold one block is refused before loading."""
     device = torch.device(device)
+    max_memory = parse_max_memory(max_memory) if max_memory is not None else current_max_memory()
     source, recipe = resolve_source(spec)
     kind = source["kind"]
+    if max_memory:
+        config = load_config(spec, trust_remote_code=trust_remote_code)
+        check_cap(config, arch_for(config.model_type), dtype, max_memory)
+        device = main_device(max_memory)
     if kind == "gguf":
         path = Path(source["path"])
         if not path.is_file():
@@ -247,17 +321,19 @@ def load_model(
         gguf_arch = _gguf_arch(path)
         arch_for(gguf_arch)  # refuse unsupported architectures before the slow dequantization
         folder, fp = _cached_gguf_dir(path)
-        model, tok, arch = _load_hf_dir(folder, device, dtype, False)
+        model, tok, arch = _load_hf_dir(folder, device, dtype, False, max_memory)
         source["cached_dir"] = str(folder)
         source["model_dir"] = str(folder)
     elif kind == "hf-dir":
         folder = Path(source["path"])
-        model, tok, arch = _load_hf_dir(folder, device, dtype, trust_remote_code)
+        model, tok, arch = _load_hf_dir(folder, device, dtype, trust_remote_code, max_memory)
         fp = _dir_fingerprint(folder)
         source["model_dir"] = str(folder)
     else:
-        model, tok, arch = _load_hub(source["hub_id"], device, dtype, trust_remote_code)
+        model, tok, arch = _load_hub(source["hub_id"], device, dtype, trust_remote_code, max_memory)
         fp = _hub_fingerprint(model)
     if getattr(model.config, "model_type", None) != arch.name:
         arch = arch_for(model.config.model_type)
-    return LoadedModel(model=model, tokenizer=tok, arch=arch, source=source, fingerprint=fp, recipe=recipe)
+    return LoadedModel(
+        model=model, tokenizer=tok, arch=arch, source=source, fingerprint=fp, recipe=recipe, max_memory=max_memory
+    )

@@ -20,7 +20,7 @@ from ..merging import heldout_along, heldout_reference, step_quality
 from ..mka.trajectory import trajectory
 from ..produce import produce
 
-CURVE_VERSION = 1
+CURVE_VERSION = 2  # 2: batched k-means (similarity, so mka trajectories, changed)
 
 
 def merge_curve(

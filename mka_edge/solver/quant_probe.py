@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from mka_edge.exporters.gguf import write_float_gguf
+from mka_edge.exporters.gguf import intermediate_type, write_float_gguf
 from mka_edge.exporters.gguf_inspect import inspect_gguf
 from mka_edge.exporters.llama_quantize import quantize
 from mka_edge.exporters.quant_types import quant_type
@@ -104,14 +104,15 @@ def probe(
         return results
     ref_path, _ = compact_reference(lm, chunks, progress=progress)
     with tempfile.TemporaryDirectory(prefix="mka-edge-probe-") as tmp:
-        base = Path(tmp) / "base-f32.gguf"
-        write_float_gguf(lm, base, "F32")
+        float_type = intermediate_type(lm.model.config, "Q8_0")  # F32 for the small models probed
+        base = Path(tmp) / f"base-{float_type.lower()}.gguf"
+        write_float_gguf(lm, base, float_type)
         for q in tqdm(missing, desc="measuring quant types", disable=not progress, leave=False):
             qt = quant_type(q)
-            art = base if q == "F32" else Path(tmp) / f"{q}.gguf"
-            if q == "F16":
-                write_float_gguf(lm, art, "F16")
-            elif q != "F32":
+            art = base if q == float_type else Path(tmp) / f"{q}.gguf"
+            if q in ("F16", "F32") and q != float_type:
+                write_float_gguf(lm, art, q)
+            elif q != float_type:
                 quantize(base, art, qt.ftype, threads)
             acc = run_child(
                 WORKER,

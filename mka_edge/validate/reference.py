@@ -36,7 +36,7 @@ def compact_reference(
     key = reference_key(lm.fingerprint, ids, top_k)
     path = cache_root() / "references" / f"{key[:24]}.npz"
     if not path.is_file():
-        device = next(lm.model.parameters()).device
+        device = lm.input_device
         top_idx, top_lp, tgt = [], [], []
         for row in tqdm(ids, desc="reference log-probs", disable=not progress, leave=False):
             lp = torch.log_softmax(lm.model(input_ids=row[None].to(device), use_cache=False).logits[0].double(), -1)
@@ -80,7 +80,7 @@ def reference_mmlu(lm, jobs: list[dict], letters: list[int], progress: bool = Tr
     if path.is_file():
         correct = int(np.load(path))
     else:
-        device = next(lm.model.parameters()).device
+        device = lm.input_device
         correct = 0
         for q in tqdm(jobs, desc="reference MMLU", disable=not progress, leave=False):
             last = lm.model(input_ids=torch.tensor([q["ids"]], device=device), use_cache=False).logits[0, -1]
