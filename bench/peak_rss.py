@@ -55,6 +55,10 @@ def main() -> None:
     if args.where:
         row["peak_at"] = meter.peak_at
         print("  sampled peak at:\n    " + "\n    ".join(meter.peak_at))
+        row["growth"] = meter.growth
+        print(
+            "  RSS growth (s, GB, where):\n    " + "\n    ".join(f"{t:7.1f} {g:6.2f} {w}" for t, g, w in meter.growth)
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(row, indent=2))

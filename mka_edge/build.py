@@ -18,6 +18,7 @@ from .cache import atomic_dir
 from .errors import UserError
 from .exporters.paths import check_creatable
 from .heal.distill import HealConfig
+from .memory_use import release_freed_memory
 from .mka.context import build_context
 from .models.loading import load_model
 from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
@@ -188,10 +189,13 @@ def execute(
             log(f"[3/5] export: {target.name.upper()} {quant} ({target.runtime_label})")
             art = tmp / target.artifact_name(tag)
             summary = target.export(lm, art, quant, context=context, progress=progress)
+            del lm  # a merged model is not needed again; the reference below is the source in ctx
             log(f"[4/5] validate in {target.runtime_label}")
+            ctx.reset()  # the source's own stack: the reference the artifact is measured against
             val = validate_artifact(
                 art,
                 ref_spec,
+                reference_model=_as_reference(ctx),
                 threads=os.cpu_count(),
                 context=context,
                 kv_type=target.validation_kv_type(prof.kv_cache_type),
@@ -234,11 +238,19 @@ def execute(
         log("[5/5] package")
         chosen = {"k": k, "quant": quant, "artifact": art.name}
         pred = predict_artifact(tmp, chosen, summary, plan, val["latency"], ctx.model.config, prof)
+        release_freed_memory()  # the export's and validation's freed buffers, before the similarity's states
         similarity = ctx.similarity().matrix.numpy()
         manifest = package(tmp, plan, chosen, summary, val, attempts, merged_dir, prof, pred, similarity)
         shutil.rmtree(work, ignore_errors=True)
     manifest["out"] = str(out)
     return manifest
+
+
+def _as_reference(ctx):
+    """The source the build holds, when it is what validation would load itself (float32 on the
+    CPU, unplaced): then it serves as the reference instead of a second copy of the model."""
+    plain = str(ctx.model.dtype) == "torch.float32" and ctx.device.type == "cpu" and not ctx.lm.max_memory
+    return ctx.lm if plain else None
 
 
 def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: dict, config, prof: Profile) -> dict:

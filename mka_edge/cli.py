@@ -172,7 +172,10 @@ def torch_oom():
 def cli() -> None:
     """mka-edge: shrink a language model to fit an edge device by merging layers (MKA) and
     quantizing, and check the result in its real runtime."""
+    from .memory_use import bound_heap
+
     _quiet_libraries()
+    bound_heap()
 
 
 @cli.command()
@@ -781,11 +784,11 @@ def plan_options(f):
         ),
         click.option(
             "--method",
-            default="sleb",
+            default="sleb-fast",
             show_default=True,
             help=f"Merge method whose quality curve the plan uses, one of {', '.join(ALL_METHODS)} (see `mka-edge merge "
-            "--help`). sleb is the default here because it was never beaten on held-out quality by more than 2% "
-            "and costs a fraction of auto.",
+            "--help`). sleb-fast is the default here: on SmolLM2 it took sleb's layers at K = 3, 6 and 9 in "
+            "4.5x less time than sleb, and sleb was never beaten on held-out quality by more than 2%.",
         ),
         click.option(
             "--max-merge",

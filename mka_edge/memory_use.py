@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,38 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 def rss_bytes() -> int:
     """Resident set size of this process now."""
     return psutil.Process().memory_info().rss
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+HEAP_LIMIT = 4 * 2**20  # allocations from 4 MiB on get their own mapping
+
+
+def bound_heap() -> None:
+    """Make every allocation of 4 MiB or more (every tensor worth counting) a mapping of its own,
+    returned to the OS when freed.  Why: glibc raises its mmap threshold after a large block is
+    freed (up to 32 MiB), so later tensors land in the heap, and freed heap stays resident: the
+    cold README build held ~1 GB that no live object used.  Setting the threshold turns that
+    adjustment off.  A no-op where libc is not glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS before a stage that needs room:
+    glibc keeps freed heap pages (and raises its mmap threshold after large frees, so later large
+    tensors land in the heap too), which showed as RSS that no live object held."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _vm_hwm() -> int | None:
@@ -99,6 +132,7 @@ class MemoryMeter:
     where: bool = False  # note the main thread's mka_edge frames at the sampled peak (diagnosis)
     use: MemoryUse | None = None
     peak_at: list[str] = field(default_factory=list)
+    growth: list[tuple[float, float, str]] = field(default_factory=list)  # (s, GB, frame) per +50 MB, with ``where``
     _stop: threading.Event = field(default_factory=threading.Event)
     _peaks: dict = field(default_factory=lambda: {"self": 0, "children": 0})
 
@@ -114,6 +148,11 @@ class MemoryMeter:
                 rss = me.memory_info().rss
                 if rss > self._peaks["self"] and self.where:
                     self.peak_at = self._frames()
+                    if not self.growth or rss > self.growth[-1][1] * 1e9 + 50e6:
+                        frames = self.peak_at
+                        self.growth.append(
+                            (round(time.perf_counter() - self._t0, 1), rss / 1e9, frames[-1] if frames else "?")
+                        )
                 self._peaks["self"] = max(self._peaks["self"], rss)
                 kids = 0
                 for child in me.children(recursive=True):
@@ -132,6 +171,7 @@ class MemoryMeter:
         self._base = start if self.baseline is None else self.baseline
         self._peaks["self"] = start
         self._main = threading.get_ident()
+        self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self

@@ -45,7 +45,7 @@ class PlanSettings:
     profile: Profile
     model: str | None
     budget: Budget
-    method: str = "sleb"
+    method: str = "sleb-fast"
     alpha: str = "calibrated"
     k_max: int | None = None
     quants: tuple[str, ...] = ()
@@ -71,7 +71,7 @@ def resolve_settings(
     budget_mb: float | None = None,
     context: int | None = None,
     max_quality_loss: float | None = None,
-    method: str = "sleb",
+    method: str = "sleb-fast",
     alpha: str = "calibrated",
     k_max: int | None = None,
     quants: list[str] | None = None,

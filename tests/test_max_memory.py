@@ -148,6 +148,14 @@ def test_merge_cli_with_max_memory_writes_the_same_model(tiny_dir, tmp_path):
         assert current_max_memory() is None  # the command's cap ends with it
     a, b = _tensors(outs["plain"]), _tensors(outs["capped"])
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the exported artifact too: llama.cpp's Q8_0 of the merged model, loaded capped and uncapped
+    ggufs = {}
+    for name, extra in (("plain", []), ("capped", ["--max-memory", CAP])):
+        ggufs[name] = tmp_path / f"{name}.gguf"
+        args = ["export", "--model", str(outs["plain"]), "--quant", "Q8_0", "--pre-tokenizer", "gpt-2"]
+        res = CliRunner().invoke(cli, [*args, "--out", str(ggufs[name]), *extra])
+        assert res.exit_code == 0, res.output
+    assert ggufs["plain"].read_bytes() == ggufs["capped"].read_bytes()
     # healing trains in memory: a cap that leaves the merged model offloaded is refused in one line
     heal = ["heal", "--model", str(outs["capped"]), "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "h")]
     res = CliRunner().invoke(cli, [*heal, "--max-memory", CAP])

@@ -38,22 +38,33 @@ def sample_positions(batch: int, seq_len: int, n: int, seed: int) -> torch.Tenso
 
 @torch.no_grad()
 def collect(
-    model, arch, input_ids: torch.Tensor, positions: torch.Tensor, batch_size: int, device: torch.device, timer
+    model,
+    arch,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    timer,
+    dtype: torch.dtype = torch.float32,
 ) -> Activations:
+    """Hidden states at ``positions`` (flat sequence*T+t indices), written straight into one
+    preallocated [L+1, N, d] tensor in the caller's order: no per-batch pieces to concatenate,
+    stack or reorder (those copies tripled the peak: 3 x 292 MB for SmolLM2's similarity).
+    ``dtype``: of the kept states; the similarity keeps float16 (its diffusion maps work on
+    distances, in float64, and 8 x 512 positions of every layer are its largest buffer)."""
     layers = get_layers(model, arch)
     L = len(layers)
     B, T = input_ids.shape
-    order = torch.argsort(positions)
-    positions = positions[order]
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
-    last: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
-    state = {"sel": None}
+    width = int(model.config.hidden_size)
+    states = torch.empty(L + 1, len(positions), width, device=device, dtype=dtype)
+    last = torch.empty(L + 1, B, width, device=device)
+    state: dict = {"src": None, "dst": None, "rows": None}
 
     def keep(idx: int, hs: torch.Tensor) -> None:
         hs = hs.to(device)  # a model spread over GPUs by accelerate (--max-memory) runs each block on its own
         flat = hs.reshape(-1, hs.shape[-1])
-        per_layer[idx].append(flat[state["sel"]].float())
-        last[idx].append(hs[:, -1, :].float())
+        states[idx, state["dst"]] = flat[state["src"]].to(dtype)
+        last[idx, state["rows"]] = hs[:, -1, :].float()
 
     def pre(i):
         def f(_m, args, kwargs):
@@ -76,12 +87,12 @@ def collect(
             chunk = input_ids[start : start + batch_size].to(device)
             lo, hi = start * T, (start + chunk.shape[0]) * T
             mask = (positions >= lo) & (positions < hi)
-            state["sel"] = (positions[mask] - lo).to(device)
+            state["src"] = (positions[mask] - lo).to(device)
+            state["dst"] = torch.nonzero(mask)[:, 0].to(device)
+            state["rows"] = slice(start, start + chunk.shape[0])
             with timer.phase("forward", device):
                 base(input_ids=chunk, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    states = torch.stack([torch.cat(x) for x in per_layer])
-    states = states[:, torch.argsort(order)]  # back to the caller's order
-    return Activations(states=states, last_token=torch.stack([torch.cat(x) for x in last]))
+    return Activations(states=states, last_token=last)

@@ -96,10 +96,12 @@ class MergeContext:
     def reset(self) -> None:
         self.apply(identity(self.n_original))
 
-    def activations(self, seed: int | None = None, repeats: int = 1) -> act.Activations:
+    def activations(self, seed: int | None = None, repeats: int = 1, dtype=torch.float32) -> act.Activations:
         seed = self.settings.seed if seed is None else seed
         pos = act.sample_positions(*self.ids.shape, self.settings.positions * repeats, seed)
-        return act.collect(self.model, self.arch, self.ids, pos, self.settings.batch_size, self.device, self.timer)
+        return act.collect(
+            self.model, self.arch, self.ids, pos, self.settings.batch_size, self.device, self.timer, dtype
+        )
 
     def similarity(self, seed: int | None = None) -> Similarity:
         """NMI similarity of the current layers' diffusion embeddings (MKA steps 1-3).
@@ -113,7 +115,7 @@ class MergeContext:
         """
         seed = self.settings.seed if seed is None else seed
         n, reps = self.settings.positions, self.settings.repeats
-        acts = self.activations(seed, repeats=reps)
+        acts = self.activations(seed, repeats=reps, dtype=torch.float16)
         layer_states = acts.states[1:].to(self.device)  # outputs of each block
         reps = max(1, min(reps, layer_states.shape[1] // n))
         n = min(n, layer_states.shape[1])  # fewer positions than asked: one subsample of them all

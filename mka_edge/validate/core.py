@@ -58,7 +58,11 @@ def validate_artifact(
     kv_type: str | None = None,
     progress: bool = True,
     timeout_s: float = 3600,
+    reference_model=None,
 ) -> dict:
+    """Validate ``artifact`` in its runtime against ``reference`` (loaded here), or against
+    ``reference_model``, a LoadedModel of that reference the caller already holds (a build's
+    source: loading it a second time held two copies at the reference's peak)."""
 
     artifact = Path(artifact)
     fmt = target_for_artifact(Path(artifact)).validation
@@ -88,7 +92,7 @@ def validate_artifact(
             f"--context {context} is too small for a {prompt_tokens}-token prompt and {gen_tokens} generated tokens; use at least {need}"
         )
     ref_spec = reference_spec(info, reference)
-    lm = load_model(ref_spec)
+    lm = reference_model if reference_model is not None else load_model(ref_spec)
     fmt.check_vocab(artifact, info, lm)
     ref_path, ref_summary = compact_reference(lm, chunks, progress=progress)
     jobs, letters = mmlu_jobs(lm.tokenizer, mmlu_per_subject)

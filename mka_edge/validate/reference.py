@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..cache import cache_root, stable_hash
 from ..calibration import heldout_chunks
-from ..quality import _letter_prompt, mmlu_questions, wilson
+from ..quality import POSITIONS_PER_STEP, _letter_prompt, mmlu_questions, wilson
 
 TOP_K = 256
 
@@ -39,11 +39,16 @@ def compact_reference(
         device = lm.input_device
         top_idx, top_lp, tgt = [], [], []
         for row in tqdm(ids, desc="reference log-probs", disable=not progress, leave=False):
-            lp = torch.log_softmax(lm.model(input_ids=row[None].to(device), use_cache=False).logits[0].double(), -1)
-            v, i = lp.topk(top_k, dim=-1)
-            top_idx.append(i.int().cpu().numpy())
-            top_lp.append(v.float().cpu().numpy())
-            tgt.append(lp[:-1].gather(1, row[1:, None].to(device))[:, 0].float().cpu().numpy())
+            logits = lm.model(input_ids=row[None].to(device), use_cache=False).logits[0]
+            nxt = torch.cat([row[1:], row[:1]]).to(device)  # the last position's entry is dropped below
+            parts = []  # per POSITIONS_PER_STEP positions: float64 rows a vocabulary wide are the peak
+            for a in range(0, logits.shape[0], POSITIONS_PER_STEP):
+                lp = torch.log_softmax(logits[a : a + POSITIONS_PER_STEP].double(), -1)
+                v, i = lp.topk(top_k, dim=-1)
+                parts.append((i, v, lp.gather(1, nxt[a : a + POSITIONS_PER_STEP, None])[:, 0]))
+            top_idx.append(torch.cat([p[0] for p in parts]).int().cpu().numpy())
+            top_lp.append(torch.cat([p[1] for p in parts]).float().cpu().numpy())
+            tgt.append(torch.cat([p[2] for p in parts])[:-1].float().cpu().numpy())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
         np.savez(
