@@ -35,9 +35,8 @@ GPU, Llama-3-8B shape (defaults on CUDA: 4 x 256 tokens, K = 4; bfloat16; no val
 
     python bench/scale.py --shape 8b --device cuda
 
-(without the gguf package only `build` runs: mka_edge/models/loading.py imports gguf at module
-level, and so, through it, does everything else; `pip install gguf` is enough for all but the
-quantize stage, which needs llama-cpp-python.)
+(without the gguf package, `build`, `load` and `trajectory` run; `plan` and `gguf-bf16` need it
+(solver/feasibility.py and the exporters import it), `quantize-q4_k_m` needs llama-cpp-python.)
 
 A quick try: ``.venv/bin/python bench/scale.py --shape tiny --validate``.  JSON goes to
 bench/results/scale-<shape>-<device>.json unless --out says otherwise.
