@@ -6,9 +6,10 @@ Why this measure: the imports (torch, transformers, llama.cpp) cost a fixed ~0.5
 model-size choice changes, and float32 bytes are what the CPU path holds one copy of; a ratio
 of 1.0 means "one float32 copy of the model and nothing else".  The process's peak comes from
 the kernel (VmHWM, reset per stage through /proc/self/clear_refs), so no short spike is missed;
-child processes (llama.cpp's quantizer and validation, the ONNX builder) are sampled, and the
-kernel's peak of those that ended in the stage (RUSAGE_CHILDREN) is taken too; their peak is
-reported beside the process's, never added to it.
+child processes (llama.cpp's quantizer and validation, the ONNX builder) are sampled every 50 ms
+and their peak reported beside the process's, never added to it.  (Not the kernel's RUSAGE_CHILDREN
+peak: a child's ru_maxrss counts the parent's pages it shared between fork and exec, so it read the
+parent's own peak, 7.1 GB, for a 1B export whose quantizer child held far less.)
 """
 
 from __future__ import annotations
@@ -22,11 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -83,14 +79,6 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
-
-
-def _reaped_children_peak() -> int:
-    """The kernel's peak RSS of the largest child this process has waited for (RUSAGE_CHILDREN; never
-    reset, 0 where unknown).  A child that ends between two samples, or peaks between them, escapes
-    the sampler; when this figure grows during a stage, a child that ended in the stage held that
-    much at its peak."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 if resource else 0
 
 
 @dataclass
@@ -166,7 +154,6 @@ class MemoryMeter:
 
     def __enter__(self) -> MemoryMeter:
         self._kernel = _reset_hwm() and _vm_hwm() is not None
-        self._reaped = _reaped_children_peak()
         start = rss_bytes()
         self._base = start if self.baseline is None else self.baseline
         self._peaks["self"] = start
@@ -180,6 +167,5 @@ class MemoryMeter:
         self._stop.set()
         self._thread.join()
         peak = max(_vm_hwm() or 0, self._peaks["self"]) if self._kernel else self._peaks["self"]
-        reaped = _reaped_children_peak()
-        children = max(self._peaks["children"], reaped if reaped > self._reaped else 0)
+        children = self._peaks["children"]
         self.use = MemoryUse(self._base, peak, children, self.weights_f32, "VmHWM" if self._kernel else "sampled")

@@ -336,3 +336,26 @@ def test_bf16_float_file_matches_pytorch(tmp_path):
     ids = torch.randint(3, lm.model.config.vocab_size, (96,), generator=torch.Generator().manual_seed(0)).tolist()
     kl, top1 = kl_top1(torch_logprobs(lm.model, ids), llama_logprobs(path, ids))
     assert kl < 1e-3 and top1 > 0.9, (kl, top1)
+
+
+def test_bf16_checkpoint_loads_in_float32_as_transformers_would(tmp_path, tiny_dir):
+    """16-bit weights are loaded as stored and widened (a lower peak): the same float32 tensors,
+    buffers and config as transformers' own float32 load, the tied embedding still tied."""
+    from transformers import AutoModelForCausalLM
+
+    from mka_edge.models.loading import load_model
+
+    src = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    src.save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16" / "tokenizer.json").write_bytes((tiny_dir / "tokenizer.json").read_bytes())
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_dir / f).is_file():
+            (tmp_path / "bf16" / f).write_bytes((tiny_dir / f).read_bytes())
+    ours = load_model(str(tmp_path / "bf16")).model
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert {n: t.dtype for n, t in ours.named_buffers()} == {n: t.dtype for n, t in theirs.named_buffers()}
+    assert ours.get_input_embeddings().weight is ours.get_output_embeddings().weight
+    assert str(ours.config.dtype) == str(theirs.config.dtype)
