@@ -205,8 +205,9 @@ def _gguf_array(lm, hf_name: str, tensor: torch.Tensor, float_type: str) -> np.n
     return t.view(torch.int16).numpy() if float_type == "BF16" else t.numpy()
 
 
-def _tensor_infos(writer, lm, float_type: str) -> np.ndarray | None:
-    """Declare every tensor (name, shape, type) before any data is written, from shapes alone."""
+def _tensor_infos(writer, lm, float_type: str) -> tuple[int, np.ndarray | None]:
+    """Declare every tensor (name, shape, type) before any data is written, from shapes alone;
+    returns how many were declared, and the rope factors tensor (written last) if any."""
     shapes = ((n, h, t.shape, t.ndim) for n, h, t in _named_tensors(lm, lm.model.state_dict().items()))
     for name, _, shape, ndim in shapes:
         shape = tuple(int(d) for d in shape)
@@ -221,15 +222,13 @@ def _tensor_infos(writer, lm, float_type: str) -> np.ndarray | None:
     freqs = _rope_freqs(lm.model.config)
     if freqs is not None:
         writer.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes)
-    return freqs
+    return sum(len(t) for t in writer.tensors), freqs
 
 
-def _write_tensors(writer, lm, float_type: str, freqs: np.ndarray | None, progress: bool) -> None:
-    """Stream the tensors into the file in declaration order: one converted tensor in memory at a time."""
-    named = list(_named_tensors(lm, lm.model.state_dict().items()))
-    bar = tqdm(
-        total=len(named) + (freqs is not None), desc="writing GGUF", unit="tensor", disable=not progress, leave=False
-    )
+def _write_tensors(writer, lm, float_type: str, count: int, freqs: np.ndarray | None, progress: bool) -> None:
+    """Stream the ``count`` declared tensors into the file in declaration order: one converted
+    tensor in memory at a time."""
+    bar = tqdm(total=count, desc="writing GGUF", unit="tensor", disable=not progress, leave=False)
     with bar:
         for _, hf_name, tensor in _named_tensors(lm):
             writer.write_tensor_data(_gguf_array(lm, hf_name, tensor, float_type))
@@ -310,11 +309,11 @@ def write_float_gguf(
             raise UserError(f"tokenizer has {n_vocab} tokens but the model's embedding has {config.vocab_size} rows")
         _hparams(writer, config, n_vocab)
         _provenance(writer, lm, merge_log)
-        freqs = _tensor_infos(writer, lm, float_type)
+        count, freqs = _tensor_infos(writer, lm, float_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        _write_tensors(writer, lm, float_type, freqs, progress)
+        _write_tensors(writer, lm, float_type, count, freqs, progress)
     finally:
         writer.close()
     return tok_info

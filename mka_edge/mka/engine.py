@@ -9,12 +9,12 @@ at a time, so their temporaries stay a sequence's worth however many sequences s
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from .layers import base_model, get_layers, layer_inputs, temporary_stack
+from .layers import _resolve, base_model, get_layers, layer_inputs, temporary_stack
 
 
 def kl_from_logits(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -23,17 +23,10 @@ def kl_from_logits(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
-def _output_head(model, arch) -> nn.Module:
-    head = model
-    for part in arch.output_head.split("."):
-        head = getattr(head, part)
-    return head
-
-
 class CalibrationLoss:
     def __init__(self, model, arch, input_ids: torch.Tensor, device: torch.device, batch_size: int, timer) -> None:
         self.model, self.arch, self.device, self.timer = model, arch, device, timer
-        self.head = _output_head(model, arch)
+        self.head = _resolve(model, arch.output_head)
         self.batches = [input_ids[i : i + batch_size].to(device) for i in range(0, len(input_ids), batch_size)]
         with torch.no_grad(), timer.phase("forward", device):
             self.ref_logp = [
@@ -43,25 +36,11 @@ class CalibrationLoss:
         self.inputs: list[list[torch.Tensor]] = []
         self.refresh()
 
-    def _final(self, ids: torch.Tensor | None, hidden: torch.Tensor | None, tail=None, capture=None) -> torch.Tensor:
+    def _final(self, ids: torch.Tensor | None, hidden: torch.Tensor | None, tail=None) -> torch.Tensor:
         """Normed last hidden states of the model (or of its stack with ``tail`` as the blocks, fed
-        ``hidden``); ``capture`` collects the hidden state entering each block and leaving the last."""
-        with ExitStack() as stack:
-            if tail is not None:
-                stack.enter_context(temporary_stack(self.model, self.arch, tail))
-            if capture is not None:
-                layers = get_layers(self.model, self.arch)
-                for layer in layers:
-                    pre = layer.register_forward_pre_hook(
-                        lambda _m, a, kw: capture.append((a[0] if a else kw["hidden_states"]).detach()),
-                        with_kwargs=True,
-                    )
-                    stack.callback(pre.remove)
-                post = layers[-1].register_forward_hook(
-                    lambda _m, _a, out: capture.append((out[0] if isinstance(out, tuple) else out).detach())
-                )
-                stack.callback(post.remove)
-            kw = {"input_ids": ids} if ids is not None else {"inputs_embeds": hidden}
+        ``hidden``)."""
+        kw = {"input_ids": ids} if ids is not None else {"inputs_embeds": hidden}
+        with temporary_stack(self.model, self.arch, tail) if tail is not None else nullcontext():
             return base_model(self.model, self.arch)(**kw, use_cache=False).last_hidden_state
 
     def refresh(self) -> None:
@@ -75,9 +54,9 @@ class CalibrationLoss:
         layers = list(get_layers(self.model, self.arch))
         with torch.no_grad(), self.timer.phase("forward", self.device):
             for i, inputs in enumerate(self.inputs):
-                captured: list[torch.Tensor] = []
                 if pos < len(layers):
-                    self._final(None, inputs[pos], layers[pos:], captured)
+                    with temporary_stack(self.model, self.arch, layers[pos:]):
+                        captured = layer_inputs(self.model, self.arch, None, hidden=inputs[pos])
                 else:
                     captured = [inputs[pos]]
                 self.inputs[i] = inputs[:pos] + captured

@@ -56,22 +56,15 @@ def temporary_stack(model, arch, layers: list[nn.Module]):
 
 
 @torch.no_grad()
-def logits_from(model, arch, layers: list[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
-    """Logits of the model whose blocks are ``layers``, fed ``hidden`` in place of the embeddings."""
-    with temporary_stack(model, arch, layers):
-        return model(inputs_embeds=hidden, use_cache=False).logits
+def layer_inputs(model, arch, input_ids: torch.Tensor | None, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Hidden state entering each block (and, last, leaving the final block) for ``input_ids``, or
+    for ``hidden`` fed in place of the embeddings.
 
-
-@torch.no_grad()
-def layer_inputs(model, arch, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden state entering each block (and, last, leaving the final block) for ``input_ids``.
-
-    All on the device of ``input_ids``: with a model spread over several GPUs by accelerate each
-    block runs on its own, and ``logits_from`` then feeds any of them back through the model's
-    top-level hook, which takes inputs to where the model runs and brings logits back."""
+    All on the device of the input: with a model spread over several GPUs by accelerate each
+    block runs on its own, and the states are fed back into the stack from there."""
     layers = get_layers(model, arch)
     captured: list[torch.Tensor] = []
-    home = input_ids.device
+    home = (input_ids if input_ids is not None else hidden).device
 
     def hook(_mod, args, kwargs):
         hs = args[0] if args else kwargs["hidden_states"]
@@ -83,7 +76,8 @@ def layer_inputs(model, arch, input_ids: torch.Tensor) -> list[torch.Tensor]:
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(out_hook))
     try:
-        base_model(model, arch)(input_ids=input_ids, use_cache=False)
+        feed = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": hidden}
+        base_model(model, arch)(**feed, use_cache=False)
     finally:
         for h in handles:
             h.remove()
