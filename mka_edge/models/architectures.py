@@ -32,6 +32,7 @@ class ArchSpec:
     optional_biases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # config flag -> biases
     rotary_permute_qk: bool = True  # llama.cpp wants q/k permuted for its rope layout
     gguf_arch: str = "llama"
+    gguf_attention_free_arch: str | None = None  # llama.cpp architecture for layers without attention (deci)
     attn_module: str = "self_attn"  # attribute of a block holding its attention (carries layer_idx)
     mlp_module: str = "mlp"  # attribute of a block holding its feed-forward
     output_head: str = "lm_head"  # module name of the output projection (dropped when tied)
@@ -65,6 +66,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "mlp_bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"),
         },
         gguf_arch="llama",
+        gguf_attention_free_arch="deci",
     ),
     "mistral": ArchSpec(
         name="mistral",

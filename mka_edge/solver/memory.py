@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..models.attention_removal import attention_layers, attention_removed
+
 MIB = 2**20
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 N_UBATCH = 512
@@ -42,6 +44,11 @@ class Shape:
     n_ff: int
     n_vocab: int
     tied_embeddings: bool = True
+    attn_layers: int | None = None  # layers that keep attention (and a KV cache); None: all of them
+
+    @property
+    def kv_layers(self) -> int:
+        return self.n_layers if self.attn_layers is None else self.attn_layers
 
     @classmethod
     def from_config(cls, cfg) -> Shape:
@@ -55,10 +62,12 @@ class Shape:
             int(cfg.intermediate_size),
             int(cfg.vocab_size),
             bool(getattr(cfg, "tie_word_embeddings", False)),
+            attention_layers(cfg) if attention_removed(cfg) else None,
         )
 
-    def with_layers(self, n: int) -> Shape:
-        return Shape(**{**asdict(self), "n_layers": n})
+    def with_layers(self, n: int, attn_layers: int | None = None) -> Shape:
+        """The shape with ``n`` layers, ``attn_layers`` of them keeping attention (default: all)."""
+        return Shape(**{**asdict(self), "n_layers": n, "attn_layers": attn_layers})
 
 
 @dataclass
