@@ -165,7 +165,7 @@ def execute(
     next ones when the artifact misses the measured quality bar."""
     target = prof.target
     heal = HealConfig(**plan.settings["heal"]) if plan.settings.get("heal") else None
-    method, alpha = plan.choice.method, plan.choice.alpha
+    alpha = plan.choice.alpha
     check_host(sum(p.numel() for p in ctx.model.parameters()), out)
     max_kl = plan.budget.max_quality_loss
     context = plan.budget.context
@@ -175,22 +175,29 @@ def execute(
         work = tmp / ".work"
         for i, cand in enumerate(plan.ranked[:max_tries]):
             k, quant = cand["k"], cand["quant"]
-            tag = f"{Path(ref_spec).stem}-K{k}-{quant}"
+            method = cand.get("method") or plan.choice.method
+            cache = cand.get("cache", "f16/f16")
+            imatrix = bool(cand.get("imatrix"))
+            attn = f"A{cand['attn_layers']}" if cand.get("attn_layers") is not None else ""
+            tag = f"{Path(ref_spec).stem}-K{k}{attn}-{quant}{'-imat' if imatrix else ''}"
             log(f"[2/5] merge: K={k} ({method})" if k else "[2/5] merge: none (K=0)")
             heal_record = None
             if k:
                 if heal:
                     log(f"      healing: {heal.steps} steps ({heal.train})")
-                made = produce(ctx, k, method, alpha, work / f"model-k{k}", heal, progress=progress, log=log)
+                made = produce(ctx, k, method, alpha, work / f"model-{method}-k{k}", heal, progress=progress, log=log)
                 merged_dir, heal_record = made.folder, made.heal
                 lm = load_model(str(merged_dir))
             else:
                 merged_dir, lm = None, ctx.lm
-            log(f"[3/5] export: {target.name.upper()} {quant} ({target.runtime_label})")
+            log(
+                f"[3/5] export: {target.name.upper()} {quant}{' with an importance matrix' if imatrix else ''} "
+                f"({target.runtime_label})"
+            )
             art = tmp / target.artifact_name(tag)
-            summary = target.export(lm, art, quant, context=context, progress=progress)
+            summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=imatrix)
             del lm  # a merged model is not needed again; the reference below is the source in ctx
-            log(f"[4/5] validate in {target.runtime_label}")
+            log(f"[4/5] validate in {target.runtime_label} (KV cache {cache})")
             ctx.reset()  # the source's own stack: the reference the artifact is measured against
             val = validate_artifact(
                 art,
@@ -198,7 +205,7 @@ def execute(
                 reference_model=_as_reference(ctx),
                 threads=os.cpu_count(),
                 context=context,
-                kv_type=target.validation_kv_type(prof.kv_cache_type),
+                kv_type=target.validation_kv_type(cache),
                 out=work / f"validation-{i}",
                 thresholds=Thresholds(max_kld=max_kl),
                 repeats=repeats,
@@ -207,8 +214,13 @@ def execute(
             )
             attempts.append(
                 {
+                    "method": method,
                     "k": k,
                     "quant": quant,
+                    "imatrix": imatrix,
+                    "cache": cache,
+                    "attn_layers": cand.get("attn_layers"),
+                    "predicted_kl": cand.get("kl"),
                     "measured_kl": val["accuracy"]["kl"],
                     "passed": val["passed"],
                     **(
@@ -232,11 +244,19 @@ def execute(
         else:
             raise UserError(
                 f"no plan met the quality bar ({max_kl:g} nats) in {len(attempts)} tries: "
-                + ", ".join(f"K={a['k']} {a['quant']}: {a['measured_kl']:.3f}" for a in attempts)
+                + ", ".join(f"K={a['k']} {a['quant']} {a['cache']}: {a['measured_kl']:.3f}" for a in attempts)
                 + "; raise --max-quality-loss or --budget-mb"
             )
         log("[5/5] package")
-        chosen = {"k": k, "quant": quant, "artifact": art.name}
+        chosen = {
+            "method": method,
+            "k": k,
+            "quant": quant,
+            "cache": cache,
+            "imatrix": imatrix,
+            "attn_layers": cand.get("attn_layers"),
+            "artifact": art.name,
+        }
         pred = predict_artifact(tmp, chosen, summary, plan, val["latency"], ctx.model.config, prof)
         release_freed_memory()  # the export's and validation's freed buffers, before the similarity's states
         similarity = ctx.similarity().matrix.numpy()
@@ -257,14 +277,14 @@ def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: d
     """The device predictions for the artifact as built (its own weight bytes, not the plan's
     estimate), and the host prediction for the validation run beside the measured peak."""
     target = prof.target
-    shape = Shape.from_config(config).with_layers(summary.block_count)
+    shape = Shape.from_config(config).with_layers(summary.block_count, chosen.get("attn_layers"))
     rm = target.report_memory(
-        folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, prof.kv_cache_type
+        folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, chosen.get("cache", "f16/f16")
     )
     eff, eff_src = efficiency(target.name)
     tps = predict_tps(
         prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings), eff
-    )
+    ) * plan.cache_costs.get(chosen.get("cache", ""), {}).get("speed_factor", 1.0)
     memory = {
         "runtime": target.runtime_label,
         "host_run": rm.host_run,

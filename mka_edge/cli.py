@@ -49,6 +49,19 @@ MAX_MEMORY_HELP = (
 )
 
 
+def _check_kv_type(value):
+    """A KV cache type or K/V label, checked against kv_cache's table when the command line is read."""
+    if value is None or value == "auto":
+        return value
+    from .kv_cache import CacheMode
+
+    try:
+        CacheMode.parse(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.lower()
+
+
 def max_memory_option(f):
     return click.option(
         "--max-memory",
@@ -307,7 +320,8 @@ def _heal_config(steps, opts: dict, calibration=None, seed=0, heldout_chunks=2, 
     "k",
     type=int,
     required=True,
-    help="How many layers to merge away (K): the result has L - K layers.",
+    help="How many layers to merge away (K): the result has L - K layers. With sleb-attn, K counts removal "
+    "units (an attention sub-block or a whole layer).",
 )
 @click.option(
     "--method",
@@ -662,9 +676,19 @@ def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, intermed
 )
 @click.option(
     "--kv-type",
-    type=click.Choice(["f16", "f32", "q8_0", "q4_0"]),
     default=None,
-    help="GGUF only: llama.cpp KV cache type (default: the profile's, else f16). ONNX keeps the cache in the model's I/O type.",
+    metavar="TYPE",
+    callback=lambda ctx, param, v: _check_kv_type(v),
+    help="GGUF only: llama.cpp KV cache type for K and V: f16, f32, q8_0 or q4_0, or K/V apart as "
+    "K/V (e.g. q8_0/f16) (default: the profile's, else f16). A quantized V cache runs with flash "
+    "attention. ONNX keeps the cache in the model's I/O type.",
+)
+@click.option(
+    "--flash-attn",
+    type=click.Choice(["auto", "on", "off"]),
+    default=None,
+    help="GGUF only: llama.cpp's attention path. auto (default): on exactly when the V cache is quantized "
+    "(llama.cpp needs it there); a profile with flash_attention: false turns it off.",
 )
 @click.option(
     "--max-kld", type=float, default=None, help="Fail when the mean KL to the reference (nats) is above this."
@@ -700,6 +724,7 @@ def validate(
     threads,
     context,
     kv_type,
+    flash_attn,
     max_kld,
     min_tokens_per_s,
     repeats,
@@ -729,6 +754,7 @@ def validate(
         chunks=chunks,
         mmlu_per_subject=mmlu_per_subject,
         kv_type=kv_type,
+        flash_attn=None if flash_attn == "auto" else flash_attn,
     )
     click.echo(Path(r["out"], "validation.md").read_text())
     click.echo(f"wrote {r['out']}/validation.json")
@@ -755,6 +781,14 @@ def profiles() -> None:
             f"{p.name:22} {p.runtime:12} {p.memory_mb:>6}MB {p.budget_mb:>6}MB {p.bandwidth_gbps:>7.1f} "
             f"{p.context_length:>6} {p.min_tokens_per_s:>6g} {p.max_quality_loss:>7g}"
         )
+
+
+LEVER_OPTIONS = ("kv_type", "flash_attn", "attention_removal", "imatrix")
+
+
+def _levers(opts: dict) -> dict:
+    """The solver's lever options, taken out of a command's options (the rest are merge options)."""
+    return {k: opts.pop(k) for k in LEVER_OPTIONS if k in opts}
 
 
 def plan_options(f):
@@ -801,6 +835,39 @@ def plan_options(f):
             default=None,
             help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K; "
             "onnxruntime profiles: fp32,int8,int4-mixed,int4).",
+        ),
+        click.option(
+            "--kv-type",
+            default=None,
+            metavar="TYPE",
+            callback=lambda ctx, param, v: _check_kv_type(v),
+            help="llama.cpp KV cache: auto (the plan chooses among f16, q8_0 and q4_0 caches, with and without "
+            "flash attention, by measured KL, memory and speed) or a type pinned for K and V (f16 forbids "
+            "quantized caches). Default: the profile's kv_cache_type.",
+        ),
+        click.option(
+            "--flash-attn",
+            type=click.Choice(["auto", "on", "off"]),
+            default="auto",
+            show_default=True,
+            help="llama.cpp's attention path: auto lets the plan choose (where the profile allows flash "
+            "attention), on requires it, off forbids it (and with it quantized V caches).",
+        ),
+        click.option(
+            "--attention-removal/--no-attention-removal",
+            default=True,
+            show_default=True,
+            help="llama.cpp targets, llama architectures: also consider removing attention sub-blocks (the "
+            "sleb-attn curve; such a model runs as llama.cpp's deci architecture). onnxruntime-genai has no "
+            "per-layer configuration, so ONNX plans never remove attention alone.",
+        ),
+        click.option(
+            "--imatrix/--no-imatrix",
+            default=True,
+            show_default=True,
+            help="Consider importance-matrix quantization (computed once per model on the calibration set, "
+            "cached): per type the plan takes whichever of plain and imatrix measured lower KL, and the "
+            "imatrix-only types (IQ4_XS, IQ3_M) join the candidates.",
         ),
         click.option(
             "--heal-curve-points",
@@ -862,9 +929,11 @@ def plan(
     if out:
         check_creatable(Path(out))
     cfg = _heal_config(heal_steps, opts, opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model"))
+    levers = _levers(opts)
     s = resolve_settings(
         profile,
         opts.pop("model"),
+        **levers,
         budget_mb=budget_mb,
         context=context,
         max_quality_loss=max_quality_loss,
@@ -974,6 +1043,7 @@ def build(
             "repeats",
             "seed",
             "dtype",
+            *LEVER_OPTIONS,
         )
         given = [n for n in deciding if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
         if given:
@@ -981,6 +1051,7 @@ def build(
                 f"--plan executes a saved plan, so {', '.join('--' + n.replace('_', '-') for n in given)} "
                 "cannot change it; drop them, or plan again with them"
             )
+        _levers(opts)
         m = run(
             profile,
             opts.pop("model"),
@@ -995,11 +1066,13 @@ def build(
         cfg = _heal_config(
             heal_steps, opts, opts.get("calibration"), opts.get("seed") or 0, model_spec=opts.get("model")
         )
+        levers = _levers(opts)
         m = run(
             profile,
             opts.pop("model"),
             Path(out),
             force=force,
+            **levers,
             budget_mb=budget_mb,
             context=context,
             max_quality_loss=max_quality_loss,
@@ -1014,7 +1087,7 @@ def build(
             log=click.echo,
         )
     click.echo(
-        f"built {m['out']}/{m['artifact']}: K={m['plan']['k']}, {m['plan']['quant']}; "
+        f"built {m['out']}/{m['artifact']}: K={m['plan']['k']}, {m['plan']['quant']}, KV cache {m['plan'].get('cache', 'f16/f16')}; "
         f"measured KL {m['host_figures']['accuracy']['kl']:.3f}; predicted device memory "
         f"{m['device_predictions']['memory_mb']:.0f} MB; see {m['out']}/report.md"
     )

@@ -118,7 +118,8 @@ def _int(rec, name: str) -> None:
 class MergeStep(_Record):
     """One step of a merge trajectory, as logged: the state after merging the ``k``-th layer away.
 
-    Every step has ``k``, ``action`` ('fuse' or 'remove'), ``calib_kl`` and ``method``; the rest
+    Every step has ``k``, ``action`` ('fuse', 'remove' or, sleb-attn, 'remove-attention'),
+    ``calib_kl`` and ``method``; the rest
     depend on the action and the method (see mka.methods) and on where the step was recorded
     (``elapsed_s`` from the trajectory, ``chosen_from`` from the auto method, ``heldout`` and
     ``layers`` from merging.merge)."""
@@ -126,7 +127,7 @@ class MergeStep(_Record):
     _KIND = "merge step"
 
     k: int
-    action: str  # "fuse" | "remove"
+    action: str  # "fuse" | "remove" | "remove-attention"
     position: int | None = None  # fuse: index of the lower layer of the pair
     pair_sources: tuple[tuple[int, ...], ...] | None = None  # fuse: original layers in each of the pair
     alpha: float | None = None  # fuse: weight on the lower layer
@@ -139,6 +140,11 @@ class MergeStep(_Record):
     shortlist: dict | None = None  # mka-guided: {position: [calib KL, alpha]}; sleb-fast: {position: calib KL}
     removed_now: tuple[int, ...] | None = None  # sleb: the original layers removed at this step
     removed: tuple[int, ...] | None = None  # removal: all original layers removed so far
+    unit: str | None = None  # sleb-attn: "attention" (the layer's attention sub-block) or "layer" (whole)
+    layer: int | None = None  # sleb-attn: the original layer whose unit was removed at this step
+    attn_removed: tuple[int, ...] | None = None  # sleb-attn: original layers kept without attention so far
+    bytes_saved: int | None = None  # sleb-attn: reference bytes saved so far (F16 weights + f16 KV cache)
+    ref_context: int | None = None  # sleb-attn: the context of those KV cache bytes
     block_influence: tuple[float, ...] | None = None  # shortgpt
     angular_distance: float | None = None  # angular
     elapsed_s: float | None = None  # trajectory wall time up to this step
@@ -155,6 +161,9 @@ class MergeStep(_Record):
 
     def _check(self) -> None:
         _int(self, "k")
+        _int(self, "layer")
+        if self.action == "remove-attention" and self.layer is None:
+            raise ValueError(f"remove-attention step {self.k} lacks its layer")
         if self.action == "fuse" and (self.pair_sources is None or len(self.pair_sources) != 2 or self.alpha is None):
             raise ValueError(f"fuse step {self.k} lacks its pair_sources or alpha")
 
@@ -163,6 +172,8 @@ class MergeStep(_Record):
         if self.action == "fuse":
             a, b = (list(s) for s in self.pair_sources)
             return f"fuse {a}+{b} alpha {self.alpha:.2f}"
+        if self.action == "remove-attention":
+            return f"remove attention [{self.layer}]"
         gone = self.removed_now if self.removed_now is not None else self.removed
         return f"remove {list(gone) if gone is not None else None}"
 
@@ -190,6 +201,9 @@ class MergeLog(_Record):
     trajectory_cached: bool | None = None
     trajectory_seconds: float | None = None
     layer_map: tuple[dict, ...] | None = None  # [{"layer", "sources", "weights"}] of the merged stack
+    # layers of the merged stack (its numbering, as the config's mka_edge_attention_removed) that
+    # run without attention (sleb-attn); absent from the file when none, so older logs read the same
+    attention_removed: tuple[int, ...] = ()
     steps: tuple[MergeStep, ...] = ()
     timings: dict | None = None
     heal: dict | None = None  # added by heal (heal_log.json less losses and curve)
@@ -210,6 +224,10 @@ class MergeLog(_Record):
             raise ValueError("merge log field 'source' must be an object")
         if self.layer_map is not None and not all(isinstance(e, dict) and "sources" in e for e in self.layer_map):
             raise ValueError("merge log field 'layer_map' must list objects with 'sources'")
+        if not isinstance(self.attention_removed, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.attention_removed
+        ):
+            raise ValueError("merge log field 'attention_removed' must list layer indices")
 
     def source_spec(self) -> str | None:
         """How the source model was named (recipe, hub id, path), else its path, else None."""

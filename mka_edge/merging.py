@@ -11,9 +11,11 @@ from .calibration import heldout_chunks
 from .errors import UserError
 from .merge_log import FILE as MERGE_LOG
 from .merge_log import MergeLog, MergeStep
+from .mka.attention import positions
 from .mka.context import MergeContext
-from .mka.fusion import identity, realize
+from .mka.fusion import identity
 from .mka.layers import temporary_stack
+from .mka.method_table import by_bytes
 from .mka.output import build_model, layer_map, save_merged
 from .mka.trajectory import trajectory
 from .quality import Reference, compare
@@ -24,9 +26,16 @@ ALPHA_RULES = {
 }
 
 
-def check_k(k: int, n_layers: int) -> None:
+def check_k(k: int, n_layers: int, method: str | None = None) -> None:
     if k < 1:
         raise UserError(f"--merge-layers must be at least 1 (got {k})")
+    if method is not None and by_bytes(method):  # K counts removal units: attention sub-blocks and layers
+        if k > 2 * n_layers - 2:
+            raise UserError(
+                f"--merge-layers {k} is more removal units than {method} has: the model has {n_layers} layers, "
+                f"so at most {2 * n_layers - 2} (the attention of every layer but the first, and every layer but one)"
+            )
+        return
     if k >= n_layers:
         raise UserError(
             f"--merge-layers {k} would leave no layer: the model has {n_layers}; use at most {n_layers - 1}"
@@ -42,7 +51,7 @@ def heldout_reference(ctx: MergeContext, n_chunks: int) -> Reference:
 def step_quality(ctx: MergeContext, ref: Reference, step: dict) -> dict:
     """Held-out quality (KL, perplexity, top-1) of the stack after ``step``; the working stack is
     left as it was (a trajectory may be running on it)."""
-    layers = realize(ctx.originals, step["composition"], ctx.names)
+    layers = ctx.stack(step["composition"], step.get("attn_removed", ()))
     with temporary_stack(ctx.model, ctx.arch, layers):
         return compare(ctx.model, ref).as_dict()
 
@@ -75,13 +84,18 @@ def merge(
     use_cache: bool = True,
     progress: bool = True,
 ) -> dict:
-    check_k(k, ctx.n_original)
+    check_k(k, ctx.n_original, method)
     if out is not None:
         check_out(out)
     traj = trajectory(ctx, method, k, alpha, use_cache=use_cache, progress=progress)
     steps = traj["steps"][:k]
+    if len(steps) < k:
+        raise UserError(
+            f"{method} found only {len(steps)} removal units on this model, not {k}; use --merge-layers {len(steps)}"
+        )
     quality = heldout_along(ctx, steps, heldout, progress)
     comp = steps[-1]["composition"]
+    attn = steps[-1].get("attn_removed", ())
     log = MergeLog(
         mka_edge=__version__,
         source=ctx.lm.source,
@@ -98,6 +112,7 @@ def merge(
         trajectory_cached=traj["cached"],
         trajectory_seconds=traj["seconds"],
         layer_map=tuple(layer_map(comp)),
+        attention_removed=tuple(positions(comp, attn)),
         # the trajectory's step dicts, less the composition, plus held-out quality and the layer map
         steps=tuple(
             MergeStep.from_json(
@@ -109,7 +124,7 @@ def merge(
         timings=ctx.timer.as_dict(),
     ).to_json()
     if out is not None:
-        model = build_model(ctx, comp)
+        model = build_model(ctx, comp, attn)
         save_merged(model, ctx.lm.tokenizer, log, Path(out))
     ctx.apply(identity(ctx.n_original))
     return log

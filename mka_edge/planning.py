@@ -25,17 +25,20 @@ from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
-from .records import Budget, Choice, Plan, QuantCost
+from .records import Budget, CacheCost, Choice, EditSet, Plan, QuantCost
 from .solver import speed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
-from .solver.search import Candidate, choose, pareto
+from .solver.search import Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
 
 PROBE_MAX_PARAMS = 3e9  # above this, quantizing every type to measure it costs more than the build
 DEFAULT_MODEL = "smollm2-135m"
+ATTENTION_METHOD = "sleb-attn"  # the trajectory that removes attention sub-blocks (and layers)
+ATTENTION_STEPS_PER_LAYER = 2  # an attention unit is about half a layer's reference bytes
+ATTENTION_BASES = ("sleb-fast", "sleb")  # whole-layer methods beside which the sleb-attn curve is offered
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,27 @@ class PlanSettings:
     heal: object | None = None  # heal.distill.HealConfig, or None
     heal_points: int = 4
     merge_opts: dict = field(default_factory=dict)
+    kv_type: str = "auto"  # auto: the plan chooses the cache mode; a type pins K and V
+    flash_attn: str = "auto"  # auto: allowed where the profile allows it; on: required; off: forbidden
+    attention_removal: bool = True  # the sleb-attn curve (llama.cpp targets, architectures with deci)
+    imatrix: bool = True  # importance-matrix quantization where the probe measured that it helps
 
     @property
     def target(self) -> Target:
         return self.profile.target
+
+    def forbidden(self) -> str:
+        """The levers ruled out, for the "nothing fits" line."""
+        out = []
+        if self.flash_attn == "off" or not self.profile.flash_attention:
+            out.append("flash attention forbidden" + ("" if self.flash_attn == "off" else " by the profile"))
+        if self.kv_type != "auto":
+            out.append(f"KV cache pinned to {self.kv_type}")
+        if not self.attention_removal:
+            out.append("attention removal off")
+        if not self.imatrix:
+            out.append("importance-matrix quants off")
+        return ", ".join(out)
 
 
 def profile_fingerprint(prof: Profile) -> str:
@@ -79,6 +99,10 @@ def resolve_settings(
     heal=None,
     heal_points: int = 4,
     merge_opts: dict | None = None,
+    kv_type: str | None = None,
+    flash_attn: str | None = None,
+    attention_removal: bool = True,
+    imatrix: bool = True,
 ) -> PlanSettings:
     """The one precedence rule: a value given here (the command line, or the recipe's defaults the
     CLI already applied) wins, else the profile's.  Every check needs no model."""
@@ -87,10 +111,16 @@ def resolve_settings(
         raise UserError(f"unknown merge method '{method}'; known: {', '.join(ALL_METHODS)}")
     alpha = check_alpha(alpha)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    kv = str(resolved(kv_type, prof, "kv_cache_type")).lower()
+    fa = flash_attn or "auto"
+    if fa not in ("auto", "on", "off"):
+        raise UserError(f"--flash-attn must be auto, on or off (got {flash_attn!r})")
+    if fa == "on" and not prof.flash_attention:
+        raise UserError(f"profile {prof.name} forbids flash attention (flash_attention: false); drop --flash-attn on")
     budget = Budget(
         memory_mb=float(resolved(budget_mb, prof, "budget_mb")),
         context=int(resolved(context, prof, "context_length")),
-        kv_cache_type=prof.kv_cache_type,
+        kv_cache_type=kv,
         min_tokens_per_s=prof.min_tokens_per_s,
         max_quality_loss=float(resolved(max_quality_loss, prof, "max_quality_loss")),
     )
@@ -110,6 +140,10 @@ def resolve_settings(
         effective_heal(heal, prof),
         heal_points,
         dict(merge_opts or {}),
+        kv,
+        fa,
+        attention_removal,
+        imatrix,
     )
 
 
@@ -122,6 +156,8 @@ class CheapFacts:
     exact: bool
     measure: bool  # quant costs are measured on this model (else llama.cpp's published prior)
     k_max: int
+    modes: tuple[str, ...] = ("f16/f16",)  # the cache modes this plan chooses between
+    attention_removal: bool = False  # the sleb-attn curve is a candidate source
 
 
 def cheap_facts(s: PlanSettings) -> CheapFacts:
@@ -133,17 +169,22 @@ def cheap_facts(s: PlanSettings) -> CheapFacts:
     measure = sum(ms.block_params) + ms.other_params <= PROBE_MAX_PARAMS and not s.quality_prior
     sizes = s.target.type_sizes(ms, list(s.quants), measure)
     exact = s.target.sizes_are_exact
+    modes = s.target.cache_modes(s.kv_type, s.profile.flash_attention and s.flash_attn != "off", ms.shape.head_dim)
+    if s.flash_attn == "on":
+        modes = [m for m in modes if m.endswith("+fa")] or modes
     check_any_fits(
         ms,
         sizes,
         k_max=k_max,
         context=s.budget.context,
-        kv_type=s.budget.kv_cache_type,
+        modes=modes,
         budget_mb=s.budget.memory_mb,
         overhead_mb=DEFAULT_OVERHEAD_MB,
         exact=exact,
+        forbidden=s.forbidden(),
     )
-    return CheapFacts(ms, sizes, exact, measure, k_max)
+    attn = s.attention_removal and s.target.supports_attention_removal(ms.arch) and s.method in ATTENTION_BASES
+    return CheapFacts(ms, sizes, exact, measure, k_max, tuple(modes), attn)
 
 
 @dataclass(frozen=True)
@@ -159,17 +200,40 @@ class Facts:
     efficiency_source: str
     curve: dict
     healed: dict | None
+    caches: tuple[CacheCost, ...] = (CacheCost("f16/f16"),)
+    attn_curve: dict | None = None  # the sleb-attn curve (healed when the plan heals)
 
 
-def _enumerate(s: PlanSettings, facts_shape: Shape, costs, eff: float, curve_kl, kept) -> list[Candidate]:
+def plain_costs(costs: dict[str, QuantCost]) -> dict[str, QuantCost]:
+    """The costs without importance-matrix quantization (``--no-imatrix``, the old space): each
+    type at its plain KL; types that need a matrix dropped."""
+    out = {}
+    for q, c in costs.items():
+        if c.extra.get("imatrix") and "kl_plain" not in c.extra:
+            continue
+        kl = c.extra.get("kl_plain", c.kl)
+        out[q] = QuantCost(
+            c.quant,
+            c.target,
+            c.per_layer,
+            c.other,
+            c.repack_per_layer,
+            kl,
+            c.tensor_types,
+            c.resident_ratio,
+            {**c.extra, "imatrix": False},
+        )
+    return out
+
+
+def _enumerate(s: PlanSettings, facts_shape: Shape, costs, eff: float, edits: list[EditSet], caches) -> list[Candidate]:
     b = s.budget
     return enumerate_candidates(
         facts_shape,
-        curve_kl,
-        kept,
+        edits,
         costs,
+        list(caches),
         context=b.context,
-        kv_type=b.kv_cache_type,
         budget_mb=b.memory_mb,
         bandwidth_gbps=s.profile.bandwidth_gbps,
         efficiency=eff,
@@ -194,12 +258,22 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
         calibrate_speed=eff_source.startswith("default"),
         log=log,
     )
+    if not s.imatrix:
+        costs = plain_costs(costs)
     eff, eff_source = speed.efficiency(t.name)  # again: the probe calibrates it on a first run
+    caches = t.cache_costs(
+        ctx.lm, list(cheap.modes), context=s.budget.context, measure=cheap.measure, progress=progress, log=log
+    )
     shape = Shape.from_config(ctx.model.config)
     k_max = cheap.k_max
     ref_layers = next(iter(costs.values())).per_layer
     edge = _enumerate(
-        s, shape, costs, eff, [0.0] * (k_max + 1), [smallest_kept(ref_layers, k) for k in range(k_max + 1)]
+        s,
+        shape,
+        costs,
+        eff,
+        [EditSet(s.method, k, tuple(smallest_kept(ref_layers, k))) for k in range(k_max + 1)],
+        caches,
     )
     useful_below = needed_merge_kl(
         [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed],
@@ -213,15 +287,40 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
     if heal is not None and len(curve["kl"]) > 1:
         healed = healed_curve(ctx, curve, s.method, s.alpha, heal, points=s.heal_points, progress=progress, log=log)
         curve = dict(curve, kl=healed["kl"])
-    return Facts(cheap, ctx.lm.fingerprint, shape, costs, quant_source, eff, eff_source, curve, healed)
+    attn_curve = None
+    if cheap.attention_removal and s.method != ATTENTION_METHOD:
+        steps = min(ATTENTION_STEPS_PER_LAYER * k_max, 2 * cheap.shape.n_layers - 2)
+        attn_curve = merge_curve(
+            ctx, ATTENTION_METHOD, steps, s.alpha, progress=progress, log=log, useful_below=useful_below
+        )
+        if heal is not None and len(attn_curve["kl"]) > 1:
+            h = healed_curve(
+                ctx, attn_curve, ATTENTION_METHOD, s.alpha, heal, points=s.heal_points, progress=progress, log=log
+            )
+            attn_curve = dict(attn_curve, kl=h["kl"], unhealed_kl=h["unhealed_kl"])
+    return Facts(
+        cheap, ctx.lm.fingerprint, shape, costs, quant_source, eff, eff_source, curve, healed, tuple(caches), attn_curve
+    )
+
+
+def all_edit_sets(facts: Facts, s: PlanSettings) -> list[EditSet]:
+    """The edit sets a plan chooses between: the method's curve, then the attention curve's steps."""
+    out = edit_sets(facts.curve, s.method)
+    if facts.attn_curve:
+        out += edit_sets(facts.attn_curve, ATTENTION_METHOD)[1:]  # its K=0 is the same unmerged model
+    return out
 
 
 def solve(facts: Facts, s: PlanSettings) -> Plan:
     """The plan: every (K, type) pair predicted, the feasible ones ranked, the reason.  No I/O."""
     curve, healed, heal = facts.curve, facts.healed, s.heal
-    cands = _enumerate(s, facts.shape, facts.costs, facts.efficiency, curve["kl"], curve["kept"])
-    ranked, reason = choose(cands, s.budget.memory_mb, s.budget.min_tokens_per_s, s.budget.context)
+    edits = all_edit_sets(facts, s)
+    cands = _enumerate(s, facts.shape, facts.costs, facts.efficiency, edits, facts.caches)
+    ranked, reason = choose(
+        cands, s.budget.memory_mb, s.budget.min_tokens_per_s, s.budget.context, forbidden=s.forbidden()
+    )
     best = ranked[0]
+    best_edit = next(e for e in edits if (e.method, e.k) == (best.method, best.k))
     if not curve.get("complete", True):
         reach = len(curve["kl"]) - 1
         reason += (
@@ -243,19 +342,36 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
         },
         format=t.name,
         budget=budget,
-        choice=Choice(s.method, s.alpha, best.k, best.quant, best.layers, curve["kept"][best.k], best.as_dict()),
+        choice=Choice(
+            best.method,
+            s.alpha,
+            best.k,
+            best.quant,
+            best.layers,
+            list(best_edit.kept),
+            best.as_dict(),
+            best.cache,
+            best.imatrix,
+            list(best_edit.attn_removed),
+        ),
         reason=reason,
         alternatives=[c.as_dict() for c in ranked[1:6]],
         pareto=[c.as_dict() for c in pareto(cands)],
         models={
             "quality": (
-                "KL(K, q) = held-out KL of the merge at K after healing "
+                "KL(K, q, c) = held-out KL of the edit set at K after healing "
                 f"({heal.steps} steps, {heal.train}; healed at K = {', '.join(map(str, healed['healed_at']))}, "
-                "the K between by the interpolated healed/unhealed ratio) + KL of quant q on the unmerged model"
+                "the K between by the interpolated healed/unhealed ratio) + KL of quant q on the unmerged model "
+                "+ KL of cache mode c on the unmerged Q8_0 model"
                 if healed
-                else "KL(K, q) = held-out KL of the merge at K + KL of quant q on the unmerged model"
+                else "KL(K, q, c) = held-out KL of the edit set at K + KL of quant q on the unmerged model "
+                "+ KL of cache mode c on the unmerged Q8_0 model"
             ),
             "quant_cost": facts.quant_source,
+            "cache_cost": "measured on this model in llama.cpp (Q8_0 file, held-out KL over the f16 cache without "
+            "flash attention; decode speed with the cache filled to the plan's context, as a share of that mode's)"
+            if len(facts.caches) > 1
+            else "one cache mode",
             "memory": t.memory_model,
             "speed": f"efficiency {facts.efficiency:.3f} ({facts.efficiency_source}) x device bandwidth / bytes per token; "
             "a device prediction, not a measurement",
@@ -264,6 +380,20 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
             "kl": curve["kl"],
             "method": s.method,
             "complete": curve.get("complete", True),
+            **(
+                {
+                    "attention": {
+                        "method": ATTENTION_METHOD,
+                        "kl": facts.attn_curve["kl"],
+                        "attn_removed": facts.attn_curve.get("attn_removed"),
+                        "kept": facts.attn_curve.get("kept"),
+                        "bytes_saved": facts.attn_curve.get("bytes_saved"),
+                        "complete": facts.attn_curve.get("complete", True),
+                    }
+                }
+                if facts.attn_curve
+                else {}
+            ),
             **(
                 {
                     "unhealed_kl": healed["unhealed_kl"],
@@ -277,8 +407,20 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
         },
         heal=asdict(heal) if healed else None,
         quant_costs={q: c.plan_json() for q, c in facts.costs.items()},
+        cache_costs={c.mode: {"kl": c.kl, "speed_factor": c.speed_factor} for c in facts.caches},
         candidates=[c.as_dict() for c in cands],
-        ranked=[{"k": c.k, "quant": c.quant, "kl": c.kl} for c in ranked],
+        ranked=[
+            {
+                "method": c.method,
+                "k": c.k,
+                "quant": c.quant,
+                "imatrix": c.imatrix,
+                "cache": c.cache,
+                "attn_layers": c.attn_layers,
+                "kl": c.kl,
+            }
+            for c in ranked
+        ],
         settings={
             "model": s.model,
             "method": s.method,
@@ -289,6 +431,10 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
             "heal": asdict(heal) if heal is not None else None,
             "heal_points": s.heal_points,
             "merge_opts": s.merge_opts,
+            "kv_type": s.kv_type,
+            "flash_attn": s.flash_attn,
+            "attention_removal": s.attention_removal,
+            "imatrix": s.imatrix,
         },
     )
 
@@ -333,19 +479,32 @@ def plan_table(plan: Plan) -> str:
         f"profile {plan.profile['name']}: budget {b.memory_mb:.0f} MB, context {b.context}, "
         f">= {b.min_tokens_per_s:g} tok/s, quality loss <= {b.max_quality_loss:g} nats",
         "",
-        f"{'K':>3} {'layers':>6} {'quant':<10} {'memory MB':>10} {'tok/s (device, pred.)':>22} {'KL (pred.)':>10}  fits",
+        f"{'edits':<12} {'layers':>6} {'attn':>4} {'weights':<16} {'cache':<13} {'memory MB':>10} "
+        f"{'tok/s (device, pred.)':>22} {'KL (pred.)':>10} {'= edits':>8} {'+ quant':>8} {'+ cache':>8}  fits",
     ]
+    ch = plan.choice
     for c in plan.pareto:
         fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("memory" if not c["fits_memory"] else "speed")
-        mark = "  <- chosen" if (c["k"], c["quant"]) == (plan.choice.k, plan.choice.quant) else ""
-        lines.append(
-            f"{c['k']:>3} {c['layers']:>6} {c['quant']:<10} {c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f}  "
-            f"{fits if fits != 'yes' else 'yes'}{mark}"
+        chosen = (c.get("method", ch.method), c["k"], c["quant"], c.get("cache", ch.cache)) == (
+            ch.method,
+            ch.k,
+            ch.quant,
+            ch.cache,
         )
-    ch = plan.choice
+        terms = c.get("kl_terms") or {}
+        edits = f"{c.get('method') or ch.method}:{c['k']}" if c["k"] else "none"
+        attn = c["attn_layers"] if c.get("attn_layers") is not None else c["layers"]
+        weights = c["quant"] + ("+imatrix" if c.get("imatrix") else "")
+        lines.append(
+            f"{edits:<12} {c['layers']:>6} {attn:>4} {weights:<16} {c.get('cache', 'f16/f16'):<13} "
+            f"{c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f} {terms.get('edits', 0):>8.3f} "
+            f"{terms.get('quant', 0):>8.3f} {terms.get('cache', 0):>8.3f}  {fits}{'  <- chosen' if chosen else ''}"
+        )
+    removed = f", attention removed from {len(ch.attn_removed)} of them" if ch.attn_removed else ""
     lines += [
         "",
-        f"choice: merge K={ch.k} ({ch.method}) -> {ch.layers_after} layers, {ch.quant}",
+        f"choice: {'merge K=' + str(ch.k) + ' (' + ch.method + ')' if ch.k else 'no merge'} -> {ch.layers_after} "
+        f"layers{removed}, {ch.quant}{' with an importance matrix' if ch.imatrix else ''}, KV cache {ch.cache}",
         f"why: {plan.reason}",
     ]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import yaml
 from .errors import UserError
 from .targets import Target, runtimes, target_for_runtime
 
-KV_TYPES = ("f16", "f32", "q8_0", "q4_0")
+KV_CHOICES = ("auto", "f16", "f32", "q8_0", "q4_0")  # auto: the plan chooses (kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Profile:
     threads: int
     min_tokens_per_s: float  # generation speed the device must reach
     max_quality_loss: float  # mean KL(reference || artifact) in nats
-    kv_cache_type: str = "f16"
+    kv_cache_type: str = "auto"  # auto (the plan chooses the cache mode) or a type pinned for K and V
+    flash_attention: bool = True  # the device's runtime may run flash attention
     heal_steps: int = 0  # default healing steps for `build` on this device (0: none)
     unified_memory: bool = False  # GPU and CPU share the memory (Jetson, Apple silicon)
     path: str = ""
@@ -70,7 +71,7 @@ def resolved(given, profile: Profile | None, field: str, fallback=None):
 _REQUIRED = {
     f.name: f.type
     for f in fields(Profile)
-    if f.name not in ("path", "kv_cache_type", "unified_memory", "description", "heal_steps")
+    if f.name not in ("path", "kv_cache_type", "flash_attention", "unified_memory", "description", "heal_steps")
 }
 
 
@@ -103,9 +104,13 @@ def _check(data: dict, where: str) -> Profile:
         raise UserError(
             f"profile {where}: field 'runtime' must be one of {', '.join(runtimes())} (got {data['runtime']!r})"
         )
-    kv = data.get("kv_cache_type", "f16")
-    if kv not in KV_TYPES:
-        raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_TYPES)} (got {kv!r})")
+    kv = data.get("kv_cache_type", "auto")
+    if kv not in KV_CHOICES:
+        raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_CHOICES)} (got {kv!r})")
+    if not isinstance(data.get("flash_attention", True), bool):
+        raise UserError(
+            f"profile {where}: field 'flash_attention' must be true or false (got {data.get('flash_attention')!r})"
+        )
     if not isinstance(data.get("heal_steps", 0), int) or data.get("heal_steps", 0) < 0:
         raise UserError(
             f"profile {where}: field 'heal_steps' must be a non-negative integer (got {data.get('heal_steps')!r})"

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import UserError
 
-PLAN_SCHEMA = 1
+PLAN_SCHEMA = 2  # 2: cache mode, imatrix and attention removal in the choice
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,41 @@ class QuantCost:
         d = {"kl": self.kl, "bytes": self.total_bytes, "tensor_types": dict(self.tensor_types)}
         if self.resident_ratio is not None:
             d["resident_ratio"] = self.resident_ratio
+        for key in ("imatrix", "kl_plain", "kl_imatrix"):  # GGUF: whether the build quantizes with an imatrix
+            if key in self.extra:
+                d[key] = self.extra[key]
         return d
+
+
+@dataclass(frozen=True)
+class EditSet:
+    """One point of a merge curve: the model after ``k`` steps of ``method``'s trajectory (layers
+    removed or fused, attention sub-blocks removed), with its held-out KL against the original.
+    ``kept``: original layers still there; ``attn_removed``: those of them without attention."""
+
+    method: str
+    k: int
+    kept: tuple[int, ...]
+    attn_removed: tuple[int, ...] = ()
+    kl: float = 0.0
+
+    @property
+    def layers(self) -> int:
+        return len(self.kept)
+
+    @property
+    def attn_layers(self) -> int:
+        return len(self.kept) - len(self.attn_removed)
+
+
+@dataclass(frozen=True)
+class CacheCost:
+    """A cache mode (kv_cache.CacheMode label) and what it costs on this model: KL added to the
+    baseline mode's, and the share of the baseline's decode speed it keeps at the plan's context."""
+
+    mode: str
+    kl: float = 0.0
+    speed_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +172,9 @@ class Choice:
     layers_after: int
     kept_layers: list
     predicted: dict
+    cache: str = "f16/f16"  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
+    imatrix: bool = False  # the weight type quantized with an importance matrix
+    attn_removed: list = field(default_factory=list)  # original layers kept without attention
 
 
 @dataclass(frozen=True)
@@ -161,6 +198,7 @@ class Plan:
     candidates: list
     ranked: list
     settings: dict = field(default_factory=dict)  # the inputs that reproduce it (method, quants, k_max...)
+    cache_costs: dict = field(default_factory=dict)  # cache mode -> {'kl', 'speed_factor'}
     schema: int = PLAN_SCHEMA
 
     def to_json(self) -> dict:

@@ -24,11 +24,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def same_plan(c: dict, chosen: dict) -> bool:
+    """Whether candidate ``c`` (plan.json) is the plan ``chosen`` (a build's): edits, type and cache mode."""
+    keys = ("method", "k", "quant", "cache")
+    return all(c.get(k) == chosen.get(k) for k in keys if k in c and k in chosen)
+
+
 def _report(
     plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dict, attempts: list, mem: dict, device_tps: float
 ) -> str:
     p, ch, a, lat = plan.profile, plan.choice, val["accuracy"], val["latency"]
-    pred = next((c for c in plan.candidates if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"])), ch.predicted)
+    pred = next((c for c in plan.candidates if same_plan(c, chosen)), ch.predicted)
     line = target.artifact_line(chosen["artifact"], chosen["quant"], summary, plan.model["layers"])
     lines = [
         f"# mka-edge build report: {plan.model['spec']} for {p['name']}",
@@ -72,16 +78,24 @@ def _report(
         "",
         "## Plans considered (Pareto front: memory vs predicted quality)",
         "",
-        "| K | layers | quant | memory MB | device tok/s (pred.) | KL (pred.) | fits |",
-        "|---|---|---|---|---|---|---|",
+        "Each lever has its column; the predicted KL is the sum of the three terms after it.",
+        "",
+        "| edits | layers | with attention | weights | KV cache | memory MB | device tok/s (pred.) | KL (pred.) "
+        "| edits KL | quant KL | cache KL | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in plan.pareto:
         fits = (
             "yes" if c["fits_memory"] and c["fits_speed"] else ("no: memory" if not c["fits_memory"] else "no: speed")
         )
-        star = " **chosen**" if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"]) else ""
+        star = " **chosen**" if same_plan(c, chosen) else ""
+        t = c.get("kl_terms") or {}
+        edits = f"{c.get('method') or plan.choice.method} K={c['k']}" if c["k"] else "none"
+        attn = c["attn_layers"] if c.get("attn_layers") is not None else c["layers"]
         lines.append(
-            f"| {c['k']} | {c['layers']} | {c['quant']}{star} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} | {fits} |"
+            f"| {edits} | {c['layers']} | {attn} | {c['quant']}{'+imatrix' if c.get('imatrix') else ''}{star} "
+            f"| {c.get('cache', 'f16/f16')} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} "
+            f"| {t.get('edits', 0):.3f} | {t.get('quant', 0):.3f} | {t.get('cache', 0):.3f} | {fits} |"
         )
     lines += [
         "",
@@ -91,10 +105,14 @@ def _report(
         "",
         "## Attempts",
         "",
-        "| K | quant | measured KL | passed |",
-        "|---|---|---|---|",
+        "| edits | quant | KV cache | predicted KL | measured KL | passed |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {t['k']} | {t['quant']} | {t['measured_kl']:.4f} | {t['passed']} |" for t in attempts]
+    lines += [
+        f"| {t.get('method', '')} K={t['k']} | {t['quant']}{'+imatrix' if t.get('imatrix') else ''} "
+        f"| {t.get('cache', 'f16/f16')} | {t.get('predicted_kl') or float('nan'):.4f} | {t['measured_kl']:.4f} | {t['passed']} |"
+        for t in attempts
+    ]
     lines += ["", "## How the predictions are made", ""] + [f"- {k}: {v}" for k, v in plan.models.items()]
     lines += ["", "Host figures were measured on the machine that ran the build; they are not device figures."]
     return "\n".join(lines) + "\n"
@@ -105,8 +123,9 @@ def _model_card(plan: Plan, target, chosen: dict, summary: ArtifactSummary, val:
     return f"""# {Path(chosen["artifact"]).stem}
 
 {plan.model["spec"]} packaged by mka-edge {__version__} for **{plan.profile["name"]}**:
-{chosen["k"]} of {plan.model["layers"]} transformer layers merged away ({plan.choice.method}), then
-{chosen["quant"]}, {f["how"]}.
+{chosen["k"]} removal steps ({chosen.get("method", plan.choice.method)}) from {plan.model["layers"]} transformer layers, then
+{chosen["quant"]}{" with an importance matrix" if chosen.get("imatrix") else ""}, {f["how"]}; run it with the
+{chosen.get("cache", "f16/f16")} KV cache (RUN.md).
 
 - Format: {f["format"]}
 - Size: {f["size"]}
@@ -143,7 +162,7 @@ def package(
     if merged_dir is not None:
         shutil.copy(merged_dir / "merge_log.json", folder / "merge_log.json")
     similarity_heatmap(similarity, folder / "similarity.png", f"{plan.model['spec']}: layer similarity (NMI)")
-    chosen_c = next(c for c in plan.candidates if (c["k"], c["quant"]) == (chosen["k"], chosen["quant"]))
+    chosen_c = next((c for c in plan.candidates if same_plan(c, chosen)), plan.choice.predicted)
     pareto_plot(
         plan.candidates,
         plan.pareto,
@@ -154,7 +173,7 @@ def package(
     )
     atomic_write_text(folder / "report.md", _report(plan, target, chosen, summary, val, attempts, mem, device_tps))
     atomic_write_text(folder / "README.md", _model_card(plan, target, chosen, summary, val))
-    target.write_run_files(folder, chosen["artifact"], context, prof.threads)
+    target.write_run_files(folder, chosen["artifact"], context, prof.threads, chosen.get("cache", "f16/f16"))
     files = {}
     for f in sorted(folder.rglob("*")):
         rel = f.relative_to(folder).as_posix()

@@ -240,17 +240,18 @@ def test_validate_reports_and_fails_on_missed_threshold(tmp_path, tiny_dir):
 
 def test_importance_matrix_types_export(tmp_path, tiny_dir, monkeypatch):
     """IQ2_XS needs an importance matrix: one is computed from calibration text and handed to llama.cpp."""
-    import mka_edge.exporters.gguf as exporter
     import mka_edge.exporters.imatrix as im
 
     seen = {}
-    real = im.compute_imatrix
+    real = im._imatrix_arrays
 
-    def spy(lm, out, *a, **k):
-        seen.update(real(lm, out, *a, samples=2, seq_len=64, progress=False))
-        return seen
+    def spy(lm, batch, progress):
+        arrays = real(lm, batch, progress)
+        seen.update({k: v.size for k, v in arrays.items()})
+        return arrays
 
-    monkeypatch.setattr(exporter, "compute_imatrix", spy)
+    monkeypatch.setattr(im, "_imatrix_arrays", spy)
+    monkeypatch.setenv("MKA_EDGE_CACHE", str(tmp_path / "cache"))  # computed here, not served from the cache
     s = _export(tiny_dir, tmp_path / "iq2.gguf", "IQ2_XS")
     assert "blk.0.attn_q.weight" in seen and "blk.0.ffn_down.weight" in seen and seen["blk.0.ffn_down.weight"] == 128
     assert s["bits_per_weight"] < 16 and (tmp_path / "iq2.gguf").is_file()

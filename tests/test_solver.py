@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mka_edge.errors import UserError
-from mka_edge.records import QuantCost
+from mka_edge.records import CacheCost, EditSet, QuantCost
 from mka_edge.solver.memory import MIB, Shape, attention_bytes, kv_bytes, predict, reserved_compute_bytes
 from mka_edge.solver.search import candidates, choose, pareto
 
@@ -53,14 +53,17 @@ CURVE = [0.0, 0.12, 0.25, 0.34, 0.45, 0.6, 0.75]
 KEPT = [list(range(30 - k)) for k in range(len(CURVE))]
 
 
-def _cands(budget, min_tps=1.0, context=512):
+EDITS = [EditSet("sleb", k, tuple(KEPT[k]), (), kl) for k, kl in enumerate(CURVE)]
+BASE = [CacheCost("f16/f16")]
+
+
+def _cands(budget, min_tps=1.0, context=512, caches=BASE, edits=EDITS):
     return candidates(
         SMOL,
-        CURVE,
-        KEPT,
+        edits,
         _probe(),
+        caches,
         context=context,
-        kv_type="f16",
         budget_mb=budget,
         bandwidth_gbps=50,
         efficiency=0.5,
@@ -80,7 +83,7 @@ def test_tight_budget_makes_it_merge():
     unmerged_min = min(c.memory_mb for c in cands if c.k == 0)
     budget = unmerged_min - 1  # not even the smallest unmerged plan fits
     ranked, why = choose(_cands(budget), budget, 1.0, 512)
-    assert ranked[0].k > 0 and ranked[0].memory_mb <= budget and "merged" in why
+    assert ranked[0].k > 0 and ranked[0].memory_mb <= budget and "without any (none fits)" in why
     # among the plans that fit, it is the least predicted KL
     fits = [c for c in _cands(budget) if c.fits_memory]
     assert ranked[0].kl == min(c.kl for c in fits)
@@ -92,7 +95,7 @@ def test_merging_can_beat_coarser_quantization():
     budget = cands[(1, "Q4_K_M")].memory_mb + 0.1
     assert cands[(0, "Q4_K_M")].memory_mb > budget and cands[(0, "Q4_0")].memory_mb <= budget
     ranked, why = choose(_cands(budget), budget, 1.0, 512)
-    assert (ranked[0].k, ranked[0].quant) == (1, "Q4_K_M") and "beats the best unmerged plan (Q4_0" in why
+    assert (ranked[0].k, ranked[0].quant) == (1, "Q4_K_M") and "beat the best plan without any (K=0 Q4_0" in why
 
 
 def test_impossible_budget_says_the_smallest_footprint():
@@ -135,8 +138,96 @@ def test_published_prior_and_plan_on_a_tiny_model(tmp_path, tiny_dir):
     )
     assert (plan.choice.k, plan.choice.quant) == (0, "F16")  # a loose budget: best quality
     # F16, the best type, fits unmerged, so no merge can win: the curve is not computed (quality.needed_merge_kl)
-    assert "prior" in plan.models["quant_cost"] and len(plan.candidates) == 3
+    # the tiny model's 16-wide heads rule out quantized caches (llama.cpp's 32-element blocks): 2 cache modes
+    assert list(plan.cache_costs) == ["f16/f16", "f16/f16+fa"]
+    assert "prior" in plan.models["quant_cost"] and len(plan.candidates) == 3 * 2
     assert plan.curve["kl"] == [0.0] and not plan.curve["complete"]
-    assert "choice: merge K=0" in plan_table(plan)
+    assert "choice: no merge" in plan_table(plan)
     path = write_plan(plan, tmp_path)
     assert json.loads(path.read_text())["choice"] == plan.to_json()["choice"]
+
+
+# ---- cache modes: the attention path and the KV cache type as solver dimensions ----
+
+# what cache_probe measured on SmolLM2 (KL over the baseline; decode speed share at context 4096)
+MODES = [
+    CacheCost("f16/f16"),
+    CacheCost("q8_0/f16", 0.0003, 0.9),
+    CacheCost("f16/f16+fa", 0.0, 1.2),
+    CacheCost("q8_0/q8_0+fa", 0.0003, 0.5),
+    CacheCost("q4_0/q4_0+fa", 0.041, 0.3),
+]
+
+
+def test_flash_attention_drops_the_kq_term_and_a_quantized_cache_shrinks_kv():
+    q8 = 136.4 * MIB
+    base, fa = predict(SMOL, q8, 4096, "f16/f16"), predict(SMOL, q8, 4096, "f16/f16+fa")
+    # measured peak RSS at 4096: 402.8 MiB without flash attention, 309.2 with it, 265.7 with q8_0, 243.3 with q4_0
+    assert base.attention_mb - fa.attention_mb == pytest.approx(100.8 - 6.8, abs=1.0)
+    for mode, measured in (("f16/f16+fa", 309.2), ("q8_0/q8_0+fa", 265.7), ("q4_0/q4_0+fa", 243.3)):
+        assert predict(SMOL, q8, 4096, mode).total_mb == pytest.approx(measured, rel=0.05)
+    assert predict(SMOL, q8, 4096, "q8_0/q8_0+fa").kv_mb == pytest.approx(47.81, abs=0.01)  # llama.cpp's log
+    assert predict(SMOL, q8, 4096, "q4_0/q4_0+fa").kv_mb == pytest.approx(25.31, abs=0.01)
+
+
+def test_plan_picks_a_quantized_cache_when_it_is_the_cheapest_lever():
+    # unmerged Q4_K_M: 322 MB with the f16 cache and no flash attention, 228 with flash attention,
+    # 186 with a q8_0 cache.  At 300 MB the old space (f16 cache, no flash attention) must merge;
+    # the full space changes only the attention path (and affords Q8_0).  At 200 MB the old space has nothing; the
+    # full space buys the bytes from the cache for 0.0003 nats.
+    old_best = choose(_cands(300, context=4096), 300, 1.0, 4096)[0][0]
+    best = choose(_cands(300, context=4096, caches=MODES), 300, 1.0, 4096)[0][0]
+    assert old_best.k > 0 and old_best.cache == "f16/f16"
+    assert (best.k, best.quant, best.cache) == (0, "Q8_0", "f16/f16+fa") and best.kl < old_best.kl - 0.1
+    with pytest.raises(UserError, match="no plan fits the 200 MB"):
+        choose(_cands(200, context=4096), 200, 1.0, 4096)
+    ranked, why = choose(_cands(200, context=4096, caches=MODES), 200, 1.0, 4096)
+    best = ranked[0]
+    # Q8_0 weights with a q4_0 cache (0.004 + 0.041) beat Q4_K_M with a q8_0 cache (0.06 + 0.0003)
+    assert (best.k, best.quant, best.cache) == (0, "Q8_0", "q4_0/q4_0+fa")
+    assert "the q4_0/q4_0+fa cache beats the f16 cache without flash attention (no plan with it fits)" in why
+    assert best.kl_terms == {"edits": 0.0, "quant": 0.004, "cache": 0.041}
+
+
+def test_profile_forbidding_quantized_caches_keeps_them_out():
+    from mka_edge.kv_cache import LLAMA_CPP_MODES, allowed_modes
+
+    pinned = allowed_modes(LLAMA_CPP_MODES, flash_attention=True, kv_cache_type="f16")
+    no_fa = allowed_modes(LLAMA_CPP_MODES, flash_attention=False, kv_cache_type="auto")
+    assert [m.label for m in pinned] == ["f16/f16", "f16/f16+fa"]
+    assert all(not m.flash_attn and m.type_v == "f16" for m in no_fa) and len(no_fa) == 3
+    allowed = [c for c in MODES if c.mode in {m.label for m in pinned}]
+    best = choose(_cands(300, context=4096, caches=allowed), 300, 1.0, 4096)[0][0]
+    assert best.cache == "f16/f16+fa"
+    with pytest.raises(UserError, match="no plan fits the 170 MB.*smallest footprint reachable is 183 MB"):
+        choose(_cands(170, context=4096, caches=allowed), 170, 1.0, 4096)  # only a quantized cache reaches 170 MB
+    assert choose(_cands(170, context=4096, caches=MODES), 170, 1.0, 4096)[0][0].cache.startswith("q")
+
+
+def test_the_speed_floor_prices_a_slow_cache():
+    # q4_0 keeps 30% of the decode speed in MODES: with a floor between, it is never chosen
+    cands = _cands(1e9, context=4096, caches=MODES)
+    fast_q4 = max(c.tps for c in cands if c.cache == "q4_0/q4_0+fa")
+    floor = fast_q4 + 1
+    ranked, _ = choose(_cands(1e9, min_tps=floor, context=4096, caches=MODES), 1e9, floor, 4096)
+    assert all(c.cache != "q4_0/q4_0+fa" for c in ranked)
+
+
+def test_forbidden_levers_are_named_when_nothing_fits():
+    with pytest.raises(UserError, match="smallest footprint reachable.*flash attention forbidden by the profile"):
+        choose(_cands(50), 50, 1.0, 512, forbidden="flash attention forbidden by the profile")
+
+
+def test_attention_removal_edit_sets_are_priced_per_layer():
+    from mka_edge.solver.search import attention_share
+
+    # one edit set with layers 1 and 2's attention removed: weights drop by the attention share of
+    # two layers, and the KV cache by two layers' worth with flash attention
+    e = EditSet("sleb-attn", 2, tuple(range(30)), (1, 2), 0.02)
+    cands = _cands(1e9, context=4096, caches=MODES, edits=[EDITS[0], e])
+    by = {(c.method, c.quant, c.cache): c for c in cands}
+    a, b = by[("sleb-attn", "F16", "f16/f16+fa")], by[("sleb", "F16", "f16/f16+fa")]
+    assert a.attn_layers == 28 and b.attn_layers is None
+    share = attention_share(SMOL)
+    assert b.memory_terms["weights_mb"] - a.memory_terms["weights_mb"] == pytest.approx(2 * share * 6.0, rel=1e-3)
+    assert b.memory_terms["kv_mb"] - a.memory_terms["kv_mb"] == pytest.approx(2 * 3.0, rel=1e-3)

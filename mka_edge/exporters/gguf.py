@@ -27,10 +27,11 @@ from mka_edge.merge_log import MergeLog, provenance, read_merge_log
 from mka_edge.models.loading import load_config, load_model, storage_dtype
 from mka_edge.models.recipes import recipe_behind
 
+from .gguf_deci import drops_tensor, gguf_arch_name, per_layer_heads
 from .gguf_inspect import inspect_gguf
 from .gguf_names import tensor_name_map
 from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
-from .imatrix import compute_imatrix
+from .imatrix import imatrix_for, imatrix_provenance
 from .llama_quantize import quantize
 from .paths import ensure_writable_parent
 from .quant_types import QuantType, quant_type
@@ -83,8 +84,9 @@ def _hparams(writer, config, n_vocab: int) -> None:
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
     writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(n_head))
-    writer.add_head_count_kv(int(n_kv))
+    per_layer = per_layer_heads(config, int(n_head), int(n_kv))  # deci: 0 heads where attention was removed
+    writer.add_head_count(per_layer[0] if per_layer else int(n_head))
+    writer.add_head_count_kv(per_layer[1] if per_layer else int(n_kv))
     writer.add_rope_dimension_count(int(head_dim))
     if head_dim * n_head != config.hidden_size:
         writer.add_key_length(int(head_dim))
@@ -165,10 +167,12 @@ def f32_bytes(config) -> int:
 
 def _named_tensors(lm, tensors=None):
     """(GGUF name, HF name, tensor) of every tensor the GGUF holds, in file order: the tied output
-    projection and rotary buffers are left out (llama.cpp reuses token_embd / computes them).
+    projection and rotary buffers are left out (llama.cpp reuses token_embd / computes them), and
+    so are the attention tensors of layers without attention (deci: see gguf_deci).
     ``tensors`` is an iterable of (HF name, tensor); default: the model's, streamed one at a time."""
     tmap = tensor_name_map(lm)
-    tied = bool(getattr(lm.model.config, "tie_word_embeddings", False))
+    config = lm.model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in tensors if tensors is not None else lm.named_tensors():
         if tied and hf_name == f"{lm.arch.output_head}.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
@@ -177,6 +181,8 @@ def _named_tensors(lm, tensors=None):
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"no GGUF name for tensor {hf_name}; the exporter does not know this layout")
+        if drops_tensor(config, name):
+            continue
         yield name, hf_name, tensor
 
 
@@ -245,7 +251,7 @@ def write_shape_gguf(lm, path: Path) -> dict[str, tuple[int, ...]]:
     nothing even for an 8B model.  Returns {GGUF name: numpy-order shape}."""
 
     config = lm.model.config
-    writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
+    writer = gguf.GGUFWriter(str(path), gguf_arch_name(config, lm.arch))
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
@@ -287,7 +293,7 @@ def write_float_gguf(
         raise ValueError(f"float GGUF type must be one of {sorted(INTERMEDIATES)}, not {float_type}")
 
     config = lm.model.config
-    writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
+    writer = gguf.GGUFWriter(str(path), gguf_arch_name(config, lm.arch))  # llama, or deci without some attention
     try:
         writer.add_name(_model_name(lm, merge_log))
         writer.add_file_type(int(_FILE_TYPES[float_type]))
@@ -337,15 +343,21 @@ def export_loaded(
     threads: int | None = None,
     imatrix_texts=None,
     intermediate: str | None = None,
+    imatrix: bool = False,
     progress: bool = True,
 ) -> dict:
     """Export a loaded model; returns the summary of the file written (types read back from it).
     ``intermediate`` (F32, F16, BF16; default by ``intermediate_type``) is the float file handed
-    to llama.cpp's quantizer."""
+    to llama.cpp's quantizer.  ``imatrix``: quantize with the model's importance matrix (cached,
+    see ``imatrix_for``; calibration text ``imatrix_texts``, default the packaged one) when the
+    type takes one; types that need one always get it, types that ignore one never do."""
     q = quant if isinstance(quant, QuantType) else quant_type(quant)
     out = check_out_file(out)
     merge_log = read_merge_log(lm.source.get("model_dir"))
     threads = threads or max(1, os.cpu_count() or 1)
+    matrix = None
+    if not q.direct and (q.needs_imatrix or (imatrix and q.imatrix_helps)):
+        matrix = imatrix_for(lm, imatrix_texts, progress=progress)  # before the slow write: cached after
     with ExitStack() as stack:
         tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent)))
         float_type = intermediate_type(lm.model.config, q.name, intermediate)
@@ -354,19 +366,15 @@ def export_loaded(
         if q.direct:
             final_tmp = base
         else:
-            imatrix = None
-            if q.needs_imatrix:
-                imatrix = tmpdir / "imatrix.npz"
-                compute_imatrix(lm, imatrix, imatrix_texts, progress=progress)
-
             final_tmp = tmpdir / "quantized.gguf"
-            quantize(base, final_tmp, q.ftype, threads, imatrix, progress=progress)
+            quantize(base, final_tmp, q.ftype, threads, matrix, progress=progress)
         summary = inspect_gguf(final_tmp)
         os.replace(final_tmp, out)
     summary["path"] = str(out)
     summary["quant"] = q.name
     summary["tokenizer"] = tok_info
     summary["intermediate"] = float_type
+    summary["imatrix"] = imatrix_provenance(matrix) if matrix is not None else None
     return summary
 
 
@@ -379,9 +387,11 @@ def export_gguf(
     threads: int | None = None,
     calibration: str | None = None,
     intermediate: str | None = None,
+    imatrix: bool = False,
     progress: bool = True,
 ) -> dict:
     """`mka-edge export --format gguf`: load ``model`` (recipe, directory, GGUF, hub id) and export it.
+    ``imatrix``: quantize with an importance matrix from ``calibration`` (see ``export_loaded``).
 
     The weights load as stored (the writer converts one tensor at a time: converting while loading
     kept the whole memory-mapped checkpoint resident beside the converted model, 1.5x the float32
@@ -392,7 +402,8 @@ def export_gguf(
     check_out_file(out)
     config = load_config(model)
     float_type = intermediate_type(config, q.name, intermediate)
-    lm = load_model(model, "cpu", torch.float32 if q.needs_imatrix else storage_dtype(config))
+    with_matrix = q.needs_imatrix or (imatrix and q.imatrix_helps)
+    lm = load_model(model, "cpu", torch.float32 if with_matrix else storage_dtype(config))
     return export_loaded(
         lm,
         out,
@@ -401,5 +412,6 @@ def export_gguf(
         threads=threads,
         imatrix_texts=calibration,
         intermediate=float_type,
+        imatrix=imatrix,
         progress=progress,
     )

@@ -61,6 +61,12 @@ def inspect_gguf(path: str | Path) -> dict:
         provenance["layer_map"] = json.loads(provenance["layer_map"])
     tokens = f.get("tokenizer.ggml.tokens")
     weight_bytes = sum(type_bytes.values())
+    heads, heads_kv = key("attention.head_count"), key("attention.head_count_kv")
+    removed: list[int] = []
+    if isinstance(heads, list):  # per-layer head counts (deci): 0 where a layer has no attention
+        removed = [i for i, h in enumerate(heads) if not h]
+        heads = max(heads, default=None)
+        heads_kv = max(heads_kv, default=None) if isinstance(heads_kv, list) else heads_kv
     return {
         "path": str(path),
         "file_bytes": size,
@@ -69,8 +75,9 @@ def inspect_gguf(path: str | Path) -> dict:
         "block_count": key("block_count"),
         "context_length": key("context_length"),
         "embedding_length": key("embedding_length"),
-        "head_count": key("attention.head_count"),
-        "head_count_kv": key("attention.head_count_kv"),
+        "head_count": heads,  # of a layer with attention (a deci file holds one count per layer)
+        "head_count_kv": heads_kv,
+        "attention_removed": removed,  # layers without attention (deci), as in the config's list
         "key_length": key("attention.key_length"),
         "value_length": key("attention.value_length"),
         "n_vocab": len(tokens.data) if tokens is not None else None,

@@ -8,6 +8,11 @@ non-zero exit into one clear error and removes the half-written output.
 
 The dry run is llama.cpp's own: it decides every tensor's type for a file type without reading
 or writing any tensor data, so it also works on a data-less file (``gguf.write_shape_gguf``).
+
+With an importance matrix (``imatrix.py``'s .npz) the output records where it came from as
+llama.cpp's ``llama-quantize`` does: ``quantize.imatrix.file`` / ``.dataset`` (strings),
+``.entries_count`` / ``.chunks_count`` (llama.cpp writes its integer overrides as u32), passed as
+the quantize params' kv_overrides so that llama.cpp itself writes them.
 """
 
 from __future__ import annotations
@@ -22,22 +27,63 @@ from pathlib import Path
 from mka_edge.errors import UserError
 
 
-def _imatrix_array(path: str):
-    """A NULL-terminated llama_model_imatrix_data array (and the buffers it points into)."""
-    import llama_cpp
+def _read_imatrix(path: str) -> tuple[dict, dict]:
+    """({tensor name: column means}, meta) of an imatrix .npz; numpy only (the child loads no torch)."""
     import numpy as np
 
-    data = np.load(path)
+    with np.load(path) as data:
+        meta = json.loads(str(data["__meta__"])) if "__meta__" in data.files else {}
+        arrays = {n: np.ascontiguousarray(data[n], dtype=np.float32) for n in data.files if not n.startswith("__")}
+    return arrays, meta
+
+
+def _imatrix_array(arrays: dict):
+    """A NULL-terminated llama_model_imatrix_data array (and the buffers it points into)."""
+    import llama_cpp
+
     keep = []
-    arr = (llama_cpp.llama_model_imatrix_data * (len(data.files) + 1))()
-    for i, name in enumerate(data.files):
-        vals = np.ascontiguousarray(data[name], dtype=np.float32)
-        keep.append(vals)
-        arr[i].name = name.encode()
+    arr = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for i, (name, vals) in enumerate(arrays.items()):
+        name_b = name.encode()
+        keep.append((name_b, vals))
+        arr[i].name = name_b
         arr[i].data = vals.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         arr[i].size = vals.size
-    arr[len(data.files)].name = None
+    arr[len(arrays)].name = None
     return arr, keep
+
+
+IMATRIX_KEYS = {  # llama.cpp tools/quantize/quantize.cpp, LLM_KV_QUANTIZE_IMATRIX_*
+    "file": "quantize.imatrix.file",
+    "dataset": "quantize.imatrix.dataset",
+    "entries_count": "quantize.imatrix.entries_count",
+    "chunks_count": "quantize.imatrix.chunks_count",
+}
+
+
+def imatrix_overrides(path: str, n_entries: int, meta: dict):
+    """llama_model_kv_override array (terminated by an empty key) with the provenance llama-quantize
+    records: file and dataset as strings (at most 127 bytes, as llama.cpp cuts them), entries and
+    chunks as integers (the chunk count only when known, as llama.cpp does)."""
+    import llama_cpp
+
+    rows: list[tuple[str, object]] = [("file", Path(path).name)]
+    if meta.get("dataset"):
+        rows.append(("dataset", str(meta["dataset"])))
+    rows.append(("entries_count", int(n_entries)))
+    if int(meta.get("chunks", 0)) > 0:
+        rows.append(("chunks_count", int(meta["chunks"])))
+    arr = (llama_cpp.llama_model_kv_override * (len(rows) + 1))()
+    for i, (name, value) in enumerate(rows):
+        arr[i].key = IMATRIX_KEYS[name].encode()
+        if isinstance(value, int):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = value
+        else:
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            arr[i].value.val_str = value.encode()[:127].decode(errors="ignore").encode()
+    arr[len(rows)].key = b""
+    return arr
 
 
 # one line of llama.cpp's quantizer log per tensor: "[  3/272] blk.0.attn_q.weight - [576, 576, 1, 1],
@@ -94,8 +140,12 @@ def main(argv: list[str]) -> int:
     params.nthread = nthread
     keep = None
     if len(argv) > 4:
-        arr, keep = _imatrix_array(argv[4])
+        arrays, meta = _read_imatrix(argv[4])
+        arr, bufs = _imatrix_array(arrays)
+        kv = imatrix_overrides(argv[4], len(arrays), meta)
+        keep = (arr, bufs, kv)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     del keep
     return 0 if rc == 0 else 1

@@ -1,5 +1,6 @@
 """llama.cpp quantization types as data: the name users type, llama.cpp's file type, the tensor
-type it mainly writes, and whether llama.cpp only makes it with an importance matrix.
+type it mainly writes, whether llama.cpp only makes it with an importance matrix, and whether it
+quantizes better when given one.
 
 Nominal bits per weight come from gguf-py's block sizes of the main tensor type; the figure a
 file really has depends on the mix llama.cpp chooses per tensor (and on fallbacks when rows are
@@ -20,9 +21,16 @@ class QuantType:
     name: str
     ftype: int  # llama_ftype (LLAMA_FTYPE_*)
     main: str  # ggml type of most 2-D weights
-    needs_imatrix: bool = False
+    needs_imatrix: bool = False  # llama.cpp refuses (or badly makes) it without an importance matrix
     direct: bool = False  # written by gguf-py itself, without llama.cpp's quantizer
     note: str = ""
+
+    @property
+    def imatrix_helps(self) -> bool:
+        """Whether llama.cpp's quantizer weighs the rounding by an importance matrix when given one:
+        the legacy (Q4_0..Q5_1), K and IQ types do; the float types, Q8_0 and the ternary TQ types
+        ignore it (ggml's quantize functions for them take no weights)."""
+        return self.needs_imatrix or self.main not in _IMATRIX_IGNORED
 
     @property
     def nominal_bpw(self) -> float:
@@ -30,6 +38,8 @@ class QuantType:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.main]]
         return 8.0 * size / block
 
+
+_IMATRIX_IGNORED = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0"})
 
 _ROWS = [
     QuantType("F32", 0, "F32", direct=True, note="reference precision"),
@@ -81,11 +91,15 @@ def quant_help() -> str:
         notes = [q.note] if q.note else []
         if q.needs_imatrix:
             notes.append("llama.cpp needs an importance matrix (computed from the calibration set)")
+        elif q.imatrix_helps:
+            notes.append("imatrix")
         if q.direct:
             notes.append("written directly by gguf-py")
         lines.append(f"{q.name:<9} {q.nominal_bpw:>6.2f}  {'; '.join(notes)}")
     lines.append(
         "bpw: nominal for the main tensor type; files report the real figure (llama.cpp mixes types "
-        "and substitutes others when a row width is not a multiple of 256)."
+        "and substitutes others when a row width is not a multiple of 256).\n"
+        "imatrix: llama.cpp quantizes it better given an importance matrix (computed from the calibration "
+        "set; a plan measures the type with and without one and keeps the better)."
     )
     return "\n".join(lines)

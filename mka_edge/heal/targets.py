@@ -2,23 +2,33 @@
 K=6 from KL 0.97 to 0.69).  ``changed``: only the layers a merge touched — a fused layer, and the
 two layers on each side of a removed one — since the rest still compute what they were trained
 to.  ``lora``: low-rank adapters on every linear layer of every block, merged back afterwards,
-so the healed folder is a plain model and optimizer state stays small on large models."""
+so the healed folder is a plain model and optimizer state stays small on large models.
+
+Layers whose attention was removed (``models.attention_removal``: zero ``o_proj``, listed in the
+config) keep it removed whatever trains: their attention parameters (q, k, v, o, biases and the
+norm feeding them) never train and LoRA adapts none of those linears, so their ``o_proj`` stays
+exactly zero and a GGUF that drops those blocks computes what the healed model computes."""
 
 from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model
 
 from ..errors import UserError
+from ..mka.attention import attention_modules, attention_param_names
 from ..models.architectures import ArchSpec, arch_for
+from ..models.attention_removal import attention_removed
 
 MODES = ("all", "changed", "lora")
 
 
-def changed_layers(layer_map: list[dict], n_layers: int, n_original: int | None = None) -> list[int]:
+def changed_layers(
+    layer_map: list[dict], n_layers: int, n_original: int | None = None, no_attention: list[int] = ()
+) -> list[int]:
     """Indices (in the merged model) of fused layers and of the layers beside every gap left by a
     removed layer, with their neighbours.  A removed first layer touches the new first layer; a
-    removed last layer (``n_original`` says there was one) the new last layer."""
-    touched: set[int] = set()
+    removed last layer (``n_original`` says there was one) the new last layer.  A layer that lost
+    its attention (``no_attention``, merged numbering) counts as changed, with its neighbours."""
+    touched: set[int] = {j for i in no_attention for j in (i - 1, i, i + 1)}
     if layer_map and min(layer_map[0]["sources"]) > 0:
         touched.add(0)
     if layer_map and n_original is not None and max(layer_map[-1]["sources"]) < n_original - 1:
@@ -46,33 +56,48 @@ def select(
     come from ``arch`` (default: the table entry for the model's config), not from this file."""
     if mode not in MODES:
         raise UserError(f"unknown --train '{mode}'; choose one of {', '.join(MODES)}")
-    if mode != "all":
+    no_attn = attention_removed(model.config)
+    if mode != "all" or no_attn:
         arch = arch or arch_for(model.config.model_type)
+    layers = arch.layers(model) if arch is not None else None
+    kept = f"; attention of layers {no_attn} stays removed (frozen at zero)" if no_attn else ""
     if mode == "lora":
         targets = list(arch.lora_targets)
+        prefix = arch.layers_path
+        skip = [f"{prefix}.{i}.{name}" for i in no_attn for name in attention_modules(layers[i], arch, targets)]
         cfg = LoraConfig(
             r=lora_rank,
             lora_alpha=2 * lora_rank,
             lora_dropout=0.0,
             target_modules=targets,
+            exclude_modules=skip or None,
             bias="none",
             task_type="CAUSAL_LM",
         )
         wrapped = get_peft_model(model, cfg)
-        return wrapped, [f"LoRA rank {lora_rank} on {', '.join(targets)}"]
+        return wrapped, [f"LoRA rank {lora_rank} on {', '.join(targets)}{kept}"]
     for p in model.parameters():
         p.requires_grad_(mode == "all")
     if mode == "all":
-        return model, ["all parameters"]
+        _freeze_removed_attention(layers, no_attn, arch)
+        return model, ["all parameters" + kept]
     if not layer_map:
         raise UserError(
             "--train changed needs the merge's layer map (merge_log.json beside the model); use --train all or lora"
         )
-    layers = arch.layers(model)
-    idx = changed_layers(layer_map, len(layers), n_original)
+    idx = changed_layers(layer_map, len(layers), n_original, no_attn)
     if not idx:
         raise UserError("the merge changed no layer (K=0?); nothing to heal with --train changed; use --train all")
     for i in idx:
         for p in layers[i].parameters():
             p.requires_grad_(True)
-    return model, [f"layers {idx} (changed by the merge, with neighbours)"]
+    _freeze_removed_attention(layers, no_attn, arch)
+    return model, [f"layers {idx} (changed by the merge, with neighbours){kept}"]
+
+
+def _freeze_removed_attention(layers, no_attn: list[int], arch: ArchSpec) -> None:
+    """The attention parameters of the layers without attention never train (their o_proj stays zero)."""
+    for i in no_attn:
+        params = dict(layers[i].named_parameters())
+        for name in attention_param_names(layers[i], arch):
+            params[name].requires_grad_(False)

@@ -10,9 +10,10 @@ from ..calibration import calibration_batch
 from ..device import check_placement, current_max_memory, main_device, parse_max_memory, resolve_device, resolve_dtype
 from ..models.loading import LoadedModel, load_model
 from . import activations as act
+from .attention import REF_CONTEXT, stack
 from .diffusion import diffusion_map
 from .engine import CalibrationLoss
-from .fusion import Composition, identity, realize
+from .fusion import Composition, identity
 from .layers import get_layers, set_layers
 from .similarity import kmeans_batched, nmi_matrix
 from .timing import PhaseTimer
@@ -34,9 +35,15 @@ class MergeSettings:
     candidates: int = 6  # mka-guided: shortlist of most similar pairs scored by loss
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     calibration: str | None = None
+    # sleb-attn: the context at which a removal unit's KV cache bytes are counted.  Left out of
+    # key(): it changes only the methods that choose by bytes (method_table's by_bytes), and their
+    # cache keys add it (trajectory._key, quality.merge_curve), so the other methods' caches stay.
+    ref_context: int = REF_CONTEXT
 
     def key(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("ref_context")
+        return d
 
 
 @dataclass
@@ -60,6 +67,7 @@ class MergeContext:
         self.originals = list(get_layers(self.model, self.arch))
         self.names = self.arch.block_params(self.model.config)
         self.comp: Composition = identity(len(self.originals))
+        self.attn_removed: frozenset[int] = frozenset()  # original layers running without attention
         self._engine: CalibrationLoss | None = None
 
     @property
@@ -69,7 +77,7 @@ class MergeContext:
     @property
     def engine(self) -> CalibrationLoss:
         if self._engine is None:
-            current = self.comp  # the reference log-probs must come from the original stack
+            current, attn = self.comp, self.attn_removed  # the reference log-probs come from the original stack
             self.apply(identity(self.n_original), refresh=False)
             self._engine = CalibrationLoss(
                 self.model,
@@ -79,17 +87,22 @@ class MergeContext:
                 self.settings.batch_size,
                 self.timer,
             )
-            self.apply(current, refresh=True)
+            self.apply(current, refresh=True, attn_removed=attn)
         return self._engine
 
     def current_layers(self) -> list:
         return list(get_layers(self.model, self.arch))
 
-    def apply(self, comp: Composition, refresh: bool = True) -> None:
-        """Make the working model's stack equal ``comp`` (original blocks are never modified)."""
+    def stack(self, comp: Composition, attn_removed=()) -> list:
+        """The blocks of ``comp``, the layers in ``attn_removed`` (original indices) without attention."""
+        return stack(self.originals, comp, self.names, self.arch, attn_removed)
+
+    def apply(self, comp: Composition, refresh: bool = True, attn_removed=()) -> None:
+        """Make the working model's stack equal ``comp``, the original layers in ``attn_removed``
+        running without attention (original blocks are never modified)."""
         with self.timer.phase("fusion", self.device):
-            set_layers(self.model, self.arch, realize(self.originals, comp, self.names))
-        self.comp = comp
+            set_layers(self.model, self.arch, self.stack(comp, attn_removed))
+        self.comp, self.attn_removed = comp, frozenset(int(i) for i in attn_removed)
         if refresh and self._engine is not None:
             self._engine.refresh()
 

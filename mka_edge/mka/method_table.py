@@ -15,6 +15,9 @@ class MethodRow:
     uses_alpha: bool  # fuses layers, so the alpha rule changes its result (and cache key)
     in_auto: bool  # one of the methods `auto` picks from, per K, by calibration KL
     summary: str
+    # chooses by calibration KL per reference byte saved; its steps are removal units (an attention
+    # sub-block or a layer), not layers, and the reference context is part of its cache keys
+    by_bytes: bool = False
 
 
 # auto's pool is taken in this order (ties in calibration KL go to the first)
@@ -33,6 +36,15 @@ TABLE: tuple[MethodRow, ...] = (
         "sleb at a fraction of the cost: the least block-influence third of the layers screened on the first "
         "quarter of every calibration sequence, the best 3 confirmed on sleb's full loss",
     ),
+    MethodRow(
+        "sleb-attn",
+        False,
+        False,
+        "greedy removal of attention sub-blocks or whole layers (--k counts these units), the least calibration "
+        "KL per byte saved (F16 weights + f16 KV cache at the reference context) first; sleb-fast's screen "
+        "and confirmation",
+        by_bytes=True,
+    ),
     MethodRow("shortgpt", False, True, "remove the K layers of lowest Block Influence"),
     MethodRow("angular", False, True, "cut the block of K layers of least angular distance (Gromov et al.)"),
     MethodRow("drop-last", False, True, "remove the last K layers"),
@@ -46,3 +58,8 @@ ALL_METHODS = ("auto",) + tuple(ROWS)
 
 def uses_alpha(method: str) -> bool:
     return ROWS[method].uses_alpha if method in ROWS else False
+
+
+def by_bytes(method: str) -> bool:
+    """Whether ``method`` removes units chosen by KL per reference byte (its K counts units)."""
+    return ROWS[method].by_bytes if method in ROWS else False

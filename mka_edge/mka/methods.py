@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..errors import UserError
+from ..models.attention_removal import attention_removed
+from .attention import single_source, unit_bytes, without_attention
 from .context import MergeContext
 from .fusion import Composition, fuse, keep_only, realize_layer, remove
 from .method_table import ALL_METHODS, AUTO_POOL, ROWS  # noqa: F401 - re-exported for callers
@@ -300,6 +302,96 @@ def sleb_fast(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
         yield _greedy_removal(ctx, k, pos, losses[pos], "sleb-fast", extra, bar, partial=True)
 
 
+# ---- sleb-attn: attention sub-blocks or whole layers, the least KL per reference byte ----------
+def _per_byte(delta: float, nbytes: int) -> tuple[float, int]:
+    """Sort key of a removal unit: calibration KL increase per byte saved, least first; a unit that
+    costs nothing (or lowers the KL) is 0 per byte, and among those the largest goes first."""
+    return max(delta, 0.0) / nbytes, -nbytes
+
+
+def sleb_attn(ctx: MergeContext, k_max: int, alpha: str, bar) -> Trajectory:
+    """Greedy removal in units of an attention sub-block or a whole layer, chosen by calibration KL
+    increase per reference byte saved (``attention.unit_bytes``: F16 weights plus the f16 KV cache
+    at ``settings.ref_context`` tokens; a layer whose attention is already gone saves its MLP and
+    norm only).  One step per unit, so K counts units, not layers.
+
+    Per step, sleb-fast's filters: the candidates are the attention of every layer that still has
+    it (never the first layer's: llama.cpp's deci reads the head size from layer 0) and the
+    ``shortlist_size`` layers of least block influence (a whole first layer only when the second
+    keeps its attention); each is screened on the first quarter of every calibration sequence, the
+    ``CONFIRM`` best by screened KL per byte are scored on the full calibration loss, and the
+    least per byte is taken; then the cached hidden states are recomputed from its position on.
+    The baselines per byte are the stack's own losses, which the previous step measured (its
+    chosen candidate's screened and full KL), so no extra pass is needed."""
+    ctx.reset()
+    cfg, ref_ctx = ctx.model.config, ctx.settings.ref_context
+    sizes = [unit_bytes(b, ctx.arch, cfg, ref_ctx) for b in ctx.originals]  # (attention, rest) per layer
+    gone_attn = set(attention_removed(cfg))  # a source may have lost some attention already
+    if gone_attn:
+        ctx.apply(ctx.comp, attn_removed=gone_attn)
+    prefix = max(1, ctx.engine.batches[0].shape[1] // SCREEN_FRACTION)
+    base_screen = base_full = 0.0
+    saved = 0
+    for k in range(1, k_max + 1):
+        layers, comp = ctx.current_layers(), ctx.comp
+        orig = [single_source(c) for c in comp]
+        units: dict[tuple[str, int], int] = {}  # (unit, position) -> reference bytes it saves
+        for p in range(1, len(layers)):
+            if orig[p] not in gone_attn:
+                units[("attention", p)] = sizes[orig[p]][0]
+        if len(layers) > 1:
+            bi = block_influence(ctx.engine.inputs)
+            for p in sorted(range(len(layers)), key=lambda p: bi[p])[: shortlist_size(len(layers))]:
+                if p == 0 and orig[1] in gone_attn:
+                    continue
+                units[("layer", p)] = sizes[orig[p]][1] + (0 if orig[p] in gone_attn else sizes[orig[p]][0])
+        if not units:
+            return
+
+        def tail(unit: str, p: int) -> list:
+            return (
+                [without_attention(layers[p], ctx.arch)] + layers[p + 1 :] if unit == "attention" else layers[p + 1 :]
+            )
+
+        screen = {}
+        for u in units:
+            t, c = ctx.engine.kl_sum(u[1], tail(*u), prefix=prefix)
+            screen[u] = t / c
+        best = sorted(units, key=lambda u: _per_byte(screen[u] - base_screen, units[u]))[:CONFIRM]
+        losses = {u: ctx.engine.loss_from(u[1], tail(*u)) for u in best}
+        unit, pos = choice = min(best, key=lambda u: _per_byte(losses[u] - base_full, units[u]))
+        layer = orig[pos]
+        if unit == "attention":
+            gone_attn.add(layer)
+            new = comp
+        else:
+            gone_attn.discard(layer)
+            new = remove(comp, pos)
+        saved += units[choice]
+        ctx.apply(new, refresh=False, attn_removed=gone_attn)
+        ctx.engine.refresh_from(pos)
+        base_screen, base_full = screen[choice], losses[choice]
+        name = {u: f"{u[0]} {orig[u[1]]}" for u in units}  # original numbering
+        removed = sorted(set(range(ctx.n_original)) - {i for c in new for i in c})
+        bar.update(1)
+        yield {
+            "k": k,
+            "action": "remove-attention" if unit == "attention" else "remove",
+            "unit": unit,
+            "layer": layer,
+            **({"removed_now": [layer]} if unit == "layer" else {}),
+            "removed": removed,
+            "attn_removed": sorted(gone_attn),
+            "bytes_saved": saved,
+            "ref_context": ref_ctx,
+            "calib_kl": losses[choice],
+            "composition": new,
+            "method": "sleb-attn",
+            "shortlist": {name[u]: [round(screen[u], 6), units[u]] for u in units},
+            "confirmed": {name[u]: round(losses[u], 6) for u in best},
+        }
+
+
 METHODS: dict[str, Callable] = {
     "mka": mka_iterative,
     "mka-oneshot": mka_oneshot,
@@ -309,6 +401,7 @@ METHODS: dict[str, Callable] = {
     "angular": angular,
     "sleb": sleb,
     "sleb-fast": sleb_fast,
+    "sleb-attn": sleb_attn,
 }
 if set(METHODS) != set(ROWS):  # one table of methods (method_table), one of their functions
     raise ImportError(f"merge method tables disagree: {sorted(set(METHODS) ^ set(ROWS))}")

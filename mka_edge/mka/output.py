@@ -11,8 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..cache import atomic_dir
+from ..models.attention_removal import attention_removed, set_attention_removed
 from ..models.loading import shard_size
 from ..models.offload import is_dispatched, is_offloaded, lazy_from
+from .attention import positions, saved_block
 from .context import MergeContext
 from .fusion import Composition, describe, realize
 from .layers import temporary_stack
@@ -20,16 +22,23 @@ from .layers import temporary_stack
 OFFLOADED_SHARD = "2GB"
 
 
-def build_model(ctx: MergeContext, comp: Composition):
-    """A standalone model (new config, its own tensors) whose blocks follow ``comp``.
+def build_model(ctx: MergeContext, comp: Composition, attn_removed=()):
+    """A standalone model (new config, its own tensors) whose blocks follow ``comp``, the original
+    layers in ``attn_removed`` (and any the source had lost) without attention: their ``o_proj``
+    zero (new tensors; the working model's are untouched) and the config listing them in the new
+    numbering (``models.attention_removal``).
 
     When the working model is placed by accelerate (--max-memory), the new one holds no copy: its
     weights are read from the working model's blocks (and the fused ones) through accelerate's
     hooks, one tensor at a time, when it is saved (``save_merged``), so saving needs no room for
     the model on any device (only a shard's worth of CPU RAM)."""
     layers = realize(ctx.originals, comp, ctx.names)
+    no_attn = positions(comp, set(attention_removed(ctx.model.config)) | {int(i) for i in attn_removed})
+    for j in no_attn:
+        layers[j] = saved_block(layers[j], ctx.arch)
     config = copy.deepcopy(ctx.model.config)
     config.num_hidden_layers = len(comp)
+    set_attention_removed(config, no_attn)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[min(c)] for c in comp]
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache import atomic_write_text, cache_root, stable_hash
 from .context import MergeContext
-from .method_table import AUTO_POOL, uses_alpha
+from .method_table import AUTO_POOL, by_bytes, uses_alpha
 from .methods import METHODS
 
 ALGO_VERSION = 2  # bump when a method's decisions change, to invalidate cached trajectories
@@ -34,17 +34,18 @@ class _Clock:
 
 
 def _key(ctx: MergeContext, method: str, alpha: str) -> str:
-    return stable_hash(
-        {
-            "model": ctx.lm.fingerprint,
-            "settings": ctx.settings.key(),
-            "method": method,
-            "alpha": alpha if uses_alpha(method) else None,
-            "algo": ALGO_VERSION,
-            "device": ctx.device.type,
-            "dtype": str(ctx.model.dtype),
-        }
-    )
+    key = {
+        "model": ctx.lm.fingerprint,
+        "settings": ctx.settings.key(),
+        "method": method,
+        "alpha": alpha if uses_alpha(method) else None,
+        "algo": ALGO_VERSION,
+        "device": ctx.device.type,
+        "dtype": str(ctx.model.dtype),
+    }
+    if by_bytes(method):  # only these read it (so the other methods' keys, and caches, are unchanged)
+        key["ref_context"] = ctx.settings.ref_context
+    return stable_hash(key)
 
 
 def _decode(steps: list[dict]) -> list[dict]:
@@ -79,7 +80,8 @@ def trajectory(
             return data
     t0 = time.perf_counter()
     steps: list[dict] = []
-    with tqdm(total=k_max, desc=f"merge {method}", disable=not progress, unit="layer") as bar:
+    unit = "unit" if by_bytes(method) else "layer"
+    with tqdm(total=k_max, desc=f"merge {method}", disable=not progress, unit=unit) as bar:
         clock = _Clock(bar, t0)
         run = METHODS[method](ctx, k_max, alpha, clock)
         for step in run:
@@ -89,7 +91,7 @@ def trajectory(
         run.close()
     for step, t in zip(steps, clock.times):
         step["elapsed_s"] = round(t, 3)  # wall time from the start of the trajectory to this K
-    ctx.reset()
+    ctx.reset()  # also gives back the attention of the layers a run took it from
     data = {
         "method": method,
         "alpha": alpha,

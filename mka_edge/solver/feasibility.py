@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..mka.layers import get_layers
 from ..models.architectures import arch_for
 from ..models.loading import load_config
-from ..records import QuantCost
+from ..records import CacheCost, EditSet, QuantCost
 from .memory import REPACKED_TYPES, Shape
 from .quant_probe import split_by_block
 from .search import candidates, refuse_if_nothing_fits
@@ -135,10 +135,11 @@ def check_any_fits(
     *,
     k_max: int,
     context: int,
-    kv_type: str,
+    modes: list[str],
     budget_mb: float,
     overhead_mb: float,
     exact: bool,
+    forbidden: str = "",
 ) -> None:
     """Refuse, before any model work, a budget that no (K <= k_max, type) pair can meet."""
 
@@ -146,11 +147,10 @@ def check_any_fits(
     kept = [smallest_kept(ref, k) for k in range(k_max + 1)]
     cands = candidates(
         ms.shape,
-        [0.0] * (k_max + 1),
-        kept,
+        [EditSet("", k, tuple(kept[k])) for k in range(k_max + 1)],
         sizes,
+        [CacheCost(m) for m in modes],
         context=context,
-        kv_type=kv_type,
         budget_mb=budget_mb,
         bandwidth_gbps=1.0,
         efficiency=1.0,
@@ -161,7 +161,7 @@ def check_any_fits(
     # Where llama.cpp's mix gives layers different types (Q4_K_M: more bits in some layers), which
     # layers a merge removes changes the bytes: the K largest give a bound the merge may not reach.
     uniform = all(len(set(e.per_layer)) <= 1 and len(set(e.repack_per_layer)) <= 1 for e in sizes.values())
-    refuse_if_nothing_fits(cands, budget_mb, context, at_least=not (exact and uniform))
+    refuse_if_nothing_fits(cands, budget_mb, context, at_least=not (exact and uniform), forbidden=forbidden)
 
 
 def check_shape(ms: ModelShape, *, context: int, k_max: int | None) -> None:

@@ -5,7 +5,8 @@ peak = weights      bytes of the tensor types actually written, plus the copy ll
                     originals were read at load, so both stay resident)
      + KV cache     2 x layers x context x KV width x bytes per element (full context used)
      + attention    the K·Q scores llama.cpp materialises without flash attention:
-                    heads x context x micro-batch x 4 B x KQ_FACTOR
+                    heads x context x micro-batch x 4 B x KQ_FACTOR; with flash attention it
+                    does not (a few rows per micro-batch remain: FA_FACTOR x n_embd x micro-batch x 4 B)
      + overhead     process, Python and libraries, allocator slack: fitted on one configuration.
 
 llama.cpp reserves a larger compute buffer (it sizes it for logits of a whole 512-token
@@ -19,16 +20,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..kv_cache import KV_TYPES, CacheMode
 from ..models.attention_removal import attention_layers, attention_removed
 
 MIB = 2**20
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+KV_BYTES = {name: t.bytes_per_element for name, t in KV_TYPES.items()}
 N_UBATCH = 512
 REPACKED_TYPES = ("Q4_0", "IQ4_NL")
 # Fitted on this host (bench/memory_model.py): KQ_FACTOR from the context slope of SmolLM2 F16
 # (512 -> 4096), the overhead on SmolLM2 Q8_0 at context 512; the other configurations (other
 # types, the synthetic 1B model) are predictions.
 KQ_FACTOR = 1.4
+# With flash attention (same bench, --cache-modes): SmolLM2 Q8_0 peak RSS fell by 93.6 MiB at
+# context 4096 and 5.9 MiB at 512 against the predicted K·Q terms of 100.8 and 12.6 MiB: about
+# 7 MiB stays whatever the context, ~6 rows of n_embd per micro-batch position.
+FA_FACTOR = 6.2
 DEFAULT_OVERHEAD_MB = 69.8
 
 
@@ -88,12 +94,55 @@ class MemoryPrediction:
         return d
 
 
-def kv_bytes(shape: Shape, context: int, kv_type: str = "f16") -> float:
-    return 2.0 * shape.n_layers * context * shape.n_kv_head * shape.head_dim * KV_BYTES[kv_type]
+N_CTX_PAD = 256  # llama-context.cpp: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
 
 
-def attention_bytes(shape: Shape, context: int, n_ubatch: int = N_UBATCH) -> float:
-    return 4.0 * shape.n_head * context * min(n_ubatch, context) * KQ_FACTOR
+def kv_cells(context: int) -> int:
+    """Cells llama.cpp allocates for a context of ``context`` tokens (one sequence): rounded up to
+    a multiple of 256 (``Llama(n_ctx=300)`` runs with n_ctx = 512)."""
+    return -(-int(context) // N_CTX_PAD) * N_CTX_PAD
+
+
+def kv_bytes(
+    shape: Shape,
+    context: int,
+    kv_type: str = "f16",
+    *,
+    flash_attn: bool = False,
+    type_v: str | None = None,
+    padded: bool = True,
+) -> float:
+    """llama.cpp's KV cache ("KV buffer size" in its load log), layer by layer as llama-kv-cache.cpp
+    allocates it: a K row of n_kv_head x head_dim elements per cell for every layer that keeps
+    attention (a layer with 0 KV heads gets an empty K); V the same with flash attention, but
+    without it (V stored transposed) every layer, attention or not, gets a V as wide as the widest
+    layer's ("padding V cache").  ``kv_type`` is the K type, ``type_v`` the V type (default: the
+    same; a quantized V needs ``flash_attn``).  ``padded``: cells = the context rounded up as
+    llama.cpp does (``kv_cells``); False counts exactly ``context`` cells (a partly filled cache)."""
+    cells = kv_cells(context) if padded else int(context)
+    width = shape.n_kv_head * shape.head_dim
+    v_layers = shape.kv_layers if flash_attn else shape.n_layers
+    return float(cells * width * (shape.kv_layers * KV_BYTES[kv_type] + v_layers * KV_BYTES[type_v or kv_type]))
+
+
+def attention_bytes(shape: Shape, context: int, n_ubatch: int = N_UBATCH, flash_attn: bool = False) -> float:
+    """Resident attention scratch: the K·Q scores of a micro-batch over the whole context without
+    flash attention (none when no layer keeps attention), a few rows per position with it."""
+    u = min(n_ubatch, context)
+    if flash_attn:
+        return 4.0 * shape.n_embd * u * FA_FACTOR
+    return 4.0 * shape.n_head * context * u * KQ_FACTOR if shape.kv_layers else 0.0
+
+
+def as_mode(cache: CacheMode | str) -> CacheMode:
+    """A cache mode from a mode or a label / bare type (``f16``: no flash attention)."""
+    return cache if isinstance(cache, CacheMode) else CacheMode.parse(cache)
+
+
+def cache_bytes(shape: Shape, context: int, cache: CacheMode | str = "f16", padded: bool = True) -> float:
+    """The KV cache of a cache mode (K and V types, flash attention's per-layer V)."""
+    m = as_mode(cache)
+    return kv_bytes(shape, context, m.type_k, flash_attn=m.flash_attn, type_v=m.type_v, padded=padded)
 
 
 def reserved_compute_bytes(shape: Shape, context: int, n_ubatch: int = N_UBATCH) -> float:
@@ -107,17 +156,18 @@ def predict(
     shape: Shape,
     weight_bytes: float,
     context: int,
-    kv_type: str = "f16",
+    cache: CacheMode | str = "f16",
     repack_bytes: float = 0.0,
     overhead_mb: float = DEFAULT_OVERHEAD_MB,
     kv_tokens: int | None = None,
 ) -> MemoryPrediction:
-    """Resident peak for a run that fills ``kv_tokens`` cells of the cache (default: all of it).
-    The K·Q scores are sized by the allocated context whatever the fill (measured)."""
+    """Resident peak for a run that fills ``kv_tokens`` cells of the cache (default: all of it)
+    with this cache mode.  The K·Q scores are sized by the allocated context whatever the fill (measured)."""
+    m = as_mode(cache)
     return MemoryPrediction(
         weights_mb=weight_bytes / MIB,
         repack_mb=repack_bytes / MIB,
-        kv_mb=kv_bytes(shape, min(context, kv_tokens or context), kv_type) / MIB,
-        attention_mb=attention_bytes(shape, context) / MIB,
+        kv_mb=cache_bytes(shape, min(context, kv_tokens or context), m, padded=kv_tokens is None) / MIB,
+        attention_mb=attention_bytes(shape, context, flash_attn=m.flash_attn) / MIB,
         overhead_mb=overhead_mb,
     )

@@ -17,10 +17,22 @@ from pathlib import Path
 
 from ..cache import atomic_write_text, cache_root, stable_hash
 from ..merging import heldout_along, heldout_reference, step_quality
+from ..mka.attention import unit_bytes
 from ..mka.trajectory import trajectory
 from ..produce import produce
 
-CURVE_VERSION = 2  # 2: batched k-means (similarity, so mka trajectories, changed)
+CURVE_VERSION = 3  # 2: batched k-means (similarity, so mka trajectories, changed); 3: attn_removed, bytes_saved
+
+
+def reference_bytes_saved(ctx, step: dict) -> int:
+    """Reference bytes (F16 weights + f16 KV cache at settings.ref_context) a step's stack saves
+    against the original: sleb-attn records it; for the other methods it is the bytes of the
+    original layers that are gone (K layers of the same size in a homogeneous stack, fusions too)."""
+    if "bytes_saved" in step:
+        return int(step["bytes_saved"])
+    kept = {i for c in step["composition"] for i in c}
+    sizes = [unit_bytes(b, ctx.arch, ctx.model.config, ctx.settings.ref_context) for b in ctx.originals]
+    return sum(a + r for i, (a, r) in enumerate(sizes) if i not in kept)
 
 
 def merge_curve(
@@ -33,7 +45,12 @@ def merge_curve(
     log=None,
     useful_below: float | None = None,
 ) -> dict:
-    """{'kl': [KL at K=0..], 'ppl': [...], 'kept': [[original layers kept at K], ...], 'complete': bool}.
+    """{'kl': [KL at K=0..], 'ppl': [...], 'kept': [[original layers kept at K], ...], 'attn_removed':
+    [[original layers kept without attention at K], ...], 'bytes_saved': [reference bytes at K], ...,
+    'complete': bool}.  For sleb-attn K counts removal units (an attention sub-block or a layer), so
+    'bytes_saved', not K, says how much smaller the model is; the other methods' 'attn_removed' are
+    empty and their 'bytes_saved' the bytes of the K layers gone.  Reference bytes: F16 weights
+    (2 a parameter) plus the f16 KV cache at ``ctx.settings.ref_context`` tokens (``ref_context``).
 
     ``useful_below``: only a merge whose held-out KL is below this can change the plan (see
     ``needed_merge_kl``).  The trajectory then stops after the first K at or above it and the curve
@@ -48,6 +65,7 @@ def merge_curve(
             "alpha": alpha,
             "k_max": k_max,
             "chunks": chunks,
+            "ref_context": ctx.settings.ref_context,
             "v": CURVE_VERSION,
         }
     )
@@ -64,6 +82,9 @@ def merge_curve(
         "kl": [0.0],
         "ppl": [None],
         "kept": [list(range(ctx.n_original))],
+        "attn_removed": [[]],
+        "bytes_saved": [0],
+        "ref_context": ctx.settings.ref_context,
         "step_methods": [None],
     }
     if stop is not None and stop <= 0:
@@ -91,6 +112,8 @@ def merge_curve(
         "kl": [0.0] + [q["kl"] for q in quality],
         "ppl": [None] + [q["ppl"] for q in quality],
         "kept": base["kept"] + [sorted({min(c) for c in st["composition"]}) for st in steps],
+        "attn_removed": base["attn_removed"] + [sorted(st.get("attn_removed", ())) for st in steps],
+        "bytes_saved": base["bytes_saved"] + [reference_bytes_saved(ctx, st) for st in steps],
         "step_methods": [None] + [st.get("method", method) for st in steps],
         "complete": len(steps) >= k_max,
     }

@@ -1,7 +1,8 @@
 """What each quant type costs on the model at hand: bytes (per block and outside the blocks, from
 the tensor types llama.cpp actually writes) and quality loss (KL to the reference), measured by
-quantizing the unmerged model once per type with llama.cpp and running it.  Cached by content
-hash, so a second plan or build skips it.
+quantizing the unmerged model once per type with llama.cpp and running it (plain and with an
+importance matrix, for the types llama.cpp quantizes better with one).  Cached by content hash, so
+a second plan or build skips it.
 
 Measuring beats any published table on small models: on SmolLM2 llama.cpp swaps most K-quant
 tensors for legacy types (576-wide rows), so nominal bits per weight are off by a third.
@@ -32,7 +33,7 @@ from ..validate.runner import run_child
 from .memory import REPACKED_TYPES
 from .speed import calibrate
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3  # 3: each type measured plain and with an importance matrix
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -92,46 +93,91 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
     calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"], target="gguf")
 
 
+def _measure(lm, base: Path, art: Path, q: str, float_type: str, ref_path: Path, threads: int, matrix) -> dict:
+    """Write ``q`` (with the importance matrix ``matrix``, or plain when None) to ``art`` and measure
+    it against the reference: bytes, KL, top-1, perplexity, tensor types."""
+    qt = quant_type(q)
+    if q in ("F16", "F32") and q != float_type:
+        write_float_gguf(lm, art, q)
+    elif art != base:
+        quantize(base, art, qt.ftype, threads, matrix)
+    acc = run_child(WORKER, AccuracyJob(str(art), threads, reference=str(ref_path)), 3600, f"probe of {q}")
+    return {
+        **tensor_bytes_split(art),
+        "kl": acc["kl"],
+        "top1": acc["top1"],
+        "ppl": acc["ppl"],
+        "tensor_types": inspect_gguf(art)["tensor_types"],
+    }
+
+
 def probe(
-    lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True, calibrate_speed: bool = False
+    lm,
+    quants: list[str],
+    chunks: int = 2,
+    threads: int = 2,
+    progress: bool = True,
+    calibrate_speed: bool = False,
+    imatrix: bool = True,
+    calibration: str | None = None,
 ) -> dict[str, dict]:
-    """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...}}}."""
+    """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...},
+    'imatrix': bool, 'kl_plain': .., 'kl_imatrix': ..}}.
+
+    A type llama.cpp quantizes better with an importance matrix (``QuantType.imatrix_helps``) is
+    measured both ways (``imatrix``; the matrix from ``calibration``, cached by ``imatrix_for``):
+    ``kl_plain`` and ``kl_imatrix`` are both kept, and the entry (bytes, kl, top1, ppl, types) is
+    the better one, ``imatrix`` saying which (what a build quantizes with).  A type that needs a
+    matrix is measured with it only (no ``kl_plain``); one that ignores it plainly only (no
+    ``kl_imatrix``)."""
+    from mka_edge.exporters.imatrix import ensure_imatrix, imatrix_key
 
     folder = cache_root() / "quant_probe"
-    keys = {q: stable_hash({"model": lm.fingerprint, "quant": q, "chunks": chunks, "v": PROBE_VERSION}) for q in quants}
+    helps = {q: quant_type(q).needs_imatrix or (imatrix and quant_type(q).imatrix_helps) for q in quants}
+    keyed = imatrix_key(lm, calibration) if any(helps.values()) else None
+    im_key = keyed[0] if keyed is not None else None
+    keys = {
+        q: stable_hash(
+            {
+                "model": lm.fingerprint,
+                "quant": q,
+                "chunks": chunks,
+                "imatrix": im_key if helps[q] else None,
+                "v": PROBE_VERSION,
+            }
+        )
+        for q in quants
+    }
     results, missing = cached_entries(folder, "", keys)
     if not missing:
         return results
     ref_path, _ = compact_reference(lm, chunks, progress=progress)
+    matrix = ensure_imatrix(lm, keyed, progress) if any(helps[q] for q in missing) else None
     with tempfile.TemporaryDirectory(prefix="mka-edge-probe-") as tmp:
         float_type = intermediate_type(lm.model.config, "Q8_0")  # F32 for the small models probed
         base = Path(tmp) / f"base-{float_type.lower()}.gguf"
         write_float_gguf(lm, base, float_type)
         for q in tqdm(missing, desc="measuring quant types", disable=not progress, leave=False):
             qt = quant_type(q)
+            plain = imat = None
             art = base if q == float_type else Path(tmp) / f"{q}.gguf"
-            if q in ("F16", "F32") and q != float_type:
-                write_float_gguf(lm, art, q)
-            elif q != float_type:
-                quantize(base, art, qt.ftype, threads)
-            acc = run_child(
-                WORKER,
-                AccuracyJob(str(art), threads, reference=str(ref_path)),
-                3600,
-                f"probe of {q}",
-            )
-            res = {
-                **tensor_bytes_split(art),
-                "kl": acc["kl"],
-                "top1": acc["top1"],
-                "ppl": acc["ppl"],
-                "tensor_types": inspect_gguf(art)["tensor_types"],
-                "measured_on": f"{chunks} x 512 held-out tokens",
-            }
-            if q == "Q8_0" and calibrate_speed:
-                _calibrate_speed(art, res, ref_path, threads)
+            if not qt.needs_imatrix:
+                plain = _measure(lm, base, art, q, float_type, ref_path, threads, None)
+                if q == "Q8_0" and calibrate_speed:
+                    _calibrate_speed(art, plain, ref_path, threads)
+            if helps[q]:
+                art = Path(tmp) / f"{q}-imatrix.gguf"
+                imat = _measure(lm, base, art, q, float_type, ref_path, threads, matrix)
+            use_imatrix = imat is not None and (plain is None or imat["kl"] < plain["kl"])
+            res = {**(imat if use_imatrix else plain), "imatrix": use_imatrix}
+            if plain is not None:  # absent: a type that needs a matrix has no plain figure
+                res["kl_plain"] = plain["kl"]
+            if imat is not None:  # absent: a type that ignores one was measured plainly only
+                res["kl_imatrix"] = imat["kl"]
+            res["measured_on"] = f"{chunks} x 512 held-out tokens"
             atomic_write_text(folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
             results[q] = res
-            if art != base:
-                art.unlink()
+            for f in (Path(tmp) / f"{q}.gguf", Path(tmp) / f"{q}-imatrix.gguf"):
+                if f != base:
+                    f.unlink(missing_ok=True)
     return results

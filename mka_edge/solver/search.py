@@ -1,16 +1,30 @@
-"""The search: every (K, quant type) pair, the ones that fit the budget and the speed target,
-and the best predicted quality among them.  Pure functions over plain data, so the choice can be
-tested on synthetic cases and printed, diffed and re-checked."""
+"""The search: every (edit set, weight type, cache mode) triple, the ones that fit the budget and
+the speed target, and the best predicted quality among them.  Pure functions over plain data, so
+the choice can be tested on synthetic cases and printed, diffed and re-checked.
+
+The levers, each priced in memory and in predicted KL:
+- the edit set: a point of a merge curve (whole layers removed; or, on llama.cpp targets,
+  attention sub-blocks and layers removed by ``sleb-attn``);
+- the weight quant type, quantized with an importance matrix where the probe measured that it helps;
+- the cache mode: the attention path (flash attention or not) and the K / V cache types.
+
+Quality rule: KL = KL(edit set) + KL(weight type on the unmerged model) + KL(cache mode on the
+unmerged Q8_0 model): measured separately and added (its error is checked in docs/results.md).
+The enumeration is a product of a few dozen edit sets, about ten types and at most six modes: a
+few thousand cheap predictions.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
-from ..records import QuantCost
+from ..records import CacheCost, EditSet, QuantCost
 from ..targets import get_target
 from .memory import Shape
 from .speed import bytes_per_token, predict_tps
+
+BASELINE_CACHE = "f16/f16"
 
 
 @dataclass
@@ -25,22 +39,58 @@ class Candidate:
     fits_memory: bool
     fits_speed: bool
     meets_quality: bool
+    method: str = ""
+    cache: str = BASELINE_CACHE
+    imatrix: bool = False
+    attn_layers: int | None = None  # layers keeping attention (None: all)
+    kl_terms: dict | None = None  # {'edits', 'quant', 'cache'}
+
+    @property
+    def key(self) -> tuple:
+        return (self.method, self.k, self.quant, self.cache)
+
+    @property
+    def label(self) -> str:
+        """The plan in a few words: edits, weight type, cache mode."""
+        attn = self.layers - (self.attn_layers if self.attn_layers is not None else self.layers)
+        edits = f"K={self.k}" + (f" ({attn} attn)" if attn else "")
+        return f"{edits} {self.quant}{'+imatrix' if self.imatrix else ''} {self.cache}"
 
     def as_dict(self) -> dict:
         d = asdict(self)
         for key in ("memory_mb", "kl", "tps"):
             d[key] = round(d[key], 4)
+        if d["kl_terms"]:
+            d["kl_terms"] = {k: round(v, 5) for k, v in d["kl_terms"].items()}
         return d
+
+
+def attention_share(shape: Shape) -> float:
+    """Share of a block's weights in its attention (q, k, v, o): the bytes a removed attention
+    sub-block takes out of a layer's quantized size (by parameter count; llama.cpp's mixes give
+    some attention tensors more bits, so the built file is measured, not this)."""
+    d, hd = shape.n_embd, shape.head_dim
+    attn = 2 * d * shape.n_head * hd + 2 * d * shape.n_kv_head * hd
+    return attn / (attn + 3 * d * shape.n_ff + 2 * d)
+
+
+def edit_sets(curve: dict, method: str) -> list[EditSet]:
+    """A merge curve (solver.quality.merge_curve's dict) as edit sets, one per K."""
+    attn = curve.get("attn_removed") or [[] for _ in curve["kl"]]
+    return [
+        EditSet(method, k, tuple(curve["kept"][k]), tuple(attn[k]), float(kl))
+        for k, kl in enumerate(curve["kl"])
+        if k < len(curve["kept"])
+    ]
 
 
 def candidates(
     shape: Shape,
-    curve_kl: list[float],
-    kept: list[list[int]],
+    edits: list[EditSet],
     probe: dict[str, QuantCost],
+    caches: list[CacheCost],
     *,
     context: int,
-    kv_type: str,
     budget_mb: float,
     bandwidth_gbps: float,
     efficiency: float,
@@ -48,33 +98,47 @@ def candidates(
     max_kl: float,
     overhead_mb: float,
 ) -> list[Candidate]:
-    """Every (K, quant) pair with its predicted memory, speed and KL.  Each cost's target supplies
-    the memory model and the KV bytes."""
+    """Every (edit set, weight type, cache mode) with its predicted memory, speed and KL.  Each
+    cost's target supplies the memory model and the KV bytes."""
+    share = attention_share(shape)
     out = []
-    for k, kl_merge in enumerate(curve_kl):
-        layers = shape.n_layers - k
-        sh = shape.with_layers(layers)
+    for e in edits:
+        sh = shape.with_layers(e.layers, e.attn_layers if e.attn_removed else None)
         for quant, cost in probe.items():
             target = get_target(cost.target)
-            wb, rb = cost.weight_bytes(kept[k] if k < len(kept) else layers)
-            mem = target.predict_memory(sh, cost, wb, rb, context, kv_type, overhead_mb)
-            kv = target.kv_bytes(sh, context, quant, kv_type)
-            tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
-            kl = kl_merge + (cost.kl or 0.0)  # sizes alone (the early check) carry no KL
-            out.append(
-                Candidate(
-                    k,
-                    quant,
-                    layers,
-                    mem.total_mb,
-                    mem.as_dict(),
-                    kl,
-                    tps,
-                    mem.total_mb <= budget_mb,
-                    tps >= min_tps,
-                    kl <= max_kl,
+            wb, rb = cost.weight_bytes(list(e.kept))
+            if e.attn_removed:
+                per = cost.per_layer
+                rep = cost.repack_per_layer or (0.0,) * len(per)
+                wb -= share * sum(per[i] for i in e.attn_removed)
+                rb -= share * sum(rep[i] for i in e.attn_removed)
+            imatrix = bool(cost.extra.get("imatrix", False))
+            for cc in caches:
+                mem = target.predict_memory(sh, cost, wb, rb, context, cc.mode, overhead_mb)
+                kv = target.kv_bytes(sh, context, quant, cc.mode)
+                tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
+                tps *= cc.speed_factor
+                terms = {"edits": e.kl, "quant": cost.kl or 0.0, "cache": cc.kl}  # sizes alone carry no KL
+                kl = sum(terms.values())
+                out.append(
+                    Candidate(
+                        e.k,
+                        quant,
+                        e.layers,
+                        mem.total_mb,
+                        mem.as_dict(),
+                        kl,
+                        tps,
+                        mem.total_mb <= budget_mb,
+                        tps >= min_tps,
+                        kl <= max_kl,
+                        e.method,
+                        cc.mode,
+                        imatrix,
+                        e.attn_layers if e.attn_removed else None,
+                        terms,
+                    )
                 )
-            )
     return out
 
 
@@ -88,9 +152,12 @@ def pareto(cands: list[Candidate]) -> list[Candidate]:
     return front
 
 
-def refuse_if_nothing_fits(cands: list[Candidate], budget_mb: float, context: int, at_least: bool = False) -> None:
+def refuse_if_nothing_fits(
+    cands: list[Candidate], budget_mb: float, context: int, at_least: bool = False, forbidden: str = ""
+) -> None:
     """The one refusal of a budget no plan meets, with the smallest footprint and what to relax.
-    ``at_least``: the figures are lower bounds (the early check, before measuring)."""
+    ``at_least``: the figures are lower bounds (the early check, before measuring); ``forbidden``:
+    the levers the profile or command line ruled out, named so the user knows what else could fit."""
     if any(c.fits_memory for c in cands):
         return
     small = min(cands, key=lambda c: c.memory_mb)
@@ -98,39 +165,70 @@ def refuse_if_nothing_fits(cands: list[Candidate], budget_mb: float, context: in
     raise UserError(
         f"no plan fits the {budget_mb:.0f} MB budget: the smallest footprint reachable is "
         f"{'at least ' if at_least else ''}{small.memory_mb:.0f} MB "
-        f"(K={small.k}, {small.quant}, {kv:.0f} MB of it KV cache at context {context}); raise --budget-mb to at "
+        f"({small.label}, {kv:.0f} MB of it KV cache at context {context}"
+        f"{'; ' + forbidden if forbidden else ''}); raise --budget-mb to at "
         f"least {small.memory_mb + 1:.0f} or lower --context"
     )
 
 
-def choose(cands: list[Candidate], budget_mb: float, min_tps: float, context: int) -> tuple[list[Candidate], str]:
+def _lever_notes(best: Candidate, feasible: list[Candidate]) -> list[str]:
+    """Why the chosen plan beats the best plan without each lever it uses."""
+    notes = []
+
+    def best_where(pred) -> Candidate | None:
+        pool = [c for c in feasible if pred(c)]
+        return min(pool, key=lambda c: (c.kl, c.memory_mb)) if pool else None
+
+    if best.k > 0:
+        u = best_where(lambda c: c.k == 0)
+        notes.append(
+            f"its {best.k} removal step{'s' if best.k > 1 else ''} ({best.method}) beat the best plan without any "
+            + (f"({u.label}, {u.kl:.3f} nats)" if u else "(none fits)")
+        )
+    if best.attn_layers is not None:
+        w = best_where(lambda c: c.attn_layers is None)
+        notes.append(
+            "removing attention sub-blocks beats whole-layer removal only "
+            + (f"({w.label}, {w.kl:.3f} nats)" if w else "(no such plan fits)")
+        )
+    if best.cache != BASELINE_CACHE:
+        b = best_where(lambda c: c.cache == BASELINE_CACHE)
+        notes.append(
+            f"the {best.cache} cache beats the f16 cache without flash attention "
+            + (f"({b.label}, {b.kl:.3f} nats)" if b else "(no plan with it fits)")
+        )
+    if best.imatrix:
+        p = best_where(lambda c: c.quant == best.quant and not c.imatrix)
+        if p is None:
+            notes.append(f"{best.quant} with an importance matrix measured lower KL than without")
+    return notes
+
+
+def choose(
+    cands: list[Candidate], budget_mb: float, min_tps: float, context: int, forbidden: str = ""
+) -> tuple[list[Candidate], str]:
     """Feasible candidates ranked best first (least predicted KL, then least memory) and the reason."""
     if not cands:
         raise UserError("no candidate plans to choose from")
-    refuse_if_nothing_fits(cands, budget_mb, context)
+    refuse_if_nothing_fits(cands, budget_mb, context, forbidden=forbidden)
     fit_mem = [c for c in cands if c.fits_memory]
     feasible = [c for c in fit_mem if c.fits_speed]
     if not feasible:
         fast = max(fit_mem, key=lambda c: c.tps)
         raise UserError(
             f"no plan within the memory budget reaches {min_tps:g} tokens/s: the fastest is predicted at "
-            f"{fast.tps:.1f} tokens/s (K={fast.k}, {fast.quant}); lower the profile's min_tokens_per_s or pick a faster device"
+            f"{fast.tps:.1f} tokens/s ({fast.label}); lower the profile's min_tokens_per_s or pick a faster device"
         )
     ranked = sorted(feasible, key=lambda c: (c.kl, c.memory_mb))
     best = ranked[0]
-    unmerged = [c for c in feasible if c.k == 0]
     why = [
         f"least predicted quality loss ({best.kl:.3f} nats) among {len(feasible)} plans that fit "
         f"{budget_mb:.0f} MB and reach {min_tps:g} tokens/s"
     ]
-    if best.k > 0:
-        if unmerged:
-            u = min(unmerged, key=lambda c: c.kl)
-            why.append(
-                f"merging {best.k} layer{'s' if best.k > 1 else ''} beats the best unmerged plan ({u.quant}, {u.kl:.3f} nats)"
-            )
-        else:
-            why.append("no unmerged plan fits, so layers must be merged")
+    why += _lever_notes(best, feasible)
+    nxt = next((c for c in ranked[1:] if c.kl > best.kl + 1e-9), None)
+    if nxt is not None:
+        why.append(f"next best: {nxt.label}, {nxt.kl:.3f} nats, {nxt.memory_mb:.0f} MB")
     if not best.meets_quality:
         why.append("it misses the quality bar; no feasible plan meets it")
     return ranked, "; ".join(why)

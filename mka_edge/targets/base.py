@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import UserError
-from ..records import ArtifactSummary, QuantCost
+from ..records import ArtifactSummary, CacheCost, QuantCost
 
 if TYPE_CHECKING:
     from ..solver.feasibility import ModelShape
@@ -131,6 +131,20 @@ class Target(ABC):
     ) -> MemoryPrediction:
         """Peak resident memory on the device for a plan with these weights."""
 
+    def cache_modes(self, kv_cache_type: str, flash_attention: bool, head_dim: int) -> list[str]:
+        """The cache modes (kv_cache.CacheMode labels, or the runtime's own label) a plan may choose
+        on this runtime, given the profile's / command line's pins and the model's head size.  A
+        runtime without a choice returns one label."""
+        return [self.kv_cache_label(kv_cache_type)]
+
+    def cache_costs(self, lm, modes: list[str], *, context: int, measure: bool, progress: bool, log) -> list[CacheCost]:
+        """What each mode costs on this model (KL added, speed kept); free for a single mode."""
+        return [CacheCost(m) for m in modes]
+
+    def supports_attention_removal(self, arch) -> bool:
+        """Whether this runtime can run a model with some layers' attention removed (llama.cpp's deci)."""
+        return False
+
     def kv_cache_label(self, kv_type: str) -> str:
         """The KV cache type as the plan's budget records it."""
         return kv_type
@@ -191,5 +205,5 @@ class Target(ABC):
         """Model-card lines: how it was made (how), format, size, provenance."""
 
     @abstractmethod
-    def write_run_files(self, folder: Path, artifact: str, context: int, threads: int) -> None:
-        """RUN.md and whatever else the runtime needs to start the artifact."""
+    def write_run_files(self, folder: Path, artifact: str, context: int, threads: int, cache: str = "") -> None:
+        """RUN.md and whatever else the runtime needs to start the artifact (in the plan's cache mode)."""

@@ -15,36 +15,52 @@ from ..solver import memory
 from ..validate.formats import Format, check_count, compare_tokens, dist_version
 from .base import ReportMemory, Target, register
 
-PLAN_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+# IQ4_XS / IQ3_M: 256-wide blocks; where a row is not a multiple of 256 (SmolLM2's 576) llama.cpp
+# falls back per tensor (IQ4_NL), as the measured sizes show
+PLAN_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M", "IQ3_M", "Q2_K")
 
 
-def run_commands(artifact: str, context: int, threads: int) -> str:
+def run_commands(artifact: str, context: int, threads: int, cache: str = "f16/f16") -> str:
+    """RUN.md: the artifact's memory figures hold in the plan's cache mode, so every command sets it."""
+    from ..kv_cache import CacheMode
+
+    m = CacheMode.parse(cache or "f16/f16")
+    kw = m.llama_kwargs()
+    flags = f" -fa {'on' if m.flash_attn else 'off'} -ctk {m.type_k} -ctv {m.type_v}"
+    py = f", flash_attn={m.flash_attn}, type_k={kw['type_k']}, type_v={kw['type_v']}"
+    ollama_env = (
+        f"OLLAMA_FLASH_ATTENTION={int(m.flash_attn)} OLLAMA_KV_CACHE_TYPE={m.type_k} " if m.label != "f16/f16" else ""
+    )
     return f"""# Running `{artifact}`
+
+The plan's memory and quality figures are for the KV cache mode **{m.label}** ({m.attention} attention,
+K cache {m.type_k}, V cache {m.type_v}); the commands below set it.
 
 llama.cpp command line:
 
 ```bash
-llama-cli -m {artifact} -c {context} -t {threads} -cnv
+llama-cli -m {artifact} -c {context} -t {threads}{flags} -cnv
 ```
 
 llama.cpp server (OpenAI-compatible API on port 8080):
 
 ```bash
-llama-server -m {artifact} -c {context} -t {threads} --port 8080
+llama-server -m {artifact} -c {context} -t {threads}{flags} --port 8080
 ```
 
-Python (llama-cpp-python):
+Python (llama-cpp-python; type_k / type_v are ggml type ids):
 
 ```python
 from llama_cpp import Llama
 
-llm = Llama(model_path="{artifact}", n_ctx={context}, n_threads={threads})
+llm = Llama(model_path="{artifact}", n_ctx={context}, n_threads={threads}{py})
 print(llm.create_chat_completion([{{"role": "user", "content": "Hello!"}}])["choices"][0]["message"]["content"])
 ```
 
-Ollama (with the `Modelfile` in this folder):
+Ollama (with the `Modelfile` in this folder; the cache mode is a server setting):
 
 ```bash
+{ollama_env}ollama serve &
 ollama create my-edge-model -f Modelfile && ollama run my-edge-model
 ```
 """
@@ -55,6 +71,17 @@ def modelfile(artifact: str, context: int) -> str:
 
 
 # ---- validation adapter ----
+
+
+def resolve_cache_mode(kv: str | None, flash_attn: str | None):
+    """The cache mode a validation runs: ``kv`` a type (K and V) or a ``K/V[+fa]`` label (None or
+    ``auto``: f16); ``flash_attn`` on / off / auto (None: auto = on exactly when the V type needs it)."""
+    from ..kv_cache import CacheMode
+
+    mode = CacheMode.parse(kv if kv and kv != "auto" else "f16")
+    if flash_attn in ("on", "off"):
+        mode = CacheMode(mode.type_k, mode.type_v, flash_attn == "on")
+    return mode
 
 
 def _inspect(path: Path) -> dict:
@@ -85,7 +112,7 @@ VALIDATION = Format(
     lambda: dist_version("llama-cpp-python"),
     _inspect,
     _vocab,
-    lambda kv, info: kv or "f16",
+    lambda kv, fa, info: resolve_cache_mode(kv, fa).label,
     _rows,
     lambda p: p.with_name(f"{p.stem}-validation"),
 )
@@ -107,11 +134,8 @@ class GgufTarget(Target):
     def check_quants(self, quants: list[str] | None) -> list[str]:
         from ..exporters.quant_types import quant_type
 
-        names = [quant_type(q).name for q in (quants or self.default_quants)]
-        for q in names:
-            if quant_type(q).needs_imatrix:
-                raise UserError(f"{q} needs an importance matrix; plans use types that do not (drop it from --quants)")
-        return names
+        # types that need an importance matrix are measured and exported with one (cached per model)
+        return [quant_type(q).name for q in (quants or self.default_quants)]
 
     def type_sizes(self, ms, quants: list[str], measure: bool) -> dict[str, QuantCost]:
         from ..solver.feasibility import gguf_type_sizes
@@ -122,11 +146,11 @@ class GgufTarget(Target):
 
     def _prior(self, ms, quants: list[str]) -> dict[str, QuantCost]:
         """Costs from llama.cpp's published Llama-3-8B table, sized for this model."""
-        from ..solver.quant_prior import PUBLISHED, prior_entry
+        from ..solver.quant_prior import KNOWN, prior_entry
 
-        unknown = [q for q in quants if q not in PUBLISHED]
+        unknown = [q for q in quants if q not in KNOWN]
         if unknown:
-            raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(PUBLISHED)}")
+            raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(KNOWN)}")
         return {q: QuantCost.from_json(q, self.name, prior_entry(q, ms.block_params, ms.other_params)) for q in quants}
 
     def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log):
@@ -136,26 +160,68 @@ class GgufTarget(Target):
             return sizes, f"prior: {SOURCE}; measured on Llama-3-8B, it does not transfer to every model"
         from ..solver.quant_probe import probe
 
-        log("measuring each quant type on this model with llama.cpp (cached after the first plan)")
+        log(
+            "measuring each quant type on this model with llama.cpp, plain and with an importance matrix "
+            "(cached after the first plan)"
+        )
         costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed)
+        # each cost is the better of plain and importance-matrix quantization; extra["imatrix"]
+        # (with kl_plain / kl_imatrix) says which, and is what the build exports with
         return (
             {q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
-            "measured on this model (llama.cpp quantizer, held-out KL)",
+            "measured on this model (llama.cpp quantizer, held-out KL; per type the better of plain "
+            "and importance-matrix quantization)",
         )
 
     def kv_bytes(self, shape, context, quant, kv_type):
-        return memory.kv_bytes(shape, context, kv_type)
+        return memory.cache_bytes(shape, context, kv_type)
 
     def predict_memory(self, shape, cost, weight_bytes, repack_bytes, context, kv_type, overhead_mb):
         return memory.predict(shape, weight_bytes, context, kv_type, repack_bytes=repack_bytes, overhead_mb=overhead_mb)
 
+    def cache_modes(self, kv_cache_type, flash_attention, head_dim):
+        from ..kv_cache import LLAMA_CPP_MODES, CacheMode, allowed_modes, block_fits
+
+        table = LLAMA_CPP_MODES
+        if kv_cache_type != "auto" and not any(m.type_k == kv_cache_type for m in table):  # f32: pinned only
+            table = (CacheMode(kv_cache_type, kv_cache_type, False), CacheMode(kv_cache_type, kv_cache_type, True))
+        modes = allowed_modes(table, flash_attention=flash_attention, kv_cache_type=kv_cache_type)
+        modes = [m for m in modes if block_fits(m, head_dim)]
+        if not modes:
+            raise UserError(
+                f"no KV cache mode is allowed: a {kv_cache_type} V cache needs flash attention, which "
+                "flash_attention: false / --flash-attn off forbids; allow one or pin an f16 cache"
+            )
+        return [m.label for m in modes]
+
+    def cache_costs(self, lm, modes, *, context, measure, progress, log):
+        from ..kv_cache import CacheMode
+        from ..records import CacheCost
+
+        if len(modes) == 1 and modes[0] == "f16/f16":
+            return [CacheCost(modes[0])]
+        if not measure:  # a model too large to probe: SmolLM2's measured costs as the prior
+            from ..kv_cache import PRIOR_KL
+
+            return [CacheCost(m, PRIOR_KL.get(m, PRIOR_KL.get(m.split("+")[0], 0.0))) for m in modes]
+        from ..solver.cache_probe import probe_cache_modes
+
+        log("measuring each KV cache mode on this model with llama.cpp (cached after the first plan)")
+        res = probe_cache_modes(lm, [CacheMode.parse(m) for m in modes], progress=progress, context=context)
+        return [CacheCost(m, res[m]["kl_cost"], res[m].get("speed_factor", 1.0)) for m in modes]
+
+    def supports_attention_removal(self, arch):
+        return arch.gguf_attention_free_arch is not None
+
     def artifact_name(self, tag: str) -> str:
         return f"{tag}.gguf"
 
-    def export(self, lm, out, quant, *, context, progress):
+    def export(self, lm, out, quant, *, context, progress, imatrix=False):
+        """``imatrix``: quantize with the model's cached importance matrix (the plan's
+        ``QuantCost.extra["imatrix"]``); types that need one get it anyway."""
         from ..exporters.gguf import export_loaded
 
-        return self.summary(export_loaded(lm, out, quant, progress=progress))
+        return self.summary(export_loaded(lm, out, quant, progress=progress, imatrix=bool(imatrix)))
 
     def export_spec(self, model, out, quant, options):
         from ..exporters.gguf import export_gguf
@@ -200,7 +266,9 @@ class GgufTarget(Target):
         # the validation run fills only prompt + generated tokens of the cache; predict that run too
         used = min(context, latency["prompt_tokens"] + latency["gen_tokens"])
         host = memory.predict(shape, weights, context, kv_type, repack_bytes=repack, kv_tokens=used)
-        return ReportMemory(dev, host, used, f"a {used}-token run", weights, memory.kv_bytes(shape, context, kv_type))
+        return ReportMemory(
+            dev, host, used, f"a {used}-token run", weights, memory.cache_bytes(shape, context, kv_type)
+        )
 
     def artifact_line(self, artifact, quant, summary, layers):
         return (
@@ -216,6 +284,6 @@ class GgufTarget(Target):
             "provenance": "the GGUF's `mka_edge.*` metadata",
         }
 
-    def write_run_files(self, folder, artifact, context, threads):
-        atomic_write_text(folder / "RUN.md", run_commands(artifact, context, threads))
+    def write_run_files(self, folder, artifact, context, threads, cache="f16/f16"):
+        atomic_write_text(folder / "RUN.md", run_commands(artifact, context, threads, cache))
         atomic_write_text(folder / "Modelfile", modelfile(artifact, context))

@@ -74,7 +74,7 @@ def _vocab(artifact: Path, info: dict, lm) -> None:
     compare_tokens([tok.id_to_token(i) for i in range(n)], lm, n)
 
 
-def _kv(kv_type: str | None, info: dict) -> str:
+def _kv(kv_type: str | None, flash_attn: str | None, info: dict) -> str:
     """onnxruntime-genai keeps the KV cache in the model's I/O type; it is not a runtime choice."""
     return "f16" if info.get("quant") == "fp16" else "f32"
 
@@ -172,6 +172,14 @@ class OnnxTarget(Target):
     def predict_memory(self, shape, cost, weight_bytes, repack_bytes, context, kv_type, overhead_mb):
         return onnx_memory.predict_onnx(shape, weight_bytes, cost.resident_ratio, context, cost.quant)
 
+    def cache_modes(self, kv_cache_type, flash_attention, head_dim):
+        if kv_cache_type not in ("auto", "f32", "f16"):
+            raise UserError(
+                f"onnxruntime-genai keeps the KV cache in the model's I/O type (f32; f16 for fp16): a {kv_cache_type} "
+                "cache is a llama.cpp choice; use --kv-type auto (or f32/f16) with an onnxruntime profile"
+            )
+        return [self.kv_cache_label(kv_cache_type)]
+
     def kv_cache_label(self, kv_type: str) -> str:
         return "model I/O type (f32; f16 for fp16)"
 
@@ -243,5 +251,5 @@ class OnnxTarget(Target):
             "provenance": "`mka_edge.json` in the folder and `mka_edge.*` metadata in model.onnx",
         }
 
-    def write_run_files(self, folder, artifact, context, threads):
+    def write_run_files(self, folder, artifact, context, threads, cache=""):
         atomic_write_text(folder / "RUN.md", run_commands(artifact, context, threads))

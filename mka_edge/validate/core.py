@@ -56,6 +56,7 @@ def validate_artifact(
     prompt_tokens: int = 512,
     mmlu_per_subject: int = 1,
     kv_type: str | None = None,
+    flash_attn: str | None = None,
     progress: bool = True,
     timeout_s: float = 3600,
     reference_model=None,
@@ -79,7 +80,11 @@ def validate_artifact(
     threads = resolved(threads, profile, "threads", max(1, os.cpu_count() or 1))
     if threads < 1:
         raise UserError(f"--threads must be at least 1 (got {threads})")
-    kv_type = fmt.kv_type(resolved(kv_type, profile, "kv_cache_type"), info)
+    mode = fmt.cache_mode(
+        resolved(kv_type, profile, "kv_cache_type"),
+        flash_attn or (None if profile is None or profile.flash_attention else "off"),
+        info,
+    )
     need = context_needed(prompt_tokens, gen_tokens)
     context = resolved(context, profile, "context_length", 2048)
     if info.get("model_context") and context > int(info["model_context"]):
@@ -107,7 +112,7 @@ def validate_artifact(
     path = str(info.get("model_path", artifact))
     acc = run_child(
         fmt.worker,
-        AccuracyJob(path, threads, reference=str(ref_path), kv_type=kv_type, mmlu=jobs, letter_ids=letters),
+        AccuracyJob(path, threads, reference=str(ref_path), cache_mode=mode, mmlu=jobs, letter_ids=letters),
         timeout_s,
         f"accuracy run in {fmt.runtime_name}",
         progress,
@@ -115,7 +120,7 @@ def validate_artifact(
     lat = run_child(
         fmt.worker,
         LatencyJob(
-            path, threads, context=context, prompt_ids=prompt, gen_tokens=gen_tokens, repeats=repeats, kv_type=kv_type
+            path, threads, context=context, prompt_ids=prompt, gen_tokens=gen_tokens, repeats=repeats, cache_mode=mode
         ),
         timeout_s,
         f"latency run in {fmt.runtime_name}",
@@ -146,7 +151,8 @@ def validate_artifact(
             "name": fmt.runtime_name,
             "version": fmt.runtime_version(),
             "threads": threads,
-            "kv_cache_type": kv_type,
+            "kv_cache_type": lat.get("kv_cache_type", mode),
+            "attention": lat.get("attention", "runtime's own"),
             "context": context,
         },
         "host": {
@@ -206,7 +212,8 @@ def markdown(r: dict, artifact_rows: list[tuple[str, str]]) -> str:
         f"# Validation of `{name}`",
         "",
         f"Runtime: {r['runtime']['name']} {r['runtime']['version']}, {r['runtime']['threads']} threads, "
-        f"KV cache {r['runtime']['kv_cache_type']}, context {r['runtime']['context']}. "
+        f"KV cache {r['runtime']['kv_cache_type']}, {r['runtime'].get('attention', 'standard')} attention, "
+        f"context {r['runtime']['context']}. "
         f"Reference: `{r['reference']['model']}` on {r['reference']['chunks']} x {r['reference']['chunk_len']} held-out tokens.",
         "",
         f"**{r['host']['label']}.**",

@@ -43,6 +43,6 @@ class Format:
     runtime_version: Callable[[], str]
     inspect: Callable[[Path], dict]
     check_vocab: Callable[[Path, dict, object], None]
-    kv_type: Callable[[str | None, dict], str]
+    cache_mode: Callable[[str | None, str | None, dict], str]  # (KV type, flash attention, info) -> what runs
     artifact_rows: Callable[[dict], list]
     default_out: Callable[[Path], Path]

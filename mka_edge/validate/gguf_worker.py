@@ -13,16 +13,15 @@ import time
 
 import numpy as np
 
+from mka_edge.kv_cache import CacheMode
 from mka_edge.validate import metrics
 from mka_edge.validate.jobs import job_from_json
-
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 
 
 def _open(job: dict, logits_all: bool, n_ctx: int):
     from llama_cpp import Llama
 
-    kv = KV_TYPES[job.kv_type]
+    mode = CacheMode.parse(job.cache_mode)  # attention path passed explicitly: the bindings' default is "disabled"
     return Llama(
         model_path=job.artifact,
         n_ctx=n_ctx,
@@ -31,8 +30,7 @@ def _open(job: dict, logits_all: bool, n_ctx: int):
         n_threads=job.threads,
         n_threads_batch=job.threads,
         logits_all=logits_all,
-        type_k=kv,
-        type_v=kv,
+        **mode.llama_kwargs(),
         verbose=False,
         seed=0,
         n_gpu_layers=0,
@@ -76,7 +74,13 @@ def latency(job: dict) -> dict:
             }
         )
     return metrics.summarize_runs(
-        runs, {"load_s": load_s, "baseline_rss_mb": base_rss, "peak_rss_mb": metrics.status_mb("VmHWM")}
+        runs,
+        {
+            "load_s": load_s,
+            "baseline_rss_mb": base_rss,
+            "peak_rss_mb": metrics.status_mb("VmHWM"),
+            **CacheMode.parse(job.cache_mode).runtime_json(),
+        },
     )
 
 
@@ -90,7 +94,10 @@ def accuracy(job: dict) -> dict:
         llm.eval(ids)
         return np.asarray(llm.scores[: len(ids)])
 
-    return metrics.accuracy(logits_of, job.reference, mmlu, job.letter_ids)
+    return {
+        **metrics.accuracy(logits_of, job.reference, mmlu, job.letter_ids),
+        **CacheMode.parse(job.cache_mode).runtime_json(),
+    }
 
 
 def main(argv: list[str]) -> int:

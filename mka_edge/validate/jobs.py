@@ -24,7 +24,7 @@ class AccuracyJob(_Job):
 
     task: ClassVar[str] = "accuracy"
     reference: str = ""
-    kv_type: str = "f16"
+    cache_mode: str = "f16/f16"  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
     mmlu: list = field(default_factory=list)
     letter_ids: list | None = None
 
@@ -38,7 +38,7 @@ class LatencyJob(_Job):
     prompt_ids: list = field(default_factory=list)
     gen_tokens: int = 128
     repeats: int = 3
-    kv_type: str = "f16"
+    cache_mode: str = "f16/f16"
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,22 @@ def parse(log: str) -> dict:
     return out
 
 
-def reported_buffers(artifact: str, context: int, threads: int = 2, kv_type: int = 1) -> dict:
+def reported_buffers(
+    artifact: str,
+    context: int,
+    threads: int = 2,
+    kv_type: int = 1,
+    flash_attn: bool = False,
+    type_v: int | None = None,
+) -> dict:
+    """llama.cpp's buffer sizes (MiB) for ``artifact`` loaded with ``context``: ``kv_type`` the K
+    cache's ggml type id (1 = f16), ``type_v`` the V cache's (default: the same), ``flash_attn``
+    the attention path (passed explicitly: the bindings' default is "disabled")."""
     code = (
         "from llama_cpp import Llama; "
         f"Llama(model_path={artifact!r}, n_ctx={context}, n_batch=512, n_ubatch=512, n_threads={threads}, "
-        f"type_k={kv_type}, type_v={kv_type}, verbose=True)"
+        f"type_k={kv_type}, type_v={kv_type if type_v is None else type_v}, flash_attn={bool(flash_attn)}, "
+        "verbose=True)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     res = parse(proc.stderr + proc.stdout)
