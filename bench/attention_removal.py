@@ -33,7 +33,9 @@ MB = 1e6
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
-    ap.add_argument("--k-max", type=int, default=9, help="whole layers sleb-fast removes; sleb-attn runs to their bytes")
+    ap.add_argument(
+        "--k-max", type=int, default=9, help="whole layers sleb-fast removes; sleb-attn runs to their bytes"
+    )
     ap.add_argument("--ks", default="3,6,9", help="whole-layer counts whose bytes the two are compared at")
     ap.add_argument("--ref-context", type=int, default=4096, help="context of the KV cache bytes (tokens)")
     ap.add_argument("--chunks", type=int, default=2, help="512-token held-out chunks (the plan's curve uses 2)")

@@ -605,7 +605,15 @@ def _quant_arg(ctx, param, value):
     "--calibration",
     type=click.Path(),
     default=None,
-    help="GGUF only: text for the importance matrix of IQ1/IQ2/IQ3_XXS/Q2_K_S types (default: packaged Wikipedia articles).",
+    help="GGUF only: text for the importance matrix (--imatrix, and the IQ1/IQ2/IQ3_XXS/Q2_K_S types that "
+    "need one) (default: packaged Wikipedia articles).",
+)
+@click.option(
+    "--imatrix",
+    is_flag=True,
+    help="GGUF only: quantize with an importance matrix computed on the calibration text (cached per model "
+    "and text); the file records it in quantize.imatrix.* keys, as llama-quantize does. Types that need "
+    "one always get one; F16/BF16/Q8_0 ignore it.",
 )
 @click.option(
     "--intermediate",
@@ -628,13 +636,16 @@ def _quant_arg(ctx, param, value):
 )
 @max_memory_option
 @handle_errors
-def export(fmt, quant, model, out, pre_tokenizer, threads, calibration, intermediate, context, single_file) -> None:
+def export(
+    fmt, quant, model, out, pre_tokenizer, threads, calibration, imatrix, intermediate, context, single_file
+) -> None:
     """Write a model (merged or not) as a quantized artifact for an edge runtime."""
     target = get_target(fmt)
     given = {
         "pre_tokenizer": pre_tokenizer,
         "threads": threads,
         "calibration": calibration,
+        "imatrix": imatrix,
         "intermediate": None if intermediate.lower() == "auto" else intermediate.upper(),
         "context": context,
         "single_file": single_file,

@@ -11,12 +11,11 @@ from .calibration import heldout_chunks
 from .errors import UserError
 from .merge_log import FILE as MERGE_LOG
 from .merge_log import MergeLog, MergeStep
-from .mka.attention import positions
 from .mka.context import MergeContext
 from .mka.fusion import identity
 from .mka.layers import temporary_stack
 from .mka.method_table import by_bytes
-from .mka.output import build_model, layer_map, save_merged
+from .mka.output import attention_free, build_model, layer_map, save_merged
 from .mka.trajectory import trajectory
 from .quality import Reference, compare
 
@@ -112,7 +111,7 @@ def merge(
         trajectory_cached=traj["cached"],
         trajectory_seconds=traj["seconds"],
         layer_map=tuple(layer_map(comp)),
-        attention_removed=tuple(positions(comp, attn)),
+        attention_removed=tuple(attention_free(ctx, comp, attn)),
         # the trajectory's step dicts, less the composition, plus held-out quality and the layer map
         steps=tuple(
             MergeStep.from_json(

@@ -331,7 +331,7 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
             f"rules out beating the best unmerged plan"
         )
     t = s.target
-    budget = Budget(**{**asdict(s.budget), "kv_cache_type": t.kv_cache_label(s.budget.kv_cache_type)})
+    budget = Budget(**{**asdict(s.budget), "kv_cache_type": best.cache})  # the cache the plan is for
     return Plan(
         mka_edge=__version__,
         profile={**s.profile.as_dict(), "fingerprint": profile_fingerprint(s.profile)},

@@ -29,7 +29,7 @@ def tiny_build_inputs(root: Path, seed: int) -> tuple[Path, Path, Path]:
     profile = root / "laptop.yaml"
     profile.write_text(
         "name: laptop-test\nmemory_mb: 8192\nreserve_mb: 4096\nbandwidth_gbps: 51.2\nruntime: llama.cpp\n"
-        "context_length: 1024\nkv_cache_type: f16\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
+        "context_length: 1024\nkv_cache_type: f16\nflash_attention: false\nthreads: 2\nmin_tokens_per_s: 0\nmax_quality_loss: 50\n"
     )
     return src, recipe, profile
 

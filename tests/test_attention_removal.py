@@ -255,3 +255,34 @@ def test_k_counts_units_for_sleb_attn():
         check_k(2 * L - 1, L, "sleb-attn")
     with pytest.raises(UserError):
         check_k(L, L, "sleb-fast")
+
+
+def test_offloaded_model_takes_the_same_units_and_saves_the_same_folder(src, tmp_path):
+    """With blocks on disk (--max-memory) the trajectory is the same, and the saved model too: the
+    zero o_proj of an offloaded block is a real tensor, not read back from the disk."""
+    from safetensors.torch import load_file
+
+    from mka_edge.mka.context import build_context
+    from mka_edge.mka.output import build_model, save_merged
+    from mka_edge.mka.trajectory import trajectory
+
+    small = dict(samples=2, seq_len=32, positions=32, repeats=1, loss_samples=2)
+    plain = build_context(model=str(src), device="cpu", **small)
+    capped = build_context(model=str(src), device="cpu", max_memory="cpu=600KB", **small)
+    assert capped.lm.device_map["model.layers.3"] == "disk"
+    a = trajectory(plain, "sleb-attn", 1, use_cache=False, progress=False)["steps"]
+    b = trajectory(capped, "sleb-attn", 1, use_cache=False, progress=False)["steps"]
+    assert [(s["unit"], s["layer"]) for s in a] == [(s["unit"], s["layer"]) for s in b] == [("attention", 3)]
+    assert [s["calib_kl"] for s in a] == pytest.approx([s["calib_kl"] for s in b], rel=1e-6, abs=1e-9)
+    step = a[-1]
+    tensors = {}
+    for ctx, name in ((plain, "plain"), (capped, "capped")):
+        model = build_model(ctx, step["composition"], step["attn_removed"])
+        save_merged(model, ctx.lm.tokenizer, {}, tmp_path / name)
+        tensors[name] = {}
+        for f in sorted((tmp_path / name).glob("*.safetensors")):
+            tensors[name] |= load_file(f)
+    x, y = tensors["plain"], tensors["capped"]
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+    assert not y["model.layers.3.self_attn.o_proj.weight"].any()  # on disk in the capped model
+    assert json.loads((tmp_path / "capped" / "config.json").read_text())["mka_edge_attention_removed"] == [3]

@@ -123,7 +123,7 @@ def test_a_third_target_flows_through_solve_and_the_report(tmp_path, fake_target
     plan = solve(Facts(cheap, "fp", SHAPE, costs, source, 0.5, "default", curve, None), s)
     # 19 MB budget: w8 needs 10 + 10 MB unmerged (no), w4 5 + 10 (KL 0.2), w8 at K=1 9 + 10 (KL 0.05 + 0.01)
     assert plan.format == "fake" and (plan.choice.k, plan.choice.quant) == (1, "w8")
-    assert plan.models["memory"] == "weights + 10 MB" and plan.budget.kv_cache_type == "f16"
+    assert plan.models["memory"] == "weights + 10 MB" and plan.budget.kv_cache_type == plan.choice.cache == "f16/f16"
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan  # plan.json round-trips
     summary = fake_target.summary({"path": "m.fake", "quant": "w8"})
     chosen = {"k": 2, "quant": "w8", "artifact": "m.fake"}

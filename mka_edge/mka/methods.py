@@ -1,4 +1,5 @@
-"""Merge methods behind one interface: each yields a trajectory, one step per merged layer.
+"""Merge methods behind one interface: each yields a trajectory, one step per merged layer (for
+sleb-attn, per removal unit: an attention sub-block or a whole layer; see ``sleb_attn``).
 
 A step records the composition of the whole stack after it (see ``fusion``), what was done,
 the similarity behind it, the alpha, and the calibration KL. Iterative methods pass through

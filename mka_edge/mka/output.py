@@ -22,6 +22,12 @@ from .layers import temporary_stack
 OFFLOADED_SHARD = "2GB"
 
 
+def attention_free(ctx: MergeContext, comp: Composition, attn_removed=()) -> list[int]:
+    """Layers of the stack ``comp`` (its numbering) without attention: the original layers in
+    ``attn_removed`` and any the source model had already lost (its config lists them)."""
+    return positions(comp, set(attention_removed(ctx.model.config)) | {int(i) for i in attn_removed})
+
+
 def build_model(ctx: MergeContext, comp: Composition, attn_removed=()):
     """A standalone model (new config, its own tensors) whose blocks follow ``comp``, the original
     layers in ``attn_removed`` (and any the source had lost) without attention: their ``o_proj``
@@ -33,7 +39,7 @@ def build_model(ctx: MergeContext, comp: Composition, attn_removed=()):
     hooks, one tensor at a time, when it is saved (``save_merged``), so saving needs no room for
     the model on any device (only a shard's worth of CPU RAM)."""
     layers = realize(ctx.originals, comp, ctx.names)
-    no_attn = positions(comp, set(attention_removed(ctx.model.config)) | {int(i) for i in attn_removed})
+    no_attn = attention_free(ctx, comp, attn_removed)
     for j in no_attn:
         layers[j] = saved_block(layers[j], ctx.arch)
     config = copy.deepcopy(ctx.model.config)

@@ -158,8 +158,11 @@ class Target(ABC):
     def artifact_name(self, tag: str) -> str: ...
 
     @abstractmethod
-    def export(self, lm, out: Path, quant: str, *, context: int, progress: bool) -> ArtifactSummary:
-        """Write a loaded (merged) model as this target's artifact."""
+    def export(
+        self, lm, out: Path, quant: str, *, context: int, progress: bool, imatrix: bool = False
+    ) -> ArtifactSummary:
+        """Write a loaded (merged) model as this target's artifact (``imatrix``: with an importance
+        matrix, where the target's quantizer takes one)."""
 
     @abstractmethod
     def export_spec(self, model: str | None, out: Path, quant: str, options: dict) -> ArtifactSummary:

@@ -129,7 +129,7 @@ class GgufTarget(Target):
     sizes_are_exact = True
     memory_model = "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend"
     speed_calibration_file = "speed_calibration.json"
-    export_options = ("pre_tokenizer", "threads", "calibration", "intermediate")
+    export_options = ("pre_tokenizer", "threads", "calibration", "imatrix", "intermediate")
 
     def check_quants(self, quants: list[str] | None) -> list[str]:
         from ..exporters.quant_types import quant_type

@@ -189,7 +189,7 @@ class OnnxTarget(Target):
     def artifact_name(self, tag: str) -> str:
         return f"{tag}-onnx"
 
-    def export(self, lm, out, quant, *, context, progress):
+    def export(self, lm, out, quant, *, context, progress, imatrix=False):
         from ..exporters.onnx import export_loaded_onnx
 
         return self.summary(export_loaded_onnx(lm, out, quant, context=context, progress=progress))
