@@ -19,6 +19,7 @@ import torch
 from mka_edge.cache import atomic_write_text
 from mka_edge.exporters.gguf import export_loaded
 from mka_edge.exporters.gguf_inspect import inspect_gguf
+from mka_edge.kv_cache import CacheMode
 from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import MIB, Shape, predict, reserved_compute_bytes
 from mka_edge.solver.quant_probe import tensor_bytes_split
@@ -70,6 +71,12 @@ def main() -> None:
         if not art.is_file():
             export_loaded(lm, art, q, progress=False)
         configs += [("SmolLM2-135M", art, Shape.from_config(lm.model.config), ctx) for ctx in (512, 4096)]
+        if q == "Q8_0":  # the cache modes (flash attention, quantized caches) on one file
+            configs += [
+                ("SmolLM2-135M", art, Shape.from_config(lm.model.config), ctx, mode)
+                for mode in ("f16/f16+fa", "q8_0/q8_0+fa", "q4_0/q4_0+fa")
+                for ctx in (512, 4096)
+            ]
     syn_dir = synthetic_1b(work, Path(lm.source["model_dir"]))
     syn = load_model(str(syn_dir), "cpu", torch.float32)
     art = work / "synthetic-1b-Q8_0.gguf"
@@ -78,20 +85,32 @@ def main() -> None:
     configs += [("synthetic 1B", art, Shape.from_config(syn.model.config), ctx) for ctx in (512, 2048)]
     del lm, syn
     rows = []
-    for name, art, shape, ctx in configs:
+    for name, art, shape, ctx, *rest in configs:
+        mode = CacheMode.parse(rest[0] if rest else "f16/f16")
         info = inspect_gguf(art)
-        rep = reported_buffers(str(art), ctx, args.threads)
+        rep = reported_buffers(
+            str(art), ctx, args.threads, kv_type=mode.llama_kwargs()["type_k"], flash_attn=mode.flash_attn
+        )
         lat = run_child(
             WORKER,
-            LatencyJob(str(art), args.threads, context=ctx, prompt_ids=long_ids[: ctx - 48], gen_tokens=32, repeats=1),
+            LatencyJob(
+                str(art),
+                args.threads,
+                context=ctx,
+                prompt_ids=long_ids[: ctx - 48],
+                gen_tokens=32,
+                repeats=1,
+                cache_mode=mode.label,
+            ),
             1800,
             "latency",
         )
         repack = float(sum(tensor_bytes_split(art)["repack_per_layer"]))
-        pred = predict(shape, info["tensor_bytes"], ctx, "f16", repack_bytes=repack, overhead_mb=0.0)
+        pred = predict(shape, info["tensor_bytes"], ctx, mode, repack_bytes=repack, overhead_mb=0.0)
         rows.append(
             {
                 "model": name,
+                "cache": mode.label,
                 "quant": info["file_type"],
                 "file": art.name,
                 "context": ctx,
@@ -104,10 +123,10 @@ def main() -> None:
             }
         )
         print(
-            f"{name:14} {art.name:28} ctx {ctx:5}  measured {lat['peak_rss_mb']:8.1f} MiB  predicted w/o overhead {pred.total_mb:8.1f}",
+            f"{name:14} {art.name:28} {mode.label:13} ctx {ctx:5}  measured {lat['peak_rss_mb']:8.1f} MiB  predicted w/o overhead {pred.total_mb:8.1f}",
             flush=True,
         )
-    fit = next(r for r in rows if r["file"] == "smollm2-Q8_0.gguf" and r["context"] == 512)
+    fit = next(r for r in rows if r["file"] == "smollm2-Q8_0.gguf" and r["context"] == 512 and r["cache"] == "f16/f16")
     overhead = fit["measured_rss_mb"] - fit["predicted"]["total_mb"]
     for r in rows:
         r["predicted"]["overhead_mb"] = round(overhead, 2)
@@ -116,14 +135,14 @@ def main() -> None:
         r["fitted_here"] = r is fit
     (args.out / "results.json").write_text(json.dumps({"overhead_mb": overhead, "rows": rows}, indent=2))
     lines = [
-        "| model | file | context | weights + repack MiB (llama.cpp model buffers) | KV MiB (llama.cpp) "
+        "| model | file | KV cache | context | weights + repack MiB (llama.cpp model buffers) | KV MiB (llama.cpp) "
         "| reserved compute MiB (llama.cpp) | resident attention MiB | overhead MiB | predicted MiB | measured peak RSS MiB | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p, rep = r["predicted"], r["reported"]
         lines.append(
-            f"| {r['model']} | {r['file']} | {r['context']} | {p['weights_mb'] + p['repack_mb']:.1f} ({rep.get('model_mb', 0):.1f}) "
+            f"| {r['model']} | {r['file']} | {r['cache']} | {r['context']} | {p['weights_mb'] + p['repack_mb']:.1f} ({rep.get('model_mb', 0):.1f}) "
             f"| {p['kv_mb']:.2f} ({rep.get('kv_mb', 0):.2f}) | {r['predicted_reserved_compute_mb']:.1f} ({rep.get('compute_mb', 0):.1f}) "
             f"| {p['attention_mb']:.1f} "
             f"| {p['overhead_mb']:.1f} | {p['total_mb']:.1f} | {r['measured_rss_mb']:.1f} "

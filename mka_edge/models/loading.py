@@ -243,10 +243,19 @@ def _load_hf_dir(
     arch = _check_arch_config(json.loads(cfg_path.read_text()), str(folder))
     if not list(folder.glob("*.safetensors")):
         raise UserError(f"{folder} holds no .safetensors weights; mka-edge does not load pickled weights")
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(folder, config, dtype, trust_remote_code, max_memory)
-    model = _place(model, device, max_memory)
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = _from_pretrained(folder, config, dtype, trust_remote_code, max_memory)
+        model = _place(model, device, max_memory)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (UserError, MemoryError, KeyboardInterrupt, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, json, tokenizers and transformers fail in many types
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"cannot load the model in {folder} ({type(exc).__name__}: {why}); check its config.json, "
+            "*.safetensors and tokenizer files (a truncated or corrupt download?)"
+        ) from None
     return model.eval(), tok, arch
 
 

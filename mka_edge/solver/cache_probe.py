@@ -46,9 +46,10 @@ def probe_cache_modes(
     'top1', 'ppl', 'attention', 'measured_on'}} for every mode asked (and the baseline).
 
     ``context``: also time decoding with the cache filled to this many tokens, per mode
-    ('gen_tps', and 'speed_factor' = its share of the baseline's).  On this host's CPU a quantized
-    cache decodes far slower at long contexts (llama.cpp dequantizes it on every step: at 4096
-    tokens SmolLM2 fell from 67 to 7 tokens/s with q8_0): a cheap byte is not always a usable one."""
+    ('gen_tps', and 'speed_factor' = its share of the baseline's).  On a CPU a quantized cache
+    decodes slower at long contexts (llama.cpp dequantizes it on every step: at 4096 tokens SmolLM2
+    went from 69.7 tokens/s to 49.8 with q8_0 and 29.4 with q4_0 on this 2-core host): a cheap byte
+    is not always a usable one."""
     from mka_edge.exporters.gguf import intermediate_type, write_float_gguf
     from mka_edge.exporters.llama_quantize import quantize
     from mka_edge.exporters.quant_types import quant_type
