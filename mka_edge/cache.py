@@ -53,35 +53,95 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_sibling_prefix(final: Path) -> str:
+    """The prefix of a temporary sibling of ``final``: its name and this process's id, so a later
+    run can tell a killed run's leftovers (``clean_stale``) from a live run's."""
+    return f".{Path(final).name}.{os.getpid()}."
+
+
+def clean_stale(final: Path) -> None:
+    """Remove temporary siblings of ``final`` left by runs that were killed (their process is gone):
+    SIGKILL leaves no chance to clean up, so the next run does."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.*"):
+        pid = p.name[len(final.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``final`` only if the block succeeds.
 
     An interrupted or failed write leaves nothing at ``final``; an existing ``final`` is replaced.
+    A killed run's temporary folder is removed by the next run (``clean_stale``).
     """
+    from .killpoints import killpoint
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    clean_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_sibling_prefix(final), dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is for users to share
     try:
         yield tmp
+        killpoint(f"before-rename:{final.name}")
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
+            old = final.with_name(f".{final.name}.{os.getpid()}.old")
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        killpoint(f"after-rename:{final.name}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+@contextmanager
+def entry_lock(path: Path, what: str, log=None) -> Iterator[None]:
+    """Hold the lock of one cache entry while it is computed.  Why: two commands with the same
+    inputs (two builds started together) share the cache; without a lock both compute the same
+    trajectory, probe or dequantized model.  The second waits, says so on stderr, and then finds
+    the entry the first wrote (callers check for it again after acquiring).  The lock file sits
+    beside the entry (``.NAME.lock``); a killed holder's lock is released by the kernel."""
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.with_name(f".{path.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        msg = f"waiting for another mka-edge process computing {what} ({path.name})"
+        (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_sibling_prefix(path), dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "w") as fh:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,7 +47,7 @@ def load_texts(path: str | Path | None = None, default: str = DEFAULT_CALIBRATIO
     where = str(p)
     try:
         raw = gzip.open(p, "rt", encoding="utf-8").read() if p.suffix == ".gz" else p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as exc:
         raise UserError(
             f"cannot read calibration file {where}: {exc.__class__.__name__}; check the path and that it is UTF-8 text"
         ) from None

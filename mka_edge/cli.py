@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -165,6 +166,14 @@ def handle_errors(f):
             sys.exit(3)
         except OSError as exc:  # a folder that cannot be written, a full disk
             where = f" ({exc.filename})" if exc.filename else ""
+            if exc.errno == errno.ENOSPC:
+                click.echo(
+                    f"error: no space left on a device{where}; free space where --out, the cache "
+                    f"({os.environ.get('MKA_EDGE_CACHE') or '~/.cache/mka-edge'}) and the temporary folder "
+                    "(TMPDIR) live; nothing half-written was left",
+                    err=True,
+                )
+                sys.exit(2)
             click.echo(f"error: {exc.strerror or exc}{where}; check the path, its permissions and free space", err=True)
             sys.exit(2)
 

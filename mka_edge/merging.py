@@ -68,9 +68,12 @@ def heldout_along(ctx: MergeContext, steps: list[dict], n_chunks: int, progress:
 
 def check_out(out: Path) -> None:
     """Refuse to replace a folder that is not an earlier mka-edge merge (it would be lost)."""
+    from .exporters.paths import check_creatable
+
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MERGE_LOG).is_file())):
         raise UserError(f"--out {out} exists and is not an earlier merge output; choose a new folder")
+    check_creatable(out)  # a path under a file, or an unwritable parent: found before the merge
 
 
 def merge(

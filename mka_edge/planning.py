@@ -257,6 +257,7 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
         progress=progress,
         calibrate_speed=eff_source.startswith("default"),
         log=log,
+        **({} if s.imatrix else {"imatrix": False}),  # --no-imatrix: nothing measured with a matrix
     )
     if not s.imatrix:
         costs = plain_costs(costs)

@@ -84,17 +84,24 @@ def known_profiles() -> list[str]:
 
 
 def _check(data: dict, where: str) -> Profile:
+    if not all(isinstance(k, str) for k in data):
+        raise UserError(f"profile {where}: every field name must be text (got {sorted(map(repr, data))[:3]})")
     for key in _REQUIRED:
         if key not in data:
             raise UserError(f"profile {where}: missing field '{key}'")
     unknown = set(data) - {f.name for f in fields(Profile)}
     if unknown:
         raise UserError(f"profile {where}: unknown field(s) {', '.join(sorted(unknown))}")
+    for key in ("name", "runtime", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise UserError(f"profile {where}: field '{key}' must be text (got {data[key]!r})")
     for key in ("memory_mb", "reserve_mb", "context_length", "threads"):
-        if not isinstance(data[key], int) or data[key] < 0 or (key != "reserve_mb" and data[key] == 0):
+        v = data[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (key != "reserve_mb" and v == 0):
             raise UserError(f"profile {where}: field '{key}' must be a positive integer (got {data[key]!r})")
     for key in ("bandwidth_gbps", "min_tokens_per_s", "max_quality_loss"):
-        if not isinstance(data[key], (int, float)) or data[key] < 0:
+        v = data[key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf"):
             raise UserError(f"profile {where}: field '{key}' must be a non-negative number (got {data[key]!r})")
     if data["reserve_mb"] >= data["memory_mb"]:
         raise UserError(
@@ -105,13 +112,17 @@ def _check(data: dict, where: str) -> Profile:
             f"profile {where}: field 'runtime' must be one of {', '.join(runtimes())} (got {data['runtime']!r})"
         )
     kv = data.get("kv_cache_type", "auto")
-    if kv not in KV_CHOICES:
+    if not isinstance(kv, str) or kv not in KV_CHOICES:
         raise UserError(f"profile {where}: field 'kv_cache_type' must be one of {', '.join(KV_CHOICES)} (got {kv!r})")
-    if not isinstance(data.get("flash_attention", True), bool):
-        raise UserError(
-            f"profile {where}: field 'flash_attention' must be true or false (got {data.get('flash_attention')!r})"
-        )
-    if not isinstance(data.get("heal_steps", 0), int) or data.get("heal_steps", 0) < 0:
+    if not isinstance(data.get("flash_attention", True), bool) or not isinstance(
+        data.get("unified_memory", False), bool
+    ):
+        raise UserError(f"profile {where}: fields 'flash_attention' and 'unified_memory' must be true or false")
+    if (
+        not isinstance(data.get("heal_steps", 0), int)
+        or isinstance(data.get("heal_steps"), bool)
+        or data.get("heal_steps", 0) < 0
+    ):
         raise UserError(
             f"profile {where}: field 'heal_steps' must be a non-negative integer (got {data.get('heal_steps')!r})"
         )
@@ -133,10 +144,17 @@ def load_profile(name_or_path: str) -> Profile:
     elif not p.is_file():
         raise UserError(f"profile file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read profile {p}: {str(exc).splitlines()[0]}") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        raise UserError(f"cannot read profile {p}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"profile {p} is not a YAML mapping")
     data.setdefault("name", p.stem)
-    return _check(data, str(p))
+    try:
+        return _check(data, str(p))
+    except UserError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:  # a hostile or odd value
+        raise UserError(
+            f"profile {p} is malformed ({type(exc).__name__}: {str(exc)[:120]}); see profiles/README.md"
+        ) from None

@@ -9,6 +9,7 @@ export succeeded.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,7 +23,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from mka_edge.cache import clean_stale, temp_sibling_prefix
 from mka_edge.errors import UserError
+from mka_edge.killpoints import failpoint, killpoint
 from mka_edge.merge_log import MergeLog, provenance, read_merge_log
 from mka_edge.models.loading import load_config, load_model, storage_dtype
 from mka_edge.models.recipes import recipe_behind
@@ -236,9 +239,12 @@ def _write_tensors(writer, lm, float_type: str, count: int, freqs: np.ndarray | 
     tensor in memory at a time."""
     bar = tqdm(total=count, desc="writing GGUF", unit="tensor", disable=not progress, leave=False)
     with bar:
-        for _, hf_name, tensor in _named_tensors(lm):
+        for i, (_, hf_name, tensor) in enumerate(_named_tensors(lm)):
             writer.write_tensor_data(_gguf_array(lm, hf_name, tensor, float_type))
             bar.update(1)
+            if i == count // 2:
+                killpoint("gguf:mid-write")
+                failpoint("gguf:mid-write")
         if freqs is not None:
             writer.write_tensor_data(freqs)
             bar.update(1)
@@ -358,8 +364,35 @@ def export_loaded(
     matrix = None
     if not q.direct and (q.needs_imatrix or (imatrix and q.imatrix_helps)):
         matrix = imatrix_for(lm, imatrix_texts, progress=progress)  # before the slow write: cached after
+    clean_stale(out)  # a killed export's scratch folder
+    try:
+        return _export_to(lm, out, q, merge_log, pre_tokenizer, threads, intermediate, matrix, progress)
+    except OSError as exc:
+        float_type = intermediate_type(lm.model.config, q.name, intermediate)
+        need = f32_bytes(lm.model.config) * {"F32": 4, "F16": 2, "BF16": 2}[float_type] / 4 * (1 if q.direct else 2)
+        # a full disk shows as ENOSPC, or as a short write without an errno ("8192 requested and 32 written")
+        if exc.errno != errno.ENOSPC and not _free_mb(out.parent) * 2**20 < need:
+            raise
+        raise UserError(
+            f"no space left on the disk of {out.parent} while writing the GGUF: the export needs about "
+            f"{need / 2**20:.0f} MB free there ({float_type} intermediate{'' if q.direct else ' + the quantized file'}); "
+            f"{_free_mb(out.parent):.0f} MB are free; nothing was left at --out; free space or choose another --out"
+        ) from None
+
+
+def _free_mb(folder: Path) -> float:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _export_to(lm, out: Path, q: QuantType, merge_log, pre_tokenizer, threads, intermediate, matrix, progress) -> dict:
+    """export_loaded's write: scratch folder beside ``out``, float GGUF, quantizer, rename."""
     with ExitStack() as stack:
-        tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent)))
+        tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=temp_sibling_prefix(out), dir=out.parent)))
         float_type = intermediate_type(lm.model.config, q.name, intermediate)
         base = tmpdir / f"base-{float_type.lower()}.gguf"
         tok_info = write_float_gguf(lm, base, float_type, merge_log, pre_tokenizer, progress)
@@ -369,7 +402,9 @@ def export_loaded(
             final_tmp = tmpdir / "quantized.gguf"
             quantize(base, final_tmp, q.ftype, threads, matrix, progress=progress)
         summary = inspect_gguf(final_tmp)
+        killpoint(f"before-rename:{out.name}")
         os.replace(final_tmp, out)
+        killpoint(f"after-rename:{out.name}")
     summary["path"] = str(out)
     summary["quant"] = q.name
     summary["tokenizer"] = tok_info

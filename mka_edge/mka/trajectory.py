@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache import atomic_write_text, cache_root, stable_hash
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
+from ..killpoints import killpoint
 from .context import MergeContext
 from .method_table import AUTO_POOL, by_bytes, uses_alpha
 from .methods import METHODS
@@ -69,15 +71,32 @@ def trajectory(
     if method == "auto":
         return _auto(ctx, k_max, alpha, use_cache, progress)
     path = cache_root() / "trajectories" / f"{method}-{_key(ctx, method, alpha)}.json"
-    cached: list[dict] = []
-    if use_cache and path.is_file():
-        data = json.loads(path.read_text())
-        cached = _decode(data["steps"])
-        stop = next((i + 1 for i, st in enumerate(cached[:k_max]) if enough and enough(st)), None)
-        if stop or len(cached) >= k_max:
-            data["steps"] = cached[: stop or k_max]
-            data["cached"] = True
-            return data
+    hit = _from_cache(path, k_max, enough) if use_cache else None
+    if hit is not None:
+        return hit
+    with entry_lock(path, f"the {method} trajectory"):
+        hit = _from_cache(path, k_max, enough) if use_cache else None  # made while this one waited?
+        if hit is not None:
+            return hit
+        cached = _decode(json.loads(path.read_text())["steps"]) if use_cache and path.is_file() else []
+        return _run(ctx, method, k_max, alpha, progress, enough, path, cached)
+
+
+def _from_cache(path: Path, k_max: int, enough) -> dict | None:
+    """The cached run when it reaches k_max (or ``enough``), else None."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    cached = _decode(data["steps"])
+    stop = next((i + 1 for i, st in enumerate(cached[:k_max]) if enough and enough(st)), None)
+    if stop or len(cached) >= k_max:
+        data["steps"] = cached[: stop or k_max]
+        data["cached"] = True
+        return data
+    return None
+
+
+def _run(ctx, method, k_max, alpha, progress, enough, path: Path, cached: list) -> dict:
     t0 = time.perf_counter()
     steps: list[dict] = []
     unit = "unit" if by_bytes(method) else "layer"
@@ -86,6 +105,7 @@ def trajectory(
         run = METHODS[method](ctx, k_max, alpha, clock)
         for step in run:
             steps.append(step)
+            killpoint(f"trajectory:step-{len(steps)}")
             if enough is not None and enough(step):
                 break
         run.close()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..cache import atomic_dir, cache_root, file_fingerprint, stable_hash
+from ..cache import atomic_dir, cache_root, entry_lock, file_fingerprint, stable_hash
 from ..device import current_max_memory, main_device, parse_max_memory
 from ..errors import UserError
 from .architectures import ArchSpec, arch_for
@@ -167,10 +167,12 @@ def _gguf_cache_dir(path: Path) -> tuple[Path, str]:
 def _cached_gguf_dir(path: Path) -> tuple[Path, str]:
     target, fp = _gguf_cache_dir(path)
     if not (target / "config.json").is_file():
-        log.info("dequantizing %s once; cached at %s", path.name, target)
-        with atomic_dir(target) as tmp:
-            _dequantize_in_child(path, tmp)
-            (tmp / "mka_edge_source.json").write_text(json.dumps({"gguf": str(path), "sha256": fp}))
+        with entry_lock(target, f"the dequantized {path.name}"):
+            if not (target / "config.json").is_file():  # made while this process waited?
+                log.info("dequantizing %s once; cached at %s", path.name, target)
+                with atomic_dir(target) as tmp:
+                    _dequantize_in_child(path, tmp)
+                    (tmp / "mka_edge_source.json").write_text(json.dumps({"gguf": str(path), "sha256": fp}))
     return target, fp
 
 

@@ -13,6 +13,7 @@ from ..merge_log import read_merge_log
 
 DEFAULT_MODEL = "smollm2-135m"
 _KINDS = ("pip-gguf", "hub", "hf-dir", "gguf")
+_SOURCE_FIELDS = {"pip-gguf": ("distribution", "file"), "hub": ("hub_id",), "hf-dir": ("path",), "gguf": ("path",)}
 
 
 def _recipe_dir() -> Path:
@@ -25,14 +26,22 @@ def known_recipes() -> list[str]:
 
 def load_recipe_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"cannot read recipe {path}: {exc}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise UserError(f"recipe {path} is not a YAML mapping")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UserError(f"recipe {path} is not a YAML mapping of field names")
     src = data.get("source")
-    if not isinstance(src, dict) or src.get("kind") not in _KINDS:
+    if not isinstance(src, dict) or not isinstance(src.get("kind"), str) or src.get("kind") not in _KINDS:
         raise UserError(f"recipe {path}: field 'source.kind' must be one of {', '.join(_KINDS)}")
+    for key in _SOURCE_FIELDS[src["kind"]]:
+        if not isinstance(src.get(key), str) or not src[key]:
+            raise UserError(f"recipe {path}: a '{src['kind']}' source needs the text field 'source.{key}'")
+    if not isinstance(data.get("name", ""), str):
+        raise UserError(f"recipe {path}: field 'name' must be text")
+    for key in ("calibration", "llama_cpp"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise UserError(f"recipe {path}: field '{key}' must be a mapping")
     _check_heal(data.get("heal"), path)
     data.setdefault("name", Path(path).stem)
     data.setdefault("calibration", {})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..cache import atomic_write_text, cache_root, stable_hash
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..kv_cache import BASELINE, CacheMode
 
 PROBE_VERSION = 1
@@ -50,14 +50,6 @@ def probe_cache_modes(
     decodes slower at long contexts (llama.cpp dequantizes it on every step: at 4096 tokens SmolLM2
     went from 69.7 tokens/s to 49.8 with q8_0 and 29.4 with q4_0 on this 2-core host): a cheap byte
     is not always a usable one."""
-    from mka_edge.exporters.gguf import intermediate_type, write_float_gguf
-    from mka_edge.exporters.llama_quantize import quantize
-    from mka_edge.exporters.quant_types import quant_type
-
-    from ..validate.gguf import WORKER
-    from ..validate.jobs import AccuracyJob
-    from ..validate.reference import compact_reference
-    from ..validate.runner import run_child
 
     folder = cache_root() / "cache_probe"
     wanted = list(dict.fromkeys([BASELINE, *modes]))
@@ -77,6 +69,34 @@ def probe_cache_modes(
                 results[m.label] = {**results.get(m.label, {}), **json.loads(spath.read_text())}
             else:
                 speed_missing.append((m, spath))
+    if missing or speed_missing:
+        with entry_lock(folder / f"modes-{lm.fingerprint[:20]}", "the cache-mode probe of this model"):
+            _measure(lm, missing, speed_missing, results, chunks, threads, progress, context)
+    base = results[BASELINE.label]
+    for r in results.values():
+        r["kl_cost"] = max(0.0, r["kl"] - base["kl"])
+        if "gen_tps" in r:
+            r["speed_factor"] = r["gen_tps"] / base["gen_tps"]
+    return {m.label: results[m.label] for m in wanted}
+
+
+def _measure(lm, missing, speed_missing, results: dict, chunks: int, threads: int, progress: bool, context) -> None:
+    """Measure the modes not in the cache (another process may have measured some while this one
+    waited for the lock: those are read instead)."""
+    from mka_edge.exporters.gguf import intermediate_type, write_float_gguf
+    from mka_edge.exporters.llama_quantize import quantize
+    from mka_edge.exporters.quant_types import quant_type
+
+    from ..validate.gguf import WORKER
+    from ..validate.jobs import AccuracyJob
+    from ..validate.reference import compact_reference
+    from ..validate.runner import run_child
+
+    for todo in (missing, speed_missing):
+        for m, path in list(todo):
+            if path.is_file():
+                results[m.label] = {**results.get(m.label, {}), **json.loads(path.read_text())}
+                todo.remove((m, path))
     if missing or speed_missing:
         ref_path, _ = compact_reference(lm, chunks, progress=progress)
         with tempfile.TemporaryDirectory(prefix="mka-edge-cache-probe-") as tmp:
@@ -128,9 +148,3 @@ def probe_cache_modes(
                     sres = {"gen_tps": lat["gen_tps"]["median"], "speed_context": context}
                     atomic_write_text(spath, json.dumps(sres))
                     results[m.label] = {**results.get(m.label, {}), **sres}
-    base = results[BASELINE.label]
-    for r in results.values():
-        r["kl_cost"] = max(0.0, r["kl"] - base["kl"])
-        if "gen_tps" in r:
-            r["speed_factor"] = r["gen_tps"] / base["gen_tps"]
-    return {m.label: results[m.label] for m in wanted}

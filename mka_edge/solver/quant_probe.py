@@ -25,7 +25,7 @@ from mka_edge.exporters.gguf_inspect import inspect_gguf
 from mka_edge.exporters.llama_quantize import quantize
 from mka_edge.exporters.quant_types import quant_type
 
-from ..cache import atomic_write_text, cache_root, stable_hash
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..validate.gguf import WORKER
 from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
@@ -151,33 +151,37 @@ def probe(
     results, missing = cached_entries(folder, "", keys)
     if not missing:
         return results
-    ref_path, _ = compact_reference(lm, chunks, progress=progress)
-    matrix = ensure_imatrix(lm, keyed, progress) if any(helps[q] for q in missing) else None
-    with tempfile.TemporaryDirectory(prefix="mka-edge-probe-") as tmp:
-        float_type = intermediate_type(lm.model.config, "Q8_0")  # F32 for the small models probed
-        base = Path(tmp) / f"base-{float_type.lower()}.gguf"
-        write_float_gguf(lm, base, float_type)
-        for q in tqdm(missing, desc="measuring quant types", disable=not progress, leave=False):
-            qt = quant_type(q)
-            plain = imat = None
-            art = base if q == float_type else Path(tmp) / f"{q}.gguf"
-            if not qt.needs_imatrix:
-                plain = _measure(lm, base, art, q, float_type, ref_path, threads, None)
-                if q == "Q8_0" and calibrate_speed:
-                    _calibrate_speed(art, plain, ref_path, threads)
-            if helps[q]:
-                art = Path(tmp) / f"{q}-imatrix.gguf"
-                imat = _measure(lm, base, art, q, float_type, ref_path, threads, matrix)
-            use_imatrix = imat is not None and (plain is None or imat["kl"] < plain["kl"])
-            res = {**(imat if use_imatrix else plain), "imatrix": use_imatrix}
-            if plain is not None:  # absent: a type that needs a matrix has no plain figure
-                res["kl_plain"] = plain["kl"]
-            if imat is not None:  # absent: a type that ignores one was measured plainly only
-                res["kl_imatrix"] = imat["kl"]
-            res["measured_on"] = f"{chunks} x 512 held-out tokens"
-            atomic_write_text(folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
-            results[q] = res
-            for f in (Path(tmp) / f"{q}.gguf", Path(tmp) / f"{q}-imatrix.gguf"):
-                if f != base:
-                    f.unlink(missing_ok=True)
+    with entry_lock(folder / f"probe-{lm.fingerprint[:20]}", "the quant probe of this model"):
+        results, missing = cached_entries(folder, "", keys)  # measured while this process waited?
+        if not missing:
+            return results
+        ref_path, _ = compact_reference(lm, chunks, progress=progress)
+        matrix = ensure_imatrix(lm, keyed, progress) if any(helps[q] for q in missing) else None
+        with tempfile.TemporaryDirectory(prefix="mka-edge-probe-") as tmp:
+            float_type = intermediate_type(lm.model.config, "Q8_0")  # F32 for the small models probed
+            base = Path(tmp) / f"base-{float_type.lower()}.gguf"
+            write_float_gguf(lm, base, float_type)
+            for q in tqdm(missing, desc="measuring quant types", disable=not progress, leave=False):
+                qt = quant_type(q)
+                plain = imat = None
+                art = base if q == float_type else Path(tmp) / f"{q}.gguf"
+                if not qt.needs_imatrix:
+                    plain = _measure(lm, base, art, q, float_type, ref_path, threads, None)
+                    if q == "Q8_0" and calibrate_speed:
+                        _calibrate_speed(art, plain, ref_path, threads)
+                if helps[q]:
+                    art = Path(tmp) / f"{q}-imatrix.gguf"
+                    imat = _measure(lm, base, art, q, float_type, ref_path, threads, matrix)
+                use_imatrix = imat is not None and (plain is None or imat["kl"] < plain["kl"])
+                res = {**(imat if use_imatrix else plain), "imatrix": use_imatrix}
+                if plain is not None:  # absent: a type that needs a matrix has no plain figure
+                    res["kl_plain"] = plain["kl"]
+                if imat is not None:  # absent: a type that ignores one was measured plainly only
+                    res["kl_imatrix"] = imat["kl"]
+                res["measured_on"] = f"{chunks} x 512 held-out tokens"
+                atomic_write_text(folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
+                results[q] = res
+                for f in (Path(tmp) / f"{q}.gguf", Path(tmp) / f"{q}-imatrix.gguf"):
+                    if f != base:
+                        f.unlink(missing_ok=True)
     return results

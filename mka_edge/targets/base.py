@@ -111,6 +111,7 @@ class Target(ABC):
         progress: bool,
         calibrate_speed: bool,
         log,
+        imatrix: bool = True,
     ) -> tuple[dict[str, QuantCost], str]:
         """Measured (or prior) costs with KL, and the sentence that says where they come from."""
 

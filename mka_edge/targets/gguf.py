@@ -153,7 +153,7 @@ class GgufTarget(Target):
             raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(KNOWN)}")
         return {q: QuantCost.from_json(q, self.name, prior_entry(q, ms.block_params, ms.other_params)) for q in quants}
 
-    def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log):
+    def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True):
         from ..solver.quant_prior import SOURCE
 
         if not measure:
@@ -164,7 +164,7 @@ class GgufTarget(Target):
             "measuring each quant type on this model with llama.cpp, plain and with an importance matrix "
             "(cached after the first plan)"
         )
-        costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed)
+        costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed, imatrix=imatrix)
         # each cost is the better of plain and importance-matrix quantization; extra["imatrix"]
         # (with kl_plain / kl_imatrix) says which, and is what the build exports with
         return (

@@ -145,7 +145,7 @@ class OnnxTarget(Target):
             )
         return out
 
-    def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log):
+    def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True):
         if not measure:
             from ..solver.quant_prior import PUBLISHED, SOURCE
 
