@@ -853,7 +853,7 @@ def plan_options(f):
         click.option(
             "--quants",
             default=None,
-            help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K; "
+            help="Comma-separated quant types to consider (default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K,IQ4_XS,IQ3_M; "
             "onnxruntime profiles: fp32,int8,int4-mixed,int4).",
         ),
         click.option(

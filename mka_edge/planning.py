@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
@@ -211,18 +211,7 @@ def plain_costs(costs: dict[str, QuantCost]) -> dict[str, QuantCost]:
     for q, c in costs.items():
         if c.extra.get("imatrix") and "kl_plain" not in c.extra:
             continue
-        kl = c.extra.get("kl_plain", c.kl)
-        out[q] = QuantCost(
-            c.quant,
-            c.target,
-            c.per_layer,
-            c.other,
-            c.repack_per_layer,
-            kl,
-            c.tensor_types,
-            c.resident_ratio,
-            {**c.extra, "imatrix": False},
-        )
+        out[q] = replace(c, kl=c.extra.get("kl_plain", c.kl), extra={**c.extra, "imatrix": False})
     return out
 
 

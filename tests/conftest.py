@@ -62,6 +62,16 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MKA_EDGE_CACHE", root)
 
 
+# Llama 3 rope scaling on a tiny model (llama.cpp then needs the rope_freqs tensor)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
 SMALL = dict(samples=4, seq_len=64, positions=96, loss_samples=2, repeats=2, batch_size=4)
 
 

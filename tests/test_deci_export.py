@@ -9,7 +9,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import LLAMA3_ROPE, make_tiny
 from gguf_helpers import kl_top1, llama_logprobs, torch_logprobs
 
 REMOVED = [1, 2]
@@ -28,14 +28,7 @@ def _attention_free(path: Path, removed=REMOVED, llama3_rope: bool = False) -> P
     cfg = AutoConfig.from_pretrained(src)
     cfg.head_dim = 32  # 4 heads of 32 on a 64-wide model: the file carries key_length too
     if llama3_rope:
-        cfg.rope_parameters = {
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        }
+        cfg.rope_parameters = dict(LLAMA3_ROPE)
     torch.manual_seed(8)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import LLAMA3_ROPE, make_tiny
 from gguf_helpers import kl_top1, llama_logprobs, torch_logprobs
 
 
@@ -24,14 +24,7 @@ def _variant(tmp_path: Path, kind: str) -> Path:
     path = make_tiny(tmp_path / kind, model_type="llama", layers=3, seed=3)
     cfg = AutoConfig.from_pretrained(path)
     if kind == "llama3-rope":  # Llama 3 rope scaling: llama.cpp needs the rope_freqs tensor
-        cfg.rope_parameters = {
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        }
+        cfg.rope_parameters = dict(LLAMA3_ROPE)
     elif kind == "llama-bias":  # llama with attention biases: q/k biases need the rope permutation too
         cfg.attention_bias = True
     model = AutoModelForCausalLM.from_config(cfg).eval()
