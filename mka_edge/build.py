@@ -24,7 +24,7 @@ from .models.loading import load_model
 from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
 from .produce import produce
 from .profiles import Profile, load_profile
-from .records import Plan
+from .records import Plan, QuantCost
 from .report import package
 from .solver.memory import Shape
 from .solver.speed import bytes_per_token, efficiency, predict_tps
@@ -51,18 +51,39 @@ def check_out(out: Path, force: bool) -> None:
     check_creatable(out)
 
 
-def check_host(n_params: int, out: Path) -> None:
-    """Enough disk for the F32 export plus the artifact, and RAM for a merged copy, before starting."""
-    need_disk = n_params * 4 * 2.2 / 2**20
+def disk_need_bytes(plan: Plan, model, target, heal: bool, max_tries: int) -> float:
+    """Disk the build needs at its peak beside --out, from the plan alone: for the try that needs
+    most, the merged folder (twice while healing: the unhealed merge and the healed copy) and the
+    target's export peak (scratch and artifact).  A failed try's files are removed before the next."""
+    layers = model.config.num_hidden_layers
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = 0.0
+    for cand in plan.ranked[:max_tries]:
+        k, quant = cand["k"], cand["quant"]
+        cost = plan.quant_costs.get(quant)
+        artifact = (
+            QuantCost.from_json(quant, target.name, cost).weight_bytes(layers - k)[0]
+            if cost and "per_layer" in cost
+            else model_bytes
+        )
+        merged = model_bytes * (layers - k) / layers * (2 if heal else 1) if k else 0.0
+        need = max(need, merged + target.export_disk_bytes(model.config, quant, artifact))
+    return need
+
+
+def check_host(plan: Plan, model, target, out: Path, heal: bool, max_tries: int) -> None:
+    """Enough disk for the build's peak (``disk_need_bytes`` plus 10%) and RAM for a merged copy,
+    before starting."""
+    need_disk = 1.1 * disk_need_bytes(plan, model, target, heal, max_tries) / 2**20
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free_disk = shutil.disk_usage(parent).free / 2**20
     if free_disk < need_disk:
         raise UserError(
             f"{parent} has {free_disk:.0f} MB free; the build needs about {need_disk:.0f} MB "
-            f"(F32 export + artifact); free disk space or choose another --out"
+            f"(merged model, export scratch and artifact); free disk space or choose another --out"
         )
-    need_ram = n_params * 4 * 1.5 / 2**20
+    need_ram = sum(p.numel() for p in model.parameters()) * 4 * 1.5 / 2**20
     if _free_ram_mb() < need_ram:
         raise UserError(
             f"this host has {_free_ram_mb():.0f} MB of RAM available; the build needs about {need_ram:.0f} MB; "
@@ -166,7 +187,7 @@ def execute(
     target = prof.target
     heal = HealConfig(**plan.settings["heal"]) if plan.settings.get("heal") else None
     alpha = plan.choice.alpha
-    check_host(sum(p.numel() for p in ctx.model.parameters()), out)
+    check_host(plan, ctx.model, target, out, heal is not None, max_tries)
     max_kl = plan.budget.max_quality_loss
     context = plan.budget.context
     ref_spec = model_spec or DEFAULT_MODEL
@@ -241,6 +262,9 @@ def execute(
                 break
             log(f"      measured KL {val['accuracy']['kl']:.3f} misses the bar {max_kl:g}; trying the next plan")
             shutil.rmtree(art) if art.is_dir() else art.unlink()
+            later = plan.ranked[i + 1 : max_tries]
+            if merged_dir and not any((c.get("method") or plan.choice.method, c["k"]) == (method, k) for c in later):
+                shutil.rmtree(merged_dir, ignore_errors=True)  # disk_need_bytes counts one merged folder
         else:
             raise UserError(
                 f"no plan met the quality bar ({max_kl:g} nats) in {len(attempts)} tries: "

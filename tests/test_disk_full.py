@@ -69,3 +69,39 @@ def test_export_onto_a_real_full_filesystem(tiny_dir, tmp_path):
         assert not out.exists() and not list(small.iterdir())
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_build_disk_need_is_counted_from_the_plan_and_refused_up_front(tiny_dir, tmp_path, monkeypatch):
+    """The build's disk check sums what it really writes (float intermediate, quantized file,
+    merged folder, twice while healing), not a blanket multiple of the float32 size, and refuses
+    with one line before any work when the disk is short."""
+    from types import SimpleNamespace
+
+    from mka_edge import build as build_mod
+    from mka_edge.errors import UserError
+    from mka_edge.exporters.gguf import f32_bytes
+    from mka_edge.models.loading import load_model
+    from mka_edge.targets import get_target
+
+    lm = load_model(str(tiny_dir))
+    model, target = lm.model, get_target("gguf")
+    layers = model.config.num_hidden_layers
+    f32 = f32_bytes(model.config)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per, other = 1000.0, 500.0
+    cost = {"per_layer": [per] * layers, "other": other}
+    plan = SimpleNamespace(ranked=[{"k": 0, "quant": "Q8_0"}], quant_costs={"Q8_0": cost})
+    assert build_mod.disk_need_bytes(plan, model, target, False, 3) == pytest.approx(f32 + other + layers * per)
+    plan.ranked = [{"k": 0, "quant": "F32"}, {"k": 1, "quant": "Q8_0"}]
+    plan.quant_costs["F32"] = {"per_layer": [4 * per] * layers, "other": 4 * other}
+    merged = model_bytes * (layers - 1) / layers
+    art = other + (layers - 1) * per
+    assert build_mod.disk_need_bytes(plan, model, target, True, 3) == pytest.approx(2 * merged + f32 + art)
+    assert build_mod.disk_need_bytes(plan, model, target, True, 1) == pytest.approx(
+        f32
+    )  # F32: the float file is the artifact
+
+    monkeypatch.setattr(build_mod.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    with pytest.raises(UserError, match=r"has 0 MB free; the build needs about \d+ MB"):
+        build_mod.check_host(plan, model, target, tmp_path / "pkg", True, 3)
+    assert not (tmp_path / "pkg").exists()

@@ -223,6 +223,17 @@ class GgufTarget(Target):
 
         return self.summary(export_loaded(lm, out, quant, progress=progress, imatrix=bool(imatrix)))
 
+    def export_disk_bytes(self, config, quant, artifact_bytes):
+        """The float intermediate gguf-py writes (F32 for small models, else the weights' 16-bit
+        type) plus the quantized file, both in the scratch folder beside --out (F32/F16/BF16 artifacts
+        are the float file itself)."""
+        from ..exporters.gguf import f32_bytes, intermediate_type
+        from ..exporters.quant_types import quant_type
+
+        float_type = intermediate_type(config, quant)
+        float_bytes = f32_bytes(config) * (1.0 if float_type == "F32" else 0.5)
+        return float_bytes + (0.0 if quant_type(quant).direct else artifact_bytes)
+
     def export_spec(self, model, out, quant, options):
         from ..exporters.gguf import export_gguf
 
