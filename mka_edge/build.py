@@ -18,6 +18,7 @@ from .cache import atomic_dir
 from .errors import UserError
 from .exporters.paths import check_creatable
 from .heal.distill import HealConfig
+from .killpoints import killpoint
 from .memory_use import release_freed_memory
 from .mka.context import build_context
 from .models.loading import load_model
@@ -41,6 +42,16 @@ def _free_ram_mb() -> float:
     except OSError:
         pass
     return float("inf")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or taskset's share), not the
+    host's count: llama.cpp threads beyond them wait on each other (a tiny model's latency run
+    pinned to one CPU took 2.6x longer with two threads than with one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -218,13 +229,14 @@ def execute(
             art = tmp / target.artifact_name(tag)
             summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=imatrix)
             del lm  # a merged model is not needed again; the reference below is the source in ctx
+            killpoint("build:after-export")
             log(f"[4/5] validate in {target.runtime_label} (KV cache {cache})")
             ctx.reset()  # the source's own stack: the reference the artifact is measured against
             val = validate_artifact(
                 art,
                 ref_spec,
                 reference_model=_as_reference(ctx),
-                threads=os.cpu_count(),
+                threads=usable_cpus(),
                 context=context,
                 kv_type=target.validation_kv_type(cache),
                 out=work / f"validation-{i}",

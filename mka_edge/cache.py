@@ -138,6 +138,42 @@ def entry_lock(path: Path, what: str, log=None) -> Iterator[None]:
         lock.release()
 
 
+@contextmanager
+def runtime_slot() -> Iterator[None]:
+    """Hold the one runtime-measurement slot of this cache (normally one per user and host) while a
+    llama.cpp or onnxruntime child runs.  Why: each run uses every core, so two at once (two builds
+    started together) oversubscribe them, and llama.cpp's spinning threads then make both far slower
+    (two accuracy runs of a tiny model on 2 cores: 0.3 s alone, 3.7 s each side by side, over a
+    minute with other load) and every tokens/s they measure wrong.  The slot is taken only around
+    the child, never while waiting for anything else, so it cannot deadlock with the entry locks."""
+    with entry_lock(cache_root() / "runtime-measurement", "a runtime measurement (one at a time)"):
+        yield
+
+
+NAME_MAX_CHARS = 128
+
+
+def check_plain_name(name: str, where: str) -> None:
+    """Refuse a ``name`` field (a recipe's, a profile's) that is not one plain file-name component:
+    empty, ``.`` or ``..``, a path separator, a control character, or over NAME_MAX_CHARS.  Why: names
+    end up in reports, model cards and, where a caller builds one from them, file names; a name like
+    ``../../x`` must never be able to point a write outside its folder, so it is refused where the
+    file is read, in one line, before anything runs."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or len(name) > NAME_MAX_CHARS
+        or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if bad:
+        from .errors import UserError
+
+        raise UserError(
+            f"{where}: field 'name' must be a plain name (1 to {NAME_MAX_CHARS} characters, no '/', '\\', "
+            f"control characters, '.' or '..'; got {name[:60]!r})"
+        )
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,7 @@ def heal_options(f):
             type=int,
             default=10,
             show_default=True,
-            help="Steps between checkpoints (beside --out); an interrupted heal rerun with the same settings resumes.",
+            help="Steps between checkpoints (in the cache, keyed by the settings); an interrupted heal rerun with the same settings resumes.",
         ),
     ]
     for o in reversed(opts):

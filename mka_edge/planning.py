@@ -459,7 +459,40 @@ def load_plan(path: Path) -> Plan:
         raise UserError(f"--plan {path} is not readable JSON ({exc}); write one with `mka-edge plan --out`") from None
     if not isinstance(data, dict):
         raise UserError(f"--plan {path} is not an mka-edge plan; write one with `mka-edge plan --out`")
-    return Plan.from_json(data, where=f"--plan {path}")
+    plan = Plan.from_json(data, where=f"--plan {path}")
+    check_plan_names(plan, f"--plan {path}")
+    return plan
+
+
+def check_plan_names(plan: Plan, where: str) -> None:
+    """Refuse a plan whose choices are not ones mka-edge makes: a known format, merge method and
+    alpha, integer K and attention counts, and a quant type of the plan's format.  Why: a build
+    turns them into names (the merged folder ``model-METHOD-kK``, the artifact ``...-QUANT``, the
+    trajectory's cache entry ``METHOD-KEY.json``), and plan.json is a file a user may get from
+    elsewhere: a method or type such as ``../../x`` must be one line, never a path to write."""
+    from .targets import get_target
+
+    target = get_target(plan.format) if isinstance(plan.format, str) else None
+    if target is None:
+        raise UserError(f"{where}: field 'format' must be text (got {plan.format!r}); plan again")
+    choice = {"method": plan.choice.method, "k": plan.choice.k, "quant": plan.choice.quant}
+    for entry in [choice, *(plan.ranked if isinstance(plan.ranked, list) else [None])]:
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: 'ranked' must be a list of plans (got {entry!r}); plan again")
+        method = entry.get("method") or plan.choice.method
+        if method not in ALL_METHODS:
+            raise UserError(f"{where}: unknown merge method {str(method)[:60]!r}; plan again")
+        for key in ("k", "attn_layers"):
+            v = entry.get(key)  # K always; attn_layers only where attention is removed
+            if (v is not None or key == "k") and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise UserError(f"{where}: field '{key}' must be a non-negative integer (got {v!r}); plan again")
+        if not isinstance(entry.get("quant"), str):
+            raise UserError(f"{where}: field 'quant' must be text (got {entry.get('quant')!r}); plan again")
+        try:
+            target.check_quants([entry["quant"]])
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}; plan again") from None
+    check_alpha(str(plan.choice.alpha))
 
 
 def plan_table(plan: Plan) -> str:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import matplotlib
+from .cache import cache_root
+
+# matplotlib keeps its font cache and reads a matplotlibrc under ~/.cache and ~/.config: point it at
+# mka-edge's cache, so a build writes nowhere but --out, the cache and the temporary folder and the
+# figures do not depend on the user's style settings (an explicit MPLCONFIGDIR still wins)
+os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -35,7 +35,10 @@ def produce(
 ) -> Produced:
     """Merge K layers away into ``out``; with ``heal_cfg`` the merge goes to a hidden sibling
     folder first and the healed model to ``out`` (the sibling is removed whatever happens).  The
-    source already loaded in ``ctx`` serves as the heal's teacher when it can (no second load)."""
+    source already loaded in ``ctx`` serves as the heal's teacher when it can (no second load).
+    A killed heal resumes on the rerun from its checkpoint, which is in the cache under the heal's
+    settings (heal.distill.Checkpoint), not beside ``out``: a build's ``out`` is inside its
+    temporary folder, which the rerun removes."""
     out = Path(out)
     if heal_cfg is None or heal_cfg.steps <= 0:
         return Produced(

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .cache import check_plain_name
 from .errors import UserError
 from .targets import Target, runtimes, target_for_runtime
 
@@ -95,6 +96,7 @@ def _check(data: dict, where: str) -> Profile:
     for key in ("name", "runtime", "description"):
         if key in data and not isinstance(data[key], str):
             raise UserError(f"profile {where}: field '{key}' must be text (got {data[key]!r})")
+    check_plain_name(data["name"], f"profile {where}")
     for key in ("memory_mb", "reserve_mb", "context_length", "threads"):
         v = data[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (key != "reserve_mb" and v == 0):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mka_edge.cache import cache_root, stable_hash
+from mka_edge.cache import cache_root, entry_lock, stable_hash
 from mka_edge.calibration import calibration_batch
 
 from .gguf_names import tensor_name_map
@@ -149,8 +149,10 @@ def ensure_imatrix(lm, keyed: tuple, progress: bool = True) -> Path:
     path = cache_root() / "imatrix" / f"imatrix-{key}.npz"
     if path.is_file():
         return path
-    arrays = _imatrix_arrays(lm, batch, progress)
-    _save(path, arrays, _meta(spec, arrays, key))
+    with entry_lock(path, "the importance matrix"):  # a plan's probe and a build's export share it
+        if not path.is_file():  # written while this process waited?
+            arrays = _imatrix_arrays(lm, batch, progress)
+            _save(path, arrays, _meta(spec, arrays, key))
     return path
 
 

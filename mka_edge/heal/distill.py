@@ -3,9 +3,11 @@
 Loss: KL(reference || student) per position, averaged — the same quantity every quality figure
 in mka-edge reports, so the heal optimises what is measured (on calibration windows; the
 held-out text is never trained on).  Checkpoints (trainable tensors as safetensors, optimizer
-state loaded with ``weights_only=True``, step and losses) are written beside --out every
-``checkpoint_every`` steps; a rerun with the same settings resumes from the last one, and the data
-order is fixed by the seed, so a resumed heal ends where an uninterrupted one would.
+state loaded with ``weights_only=True``, step and losses) are written to the cache every
+``checkpoint_every`` steps, keyed by the settings, the model and the reference (not by --out: a
+build heals into its temporary folder, which a killed build loses); a rerun with the same
+settings resumes from the last one, and the data order is fixed by the seed, so a resumed heal
+ends where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache import atomic_write_text, stable_hash
+from ..cache import atomic_dir, cache_root, entry_lock, stable_hash
 from ..calibration import calibration_batch, heldout_chunks
 from ..device import resolve_device
 from ..errors import UserError
 from ..evaluation import default_reference
+from ..killpoints import killpoint
 from ..merge_log import MergeLog, read_merge_log
 from ..merging import check_out
 from ..mka.output import save_merged
@@ -128,44 +131,44 @@ def effective_heal(cfg: HealConfig | None, profile) -> HealConfig | None:
 
 
 class Checkpoint:
-    """Trainable tensors + optimizer state + progress, beside --out (never inside it)."""
+    """Trainable tensors + optimizer state + progress, in the cache under the heal's key.  Why the
+    cache and not beside --out: the key (settings, model, reference) is what makes a checkpoint
+    valid, and --out can be a temporary folder (a build's) that a killed run loses.  Each save
+    replaces the folder whole (``cache.atomic_dir``), under the entry's lock, so a reader or a
+    SIGKILL never sees a step's tensors with another step's optimizer state."""
 
-    def __init__(self, out: Path, key: str):
-        self.dir = out.parent / f".{out.name}.heal-checkpoint"
+    def __init__(self, key: str):
+        self.dir = cache_root() / "heal-checkpoints" / key
         self.key = key
 
     def load(self, model, opt) -> tuple[int, list[float]]:
-        meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            return 0, []
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != self.key:
-            return 0, []  # other settings: start over (the old checkpoint is replaced)
-
-        state = load_file(str(self.dir / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor.to(params[name].device))
-        opt.load_state_dict(torch.load(self.dir / "optimizer.pt", map_location="cpu", weights_only=True))
+        with entry_lock(self.dir, "a heal checkpoint"):
+            meta_path = self.dir / "meta.json"
+            if not meta_path.is_file():
+                return 0, []
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") != self.key:
+                return 0, []  # not this heal's: start over (the first save replaces it)
+            state = load_file(str(self.dir / "trainable.safetensors"))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in state.items():
+                    params[name].copy_(tensor.to(params[name].device))
+            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", map_location="cpu", weights_only=True))
         return int(meta["step"]), list(meta["losses"])
 
     def save(self, model, opt, step: int, losses: list[float]) -> None:
-
-        tmp = self.dir.with_name(self.dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-            str(tmp / "trainable.safetensors"),
-        )
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "meta.json").write_text(json.dumps({"key": self.key, "step": step, "losses": losses}))
-        shutil.rmtree(self.dir, ignore_errors=True)
-        tmp.rename(self.dir)
+        with entry_lock(self.dir, "a heal checkpoint"), atomic_dir(self.dir) as tmp:
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            (tmp / "meta.json").write_text(json.dumps({"key": self.key, "step": step, "losses": losses}))
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with entry_lock(self.dir, "a heal checkpoint"):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def teacher_from(lm):
@@ -224,9 +227,7 @@ def heal(
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    ckpt = Checkpoint(
-        out, stable_hash({"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "v": 1})
-    )
+    ckpt = Checkpoint(stable_hash({"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "v": 1}))
     start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
     if start:
         log(f"resuming from the checkpoint at step {start} of {cfg.steps}")
@@ -250,6 +251,7 @@ def heal(
         done = step + 1
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             ckpt.save(model, opt, done, losses)
+        killpoint(f"heal:step-{done}")  # after the step's checkpoint, if it has one
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             model.eval()
             curve.append({"step": done, **compare(model, heldout).as_dict()})
@@ -293,7 +295,9 @@ def heal(
         layers_before=student.num_layers,
     )
     new_log = replace(base, heal={k: v for k, v in record.items() if k not in ("losses", "curve")})
-    save_merged(healed, student.tokenizer, new_log.to_json(), out)
-    atomic_write_text(out / "heal_log.json", json.dumps(record, indent=2))
-    ckpt.remove()
+    # heal_log.json inside the folder before its rename: a healed folder is whole or absent
+    save_merged(
+        healed, student.tokenizer, new_log.to_json(), out, extra={"heal_log.json": json.dumps(record, indent=2)}
+    )
+    ckpt.remove()  # after the rename: a run killed before it resumes from the last checkpoint
     return record

@@ -66,8 +66,9 @@ def build_model(ctx: MergeContext, comp: Composition, attn_removed=()):
     return new.eval()
 
 
-def save_merged(model, tokenizer, log: dict, out: Path) -> Path:
-    """Write config, safetensors, tokenizer and merge_log.json; nothing appears at ``out`` on failure."""
+def save_merged(model, tokenizer, log: dict, out: Path, extra: dict[str, str] | None = None) -> Path:
+    """Write config, safetensors, tokenizer and merge_log.json (and the ``extra`` text files, e.g. a
+    heal's log, so they are in the folder when it appears); nothing appears at ``out`` on failure."""
     # an offloaded model is saved shard by shard, each shard whole in CPU RAM first: keep them small
     shards = {"max_shard_size": OFFLOADED_SHARD if is_offloaded(model) else shard_size(model)}
     with atomic_dir(Path(out)) as tmp, warnings.catch_warnings():
@@ -75,6 +76,8 @@ def save_merged(model, tokenizer, log: dict, out: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True, **shards)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge_log.json").write_text(json.dumps(log, indent=2))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 

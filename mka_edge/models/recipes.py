@@ -8,11 +8,13 @@ from typing import Any
 
 import yaml
 
+from ..cache import check_plain_name
 from ..errors import UserError
 from ..merge_log import read_merge_log
 
 DEFAULT_MODEL = "smollm2-135m"
 _KINDS = ("pip-gguf", "hub", "hf-dir", "gguf")
+FIELDS = ("name", "description", "source", "architecture", "num_layers", "llama_cpp", "calibration", "heal")
 _SOURCE_FIELDS = {"pip-gguf": ("distribution", "file"), "hub": ("hub_id",), "hf-dir": ("path",), "gguf": ("path",)}
 
 
@@ -39,11 +41,17 @@ def load_recipe_file(path: Path) -> dict[str, Any]:
             raise UserError(f"recipe {path}: a '{src['kind']}' source needs the text field 'source.{key}'")
     if not isinstance(data.get("name", ""), str):
         raise UserError(f"recipe {path}: field 'name' must be text")
+    unknown = set(data) - set(FIELDS)
+    if unknown:  # a typo, or a field this version does not read (an output folder is --out's alone)
+        raise UserError(
+            f"recipe {path}: unknown field(s) {', '.join(sorted(unknown))}; a recipe has {', '.join(FIELDS)}"
+        )
     for key in ("calibration", "llama_cpp"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise UserError(f"recipe {path}: field '{key}' must be a mapping")
     _check_heal(data.get("heal"), path)
     data.setdefault("name", Path(path).stem)
+    check_plain_name(data["name"], f"recipe {path}")
     data.setdefault("calibration", {})
     data["_path"] = str(path)
     return data

@@ -37,7 +37,7 @@ from mka_edge.exporters.gguf import write_shape_gguf
 from mka_edge.exporters.llama_quantize import dry_run_types
 from mka_edge.exporters.quant_types import quant_type
 
-from ..cache import atomic_write_text, cache_root, stable_hash
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..errors import UserError
 from ..mka.layers import get_layers
 from ..models.architectures import arch_for
@@ -113,13 +113,16 @@ def gguf_type_sizes(ms: ModelShape, quants: list[str]) -> dict[str, dict]:
     path = cache_root() / "type_sizes" / f"{key[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    with tempfile.TemporaryDirectory(prefix="mka-edge-shape-") as tmp:
-        src = Path(tmp) / "shape-f32.gguf"
-        shapes = write_shape_gguf(SimpleNamespace(model=ms.model, arch=ms.arch), src)
-        ftypes = {q: quant_type(q).ftype for q in quants}
-        chosen = dry_run_types(src, sorted(set(ftypes.values())))
-    out = {q: _bytes_by_type(shapes, chosen[ftypes[q]]) for q in quants}
-    atomic_write_text(path, json.dumps(out))
+    with entry_lock(path, "the quant types' sizes (llama.cpp's dry run)"):
+        if path.is_file():  # written while this process waited?
+            return json.loads(path.read_text())
+        with tempfile.TemporaryDirectory(prefix="mka-edge-shape-") as tmp:
+            src = Path(tmp) / "shape-f32.gguf"
+            shapes = write_shape_gguf(SimpleNamespace(model=ms.model, arch=ms.arch), src)
+            ftypes = {q: quant_type(q).ftype for q in quants}
+            chosen = dry_run_types(src, sorted(set(ftypes.values())))
+        out = {q: _bytes_by_type(shapes, chosen[ftypes[q]]) for q in quants}
+        atomic_write_text(path, json.dumps(out))
     return out
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from mka_edge.exporters.onnx import export_loaded_onnx, onnx_quant
 from mka_edge.exporters.onnx_inspect import initializer_nbytes, inspect_onnx, resolve
 
-from ..cache import atomic_write_text, cache_root, stable_hash
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
 from ..validate.runner import run_child
@@ -66,6 +66,26 @@ def probe_onnx(
     results, missing = cached_entries(folder, "onnx-", keys)
     if not missing:
         return results
+    with entry_lock(folder / f"onnx-probe-{lm.fingerprint[:20]}", "the ONNX quant probe of this model"):
+        results, missing = cached_entries(folder, "onnx-", keys)  # measured while this process waited?
+        if missing:
+            _measure_onnx(lm, missing, keys, results, folder, chunks, threads, progress, calibrate_speed)
+    return results
+
+
+def _measure_onnx(
+    lm,
+    missing: list[str],
+    keys: dict[str, str],
+    results: dict[str, dict],
+    folder: Path,
+    chunks: int,
+    threads: int,
+    progress: bool,
+    calibrate_speed: bool,
+) -> None:
+    """Export, run and time each missing type; called with the probe's lock held (``probe_onnx``),
+    so two plans started together measure (and calibrate the host's speed) once."""
     ref_path, _ = compact_reference(lm, chunks, progress=progress)
     prompt = np.load(ref_path)["ids"].reshape(-1)[:PROMPT_TOKENS].tolist()
     shape = Shape.from_config(lm.model.config)
@@ -108,4 +128,3 @@ def probe_onnx(
                 calibrate(lat["gen_tps"]["median"], wb, target="onnx")
             atomic_write_text(folder / f"onnx-{q}-{keys[q][:20]}.json", json.dumps(res))
             results[q] = res
-    return results

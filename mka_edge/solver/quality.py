@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..cache import atomic_write_text, cache_root, stable_hash
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..merging import heldout_along, heldout_reference, step_quality
 from ..mka.attention import unit_bytes
 from ..mka.trajectory import trajectory
@@ -71,11 +72,32 @@ def merge_curve(
     )
     path = cache_root() / "curves" / f"{method}-{key[:20]}.json"
     stop = None if method == "auto" else useful_below
-    if path.is_file():
-        curve = json.loads(path.read_text())
-        if curve.get("complete", True) or (stop is not None and curve["kl"][-1] >= stop):
-            return curve | {"cached": True}
-    base = {
+    hit = _cached_curve(path, stop)
+    if hit is not None:
+        return hit
+    if stop is not None and stop <= 0:
+        return _curve_base(ctx, method, alpha, chunks) | {"complete": False, "cached": False}
+    with entry_lock(path, f"the merge-quality curve of {method}"):
+        hit = _cached_curve(path, stop)  # written while this process waited?
+        if hit is not None:
+            return hit
+        return _compute_curve(ctx, path, method, k_max, alpha, chunks, stop, progress, log)
+
+
+def _cached_curve(path: Path, stop: float | None) -> dict | None:
+    """The cached curve when it answers the question: complete, or ending at a K whose held-out KL
+    already reaches ``stop``; else None."""
+    if not path.is_file():
+        return None
+    curve = json.loads(path.read_text())
+    if curve.get("complete", True) or (stop is not None and curve["kl"][-1] >= stop):
+        return curve | {"cached": True}
+    return None
+
+
+def _curve_base(ctx, method: str, alpha: str, chunks: int) -> dict:
+    """The curve at K = 0 (the unmerged model), which every curve starts from."""
+    return {
         "method": method,
         "alpha": alpha,
         "chunks": chunks,
@@ -87,8 +109,22 @@ def merge_curve(
         "ref_context": ctx.settings.ref_context,
         "step_methods": [None],
     }
-    if stop is not None and stop <= 0:
-        return base | {"complete": False, "cached": False}
+
+
+def _compute_curve(
+    ctx,
+    path: Path,
+    method: str,
+    k_max: int,
+    alpha: str,
+    chunks: int,
+    stop: float | None,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> dict:
+    """Run the trajectory and score each step on held-out text; written to ``path``.  Called with
+    the entry's lock held (``merge_curve``), so two processes never score the same steps."""
+    base = _curve_base(ctx, method, alpha, chunks)
     if log:
         log(
             f"merge-quality curve for {method} up to K={k_max} is not cached yet: computing it"
@@ -195,6 +231,26 @@ def healed_curve(
     path = cache_root() / "curves" / f"healed-{method}-{key[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
+    with entry_lock(path, f"the healed quality curve of {method}"):
+        if path.is_file():  # written while this process waited?
+            return json.loads(path.read_text()) | {"cached": True}
+        return _compute_healed(ctx, curve, path, method, alpha, cfg, ks, progress, log)
+
+
+def _compute_healed(
+    ctx,
+    curve: dict,
+    path: Path,
+    method: str,
+    alpha: str,
+    cfg,
+    ks: list[int],
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> dict:
+    """Heal the merged models at ``ks`` and interpolate; called with the entry's lock held
+    (``healed_curve``): a heal is the most expensive thing a plan does."""
+    k_max = len(curve["kl"]) - 1
     if log:
         log(
             f"healed quality curve ({cfg.steps} steps at K = {', '.join(map(str, ks))}; the K between interpolated) "

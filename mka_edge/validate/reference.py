@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import cache_root, stable_hash
+from ..cache import cache_root, entry_lock, stable_hash, temp_sibling_prefix
 from ..calibration import heldout_chunks
 from ..quality import POSITIONS_PER_STEP, _letter_prompt, mmlu_questions, wilson
 
@@ -36,25 +36,9 @@ def compact_reference(
     key = reference_key(lm.fingerprint, ids, top_k)
     path = cache_root() / "references" / f"{key[:24]}.npz"
     if not path.is_file():
-        device = lm.input_device
-        top_idx, top_lp, tgt = [], [], []
-        for row in tqdm(ids, desc="reference log-probs", disable=not progress, leave=False):
-            logits = lm.model(input_ids=row[None].to(device), use_cache=False).logits[0]
-            nxt = torch.cat([row[1:], row[:1]]).to(device)  # the last position's entry is dropped below
-            parts = []  # per POSITIONS_PER_STEP positions: float64 rows a vocabulary wide are the peak
-            for a in range(0, logits.shape[0], POSITIONS_PER_STEP):
-                lp = torch.log_softmax(logits[a : a + POSITIONS_PER_STEP].double(), -1)
-                v, i = lp.topk(top_k, dim=-1)
-                parts.append((i, v, lp.gather(1, nxt[a : a + POSITIONS_PER_STEP, None])[:, 0]))
-            top_idx.append(torch.cat([p[0] for p in parts]).int().cpu().numpy())
-            top_lp.append(torch.cat([p[1] for p in parts]).float().cpu().numpy())
-            tgt.append(torch.cat([p[2] for p in parts])[:-1].float().cpu().numpy())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
-        np.savez(
-            tmp, ids=ids.int().numpy(), top_idx=np.stack(top_idx), top_logp=np.stack(top_lp), target_logp=np.stack(tgt)
-        )
-        tmp.replace(path)
+        with entry_lock(path, "the reference log-probabilities"):  # the plan's probes and validation share it
+            if not path.is_file():  # written while this process waited?
+                _write_reference(lm, ids, path, progress, top_k)
     data = np.load(path)
     tail = 1.0 - np.exp(data["top_logp"].astype(np.float64)).sum(-1)
     return path, {
@@ -64,6 +48,30 @@ def compact_reference(
         "mean_tail_mass": float(tail.mean()),
         "cache": str(path),
     }
+
+
+@torch.no_grad()
+def _write_reference(lm, ids: torch.Tensor, path: Path, progress: bool, top_k: int) -> None:
+    """Run the model over ``ids`` and write the compact reference to ``path`` (atomically)."""
+    device = lm.input_device
+    top_idx, top_lp, tgt = [], [], []
+    for row in tqdm(ids, desc="reference log-probs", disable=not progress, leave=False):
+        logits = lm.model(input_ids=row[None].to(device), use_cache=False).logits[0]
+        nxt = torch.cat([row[1:], row[:1]]).to(device)  # the last position's entry is dropped below
+        parts = []  # per POSITIONS_PER_STEP positions: float64 rows a vocabulary wide are the peak
+        for a in range(0, logits.shape[0], POSITIONS_PER_STEP):
+            lp = torch.log_softmax(logits[a : a + POSITIONS_PER_STEP].double(), -1)
+            v, i = lp.topk(top_k, dim=-1)
+            parts.append((i, v, lp.gather(1, nxt[a : a + POSITIONS_PER_STEP, None])[:, 0]))
+        top_idx.append(torch.cat([p[0] for p in parts]).int().cpu().numpy())
+        top_lp.append(torch.cat([p[1] for p in parts]).float().cpu().numpy())
+        tgt.append(torch.cat([p[2] for p in parts])[:-1].float().cpu().numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{temp_sibling_prefix(path)}tmp.npz")  # this process's: never another's half file
+    np.savez(
+        tmp, ids=ids.int().numpy(), top_idx=np.stack(top_idx), top_logp=np.stack(top_lp), target_logp=np.stack(tgt)
+    )
+    tmp.replace(path)
 
 
 def mmlu_jobs(tokenizer, per_subject: int) -> tuple[list[dict], list[int]]:
@@ -82,15 +90,17 @@ def reference_mmlu(lm, jobs: list[dict], letters: list[int], progress: bool = Tr
         return {}
     key = stable_hash({"model": lm.fingerprint, "jobs": stable_hash(jobs), "letters": letters})
     path = cache_root() / "references" / f"mmlu-{key[:24]}.npy"
-    if path.is_file():
-        correct = int(np.load(path))
-    else:
-        device = lm.input_device
-        correct = 0
-        for q in tqdm(jobs, desc="reference MMLU", disable=not progress, leave=False):
-            last = lm.model(input_ids=torch.tensor([q["ids"]], device=device), use_cache=False).logits[0, -1]
-            correct += int(int(last[letters].argmax()) == q["answer"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.array(correct))
+    if not path.is_file():
+        with entry_lock(path, "the reference MMLU answers"):
+            if not path.is_file():  # written while this process waited?
+                device = lm.input_device
+                correct = 0
+                for q in tqdm(jobs, desc="reference MMLU", disable=not progress, leave=False):
+                    last = lm.model(input_ids=torch.tensor([q["ids"]], device=device), use_cache=False).logits[0, -1]
+                    correct += int(int(last[letters].argmax()) == q["answer"])
+                tmp = path.with_name(f"{temp_sibling_prefix(path)}tmp.npy")
+                np.save(tmp, np.array(correct))
+                tmp.replace(path)
+    correct = int(np.load(path))
     lo, hi = wilson(correct, len(jobs))
     return {"accuracy": correct / len(jobs), "ci95": [lo, hi], "n": len(jobs), "chance": 0.25}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..cache import runtime_slot
 from ..errors import UserError
 from .jobs import _Job as Job
 
@@ -54,9 +55,10 @@ def run_child(module: str, job: Job, timeout_s: float, what: str, progress: bool
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job.to_json()))
         try:
-            proc = run_with_progress(
-                [sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress
-            )
+            with runtime_slot():  # one measurement at a time: side by side they oversubscribe the cores
+                proc = run_with_progress(
+                    [sys.executable, "-m", module, str(job_path), str(out_path)], timeout_s, what, progress
+                )
         except subprocess.TimeoutExpired:
             raise UserError(
                 f"{what} did not finish within {timeout_s:.0f} s; use fewer --repeats/--chunks or a smaller model"
