@@ -25,7 +25,7 @@ from .models.loading import load_model
 from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
 from .produce import produce
 from .profiles import Profile, load_profile
-from .records import Plan, QuantCost
+from .records import Plan
 from .report import package
 from .solver.memory import Shape
 from .solver.speed import bytes_per_token, efficiency, predict_tps
@@ -62,30 +62,31 @@ def check_out(out: Path, force: bool) -> None:
     check_creatable(out)
 
 
-def disk_need_bytes(plan: Plan, model, target, heal: bool, max_tries: int) -> float:
-    """Disk the build needs at its peak beside --out, from the plan alone: for the try that needs
-    most, the merged folder (twice while healing: the unhealed merge and the healed copy) and the
-    target's export peak (scratch and artifact).  A failed try's files are removed before the next."""
+def disk_need_bytes(plan: Plan, lm, target, heal: bool, max_tries: int) -> float:
+    """Disk the build needs at its peak beside --out, from the plan alone, for the try that needs
+    most: the merged folder M (while healing, the unhealed merge and the healed copy: 2M; the
+    unhealed one is gone before the export) and the target's export peak (scratch and artifact,
+    the artifact at the plan's size of the unmerged model: an upper bound).  A failed try's files
+    are removed before the next."""
+    model = lm.model
     layers = model.config.num_hidden_layers
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    has_folder = bool(lm.source.get("model_dir"))
     need = 0.0
     for cand in plan.ranked[:max_tries]:
         k, quant = cand["k"], cand["quant"]
-        cost = plan.quant_costs.get(quant)
-        artifact = (
-            QuantCost.from_json(quant, target.name, cost).weight_bytes(layers - k)[0]
-            if cost and "per_layer" in cost
-            else model_bytes
-        )
-        merged = model_bytes * (layers - k) / layers * (2 if heal else 1) if k else 0.0
-        need = max(need, merged + target.export_disk_bytes(model.config, quant, artifact))
+        cost = plan.quant_costs.get(quant) or {}
+        artifact = float(cost.get("bytes") or model_bytes)
+        merged = model_bytes * (layers - k) / layers if k else 0.0
+        export = target.export_disk_bytes(model.config, quant, artifact, from_folder=bool(k) or has_folder)
+        need = max(need, merged + export, 2 * merged if heal else 0.0)
     return need
 
 
-def check_host(plan: Plan, model, target, out: Path, heal: bool, max_tries: int) -> None:
+def check_host(plan: Plan, lm, target, out: Path, heal: bool, max_tries: int) -> None:
     """Enough disk for the build's peak (``disk_need_bytes`` plus 10%) and RAM for a merged copy,
     before starting."""
-    need_disk = 1.1 * disk_need_bytes(plan, model, target, heal, max_tries) / 2**20
+    need_disk = 1.1 * disk_need_bytes(plan, lm, target, heal, max_tries) / 2**20
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free_disk = shutil.disk_usage(parent).free / 2**20
@@ -94,7 +95,7 @@ def check_host(plan: Plan, model, target, out: Path, heal: bool, max_tries: int)
             f"{parent} has {free_disk:.0f} MB free; the build needs about {need_disk:.0f} MB "
             f"(merged model, export scratch and artifact); free disk space or choose another --out"
         )
-    need_ram = sum(p.numel() for p in model.parameters()) * 4 * 1.5 / 2**20
+    need_ram = sum(p.numel() for p in lm.model.parameters()) * 4 * 1.5 / 2**20
     if _free_ram_mb() < need_ram:
         raise UserError(
             f"this host has {_free_ram_mb():.0f} MB of RAM available; the build needs about {need_ram:.0f} MB; "
@@ -198,7 +199,7 @@ def execute(
     target = prof.target
     heal = HealConfig(**plan.settings["heal"]) if plan.settings.get("heal") else None
     alpha = plan.choice.alpha
-    check_host(plan, ctx.model, target, out, heal is not None, max_tries)
+    check_host(plan, ctx.lm, target, out, heal is not None, max_tries)
     max_kl = plan.budget.max_quality_loss
     context = plan.budget.context
     ref_spec = model_spec or DEFAULT_MODEL

@@ -492,6 +492,9 @@ def check_plan_names(plan: Plan, where: str) -> None:
             target.check_quants([entry["quant"]])
         except UserError as exc:
             raise UserError(f"{where}: {exc}; plan again") from None
+    costs = plan.quant_costs
+    if not isinstance(costs, dict) or not all(isinstance(v, dict) for v in costs.values()):
+        raise UserError(f"{where}: 'quant_costs' must map each quant type to its costs; plan again")
     check_alpha(str(plan.choice.alpha))
 
 

@@ -72,9 +72,10 @@ def test_export_onto_a_real_full_filesystem(tiny_dir, tmp_path):
 
 
 def test_build_disk_need_is_counted_from_the_plan_and_refused_up_front(tiny_dir, tmp_path, monkeypatch):
-    """The build's disk check sums what it really writes (float intermediate, quantized file,
-    merged folder, twice while healing), not a blanket multiple of the float32 size, and refuses
-    with one line before any work when the disk is short."""
+    """The build's disk check sums what it really writes, from plan.json's own entries (float
+    intermediate, the quantized file at the plan's size, the merged folder; while healing the
+    unhealed and healed copies, which never sit beside the export), not a blanket multiple of the
+    float32 size, and refuses with one line before any work when the disk is short."""
     from types import SimpleNamespace
 
     from mka_edge import build as build_mod
@@ -84,24 +85,56 @@ def test_build_disk_need_is_counted_from_the_plan_and_refused_up_front(tiny_dir,
     from mka_edge.targets import get_target
 
     lm = load_model(str(tiny_dir))
-    model, target = lm.model, get_target("gguf")
+    model, gguf, onnx = lm.model, get_target("gguf"), get_target("onnx")
     layers = model.config.num_hidden_layers
     f32 = f32_bytes(model.config)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    per, other = 1000.0, 500.0
-    cost = {"per_layer": [per] * layers, "other": other}
-    plan = SimpleNamespace(ranked=[{"k": 0, "quant": "Q8_0"}], quant_costs={"Q8_0": cost})
-    assert build_mod.disk_need_bytes(plan, model, target, False, 3) == pytest.approx(f32 + other + layers * per)
+    q8 = 0.27 * f32  # plan.json's "bytes" of the unmerged model in the type
+    plan = SimpleNamespace(ranked=[{"k": 0, "quant": "Q8_0"}], quant_costs={"Q8_0": {"kl": 0.0, "bytes": q8}})
+    need = build_mod.disk_need_bytes
+    assert need(plan, lm, gguf, False, 3) == pytest.approx(f32 + q8)  # F32 intermediate + Q8_0 file
     plan.ranked = [{"k": 0, "quant": "F32"}, {"k": 1, "quant": "Q8_0"}]
-    plan.quant_costs["F32"] = {"per_layer": [4 * per] * layers, "other": 4 * other}
+    plan.quant_costs["F32"] = {"kl": 0.0, "bytes": f32}
     merged = model_bytes * (layers - 1) / layers
-    art = other + (layers - 1) * per
-    assert build_mod.disk_need_bytes(plan, model, target, True, 3) == pytest.approx(2 * merged + f32 + art)
-    assert build_mod.disk_need_bytes(plan, model, target, True, 1) == pytest.approx(
-        f32
-    )  # F32: the float file is the artifact
+    assert need(plan, lm, gguf, True, 3) == pytest.approx(max(merged + f32 + q8, 2 * merged))
+    assert need(plan, lm, gguf, True, 1) == pytest.approx(f32)  # F32: the float file is the artifact
+    # ONNX: a float32 source copy only when the model has no folder of its own (K=0 here: it has one)
+    plan.ranked, plan.quant_costs = [{"k": 0, "quant": "int4"}], {"int4": {"kl": 0.0, "bytes": 0.15 * f32}}
+    no_folder = SimpleNamespace(model=model, source={})
+    assert need(plan, no_folder, onnx, False, 1) - need(plan, lm, onnx, False, 1) == pytest.approx(f32)
 
     monkeypatch.setattr(build_mod.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
     with pytest.raises(UserError, match=r"has 0 MB free; the build needs about \d+ MB"):
-        build_mod.check_host(plan, model, target, tmp_path / "pkg", True, 3)
+        build_mod.check_host(plan, lm, onnx, tmp_path / "pkg", True, 3)
     assert not (tmp_path / "pkg").exists()
+
+
+def test_a_heal_checkpoint_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """torch's writer fails on a full disk with a RuntimeError, not an OSError: the checkpoint save
+    turns it into ENOSPC (the CLI's one line) when the disk is nearly full, else a UserError naming
+    the folder; the checkpoint folder is left as it was (absent)."""
+    import errno
+    from types import SimpleNamespace
+
+    import torch
+
+    from mka_edge.errors import UserError
+    from mka_edge.heal import distill
+
+    monkeypatch.setenv("MKA_EDGE_CACHE", str(tmp_path / "cache"))
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+
+    def fail(*a, **k):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(distill.torch, "save", fail)
+    ckpt = distill.Checkpoint("k1")
+    monkeypatch.setattr(distill.shutil, "disk_usage", lambda p: SimpleNamespace(free=10 * 2**20))
+    with pytest.raises(OSError) as info:
+        ckpt.save(model, opt, 2, [1.0, 0.5])
+    assert info.value.errno == errno.ENOSPC and "heal checkpoint" in str(info.value)
+    monkeypatch.setattr(distill.shutil, "disk_usage", lambda p: SimpleNamespace(free=100 * 2**30))
+    with pytest.raises(UserError, match="cannot write the heal checkpoint in .*file write failed"):
+        ckpt.save(model, opt, 2, [1.0, 0.5])
+    assert not ckpt.dir.exists()

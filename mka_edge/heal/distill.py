@@ -159,16 +159,34 @@ class Checkpoint:
 
     def save(self, model, opt, step: int, losses: list[float]) -> None:
         with entry_lock(self.dir, "a heal checkpoint"), atomic_dir(self.dir) as tmp:
-            save_file(
-                {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                str(tmp / "trainable.safetensors"),
-            )
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            try:
+                save_file(
+                    {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                    str(tmp / "trainable.safetensors"),
+                )
+                torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            except RuntimeError as exc:  # torch's and safetensors' writers fail without an OSError
+                raise _write_failed(tmp, exc) from None
             (tmp / "meta.json").write_text(json.dumps({"key": self.key, "step": step, "losses": losses}))
 
     def remove(self) -> None:
         with entry_lock(self.dir, "a heal checkpoint"):
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_failed(folder: Path, exc: Exception) -> Exception:
+    """A checkpoint write that failed: ENOSPC (the CLI's one line) when the disk is nearly full,
+    else one line naming the folder."""
+    import errno
+
+    try:
+        full = shutil.disk_usage(folder).free < 256 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, f"No space left on device (writing the heal checkpoint in {folder.parent})")
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return UserError(f"cannot write the heal checkpoint in {folder.parent} ({first}); check that the cache is writable")
 
 
 def teacher_from(lm):

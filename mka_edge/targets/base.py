@@ -165,12 +165,13 @@ class Target(ABC):
         """Write a loaded (merged) model as this target's artifact (``imatrix``: with an importance
         matrix, where the target's quantizer takes one)."""
 
-    def export_disk_bytes(self, config, quant: str, artifact_bytes: float) -> float:
-        """Disk the export needs at its peak beside --out, the artifact included: by default a float32 save of the model
-        (what a builder reads) plus the artifact.  The build checks this before any work."""
+    def export_disk_bytes(self, config, quant: str, artifact_bytes: float, *, from_folder: bool) -> float:
+        """Disk the export needs at its peak beside --out, the artifact included: by default a
+        float32 save of the model (what a builder reads) unless ``from_folder`` (the model is read
+        from its own folder), plus the artifact.  The build checks this before any work."""
         from ..exporters.gguf import f32_bytes
 
-        return f32_bytes(config) + artifact_bytes
+        return (0.0 if from_folder else f32_bytes(config)) + artifact_bytes
 
     @abstractmethod
     def export_spec(self, model: str | None, out: Path, quant: str, options: dict) -> ArtifactSummary:

@@ -223,7 +223,7 @@ class GgufTarget(Target):
 
         return self.summary(export_loaded(lm, out, quant, progress=progress, imatrix=bool(imatrix)))
 
-    def export_disk_bytes(self, config, quant, artifact_bytes):
+    def export_disk_bytes(self, config, quant, artifact_bytes, *, from_folder):
         """The float intermediate gguf-py writes (F32 for small models, else the weights' 16-bit
         type) plus the quantized file, both in the scratch folder beside --out (F32/F16/BF16 artifacts
         are the float file itself)."""

@@ -194,13 +194,14 @@ class OnnxTarget(Target):
 
         return self.summary(export_loaded_onnx(lm, out, quant, context=context, progress=progress))
 
-    def export_disk_bytes(self, config, quant, artifact_bytes):
-        """The exporter's own peak (weights, small files, a float32 source copy for the builder:
-        counted, as a build's unmerged source has no folder of its own)."""
+    def export_disk_bytes(self, config, quant, artifact_bytes, *, from_folder):
+        """The exporter's own peak: weights, small files, and a float32 source copy for the builder
+        when the model has no folder of its own to be read from."""
         from ..exporters.gguf import f32_bytes
         from ..exporters.onnx import disk_need_bytes, onnx_quant
 
-        return float(disk_need_bytes(f32_bytes(config) // 4, onnx_quant(quant), False, saves_source=True))
+        n_params = f32_bytes(config) // 4
+        return float(disk_need_bytes(n_params, onnx_quant(quant), False, saves_source=not from_folder))
 
     def export_spec(self, model, out, quant, options):
         from ..exporters.onnx import export_onnx
