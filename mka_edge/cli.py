@@ -803,7 +803,7 @@ def profiles() -> None:
         )
 
 
-LEVER_OPTIONS = ("kv_type", "flash_attn", "attention_removal", "imatrix")
+LEVER_OPTIONS = ("kv_type", "flash_attn", "attention_removal", "imatrix", "measure_all")
 
 
 def _levers(opts: dict) -> dict:
@@ -888,6 +888,13 @@ def plan_options(f):
             help="Consider importance-matrix quantization (computed once per model on the calibration set, "
             "cached): per type the plan takes whichever of plain and imatrix measured lower KL, and the "
             "imatrix-only types (IQ4_XS, IQ3_M) join the candidates.",
+        ),
+        click.option(
+            "--measure-all",
+            is_flag=True,
+            help="Quantize and measure every quant type and cache mode on the model, even those the plan can "
+            "show cannot change its choice (too large at any merge, or bounded below the best measured plan by "
+            "the precision order); for benchmarks. The plan is the same; only slower.",
         ),
         click.option(
             "--heal-curve-points",

@@ -30,7 +30,7 @@ from .solver import speed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
-from .solver.search import Candidate, choose, edit_sets, pareto
+from .solver.search import BASELINE_CACHE, Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
 
@@ -60,6 +60,7 @@ class PlanSettings:
     flash_attn: str = "auto"  # auto: allowed where the profile allows it; on: required; off: forbidden
     attention_removal: bool = True  # the sleb-attn curve (llama.cpp targets, architectures with deci)
     imatrix: bool = True  # importance-matrix quantization where the probe measured that it helps
+    measure_all: bool = False  # measure every type and cache mode, even those that cannot change the choice
 
     @property
     def target(self) -> Target:
@@ -103,6 +104,7 @@ def resolve_settings(
     flash_attn: str | None = None,
     attention_removal: bool = True,
     imatrix: bool = True,
+    measure_all: bool = False,
 ) -> PlanSettings:
     """The one precedence rule: a value given here (the command line, or the recipe's defaults the
     CLI already applied) wins, else the profile's.  Every check needs no model."""
@@ -144,6 +146,7 @@ def resolve_settings(
         fa,
         attention_removal,
         imatrix,
+        measure_all,
     )
 
 
@@ -202,6 +205,7 @@ class Facts:
     healed: dict | None
     caches: tuple[CacheCost, ...] = (CacheCost("f16/f16"),)
     attn_curve: dict | None = None  # the sleb-attn curve (healed when the plan heals)
+    scope: dict = field(default_factory=dict)  # what was measured, what was not and why (solver/scope.py)
 
 
 def plain_costs(costs: dict[str, QuantCost]) -> dict[str, QuantCost]:
@@ -232,64 +236,211 @@ def _enumerate(s: PlanSettings, facts_shape: Shape, costs, eff: float, edits: li
     )
 
 
-def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print) -> Facts:
-    """Quant costs, speed efficiency and the merge curve on the loaded model (``ctx``), the curve
-    only as far as it can change the choice (quality.needed_merge_kl)."""
-    t = s.target
-    eff, eff_source = speed.efficiency(t.name)
-    costs, quant_source = t.quant_costs(
-        ctx.lm,
-        cheap.shape,
-        cheap.sizes,
-        list(s.quants),
-        measure=cheap.measure,
-        progress=progress,
-        calibrate_speed=eff_source.startswith("default"),
-        log=log,
-        **({} if s.imatrix else {"imatrix": False}),  # --no-imatrix: nothing measured with a matrix
-    )
-    if not s.imatrix:
-        costs = plain_costs(costs)
-    eff, eff_source = speed.efficiency(t.name)  # again: the probe calibrates it on a first run
-    caches = t.cache_costs(
-        ctx.lm, list(cheap.modes), context=s.budget.context, measure=cheap.measure, progress=progress, log=log
-    )
-    shape = Shape.from_config(ctx.model.config)
-    k_max = cheap.k_max
-    ref_layers = next(iter(costs.values())).per_layer
-    edge = _enumerate(
-        s,
-        shape,
-        costs,
-        eff,
-        [EditSet(s.method, k, tuple(smallest_kept(ref_layers, k))) for k in range(k_max + 1)],
-        caches,
-    )
-    useful_below = needed_merge_kl(
-        [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed],
-        [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed],
-    )
-    heal = s.heal
-    if heal is not None and useful_below is not None and useful_below > 0:
-        useful_below = None  # healing lowers the merge KL: only the "no merge can win" case holds
-    curve = merge_curve(ctx, s.method, k_max, s.alpha, progress=progress, log=log, useful_below=useful_below)
-    healed = None
-    if heal is not None and len(curve["kl"]) > 1:
-        healed = healed_curve(ctx, curve, s.method, s.alpha, heal, points=s.heal_points, progress=progress, log=log)
-        curve = dict(curve, kl=healed["kl"])
-    attn_curve = None
-    if cheap.attention_removal and s.method != ATTENTION_METHOD:
-        steps = min(ATTENTION_STEPS_PER_LAYER * k_max, 2 * cheap.shape.n_layers - 2)
-        attn_curve = merge_curve(
-            ctx, ATTENTION_METHOD, steps, s.alpha, progress=progress, log=log, useful_below=useful_below
+def _reach(s: PlanSettings, cheap: CheapFacts) -> int:
+    """The most whole layers any curve of this plan can remove: k_max, or the attention curve's
+    steps (each removes at most a layer), for the optimistic bounds of solver/scope.py."""
+    n = cheap.shape.n_layers
+    steps = min(ATTENTION_STEPS_PER_LAYER * cheap.k_max, 2 * n - 2) if cheap.attention_removal else 0
+    return min(max(cheap.k_max, steps), n - 1)
+
+
+def _optimistic_edits(cost: QuantCost, k_reach: int) -> list[EditSet]:
+    """K = 0, then K = 1..k_reach with this type's largest layers gone and no KL: the least memory
+    and loss any merge to K can reach (an unmeasured curve's lower bound)."""
+    return [EditSet("", k, tuple(smallest_kept(list(cost.per_layer), k))) for k in range(k_reach + 1)]
+
+
+class _Measurer:
+    """The measured facts of one plan, each only as far as it can change the choice.
+
+    Order: speed calibration, cache-mode KL (every mode some type can fit with), then quant types
+    best first against the unmerged model (solver/scope.py), the merge curves (as far as
+    quality.needed_merge_kl says), the types that fit only merged against the curves' points, and
+    last the decode speed of a cache mode only when a plan with it ranks first (``settle``: a speed
+    share only ever rules a plan out, so the first-ranked plan whose speed is known is the choice)."""
+
+    def __init__(self, s: PlanSettings, cheap: CheapFacts, ctx, session, *, progress: bool, log):
+        self.s, self.cheap, self.ctx, self.session, self.progress, self.log = s, cheap, ctx, session, progress, log
+        self.t, self.lm = s.target, ctx.lm
+        self.shape = Shape.from_config(ctx.model.config)
+        self.sizes = cheap.sizes
+        self.costs: dict[str, QuantCost] = {}
+        self.caches: dict[str, CacheCost] = {}
+        self.source = ""
+
+    @property
+    def eff(self) -> float:
+        return speed.efficiency(self.t.name)[0]
+
+    def feasible(self, edits_of):
+        """costs -> their feasible candidates over ``edits_of(cost)`` and the cache modes as now known."""
+
+        def run(costs: dict[str, QuantCost]) -> list[Candidate]:
+            out = []
+            for q, c in costs.items():
+                cands = _enumerate(self.s, self.shape, {q: c}, self.eff, edits_of(c), list(self.caches.values()))
+                out += [x for x in cands if x.fits_memory and x.fits_speed]
+            return out
+
+        return run
+
+    def measure_types(self, quants: list[str]) -> None:
+        got, self.source = self.t.quant_costs(
+            self.lm,
+            self.cheap.shape,
+            {q: self.sizes[q] for q in quants},
+            quants,
+            measure=self.cheap.measure,
+            progress=self.progress,
+            calibrate_speed=speed.efficiency(self.t.name)[1].startswith("default"),
+            log=self.log,
+            **({} if self.s.imatrix else {"imatrix": False}),  # --no-imatrix: nothing measured with a matrix
+            **({"session": self.session} if self.session is not None else {}),
         )
-        if heal is not None and len(attn_curve["kl"]) > 1:
-            h = healed_curve(
-                ctx, attn_curve, ATTENTION_METHOD, s.alpha, heal, points=s.heal_points, progress=progress, log=log
+        self.costs.update(plain_costs(got) if not self.s.imatrix else got)
+
+    def measure_caches(self, modes: list[str], timed: bool) -> None:
+        costs = self.t.cache_costs(
+            self.lm,
+            modes,
+            context=self.s.budget.context,
+            measure=self.cheap.measure,
+            progress=self.progress,
+            log=self.log,
+            **({} if timed else {"timed": False}),
+        )
+        self.caches = {c.mode: c for c in costs}
+
+    def settle(self, now) -> None:
+        """Time cache modes until the best candidate of ``now`` (by the plan's own order: KL, then
+        memory) has a measured speed."""
+        while cands := now(self.costs):
+            best = min(cands, key=lambda c: (c.kl, c.memory_mb))
+            if self.caches[best.cache].speed_measured:
+                return
+            self.caches[best.cache] = self.t.cache_speed(
+                self.lm, best.cache, context=self.s.budget.context, progress=self.progress, log=self.log
             )
-            attn_curve = dict(attn_curve, kl=h["kl"], unhealed_kl=h["unhealed_kl"])
+
+
+def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print) -> Facts:
+    """Quant costs, cache-mode costs, speed efficiency and the merge curves on the loaded model
+    (``ctx``), each only as far as it can change the choice (``_Measurer``; solver/scope.py has the
+    rules).  ``measure_all``, or a target that calibrates speed only inside its probe, measures
+    every type and mode as before."""
+    from .solver import scope
+
+    t = s.target
+    k_max, sizes = cheap.k_max, cheap.sizes
+    with t.probe_session(ctx.lm, progress=progress, imatrix=s.imatrix) as session:
+        m = _Measurer(s, cheap, ctx, session, progress=progress, log=log)
+        prune = cheap.measure and not s.measure_all
+        if prune and speed.efficiency(t.name)[1].startswith("default") and not t.calibrate_speed(session):
+            prune = False  # this target calibrates only inside its probe: measure as before
+        k_reach = _reach(s, cheap)
+        skipped: dict[str, scope.Skipped] = {}
+        modes_skipped: list[dict] = []
+        grids = t.source_grids(ctx.lm) if prune else frozenset()
+        todo: list[str] = []
+        if not prune:
+            m.measure_caches(list(cheap.modes), timed=True)
+            m.measure_types(list(s.quants))
+        else:
+            m.caches = {c: CacheCost(c) for c in cheap.modes}  # no KL, full speed: the optimistic bound
+            fits_with = {x.cache for x in m.feasible(lambda c: _optimistic_edits(c, k_reach))(sizes)}
+            modes = [c for c in cheap.modes if c == BASELINE_CACHE or c in fits_with]
+            modes_skipped = [
+                {"mode": c, "why": "no type fits with it at any reduction"} for c in cheap.modes if c not in modes
+            ]
+            m.measure_caches(modes, timed=False)
+            log("measuring the quant types that can change the choice, best first (cached after the first plan)")
+            todo = list(s.quants)
+            bound = m.feasible(lambda c: _optimistic_edits(c, k_reach))
+            unmerged = m.feasible(lambda c: _optimistic_edits(c, 0))
+            while True:
+                m.settle(unmerged)
+                q = scope.next_to_measure(todo, sizes, m.costs, bound, unmerged, grids, skipped)
+                if q is None:
+                    break
+                m.measure_types([q])
+                todo.remove(q)
+        costs = m.costs
+        eff, eff_source = speed.efficiency(t.name)  # a probe may calibrate it on a first run
+        ref_layers = next(iter(sizes.values())).per_layer
+        bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
+        edge = _enumerate(
+            s,
+            m.shape,
+            {**costs, **bounded},
+            eff,
+            [EditSet(s.method, k, tuple(smallest_kept(ref_layers, k))) for k in range(k_max + 1)],
+            list(m.caches.values()),
+        )
+        useful_below = needed_merge_kl(
+            [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed and c.quant in costs],
+            [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed],
+        )
+        heal = s.heal
+        if heal is not None and useful_below is not None and useful_below > 0:
+            useful_below = None  # healing lowers the merge KL: only the "no merge can win" case holds
+        curve = merge_curve(ctx, s.method, k_max, s.alpha, progress=progress, log=log, useful_below=useful_below)
+        healed = None
+        if heal is not None and len(curve["kl"]) > 1:
+            healed = healed_curve(ctx, curve, s.method, s.alpha, heal, points=s.heal_points, progress=progress, log=log)
+            curve = dict(curve, kl=healed["kl"])
+        attn_curve = None
+        if cheap.attention_removal and s.method != ATTENTION_METHOD:
+            steps = min(ATTENTION_STEPS_PER_LAYER * k_max, 2 * cheap.shape.n_layers - 2)
+            attn_curve = merge_curve(
+                ctx, ATTENTION_METHOD, steps, s.alpha, progress=progress, log=log, useful_below=useful_below
+            )
+            if heal is not None and len(attn_curve["kl"]) > 1:
+                h = healed_curve(
+                    ctx, attn_curve, ATTENTION_METHOD, s.alpha, heal, points=s.heal_points, progress=progress, log=log
+                )
+                attn_curve = dict(attn_curve, kl=h["kl"], unhealed_kl=h["unhealed_kl"])
+        if prune:  # the types that fit only merged, now against the curves' real points
+            edits = edit_sets(curve, s.method) + (edit_sets(attn_curve, ATTENTION_METHOD)[1:] if attn_curve else [])
+            real = m.feasible(lambda c: edits)
+            nowhere = "fits only with more merging than can change the plan (the merge curves stop before it fits)"
+            while True:
+                m.settle(real)
+                q = scope.next_to_measure(todo, sizes, m.costs, real, real, grids, skipped, nowhere)
+                if q is None:
+                    break
+                m.measure_types([q])
+                todo.remove(q)
+            broken = scope.check_order(sizes, costs, grids)
+            by_order = [q for q, sk in skipped.items() if "precision order" in sk.why]
+            if broken and by_order:  # the rule failed on this model: what it skipped is measured after all
+                log(f"the precision order failed on this model ({'; '.join(broken)}): measuring {', '.join(by_order)}")
+                m.measure_types(by_order)
+                for q in by_order:
+                    skipped.pop(q)
+                m.settle(real)
+        runs = getattr(session, "runs", None)
+    scope_rec = {
+        "measure_all": not prune,
+        "measured": sorted(costs, key=lambda q: -sizes[q].total_bytes),
+        "skipped": [sk.as_dict() for sk in skipped.values()],
+        "caches_skipped": modes_skipped,
+        "speed_not_measured": [c.mode for c in m.caches.values() if not c.speed_measured],
+        "order_violations": scope.check_order(sizes, costs, grids) if prune else [],
+        **({"probe_runs": runs} if runs is not None else {}),
+    }
     return Facts(
-        cheap, ctx.lm.fingerprint, shape, costs, quant_source, eff, eff_source, curve, healed, tuple(caches), attn_curve
+        cheap,
+        ctx.lm.fingerprint,
+        m.shape,
+        costs,
+        m.source,
+        eff,
+        eff_source,
+        curve,
+        healed,
+        tuple(m.caches.values()),
+        attn_curve,
+        scope_rec,
     )
 
 
@@ -397,7 +548,11 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
         },
         heal=asdict(heal) if healed else None,
         quant_costs={q: c.plan_json() for q, c in facts.costs.items()},
-        cache_costs={c.mode: {"kl": c.kl, "speed_factor": c.speed_factor} for c in facts.caches},
+        cache_costs={
+            c.mode: {"kl": c.kl, "speed_factor": c.speed_factor, "speed_measured": c.speed_measured}
+            for c in facts.caches
+        },
+        scope=facts.scope,
         candidates=[c.as_dict() for c in cands],
         ranked=[
             {
@@ -425,6 +580,7 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
             "flash_attn": s.flash_attn,
             "attention_removal": s.attention_removal,
             "imatrix": s.imatrix,
+            "measure_all": s.measure_all,
         },
     )
 
@@ -527,6 +683,7 @@ def plan_table(plan: Plan) -> str:
             f"{terms.get('quant', 0):>8.3f} {terms.get('cache', 0):>8.3f}  {fits}{'  <- chosen' if chosen else ''}"
         )
     removed = f", attention removed from {len(ch.attn_removed)} of them" if ch.attn_removed else ""
+    lines += scope_lines(plan.scope)
     lines += [
         "",
         f"choice: {'merge K=' + str(ch.k) + ' (' + ch.method + ')' if ch.k else 'no merge'} -> {ch.layers_after} "
@@ -534,6 +691,23 @@ def plan_table(plan: Plan) -> str:
         f"why: {plan.reason}",
     ]
     return "\n".join(lines)
+
+
+def scope_lines(scope: dict) -> list[str]:
+    """The plan table's lines on what was measured and what was not (solver/scope.py), for people."""
+    if not scope or scope.get("measure_all"):
+        return ["", "measured: every quant type and cache mode (--measure-all)"] if scope else []
+    runs = f" ({scope['probe_runs']} quantize-and-run probes this time)" if "probe_runs" in scope else ""
+    out = ["", f"measured: {', '.join(scope['measured'])}{runs}"]
+    out += [f"not measured: {sk['quant']}: {sk['rule']}: {sk['why']}" for sk in scope.get("skipped", [])]
+    out += [f"cache mode not measured: {c['mode']}: {c['why']}" for c in scope.get("caches_skipped", [])]
+    if scope.get("speed_not_measured"):
+        out.append(
+            f"decode speed not timed (no plan with it ranked first; its tok/s above assume the f16 cache's): "
+            f"{', '.join(scope['speed_not_measured'])}"
+        )
+    out += [f"precision order broken: {v}" for v in scope.get("order_violations", [])]
+    return out
 
 
 def write_plan(plan: Plan, out: Path) -> Path:

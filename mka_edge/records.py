@@ -127,6 +127,7 @@ class CacheCost:
     mode: str
     kl: float = 0.0
     speed_factor: float = 1.0
+    speed_measured: bool = True  # False: not timed (no plan with it ranked first); the factor is then 1.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class Plan:
     ranked: list
     settings: dict = field(default_factory=dict)  # the inputs that reproduce it (method, quants, k_max...)
     cache_costs: dict = field(default_factory=dict)  # cache mode -> {'kl', 'speed_factor'}
+    scope: dict = field(default_factory=dict)  # types and cache modes measured, and those skipped with why
     schema: int = PLAN_SCHEMA
 
     def to_json(self) -> dict:

@@ -36,3 +36,20 @@ def test_readme_install_matches_ci():
     first = _readme_commands()[0]
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install "torch==2.13.0" -e ".[test]"' in first and 'pip install "torch==2.13.0" -e ".[test]"' in ci
+
+
+def _cmake_args(text: str, where: str) -> str:
+    found = re.findall(r'CMAKE_ARGS="([^"$]*)"', text)
+    assert len(found) == 1, f'{where}: expected one CMAKE_ARGS="...", found {found}'
+    return found[0]
+
+
+def test_readme_ci_and_code_build_llama_cpp_the_same_way():
+    """The portable llama.cpp build (issue 22) has one home, ``cpu.PORTABLE_CMAKE_ARGS``: the README
+    installs with it, CI with the same fixed value (not overridable), and error messages name it."""
+    from mka_edge.cpu import PORTABLE_CMAKE_ARGS
+
+    readme = _cmake_args(_readme_commands()[0], "README's first command")
+    ci = _cmake_args((ROOT / ".ci" / "run").read_text(), ".ci/run")
+    assert readme == ci == PORTABLE_CMAKE_ARGS, (readme, ci, PORTABLE_CMAKE_ARGS)
+    assert "-DGGML_NATIVE=OFF" in PORTABLE_CMAKE_ARGS

@@ -24,7 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mka_edge.child_exit import explain_exit
 from mka_edge.errors import UserError
+from mka_edge.runtime_check import check_llama_cpp
 
 
 def _read_imatrix(path: str) -> tuple[dict, dict]:
@@ -120,11 +122,13 @@ def _dry_run(src: str, ftypes: list[int]) -> int:
 
 def dry_run_types(src: Path, ftypes: list[int]) -> dict[int, dict[str, str]]:
     """The ggml type llama.cpp's quantizer would give each tensor of ``src``, per file type."""
+    check_llama_cpp()
     cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", "--dry-run", str(src), *map(str, ftypes)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = ((proc.stderr or "").strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"llama.cpp's quantizer could not size this model (dry run failed: {last[:200]})")
+        killed = explain_exit(proc.returncode, "llama.cpp's quantizer (dry run)", last)
+        raise UserError(killed or f"llama.cpp's quantizer could not size this model (dry run failed: {last[:200]})")
     return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -158,6 +162,7 @@ def quantize(
     ``progress``: an elapsed-time line while it runs (minutes for a 7-8B model)."""
     from mka_edge.validate.runner import run_with_progress
 
+    check_llama_cpp()
     cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", str(src), str(dst), str(ftype), str(nthread)]
     if imatrix is not None:
         cmd.append(str(imatrix))
@@ -167,9 +172,8 @@ def quantize(
         why = next(
             (l for l in reversed(lines) if "error" in l.lower() or "failed" in l.lower()), lines[-1] if lines else ""
         )
-        if proc.returncode < 0:
-            why = f"killed by signal {-proc.returncode}" + (f"; {why}" if why else "")
-        raise UserError(f"llama.cpp's quantizer failed ({why[:200]}); try another --quant")
+        killed = explain_exit(proc.returncode, "llama.cpp's quantizer", why)
+        raise UserError(killed or f"llama.cpp's quantizer failed ({why[:200]}); try another --quant")
 
 
 if __name__ == "__main__":

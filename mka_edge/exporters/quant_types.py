@@ -103,3 +103,48 @@ def quant_help() -> str:
         "set; a plan measures the type with and without one and keeps the better)."
     )
     return "\n".join(lines)
+
+
+# Precision tiers of the ggml tensor types llama.cpp writes: a tensor at a higher tier rounds each
+# weight more finely (more bits for the same block of weights).  The measure-only-what-matters
+# rule (solver/scope.py) compares types tensor by tensor on this table; types of one tier are not
+# compared with each other (Q5_K against Q5_1, IQ4_XS against Q4_0: which rounds better depends on
+# the weights).  Tiers follow the nominal bits per weight (gguf-py's block sizes) and llama.cpp's
+# Llama-3-8B KL scoreboard, on which every higher-tier type has lower KL than every lower-tier one.
+PRECISION_TIER: dict[str, int] = {
+    "F32": 9,
+    "F16": 8,
+    "BF16": 8,
+    "Q8_0": 7,
+    "Q6_K": 6,
+    "Q5_K": 5,
+    "Q5_1": 5,
+    "Q5_0": 5,
+    "Q4_K": 4,
+    "Q4_1": 4,
+    "Q4_0": 4,
+    "IQ4_NL": 4,
+    "IQ4_XS": 4,
+    "Q3_K": 3,
+    "IQ3_S": 3,
+    "IQ3_XXS": 3,
+    "Q2_K": 2,
+    "IQ2_S": 2,
+    "IQ2_XS": 2,
+    "IQ2_XXS": 2,
+    "IQ1_M": 1,
+    "IQ1_S": 1,
+}
+
+# Grids that contain another type's grid exactly: a weight on a Q4_1 block grid (scale d, minimum m,
+# 16 levels) is also on the Q5_1 grid with the same d and m.  A model dequantized from a quantized
+# GGUF (the embedded SmolLM2 is Q4_1) sits on its file's grid, so these types can reproduce it
+# with no error at all, and the precision order does not hold for them (measured: SmolLM2's
+# Q5_K_M, mostly Q5_1 tensors, beat Q6_K, mostly Q8_0, once both had an importance matrix).
+GRIDS_CONTAINING: dict[str, frozenset[str]] = {
+    "Q4_0": frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}),
+    "Q4_1": frozenset({"Q4_1", "Q5_1"}),
+    "Q5_0": frozenset({"Q5_0", "Q5_1", "Q8_0"}),
+    "Q5_1": frozenset({"Q5_1"}),
+    "Q8_0": frozenset({"Q8_0"}),
+}

@@ -47,7 +47,7 @@ from .memory import REPACKED_TYPES, Shape
 from .quant_probe import split_by_block
 from .search import candidates, refuse_if_nothing_fits
 
-SIZES_VERSION = 1
+SIZES_VERSION = 2  # 2: each tensor's type (tensor_map), for the precision order of solver/scope.py
 
 
 @dataclass
@@ -95,6 +95,7 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
         sized.append((name, ggml.name, len(shape), math.prod(shape[:-1]) * (shape[-1] // block) * size))
     out = split_by_block(sized, REPACKED_TYPES)
     out["tensor_types"] = dict(Counter(t for _, t, _, _ in sized).most_common())  # as inspect_gguf reports them
+    out["tensor_map"] = {name: t for name, t, _, _ in sized}
     return out
 
 

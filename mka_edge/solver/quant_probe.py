@@ -111,6 +111,108 @@ def _measure(lm, base: Path, art: Path, q: str, float_type: str, ref_path: Path,
     }
 
 
+class ProbeSession:
+    """One plan's quant probe: the float base GGUF and the reference are made once, on the first
+    type that is not in the cache, and serve every type measured after it (the plan measures one
+    type at a time, best first, and stops when the rest cannot change the choice)."""
+
+    def __init__(
+        self, lm, chunks: int = 2, threads: int = 2, progress: bool = True, imatrix: bool = True, calibration=None
+    ):
+        self.lm, self.chunks, self.threads, self.progress = lm, chunks, threads, progress
+        self.imatrix, self.calibration = imatrix, calibration
+        self.folder = cache_root() / "quant_probe"
+        self._tmp = None
+        self._keyed = None
+        self.runs = 0  # quantize-and-run measurements made (a type with and without a matrix: 2)
+
+    def __enter__(self) -> ProbeSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _helps(self, q: str) -> bool:
+        qt = quant_type(q)
+        return qt.needs_imatrix or (self.imatrix and qt.imatrix_helps)
+
+    def _key(self, q: str) -> str:
+        from mka_edge.exporters.imatrix import imatrix_key
+
+        if self._helps(q) and self._keyed is None:
+            self._keyed = imatrix_key(self.lm, self.calibration)
+        im_key = self._keyed[0] if self._helps(q) and self._keyed is not None else None
+        return stable_hash(
+            {"model": self.lm.fingerprint, "quant": q, "chunks": self.chunks, "imatrix": im_key, "v": PROBE_VERSION}
+        )
+
+    def _base(self) -> tuple[Path, str, Path]:
+        """(float base GGUF, its type, reference file), made on first use."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mka-edge-probe-")
+            ref_path, _ = compact_reference(self.lm, self.chunks, progress=self.progress)
+            float_type = intermediate_type(self.lm.model.config, "Q8_0")  # F32 for the small models probed
+            base = Path(self._tmp.name) / f"base-{float_type.lower()}.gguf"
+            write_float_gguf(self.lm, base, float_type)
+            self._made = (base, float_type, ref_path)
+        return self._made
+
+    def calibrate(self) -> None:
+        """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL."""
+        base, float_type, ref_path = self._base()
+        art = Path(self._tmp.name) / "Q8_0-speed.gguf"
+        quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
+        _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads)
+        art.unlink(missing_ok=True)
+
+    def measure(self, quants: list[str], calibrate_speed: bool = False) -> dict[str, dict]:
+        """The entries of ``quants`` (see ``probe``), from the cache or measured now."""
+        keys = {q: self._key(q) for q in quants}
+        results, missing = cached_entries(self.folder, "", keys)
+        if not missing:
+            return results
+        lm = self.lm
+        with entry_lock(self.folder / f"probe-{lm.fingerprint[:20]}", "the quant probe of this model"):
+            results, missing = cached_entries(self.folder, "", keys)  # measured while this process waited?
+            if not missing:
+                return results
+            from mka_edge.exporters.imatrix import ensure_imatrix
+
+            base, float_type, ref_path = self._base()
+            tmp = Path(self._tmp.name)
+            matrix = ensure_imatrix(lm, self._keyed, self.progress) if any(self._helps(q) for q in missing) else None
+            for q in tqdm(
+                missing, desc="measuring quant types", disable=not self.progress or len(missing) < 2, leave=False
+            ):
+                qt = quant_type(q)
+                plain = imat = None
+                art = base if q == float_type else tmp / f"{q}.gguf"
+                if not qt.needs_imatrix:
+                    plain = _measure(lm, base, art, q, float_type, ref_path, self.threads, None)
+                    self.runs += 1
+                    if q == "Q8_0" and calibrate_speed:
+                        _calibrate_speed(art, plain, ref_path, self.threads)
+                if self._helps(q):
+                    art = tmp / f"{q}-imatrix.gguf"
+                    imat = _measure(lm, base, art, q, float_type, ref_path, self.threads, matrix)
+                    self.runs += 1
+                use_imatrix = imat is not None and (plain is None or imat["kl"] < plain["kl"])
+                res = {**(imat if use_imatrix else plain), "imatrix": use_imatrix}
+                if plain is not None:  # absent: a type that needs a matrix has no plain figure
+                    res["kl_plain"] = plain["kl"]
+                if imat is not None:  # absent: a type that ignores one was measured plainly only
+                    res["kl_imatrix"] = imat["kl"]
+                res["measured_on"] = f"{self.chunks} x 512 held-out tokens"
+                atomic_write_text(self.folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
+                results[q] = res
+                for f in (tmp / f"{q}.gguf", tmp / f"{q}-imatrix.gguf"):
+                    if f != base:
+                        f.unlink(missing_ok=True)
+        return results
+
+
 def probe(
     lm,
     quants: list[str],
@@ -130,58 +232,5 @@ def probe(
     the better one, ``imatrix`` saying which (what a build quantizes with).  A type that needs a
     matrix is measured with it only (no ``kl_plain``); one that ignores it plainly only (no
     ``kl_imatrix``)."""
-    from mka_edge.exporters.imatrix import ensure_imatrix, imatrix_key
-
-    folder = cache_root() / "quant_probe"
-    helps = {q: quant_type(q).needs_imatrix or (imatrix and quant_type(q).imatrix_helps) for q in quants}
-    keyed = imatrix_key(lm, calibration) if any(helps.values()) else None
-    im_key = keyed[0] if keyed is not None else None
-    keys = {
-        q: stable_hash(
-            {
-                "model": lm.fingerprint,
-                "quant": q,
-                "chunks": chunks,
-                "imatrix": im_key if helps[q] else None,
-                "v": PROBE_VERSION,
-            }
-        )
-        for q in quants
-    }
-    results, missing = cached_entries(folder, "", keys)
-    if not missing:
-        return results
-    with entry_lock(folder / f"probe-{lm.fingerprint[:20]}", "the quant probe of this model"):
-        results, missing = cached_entries(folder, "", keys)  # measured while this process waited?
-        if not missing:
-            return results
-        ref_path, _ = compact_reference(lm, chunks, progress=progress)
-        matrix = ensure_imatrix(lm, keyed, progress) if any(helps[q] for q in missing) else None
-        with tempfile.TemporaryDirectory(prefix="mka-edge-probe-") as tmp:
-            float_type = intermediate_type(lm.model.config, "Q8_0")  # F32 for the small models probed
-            base = Path(tmp) / f"base-{float_type.lower()}.gguf"
-            write_float_gguf(lm, base, float_type)
-            for q in tqdm(missing, desc="measuring quant types", disable=not progress, leave=False):
-                qt = quant_type(q)
-                plain = imat = None
-                art = base if q == float_type else Path(tmp) / f"{q}.gguf"
-                if not qt.needs_imatrix:
-                    plain = _measure(lm, base, art, q, float_type, ref_path, threads, None)
-                    if q == "Q8_0" and calibrate_speed:
-                        _calibrate_speed(art, plain, ref_path, threads)
-                if helps[q]:
-                    art = Path(tmp) / f"{q}-imatrix.gguf"
-                    imat = _measure(lm, base, art, q, float_type, ref_path, threads, matrix)
-                use_imatrix = imat is not None and (plain is None or imat["kl"] < plain["kl"])
-                res = {**(imat if use_imatrix else plain), "imatrix": use_imatrix}
-                if plain is not None:  # absent: a type that needs a matrix has no plain figure
-                    res["kl_plain"] = plain["kl"]
-                if imat is not None:  # absent: a type that ignores one was measured plainly only
-                    res["kl_imatrix"] = imat["kl"]
-                res["measured_on"] = f"{chunks} x 512 held-out tokens"
-                atomic_write_text(folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
-                results[q] = res
-                for f in (Path(tmp) / f"{q}.gguf", Path(tmp) / f"{q}-imatrix.gguf"):
-                    if f != base:
-                        f.unlink(missing_ok=True)
-    return results
+    with ProbeSession(lm, chunks, threads, progress, imatrix, calibration) as session:
+        return session.measure(quants, calibrate_speed)

@@ -9,6 +9,7 @@ registers itself with ``@register`` (docs/architecture.md lists what it implemen
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,22 @@ class Target(ABC):
         log,
         imatrix: bool = True,
     ) -> tuple[dict[str, QuantCost], str]:
-        """Measured (or prior) costs with KL, and the sentence that says where they come from."""
+        """Measured (or prior) costs with KL, and the sentence that says where they come from.
+        A target with ``probe_session`` also takes ``session=`` (the plan measures type by type)."""
+
+    def probe_session(self, lm, *, progress: bool, imatrix: bool):
+        """A context manager whose value is passed to ``quant_costs(session=)`` so that measuring
+        one type at a time shares the set-up (the float base file, the reference); None here."""
+        return contextlib.nullcontext(None)
+
+    def calibrate_speed(self, session) -> bool:
+        """Time this host's decode once for the speed model, apart from any type's probe; False when
+        the target calibrates only inside its probe (a plan then measures every type)."""
+        return False
+
+    def source_grids(self, lm) -> frozenset[str]:
+        """Tensor types that may reproduce the loaded model's own quantization grid exactly."""
+        return frozenset()
 
     # ---- memory and speed ----
     @abstractmethod
@@ -138,9 +154,17 @@ class Target(ABC):
         runtime without a choice returns one label."""
         return [self.kv_cache_label(kv_cache_type)]
 
-    def cache_costs(self, lm, modes: list[str], *, context: int, measure: bool, progress: bool, log) -> list[CacheCost]:
-        """What each mode costs on this model (KL added, speed kept); free for a single mode."""
+    def cache_costs(
+        self, lm, modes: list[str], *, context: int, measure: bool, progress: bool, log, timed: bool = True
+    ) -> list[CacheCost]:
+        """What each mode costs on this model (KL added, speed kept); free for a single mode.
+        ``timed`` False: KL only (``speed_measured`` False), each mode timed later by ``cache_speed``
+        when a plan with it would be chosen."""
         return [CacheCost(m) for m in modes]
+
+    def cache_speed(self, lm, mode: str, *, context: int, progress: bool, log) -> CacheCost:
+        """``mode``'s cost with its decode speed measured (the share of the baseline mode's)."""
+        return CacheCost(mode)
 
     def supports_attention_removal(self, arch) -> bool:
         """Whether this runtime can run a model with some layers' attention removed (llama.cpp's deci)."""

@@ -153,18 +153,23 @@ class GgufTarget(Target):
             raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(KNOWN)}")
         return {q: QuantCost.from_json(q, self.name, prior_entry(q, ms.block_params, ms.other_params)) for q in quants}
 
-    def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True):
+    def quant_costs(
+        self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True, session=None
+    ):
         from ..solver.quant_prior import SOURCE
 
         if not measure:
             return sizes, f"prior: {SOURCE}; measured on Llama-3-8B, it does not transfer to every model"
         from ..solver.quant_probe import probe
 
-        log(
-            "measuring each quant type on this model with llama.cpp, plain and with an importance matrix "
-            "(cached after the first plan)"
-        )
-        costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed, imatrix=imatrix)
+        if session is not None:
+            costs = session.measure(quants, calibrate_speed)
+        else:
+            log(
+                "measuring each quant type on this model with llama.cpp, plain and with an importance matrix "
+                "(cached after the first plan)"
+            )
+            costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed, imatrix=imatrix)
         # each cost is the better of plain and importance-matrix quantization; extra["imatrix"]
         # (with kl_plain / kl_imatrix) says which, and is what the build exports with
         return (
@@ -172,6 +177,25 @@ class GgufTarget(Target):
             "measured on this model (llama.cpp quantizer, held-out KL; per type the better of plain "
             "and importance-matrix quantization)",
         )
+
+    def probe_session(self, lm, *, progress, imatrix):
+        from ..solver.quant_probe import ProbeSession
+
+        return ProbeSession(lm, progress=progress, imatrix=imatrix)
+
+    def calibrate_speed(self, session) -> bool:
+        session.calibrate()
+        return True
+
+    def source_grids(self, lm) -> frozenset[str]:
+        """Tensor types that can hold a GGUF source's own grid exactly (``quant_types.GRIDS_CONTAINING``):
+        the precision order of solver/scope.py does not compare them."""
+        from ..exporters.quant_types import GRIDS_CONTAINING
+
+        if lm.source.get("kind") != "gguf":
+            return frozenset()
+        kinds = _inspect(Path(lm.source["path"]))["tensor_types"]
+        return frozenset().union(*(GRIDS_CONTAINING.get(t.upper(), ()) for t in kinds))
 
     def kv_bytes(self, shape, context, quant, kv_type):
         return memory.cache_bytes(shape, context, kv_type)
@@ -194,8 +218,8 @@ class GgufTarget(Target):
             )
         return [m.label for m in modes]
 
-    def cache_costs(self, lm, modes, *, context, measure, progress, log):
-        from ..kv_cache import CacheMode
+    def cache_costs(self, lm, modes, *, context, measure, progress, log, timed=True):
+        from ..kv_cache import BASELINE, CacheMode
         from ..records import CacheCost
 
         if len(modes) == 1 and modes[0] == "f16/f16":
@@ -207,8 +231,22 @@ class GgufTarget(Target):
         from ..solver.cache_probe import probe_cache_modes
 
         log("measuring each KV cache mode on this model with llama.cpp (cached after the first plan)")
-        res = probe_cache_modes(lm, [CacheMode.parse(m) for m in modes], progress=progress, context=context)
-        return [CacheCost(m, res[m]["kl_cost"], res[m].get("speed_factor", 1.0)) for m in modes]
+        res = probe_cache_modes(
+            lm, [CacheMode.parse(m) for m in modes], progress=progress, context=context if timed else None
+        )
+        return [
+            CacheCost(m, res[m]["kl_cost"], res[m].get("speed_factor", 1.0), timed or m == BASELINE.label)
+            for m in modes
+        ]
+
+    def cache_speed(self, lm, mode, *, context, progress, log):
+        from ..kv_cache import CacheMode
+        from ..records import CacheCost
+        from ..solver.cache_probe import probe_cache_modes
+
+        log(f"timing the {mode} KV cache at context {context} (a plan with it ranks first)")
+        res = probe_cache_modes(lm, [CacheMode.parse(mode)], progress=progress, context=context)[mode]
+        return CacheCost(mode, res["kl_cost"], res.get("speed_factor", 1.0))
 
     def supports_attention_removal(self, arch):
         return arch.gguf_attention_free_arch is not None

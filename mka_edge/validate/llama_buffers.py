@@ -8,6 +8,9 @@ import re
 import subprocess
 import sys
 
+from ..child_exit import explain_exit
+from ..runtime_check import check_llama_cpp
+
 _PATTERNS = {
     "model_mb": re.compile(r"model buffer size\s*=\s*([\d.]+) MiB"),
     "kv_mb": re.compile(r"KV buffer size\s*=\s*([\d.]+) MiB"),
@@ -42,10 +45,15 @@ def reported_buffers(
         f"type_k={kv_type}, type_v={kv_type if type_v is None else type_v}, flash_attn={bool(flash_attn)}, "
         "verbose=True)"
     )
+    check_llama_cpp()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     res = parse(proc.stderr + proc.stdout)
-    if proc.returncode != 0 or "model_mb" not in res:
-        raise RuntimeError(f"llama.cpp did not load {artifact}: {proc.stderr.strip().splitlines()[-1:]}")
+    if proc.returncode != 0 or "model_mb" not in res:  # a tool for tests and bench/memory_model.py: no UserError
+        last = proc.stderr.strip().splitlines()[-1:]
+        raise RuntimeError(
+            explain_exit(proc.returncode, f"llama.cpp loading {artifact}", "".join(last))
+            or f"llama.cpp did not load {artifact}: {last}"
+        )
     return res
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..cache import runtime_slot
+from ..child_exit import explain_exit
 from ..errors import UserError
+from ..runtime_check import LLAMA_CPP_WORKERS, check_llama_cpp
 from .jobs import _Job as Job
 
 
@@ -50,7 +52,12 @@ def run_with_progress(
 
 
 def run_child(module: str, job: Job, timeout_s: float, what: str, progress: bool = False) -> dict:
-    """Run ``job`` in ``module`` (a worker) in a child process; its result, or one line saying why not."""
+    """Run ``job`` in ``module`` (a worker) in a child process; its result, or one line saying why not.
+    A llama.cpp worker is preceded by the runtime check (once per install and CPU), so a build for
+    another CPU is named before minutes of work, not as a crash inside them."""
+    llama_cpp = module in LLAMA_CPP_WORKERS
+    if llama_cpp:
+        check_llama_cpp()
     with tempfile.TemporaryDirectory(prefix="mka-edge-job-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job.to_json()))
@@ -66,7 +73,6 @@ def run_child(module: str, job: Job, timeout_s: float, what: str, progress: bool
         if proc.returncode != 0 or not out_path.is_file():
             lines = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()]
             why = lines[-1].strip() if lines else ""
-            if proc.returncode < 0:
-                why = f"killed by signal {-proc.returncode}" + (f" ({why})" if why else "")
-            raise UserError(f"{what} failed in the runtime: {why[:200] or 'no message'}")
+            killed = explain_exit(proc.returncode, what, why, llama_cpp=llama_cpp)
+            raise UserError(killed or f"{what} failed in the runtime: {why[:200] or 'no message'}")
         return json.loads(out_path.read_text())

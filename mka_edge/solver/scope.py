@@ -1,0 +1,145 @@
+"""Measure only what can change the choice: which quant types a plan quantizes and measures, and
+which it can show it would never pick.
+
+A plan picks the feasible (edit set, weight type, cache mode) of least predicted KL = KL(edits) +
+KL(type) + KL(cache), ties going to less memory (``search.choose``).  Measuring a type costs a
+quantize and a run in llama.cpp (seconds on SmolLM2, minutes at 1.5B parameters, twice for the
+types measured with and without an importance matrix); most cannot win, and these rules say which:
+
+1. **Too large.** A type that fits no memory budget or speed floor even at the largest reduction
+   any curve offers (the largest layers gone, the least-memory cache mode) cannot be chosen.  Exact:
+   sizes come from llama.cpp's dry run before any weights load.
+2. **Precision order.** Type A has lower KL than type B when llama.cpp writes every tensor of A at
+   B's ggml type or at a higher precision tier (``quant_types.PRECISION_TIER``), at least one higher.
+   Not applied to tensors whose type can reproduce the source's own grid (``GRIDS_CONTAINING``: a
+   model dequantized from a Q4_1 GGUF is exact in Q5_1).  Checked: every measured pair it orders,
+   in every plan (``check_order``), on SmolLM2's full measurement in tests, and against llama.cpp's
+   Llama-3-8B scoreboard.
+3. **Non-negative terms.** Each KL term is at least 0 and a merge step adds loss (the merge
+   curve's own stopping rule): a candidate's KL is at least its type's lower bound (rule 2's, else
+   0) plus its cache mode's measured cost plus its edit set's KL (0 before the curve is known).
+
+A type is skipped when that lower bound, at every (edit set, cache mode) where it fits, reaches the
+KL of the best feasible plan already measured (the incumbent): it can neither beat it nor tie it on
+KL.  The plan chosen is the one measuring every type would choose, as long as the rules hold;
+``--measure-all`` measures everything (benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..records import QuantCost
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A quant type the plan did not measure, and why (shown in the plan table, kept in plan.json)."""
+
+    quant: str
+    rule: str  # 'too large' | 'cannot win'
+    why: str
+
+    def as_dict(self) -> dict:
+        return {"quant": self.quant, "rule": self.rule, "why": self.why}
+
+
+def surely_better(a: QuantCost, b: QuantCost, exact_grids: frozenset[str] = frozenset()) -> bool:
+    """Rule 2: ``a`` writes every tensor at ``b``'s type or a higher precision tier, one at least
+    higher.  ``exact_grids``: tensor types that may hold the source's grid exactly (never compared)."""
+    from mka_edge.exporters.quant_types import PRECISION_TIER
+
+    ma, mb = a.extra.get("tensor_map") or {}, b.extra.get("tensor_map") or {}
+    if not ma or ma.keys() != mb.keys():
+        return False
+    higher = False
+    for name, tb in mb.items():
+        ta = ma[name]
+        if ta == tb:
+            continue
+        ra, rb = PRECISION_TIER.get(ta.upper()), PRECISION_TIER.get(tb.upper())
+        if tb.upper() in exact_grids or ra is None or rb is None or ra <= rb:
+            return False
+        higher = True
+    return higher
+
+
+def quant_bound(q: str, sizes: dict[str, QuantCost], measured: dict[str, QuantCost], grids) -> tuple[float, str]:
+    """The least KL type ``q`` can have (rule 2 over the measured types; 0 without one) and the
+    type that gives it ('' when none).  ``sizes`` carry the tensor maps, ``measured`` the KL."""
+    kl, by = 0.0, ""
+    for p, c in measured.items():
+        if p in sizes and c.kl is not None and c.kl > kl and surely_better(sizes[p], sizes[q], grids):
+            kl, by = c.kl, p
+    return kl, by
+
+
+def check_order(sizes: dict[str, QuantCost], measured: dict[str, QuantCost], grids) -> list[str]:
+    """Measured pairs that break rule 2 (the plan records them; none is expected)."""
+    out = []
+    for a, ca in measured.items():
+        for b, cb in measured.items():
+            if a == b or a not in sizes or b not in sizes or ca.kl is None or cb.kl is None:
+                continue
+            if surely_better(sizes[a], sizes[b], grids) and ca.kl >= cb.kl:
+                out.append(f"{a} ({ca.kl:.4f}) did not beat {b} ({cb.kl:.4f})")
+    return out
+
+
+Feasible = Callable[[dict[str, QuantCost]], list]  # costs -> feasible search.Candidates
+
+
+def best_kl(feasible: Feasible, measured: dict[str, QuantCost]) -> float | None:
+    """The incumbent: the least KL among feasible plans of measured types (None: none is feasible)."""
+    cands = feasible(measured) if measured else []
+    return min((c.kl for c in cands), default=None)
+
+
+def lower_bound(
+    q: str, sizes: dict[str, QuantCost], measured: dict[str, QuantCost], feasible: Feasible, grids
+) -> tuple[float | None, str]:
+    """The least predicted KL any feasible plan with type ``q`` can have (None: it fits nowhere), and
+    the measured type whose KL bounds q's."""
+    kl, by = quant_bound(q, sizes, measured, grids)
+    cands = feasible({q: sizes[q].with_kl(kl)})
+    return min((c.kl for c in cands), default=None), by
+
+
+def next_to_measure(
+    todo: list[str],
+    sizes: dict[str, QuantCost],
+    measured: dict[str, QuantCost],
+    bound: Feasible,
+    now: Feasible,
+    grids,
+    skipped: dict[str, Skipped],
+    nowhere: str = "fits the budget and speed floor at no edit set and cache mode",
+) -> str | None:
+    """The type to measure next, or None when none is worth measuring yet.
+
+    ``now``: the feasible candidates over the edit sets known now (the unmerged model before the
+    merge curves, their points after): the incumbent is the best measured one, and a type is worth
+    measuring now only if its bound over them is below it (least bound first; larger first on a
+    tie, as it bounds the smaller ones).  ``bound``: the candidates over every edit set any curve
+    could reach (optimistic before the curves are known): a type whose bound over them reaches
+    the incumbent, or that fits nowhere, goes into ``skipped`` and leaves ``todo``; the others wait."""
+    inc = best_kl(now, measured)
+    ranked, keep = [], []
+    for q in todo:
+        lb, by = lower_bound(q, sizes, measured, bound, grids)
+        if lb is None:
+            skipped[q] = Skipped(q, "too large", nowhere)
+            continue
+        if inc is not None and lb >= inc:
+            src = f"at least {by}'s {measured[by].kl:.4f} nats by the precision order, " if by else ""
+            skipped[q] = Skipped(
+                q, "cannot win", f"its best plan is {src}at least {lb:.4f} nats >= {inc:.4f} of a measured plan"
+            )
+            continue
+        keep.append(q)
+        lb_now, _ = lower_bound(q, sizes, measured, now, grids)
+        if lb_now is not None and (inc is None or lb_now < inc):
+            ranked.append((lb_now, -sizes[q].total_bytes, q))
+    todo[:] = keep
+    return min(ranked)[2] if ranked else None
