@@ -16,6 +16,14 @@ reported beside the measured one, so the rule's error shows too.  Prints a table
 and a PNG.
 
     python bench/quality_at_budget.py --out bench/results/quality_at_budget
+
+``--scope-check`` plans every budget of both spaces twice, measuring every quant type and cache
+mode (``--measure-all``) and measuring only what can change the choice (solver/scope.py), and
+checks that both pick the same plan; it prints how many quant probes (a type quantized and run,
+plain or with an importance matrix) and cache-mode timings each budget's plan needed.  Nothing is
+built.
+
+    python bench/quality_at_budget.py --scope-check --out bench/results/scope_check
 """
 
 from __future__ import annotations
@@ -43,15 +51,28 @@ OLD = dict(kv_type="f16", flash_attn="off", attention_removal=False, imatrix=Fal
 FULL: dict = {}
 
 
-def plan_at(space: dict, budget: float, ctx, args) -> dict | None:
+def probes(plan) -> int:
+    """Quant probes behind a plan: each measured type once, twice when measured plain and with a matrix."""
+    return sum(max(1, ("kl_plain" in c) + ("kl_imatrix" in c)) for c in plan.quant_costs.values())
+
+
+def plan_at(space: dict, budget: float, ctx, args, measure_all: bool = False) -> dict | None:
     """The chosen candidate of this space at this budget (None: nothing fits)."""
     try:
-        s = resolve_settings(args.profile, None, budget_mb=budget, context=args.context, **space)
+        s = resolve_settings(
+            args.profile, None, budget_mb=budget, context=args.context, measure_all=measure_all, **space
+        )
         plan = solve(measure(s, cheap_facts(s), ctx, progress=False, log=lambda m: None), s)
     except UserError as exc:
         return {"error": str(exc)}
     ch = plan.choice
+    timed = [m for m, c in plan.cache_costs.items() if c.get("speed_measured", True) and len(plan.cache_costs) > 1]
     return {
+        "probes": probes(plan),
+        "types_measured": list(plan.quant_costs),
+        "cache_modes": len(plan.cache_costs),
+        "cache_timings": len(timed),
+        "skipped": plan.scope.get("skipped", []),
         "method": ch.method,
         "k": ch.k,
         "quant": ch.quant,
@@ -127,6 +148,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=4, help="512-token held-out chunks for the measured KL")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality_at_budget"))
+    ap.add_argument("--scope-check", action="store_true", help="compare measure-all and measure-what-matters plans")
+    ap.add_argument(
+        "--facts-out",
+        type=Path,
+        default=None,
+        help="with --scope-check: also write the model's sizes, tensor types and measured KL per type and cache "
+        "mode (tests/data/smollm2_quant_facts.json is this file for the default model)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "artifacts"
@@ -134,7 +163,7 @@ def main() -> None:
 
     ctx = build_context(model=None)
     # the sweep's ends: the old space's smallest footprint and unmerged F16 with its f16 cache
-    s = resolve_settings(args.profile, None, budget_mb=1e6, context=args.context, **OLD)
+    s = resolve_settings(args.profile, None, budget_mb=1e6, context=args.context, measure_all=True, **OLD)
     facts = measure(s, cheap_facts(s), ctx, progress=True, log=print)
     ref = next(iter(facts.costs.values())).per_layer
     edge = _enumerate(
@@ -152,6 +181,11 @@ def main() -> None:
         | {float(b) for b in args.extra_budgets.split(",") if b}
     )
     print(f"budgets (MB): {budgets}", flush=True)
+    if args.scope_check:
+        if args.facts_out:
+            write_facts(ctx, args)
+        scope_check(budgets, ctx, args)
+        return
 
     rows = []
     for b in budgets:
@@ -210,6 +244,70 @@ def main() -> None:
     )
     _plot(rows, args.out / "quality_at_budget.png")
     print(f"wrote {args.out}/table.md, results.json, quality_at_budget.png")
+
+
+def write_facts(ctx, args) -> None:
+    """Sizes and tensor types (llama.cpp's dry run), KL per type (full space, measured) and per cache
+    mode: what tests/test_scope.py checks the precision order and the best-first loop against."""
+    s = resolve_settings(args.profile, None, budget_mb=1e6, context=args.context, measure_all=True)
+    cheap = cheap_facts(s)
+    facts = measure(s, cheap, ctx, progress=False, log=lambda m: None)
+    out = {
+        "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized)"
+        if ctx.lm.source.get("kind") == "gguf"
+        else "",
+        "source_grids": sorted(s.target.source_grids(ctx.lm)),
+        "types": {
+            q: {
+                "per_layer": list(cheap.sizes[q].per_layer),
+                "repack_per_layer": list(cheap.sizes[q].repack_per_layer),
+                "other": cheap.sizes[q].other,
+                "tensor_map": cheap.sizes[q].extra["tensor_map"],
+                "kl": c.kl,
+                **{k: c.extra[k] for k in ("imatrix", "kl_plain", "kl_imatrix") if k in c.extra},
+            }
+            for q, c in facts.costs.items()
+        },
+        "caches": {c.mode: {"kl": c.kl, "speed_factor": c.speed_factor} for c in facts.caches},
+        "written_by": "python bench/quality_at_budget.py --scope-check --facts-out tests/data/smollm2_quant_facts.json",
+    }
+    args.facts_out.parent.mkdir(parents=True, exist_ok=True)
+    args.facts_out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.facts_out}", flush=True)
+
+
+def scope_check(budgets: list[float], ctx, args) -> None:
+    """Every budget and space planned with --measure-all and without: the same choice, fewer probes."""
+    rows, lines = (
+        [],
+        [
+            "| budget MB | space | plan (both) | same | quant probes: all / needed | types measured | cache timings: all / needed |",
+            "|---|---|---|---|---|---|---|",
+        ],
+    )
+    for b in budgets:
+        for name, space in (("old", OLD), ("full", FULL)):
+            full, lean = plan_at(space, b, ctx, args, measure_all=True), plan_at(space, b, ctx, args)
+            same = full.get("label", full.get("error")) == lean.get("label", lean.get("error"))
+            rows.append({"budget_mb": b, "space": name, "measure_all": full, "lean": lean, "same": same})
+            label = full.get("label") or "nothing fits"
+            if "error" in full:
+                lines.append(f"| {b:.0f} | {name} | {label} | {'yes' if same else '**no**'} | | | |")
+                continue
+            lines.append(
+                f"| {b:.0f} | {name} | {label} | {'yes' if same else '**no**: ' + lean.get('label', '')} | "
+                f"{full['probes']} / {lean['probes']} | {', '.join(lean['types_measured'])} | "
+                f"{full['cache_timings']} / {lean['cache_timings']} |"
+            )
+            print(lines[-1], flush=True)
+    agree = sum(r["same"] for r in rows)
+    summary = f"\n{agree} of {len(rows)} (budget, space) plans agree"
+    print("\n".join(lines) + summary)
+    (args.out / "table.md").write_text("\n".join(lines) + summary + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"profile": args.profile, "context": args.context, "rows": rows}, indent=2)
+    )
+    print(f"wrote {args.out}/table.md, results.json")
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -160,12 +160,18 @@ class ProbeSession:
         return self._made
 
     def calibrate(self) -> None:
-        """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL."""
-        base, float_type, ref_path = self._base()
-        art = Path(self._tmp.name) / "Q8_0-speed.gguf"
-        quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
-        _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads)
-        art.unlink(missing_ok=True)
+        """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL.
+        Once per host: a process that waited for another's calibration reads it instead."""
+        from .speed import efficiency
+
+        with entry_lock(self.folder / "speed-calibration", "the host's speed calibration"):
+            if not efficiency("gguf")[1].startswith("default"):
+                return
+            base, float_type, ref_path = self._base()
+            art = Path(self._tmp.name) / "Q8_0-speed.gguf"
+            quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
+            _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads)
+            art.unlink(missing_ok=True)
 
     def measure(self, quants: list[str], calibrate_speed: bool = False) -> dict[str, dict]:
         """The entries of ``quants`` (see ``probe``), from the cache or measured now."""
@@ -184,7 +190,7 @@ class ProbeSession:
             tmp = Path(self._tmp.name)
             matrix = ensure_imatrix(lm, self._keyed, self.progress) if any(self._helps(q) for q in missing) else None
             for q in tqdm(
-                missing, desc="measuring quant types", disable=not self.progress or len(missing) < 2, leave=False
+                missing, desc="measuring quant types", disable=not self.progress, leave=False
             ):
                 qt = quant_type(q)
                 plain = imat = None

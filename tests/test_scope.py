@@ -1,0 +1,166 @@
+"""Measure only what can change the choice (solver/scope.py): the precision order, the bound, and
+the best-first loop against measuring every type, on synthetic types and on SmolLM2's real ones
+(tensor types from llama.cpp's dry run, KL measured in llama.cpp: tests/data/smollm2_quant_facts.json,
+written by `bench/quality_at_budget.py --scope-check`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mka_edge.exporters.quant_types import GRIDS_CONTAINING
+from mka_edge.records import CacheCost, EditSet, QuantCost
+from mka_edge.solver.memory import MIB, Shape
+from mka_edge.solver.scope import check_order, next_to_measure, quant_bound, surely_better
+from mka_edge.solver.search import candidates, choose
+
+DATA = Path(__file__).parent / "data" / "smollm2_quant_facts.json"
+SMOL = Shape(
+    n_layers=30, n_embd=576, n_head=9, n_kv_head=3, head_dim=64, n_ff=1536, n_vocab=49152, tied_embeddings=True
+)
+
+
+def cost(q: str, tmap: dict[str, str], mb_per_layer: float = 1.0, kl: float | None = None) -> QuantCost:
+    return QuantCost(q, "gguf", (mb_per_layer * MIB,) * 30, 20 * MIB, (), kl, extra={"tensor_map": tmap})
+
+
+def test_precision_order_tensor_by_tensor():
+    q8 = cost("Q8_0", {"a": "Q8_0", "b": "Q8_0"})
+    q6 = cost("Q6_K", {"a": "Q8_0", "b": "Q6_K"})
+    q5 = cost("Q5_K_M", {"a": "Q5_1", "b": "Q6_K"})
+    q5k = cost("Q5_K_S", {"a": "Q5_K", "b": "Q6_K"})
+    assert surely_better(q8, q6) and surely_better(q6, q5) and surely_better(q8, q5)
+    assert not surely_better(q6, q8) and not surely_better(q6, q6)  # same types: not strictly better
+    assert not surely_better(q5, q5k) and not surely_better(q5k, q5)  # one tier: never compared
+    # a source on a Q4_1 grid is exact in Q5_1: those tensors are not compared
+    assert not surely_better(q6, q5, GRIDS_CONTAINING["Q4_1"])
+    assert surely_better(q6, q5k, GRIDS_CONTAINING["Q4_1"])
+    assert not surely_better(q8, cost("X", {"a": "Q4_0"}))  # other tensors: no comparison
+
+
+def test_bound_and_skip_reasons():
+    sizes = {
+        "Q8_0": cost("Q8_0", {"a": "Q8_0"}, 3.0),
+        "Q4_0": cost("Q4_0", {"a": "Q4_0"}, 1.5),
+        "Q5_1": cost("Q5_1", {"a": "Q5_1"}, 2.0),
+        "F16": cost("F16", {"a": "F16"}, 6.0),
+    }
+    measured = {"Q8_0": sizes["Q8_0"].with_kl(0.01)}
+    assert quant_bound("Q4_0", sizes, measured, frozenset()) == (0.01, "Q8_0")
+    assert quant_bound("F16", sizes, measured, frozenset()) == (0.0, "")
+
+    def feasible(limit_mb):
+        def run(costs):
+            out = []
+            for q, c in costs.items():
+                cands = candidates(
+                    SMOL,
+                    [EditSet("", 0, tuple(range(30)))],
+                    {q: c},
+                    [CacheCost("f16/f16")],
+                    context=512,
+                    budget_mb=limit_mb,
+                    bandwidth_gbps=10,
+                    efficiency=0.5,
+                    min_tps=0,
+                    max_kl=9,
+                    overhead_mb=0,
+                )
+                out += [x for x in cands if x.fits_memory]
+            return out
+
+        return run
+
+    todo, skipped = ["F16", "Q4_0", "Q5_1"], {}
+    f = feasible(200)  # F16 (200 MB of weights) cannot fit
+    nxt = next_to_measure(todo, sizes, measured, f, f, frozenset(), skipped)
+    assert skipped["F16"].rule == "too large"
+    assert skipped["Q4_0"].rule == "cannot win" and "Q8_0" in skipped["Q4_0"].why
+    assert skipped["Q5_1"].rule == "cannot win"
+    assert nxt is None and todo == []
+    # the same Q5_1 on a source whose grid it reproduces cannot be bounded by Q8_0
+    skipped = {}
+    todo = ["Q5_1"]
+    measured_q5 = {"Q8_0": sizes["Q8_0"].with_kl(0.01)}
+    assert next_to_measure(todo, sizes, measured_q5, f, f, GRIDS_CONTAINING["Q4_1"], skipped) == "Q5_1"
+
+
+@pytest.fixture(scope="module")
+def smol_facts() -> dict:
+    if not DATA.is_file():
+        pytest.skip(f"{DATA.name} is missing: write it with bench/quality_at_budget.py --scope-check")
+    return json.loads(DATA.read_text())
+
+
+def _costs(facts: dict, with_kl: bool) -> dict[str, QuantCost]:
+    return {
+        q: QuantCost(
+            q,
+            "gguf",
+            tuple(d["per_layer"]),
+            d["other"],
+            tuple(d["repack_per_layer"]),
+            d["kl"] if with_kl else None,
+            extra={"tensor_map": d["tensor_map"]},
+        )
+        for q, d in facts["types"].items()
+    }
+
+
+def test_precision_order_holds_on_smollm2(smol_facts):
+    """Every pair the rule orders on SmolLM2's real tensor types is ordered so by measured KL, once the
+    Q4_1 source's grid types are left out; with them compared, SmolLM2 breaks it (Q6_K against Q5_K_M
+    with importance matrices), which is why the exception exists."""
+    sizes, measured = _costs(smol_facts, False), _costs(smol_facts, True)
+    grids = frozenset(smol_facts["source_grids"])
+    assert check_order(sizes, measured, grids) == []
+    assert any(v.startswith("Q6_K") and "Q5_K_M" in v for v in check_order(sizes, measured, frozenset()))
+    # and the rule orders enough to matter: Q8_0 bounds every type below it that has no Q4_1/Q5_1 tensor
+    bounded = [q for q in sizes if q != "Q8_0" and surely_better(sizes["Q8_0"], sizes[q], grids)]
+    assert {"Q6_K", "Q4_K_M", "Q4_0", "IQ4_XS", "Q2_K"} <= set(bounded)
+
+
+def test_best_first_picks_what_measuring_everything_picks(smol_facts):
+    """On SmolLM2's real sizes, KL and cache costs, at budgets from every type's edge: the loop
+    (measure the best-bounded type, skip those that cannot win) picks the plan measuring all types
+    picks, with fewer types measured (unmerged plans; the merge curve is planning's part)."""
+    sizes, measured_all = _costs(smol_facts, False), _costs(smol_facts, True)
+    grids = frozenset(smol_facts["source_grids"])
+    caches = [CacheCost(m, c["kl"], c["speed_factor"]) for m, c in smol_facts["caches"].items()]
+    edits = [EditSet("", 0, tuple(range(30)))]
+
+    def feasible(budget):
+        def run(costs):
+            cands = candidates(
+                SMOL,
+                edits,
+                costs,
+                caches,
+                context=4096,
+                budget_mb=budget,
+                bandwidth_gbps=20,
+                efficiency=0.4,
+                min_tps=5,
+                max_kl=1,
+                overhead_mb=64,
+            )
+            return [c for c in cands if c.fits_memory and c.fits_speed]
+
+        return run
+
+    fewer = 0
+    for budget in range(150, 560, 15):
+        f = feasible(budget)
+        if not f(measured_all):
+            continue
+        want = choose(f(measured_all), budget, 5, 4096)[0][0]
+        got, todo, skipped = {}, list(sizes), {}
+        while (q := next_to_measure(todo, sizes, got, f, f, grids, skipped)) is not None:
+            got[q] = measured_all[q]
+            todo.remove(q)
+        best = choose(f(got), budget, 5, 4096)[0][0]
+        assert (best.quant, best.cache) == (want.quant, want.cache), budget
+        fewer += len(got) < len(sizes)
+    assert fewer >= 10
