@@ -308,6 +308,7 @@ class _Measurer:
             progress=self.progress,
             log=self.log,
             **({} if timed else {"timed": False}),
+            **({"session": self.session} if self.session is not None else {}),
         )
         self.caches = {c.mode: c for c in costs}
 
@@ -319,7 +320,12 @@ class _Measurer:
             if self.caches[best.cache].speed_measured:
                 return
             self.caches[best.cache] = self.t.cache_speed(
-                self.lm, best.cache, context=self.s.budget.context, progress=self.progress, log=self.log
+                self.lm,
+                best.cache,
+                context=self.s.budget.context,
+                progress=self.progress,
+                log=self.log,
+                **({"session": self.session} if self.session is not None else {}),
             )
 
 

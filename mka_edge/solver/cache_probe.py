@@ -41,6 +41,7 @@ def probe_cache_modes(
     threads: int = 2,
     progress: bool = True,
     context: int | None = None,
+    q8_file=None,
 ) -> dict[str, dict]:
     """{mode label: {'kl': nats on the Q8_0 file, 'kl_cost': extra nats over the baseline mode,
     'top1', 'ppl', 'attention', 'measured_on'}} for every mode asked (and the baseline).
@@ -49,7 +50,10 @@ def probe_cache_modes(
     ('gen_tps', and 'speed_factor' = its share of the baseline's).  On a CPU a quantized cache
     decodes slower at long contexts (llama.cpp dequantizes it on every step: at 4096 tokens SmolLM2
     went from 69.7 tokens/s to 49.8 with q8_0 and 29.4 with q4_0 on this 2-core host): a cheap byte
-    is not always a usable one."""
+    is not always a usable one.
+
+    ``q8_file``: a callable giving the unmerged model's Q8_0 file when one is already made (the
+    plan's quant probe session shares it), else the probe writes its own."""
 
     folder = cache_root() / "cache_probe"
     wanted = list(dict.fromkeys([BASELINE, *modes]))
@@ -71,7 +75,7 @@ def probe_cache_modes(
                 speed_missing.append((m, spath))
     if missing or speed_missing:
         with entry_lock(folder / f"modes-{lm.fingerprint[:20]}", "the cache-mode probe of this model"):
-            _measure(lm, missing, speed_missing, results, chunks, threads, progress, context)
+            _measure(lm, missing, speed_missing, results, chunks, threads, progress, context, q8_file)
     base = results[BASELINE.label]
     for r in results.values():
         r["kl_cost"] = max(0.0, r["kl"] - base["kl"])
@@ -80,7 +84,9 @@ def probe_cache_modes(
     return {m.label: results[m.label] for m in wanted}
 
 
-def _measure(lm, missing, speed_missing, results: dict, chunks: int, threads: int, progress: bool, context) -> None:
+def _measure(
+    lm, missing, speed_missing, results: dict, chunks: int, threads: int, progress: bool, context, q8_file=None
+) -> None:
     """Measure the modes not in the cache (another process may have measured some while this one
     waited for the lock: those are read instead)."""
     from mka_edge.exporters.gguf import intermediate_type, write_float_gguf
@@ -100,12 +106,15 @@ def _measure(lm, missing, speed_missing, results: dict, chunks: int, threads: in
     if missing or speed_missing:
         ref_path, _ = compact_reference(lm, chunks, progress=progress)
         with tempfile.TemporaryDirectory(prefix="mka-edge-cache-probe-") as tmp:
-            float_type = intermediate_type(lm.model.config, PROBE_QUANT)
-            base = Path(tmp) / f"base-{float_type.lower()}.gguf"
-            write_float_gguf(lm, base, float_type)
-            art = Path(tmp) / f"{PROBE_QUANT}.gguf"
-            quantize(base, art, quant_type(PROBE_QUANT).ftype, threads)
-            base.unlink()
+            if q8_file is not None:
+                art = q8_file()
+            else:
+                float_type = intermediate_type(lm.model.config, PROBE_QUANT)
+                base = Path(tmp) / f"base-{float_type.lower()}.gguf"
+                write_float_gguf(lm, base, float_type)
+                art = Path(tmp) / f"{PROBE_QUANT}.gguf"
+                quantize(base, art, quant_type(PROBE_QUANT).ftype, threads)
+                base.unlink()
             for m, path in tqdm(missing, desc="measuring cache modes", disable=not progress, leave=False):
                 acc = run_child(
                     WORKER,

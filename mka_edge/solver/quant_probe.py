@@ -99,7 +99,7 @@ def _measure(lm, base: Path, art: Path, q: str, float_type: str, ref_path: Path,
     qt = quant_type(q)
     if q in ("F16", "F32") and q != float_type:
         write_float_gguf(lm, art, q)
-    elif art != base:
+    elif art != base and not (matrix is None and art.is_file()):  # a plain file made earlier is reused
         quantize(base, art, qt.ftype, threads, matrix)
     acc = run_child(WORKER, AccuracyJob(str(art), threads, reference=str(ref_path)), 3600, f"probe of {q}")
     return {
@@ -159,6 +159,15 @@ class ProbeSession:
             self._made = (base, float_type, ref_path)
         return self._made
 
+    def q8_0(self) -> Path:
+        """The unmerged model as Q8_0, quantized once for this plan: the speed calibration, the
+        cache-mode probe and the Q8_0 probe all run this one file."""
+        base, _, _ = self._base()
+        art = Path(self._tmp.name) / "Q8_0.gguf"
+        if not art.is_file():
+            quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
+        return art
+
     def calibrate(self) -> None:
         """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL.
         Once per host: a process that waited for another's calibration reads it instead."""
@@ -167,11 +176,9 @@ class ProbeSession:
         with entry_lock(self.folder / "speed-calibration", "the host's speed calibration"):
             if not efficiency("gguf")[1].startswith("default"):
                 return
-            base, float_type, ref_path = self._base()
-            art = Path(self._tmp.name) / "Q8_0-speed.gguf"
-            quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
+            _, _, ref_path = self._base()
+            art = self.q8_0()
             _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads)
-            art.unlink(missing_ok=True)
 
     def measure(self, quants: list[str], calibrate_speed: bool = False) -> dict[str, dict]:
         """The entries of ``quants`` (see ``probe``), from the cache or measured now."""
@@ -189,12 +196,10 @@ class ProbeSession:
             base, float_type, ref_path = self._base()
             tmp = Path(self._tmp.name)
             matrix = ensure_imatrix(lm, self._keyed, self.progress) if any(self._helps(q) for q in missing) else None
-            for q in tqdm(
-                missing, desc="measuring quant types", disable=not self.progress, leave=False
-            ):
+            for q in tqdm(missing, desc="measuring quant types", disable=not self.progress, leave=False):
                 qt = quant_type(q)
                 plain = imat = None
-                art = base if q == float_type else tmp / f"{q}.gguf"
+                art = base if q == float_type else (self.q8_0() if q == "Q8_0" else tmp / f"{q}.gguf")
                 if not qt.needs_imatrix:
                     plain = _measure(lm, base, art, q, float_type, ref_path, self.threads, None)
                     self.runs += 1
@@ -214,7 +219,7 @@ class ProbeSession:
                 atomic_write_text(self.folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
                 results[q] = res
                 for f in (tmp / f"{q}.gguf", tmp / f"{q}-imatrix.gguf"):
-                    if f != base:
+                    if f != base and q != "Q8_0":  # the Q8_0 file stays for the session's other uses
                         f.unlink(missing_ok=True)
         return results
 

@@ -155,14 +155,23 @@ class Target(ABC):
         return [self.kv_cache_label(kv_cache_type)]
 
     def cache_costs(
-        self, lm, modes: list[str], *, context: int, measure: bool, progress: bool, log, timed: bool = True
+        self,
+        lm,
+        modes: list[str],
+        *,
+        context: int,
+        measure: bool,
+        progress: bool,
+        log,
+        timed: bool = True,
+        session=None,
     ) -> list[CacheCost]:
         """What each mode costs on this model (KL added, speed kept); free for a single mode.
         ``timed`` False: KL only (``speed_measured`` False), each mode timed later by ``cache_speed``
         when a plan with it would be chosen."""
         return [CacheCost(m) for m in modes]
 
-    def cache_speed(self, lm, mode: str, *, context: int, progress: bool, log) -> CacheCost:
+    def cache_speed(self, lm, mode: str, *, context: int, progress: bool, log, session=None) -> CacheCost:
         """``mode``'s cost with its decode speed measured (the share of the baseline mode's)."""
         return CacheCost(mode)
 

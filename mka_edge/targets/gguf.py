@@ -218,7 +218,7 @@ class GgufTarget(Target):
             )
         return [m.label for m in modes]
 
-    def cache_costs(self, lm, modes, *, context, measure, progress, log, timed=True):
+    def cache_costs(self, lm, modes, *, context, measure, progress, log, timed=True, session=None):
         from ..kv_cache import BASELINE, CacheMode
         from ..records import CacheCost
 
@@ -232,20 +232,25 @@ class GgufTarget(Target):
 
         log("measuring each KV cache mode on this model with llama.cpp (cached after the first plan)")
         res = probe_cache_modes(
-            lm, [CacheMode.parse(m) for m in modes], progress=progress, context=context if timed else None
+            lm,
+            [CacheMode.parse(m) for m in modes],
+            progress=progress,
+            context=context if timed else None,
+            q8_file=session.q8_0 if session is not None else None,
         )
         return [
             CacheCost(m, res[m]["kl_cost"], res[m].get("speed_factor", 1.0), timed or m == BASELINE.label)
             for m in modes
         ]
 
-    def cache_speed(self, lm, mode, *, context, progress, log):
+    def cache_speed(self, lm, mode, *, context, progress, log, session=None):
         from ..kv_cache import CacheMode
         from ..records import CacheCost
         from ..solver.cache_probe import probe_cache_modes
 
         log(f"timing the {mode} KV cache at context {context} (a plan with it ranks first)")
-        res = probe_cache_modes(lm, [CacheMode.parse(mode)], progress=progress, context=context)[mode]
+        q8 = session.q8_0 if session is not None else None
+        res = probe_cache_modes(lm, [CacheMode.parse(mode)], progress=progress, context=context, q8_file=q8)[mode]
         return CacheCost(mode, res["kl_cost"], res.get("speed_factor", 1.0))
 
     def supports_attention_removal(self, arch):
