@@ -341,7 +341,11 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
     with t.probe_session(ctx.lm, progress=progress, imatrix=s.imatrix) as session:
         m = _Measurer(s, cheap, ctx, session, progress=progress, log=log)
         prune = cheap.measure and not s.measure_all
-        if prune and speed.efficiency(t.name)[1].startswith("default") and not t.calibrate_speed(session):
+        if (
+            prune
+            and speed.efficiency(t.name)[1].startswith("default")
+            and not t.calibrate_speed(session, list(s.quants))
+        ):
             prune = False  # this target calibrates only inside its probe: measure as before
         k_reach = _reach(s, cheap)
         skipped: dict[str, scope.Skipped] = {}

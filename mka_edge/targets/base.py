@@ -122,7 +122,7 @@ class Target(ABC):
         one type at a time shares the set-up (the float base file, the reference); None here."""
         return contextlib.nullcontext(None)
 
-    def calibrate_speed(self, session) -> bool:
+    def calibrate_speed(self, session, quants: list[str]) -> bool:
         """Time this host's decode once for the speed model, apart from any type's probe; False when
         the target calibrates only inside its probe (a plan then measures every type)."""
         return False

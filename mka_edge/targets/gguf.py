@@ -183,8 +183,11 @@ class GgufTarget(Target):
 
         return ProbeSession(lm, progress=progress, imatrix=imatrix)
 
-    def calibrate_speed(self, session) -> bool:
-        session.calibrate()
+    def calibrate_speed(self, session, quants) -> bool:
+        """The host's decode speed on a Q8_0 file, as the Q8_0 probe would calibrate it; a plan
+        without Q8_0 among its types never calibrated, and keeps the default here too."""
+        if "Q8_0" in quants:
+            session.calibrate()
         return True
 
     def source_grids(self, lm) -> frozenset[str]:
