@@ -27,7 +27,9 @@ from .produce import produce
 from .profiles import Profile, load_profile
 from .records import Plan
 from .report import package
+from .solver.bar import bar_missed_line
 from .solver.memory import Shape
+from .solver.search import Candidate
 from .solver.speed import bytes_per_token, efficiency, predict_tps
 from .validate.checks import Thresholds
 from .validate.core import context_needed, validate_artifact
@@ -114,6 +116,7 @@ def build(
     repeats: int = 3,
     progress: bool = True,
     plan_file: str | Path | None = None,
+    build_anyway: bool = False,
     log=print,
     **plan_kw,
 ) -> dict:
@@ -126,11 +129,13 @@ def build(
         plan, ctx, prof = _saved_plan(plan_file, profile, model)
         model = model if model is not None else plan.settings.get("model")
     else:
-        s = resolve_settings(profile, model, **plan_kw)
+        s = resolve_settings(profile, model, refuse_below_bar=not build_anyway, **plan_kw)
         _check_validation_context(s.budget.context)
         log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
         plan, ctx = plan_from_settings(s, progress=progress, log=log)
         prof = s.profile
+    if not build_anyway:
+        refuse_missed_bar(plan, prof.name)
     return execute(
         plan,
         ctx,
@@ -143,6 +148,16 @@ def build(
         progress=progress,
         log=log,
     )
+
+
+def refuse_missed_bar(plan: Plan, profile: str) -> None:
+    """A plan whose best candidate is predicted over the quality bar is refused before any merge,
+    export or validation (``--build-anyway`` builds it): one line with its figures and the ways
+    to make it pass."""
+    best = Candidate(**plan.choice.predicted)
+    bar = plan.budget.max_quality_loss
+    if best.kl > bar:
+        raise UserError(bar_missed_line(best, bar, profile, at_least=False, heals=plan.heal is not None))
 
 
 def _check_validation_context(context: int) -> None:

@@ -897,6 +897,12 @@ def plan_options(f):
             "the precision order); for benchmarks. The plan is the same; only slower.",
         ),
         click.option(
+            "--quality-prior",
+            is_flag=True,
+            help="Use llama.cpp's published Llama-3-8B quant costs instead of measuring each type on this model "
+            "(automatic above 3B parameters, where measuring costs more than the build).",
+        ),
+        click.option(
             "--heal-curve-points",
             type=int,
             default=4,
@@ -912,12 +918,6 @@ def plan_options(f):
 
 @cli.command()
 @plan_options
-@click.option(
-    "--quality-prior",
-    is_flag=True,
-    help="Use llama.cpp's published Llama-3-8B quant costs instead of measuring each type on this model "
-    "(automatic above 3B parameters, where measuring costs more than the build).",
-)
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Folder for plan.json (default: print only)."
 )
@@ -988,6 +988,12 @@ def plan(
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option(
+    "--build-anyway",
+    is_flag=True,
+    help="Build even a plan predicted to miss the quality bar (without it such a build is refused as soon "
+    "as the plan shows it, before any merge or export, with what would make it pass).",
+)
+@click.option(
     "--plan",
     "plan_file",
     type=click.Path(dir_okay=False),
@@ -1024,6 +1030,7 @@ def build(
     profile,
     out,
     force,
+    build_anyway,
     plan_file,
     budget_mb,
     context,
@@ -1035,6 +1042,7 @@ def build(
     mmlu_per_subject,
     heal_steps,
     heal_curve_points,
+    quality_prior,
     **opts,
 ) -> None:
     """Plan, merge, (heal,) export, validate and package a model for a device, in one go
@@ -1058,6 +1066,7 @@ def build(
             "quants",
             "heal_steps",
             "heal_curve_points",
+            "quality_prior",
             "heal_train",
             "heal_lr",
             "heal_batch",
@@ -1084,6 +1093,7 @@ def build(
             opts.pop("model"),
             Path(out),
             force=force,
+            build_anyway=build_anyway,
             plan_file=plan_file,
             max_tries=max_tries,
             mmlu_per_subject=mmlu_per_subject,
@@ -1099,6 +1109,7 @@ def build(
             opts.pop("model"),
             Path(out),
             force=force,
+            build_anyway=build_anyway,
             **levers,
             budget_mb=budget_mb,
             context=context,
@@ -1111,6 +1122,7 @@ def build(
             merge_opts=opts,
             heal=cfg,
             heal_points=heal_curve_points,
+            quality_prior=quality_prior,
             log=click.echo,
         )
     click.echo(

@@ -273,6 +273,7 @@ def provenance(lm, log: MergeLog | None) -> dict:
         "layers_before": int(log.layers_before if log is not None else lm.num_layers),
         "layers": int(lm.num_layers),
         "layer_map": _plain(log.layer_map) if log is not None and log.layer_map else identity_layer_map(lm.num_layers),
-        "source": str(source.get("spec", "")),
+        # a hub model's commit pins its files: "owner/name@commit"
+        "source": str(source.get("spec", "")) + (f"@{source['revision']}" if source.get("revision") else ""),
         "source_sha256": str(log.source_fingerprint if log is not None else lm.fingerprint),
     }

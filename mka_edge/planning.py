@@ -27,6 +27,7 @@ from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
 from .records import Budget, CacheCost, Choice, EditSet, Plan, QuantCost
 from .solver import speed
+from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
@@ -61,6 +62,9 @@ class PlanSettings:
     attention_removal: bool = True  # the sleb-attn curve (llama.cpp targets, architectures with deci)
     imatrix: bool = True  # importance-matrix quantization where the probe measured that it helps
     measure_all: bool = False  # measure every type and cache mode, even those that cannot change the choice
+    # a build (not `plan`) refuses, as soon as it is known, a plan predicted to miss the quality
+    # bar (solver/bar.py); --build-anyway turns it off.  Not a plan setting: not in plan.json.
+    refuse_below_bar: bool = False
 
     @property
     def target(self) -> Target:
@@ -105,6 +109,7 @@ def resolve_settings(
     attention_removal: bool = True,
     imatrix: bool = True,
     measure_all: bool = False,
+    refuse_below_bar: bool = False,
 ) -> PlanSettings:
     """The one precedence rule: a value given here (the command line, or the recipe's defaults the
     CLI already applied) wins, else the profile's.  Every check needs no model."""
@@ -147,6 +152,7 @@ def resolve_settings(
         attention_removal,
         imatrix,
         measure_all,
+        refuse_below_bar,
     )
 
 
@@ -248,6 +254,20 @@ def _optimistic_edits(cost: QuantCost, k_reach: int) -> list[EditSet]:
     """K = 0, then K = 1..k_reach with this type's largest layers gone and no KL: the least memory
     and loss any merge to K can reach (an unmeasured curve's lower bound)."""
     return [EditSet("", k, tuple(smallest_kept(list(cost.per_layer), k))) for k in range(k_reach + 1)]
+
+
+def refuse_unreachable_bar(s: PlanSettings, shape: Shape, costs: dict[str, QuantCost], caches, k_reach: int) -> None:
+    """Refuse a build (``s.refuse_below_bar``) whose best plan misses the quality bar even with
+    every merge free: each type's KL (measured, prior or precision-order bound) over K = 0..k_reach
+    with the largest layers gone at zero loss (``_optimistic_edits``).  Healing lowers a merge's
+    loss, never a type's, so this bound holds with healing too.  Unknown KL: no bound, no refusal."""
+    if not s.refuse_below_bar or not costs or any(c.kl is None for c in costs.values()):
+        return
+    eff = speed.efficiency(s.target.name)[0]
+    cands = []
+    for q, c in costs.items():
+        cands += _enumerate(s, shape, {q: c}, eff, _optimistic_edits(c, k_reach), caches)
+    refuse_if_bar_missed(cands, s.budget.max_quality_loss, s.profile.name, at_least=True)
 
 
 class _Measurer:
@@ -378,6 +398,8 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
         eff, eff_source = speed.efficiency(t.name)  # a probe may calibrate it on a first run
         ref_layers = next(iter(sizes.values())).per_layer
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
+        # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now
+        refuse_unreachable_bar(s, m.shape, {**costs, **bounded}, list(m.caches.values()), k_reach)
         edge = _enumerate(
             s,
             m.shape,
@@ -606,6 +628,10 @@ def plan_with_context(
 
 def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print) -> tuple[Plan, object]:
     cheap = cheap_facts(s)
+    if not cheap.measure:  # the types' KL are priors: a bar no plan can meet is refused before loading
+        modes = [CacheCost(c) for c in cheap.modes]  # no cache KL: the bound stays a bound
+        costs = cheap.sizes if s.imatrix else plain_costs(cheap.sizes)
+        refuse_unreachable_bar(s, cheap.shape.shape, costs, modes, _reach(s, cheap))
     ctx = build_context(model=s.model, **s.merge_opts)
     return solve(measure(s, cheap, ctx, progress=progress, log=log), s), ctx
 

@@ -18,10 +18,10 @@ from conftest import tiny_context
 HEAVY = ("trajectories", "curves", "quant_probe", "onnx_probe", "models")
 
 
-def run(*args, cache: Path, env: dict | None = None):
+def run(*args, cache: Path, env: dict | None = None, cwd: Path | None = None):
     e = {**os.environ, "MKA_EDGE_CACHE": str(cache), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600
+        [sys.executable, "-m", "mka_edge.cli", *args], capture_output=True, text=True, env=e, timeout=600, cwd=cwd
     )
 
 
@@ -56,6 +56,22 @@ def test_impossible_budget_is_refused_before_any_model_work(tmp_path):
     assert "smallest footprint reachable is at least 293 MB" in line and "flash attention forbidden" in line, line
     assert not [d for d in HEAVY if (cache / d).exists()], sorted(p.name for p in cache.iterdir())
     assert not (tmp_path / "pkg").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pkg")]
+
+
+def test_a_bar_no_plan_can_meet_is_refused_before_the_model_loads(tmp_path):
+    """With the types' KL from priors (--quality-prior, as above 3B parameters), a build whose best
+    plan misses the bar even with every merge free is refused before any weight loads: one line
+    with the best plan's figures and what would pass.  `plan` still shows the plan."""
+    cache = tmp_path / "cache"
+    args = ["--profile", "laptop-8gb", "--quants", "Q4_K_M,Q4_0", "--quality-prior", "--max-quality-loss", "0.001"]
+    args += ["--max-merge", "0"]  # keeps the `plan` below to a load and a solve
+    line = one_line(run("build", *args, "--out", str(tmp_path / "pkg"), cache=cache))
+    assert "no plan that fits laptop-8gb can meet the quality bar of 0.001: even with every merge free" in line, line
+    assert "the best (Q4_K_M) is predicted to lose at least 0." in line, line
+    assert "--max-quality-loss 0." in line and "--build-anyway" in line and "heal" not in line, line
+    assert not [d for d in HEAVY if (cache / d).exists()] and not (tmp_path / "pkg").exists()
+    res = run("plan", *args, cache=cache)  # a plan is shown, not refused
+    assert res.returncode == 0 and "Q4_K_M" in res.stdout, res.stderr[-2000:]
 
 
 def test_bad_input_is_refused_before_any_model_work(tmp_path):
@@ -277,3 +293,42 @@ print(json.dumps({{"kind": lm.source["kind"], "layers": lm.num_layers, "arch": l
         env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
     )
     assert "local cache" in one_line(res)
+
+
+def test_a_hub_model_is_its_snapshot_folder_and_never_reads_the_current_directory(tiny_dir, tmp_path):
+    """A hub id's folder is its snapshot in the cache (issue 23): the GGUF export takes the tokenizer
+    from there, and a decoy tokenizer.json where the user stands changes nothing."""
+    import gguf
+
+    _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
+    here = tmp_path / "here"
+    here.mkdir()
+    decoy = json.loads((tiny_dir / "tokenizer.json").read_text())
+    vocab = decoy["model"]["vocab"]
+    renamed = next(t for t, i in vocab.items() if i == 100)
+    vocab["DECOY"] = vocab.pop(renamed)
+    (here / "tokenizer.json").write_text(json.dumps(decoy))
+    (here / "config.json").write_text("{}")
+    out = tmp_path / "m.gguf"
+    res = run(
+        "export",
+        "--model",
+        "tiny-org/tiny-llama",
+        "--quant",
+        "F16",
+        "--out",
+        str(out),
+        cache=tmp_path / "c",
+        env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"},
+        cwd=here,
+    )
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    reader = gguf.GGUFReader(str(out))
+
+    def field(name):
+        f = reader.fields[name]
+        return [bytes(f.parts[i]).decode() for i in f.data]
+
+    tokens = field("tokenizer.ggml.tokens")
+    assert "DECOY" not in tokens and tokens[100] == renamed
+    assert field("mka_edge.source") == ["tiny-org/tiny-llama@0123456789abcdef0123456789abcdef01234567"]

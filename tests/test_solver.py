@@ -231,3 +231,26 @@ def test_attention_removal_edit_sets_are_priced_per_layer():
     share = attention_share(SMOL)
     assert b.memory_terms["weights_mb"] - a.memory_terms["weights_mb"] == pytest.approx(2 * share * 6.0, rel=1e-3)
     assert b.memory_terms["kv_mb"] - a.memory_terms["kv_mb"] == pytest.approx(2 * 3.0, rel=1e-3)
+
+
+def test_the_bar_refusal_names_the_best_plan_and_every_way_to_pass():
+    """solver/bar.py: no refusal while one feasible plan meets the bar (or none is feasible: that is
+    choose's refusal); else the least-loss feasible plan (ties: fewest removals) and the ways out."""
+    from mka_edge.solver.bar import refuse_if_bar_missed
+    from mka_edge.solver.search import Candidate
+
+    def cand(k, quant, kl, fits=True, mb=100.0):
+        return Candidate(k, quant, 10 - k, mb - k, {}, kl, 10.0, fits, True, kl <= 0.5)
+
+    refuse_if_bar_missed([cand(0, "Q4_0", 0.9), cand(2, "Q8_0", 0.4)], 0.5, "p", at_least=False)
+    refuse_if_bar_missed([cand(0, "Q4_0", 0.1, fits=False)], 0.5, "p", at_least=False)
+    with pytest.raises(UserError) as got:
+        refuse_if_bar_missed([cand(3, "Q2_K", 1.2), cand(0, "Q8_0", 0.3, fits=False)], 0.5, "p", at_least=False)
+    line = str(got.value)
+    assert "the best plan that fits p (K=3 Q2_K f16/f16, 97 MB) is predicted to lose 1.200 nats" in line
+    assert "--max-quality-loss 1.26" in line and "heal the merged model" in line and "--build-anyway" in line
+    with pytest.raises(UserError) as got:  # a bound: free merges tie, the fewest removals are named
+        refuse_if_bar_missed([cand(4, "Q3_K_M", 0.8), cand(1, "Q3_K_M", 0.8)], 0.5, "p", at_least=True)
+    line = str(got.value)
+    assert "even with every merge free, the best (Q3_K_M with K=1 removed) is predicted to lose at least 0.800" in line
+    assert "heal" not in line

@@ -234,6 +234,19 @@ def test_build_plan_reproduces_the_inline_build_and_refuses_foreign_plans(tmp_pa
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = cli("build", "--profile", str(profile), "--plan", str(stale), "--out", str(tmp_path / "refused"))
     assert r.returncode != 0 and "was made by mka-edge 0.0.0-" in r.stderr and not (tmp_path / "refused").exists()
+    # a plan predicted over its bar is refused before any merge or export, with what would pass
+    strict = tmp_path / "strict.json"
+    data = json.loads(plan_file.read_text())
+    data["budget"]["max_quality_loss"] = 1e-9
+    strict.write_text(json.dumps(data))
+    r = cli("build", "--profile", str(profile), "--plan", str(strict), "--out", str(tmp_path / "refused"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    kl = data["choice"]["predicted"]["kl"]
+    assert (
+        "(K=1 Q8_0 f16/f16, " in r.stderr
+        and f"predicted to lose {kl:.3f} nats, over the quality bar of 1e-09" in r.stderr
+    )
+    assert "--build-anyway" in r.stderr and "heal the merged model" in r.stderr and not (tmp_path / "refused").exists()
 
 
 def test_no_module_outside_the_targets_branches_on_a_format_name():

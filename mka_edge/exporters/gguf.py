@@ -309,9 +309,13 @@ def write_float_gguf(
             n_vocab = copy_tokenizer_fields(src_gguf, writer)
             tok_info = {"carried_over_from": str(src_gguf), "n_vocab": n_vocab}
         else:
-            folder = Path(lm.source.get("model_dir") or "")
-            if not folder.is_dir():
-                raise UserError("GGUF export needs the model's tokenizer files; pass a local directory or a recipe")
+            # the model's own folder (a hub model's snapshot included); never the current directory
+            folder = Path(lm.source["model_dir"]) if lm.source.get("model_dir") else None
+            if folder is None or not folder.is_dir():
+                raise UserError(
+                    "GGUF export needs the model's tokenizer files and this model has no folder; "
+                    "pass a local directory, a hub id or a recipe"
+                )
             # a merged or healed folder has no recipe of its own: the hint comes from its source's
             recipe = lm.recipe or recipe_behind(str(folder))
             pre = pre_tokenizer or (recipe.get("llama_cpp") or {}).get("pre_tokenizer")

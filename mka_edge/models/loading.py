@@ -261,37 +261,33 @@ def _load_hf_dir(
     return model.eval(), tok, arch
 
 
-def _hub_config(hub_id: str, trust_remote_code: bool):
+# What a hub model's snapshot needs: configs, safetensors weights and tokenizer files.  Never
+# *.bin / *.pt / *.pth (pickles) or other formats' weights: a download fetches only these.
+HUB_METADATA = ("*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt")
+HUB_WEIGHTS = ("*.safetensors",)
 
+
+def hub_snapshot(hub_id: str, weights: bool = True) -> Path:
+    """The local snapshot folder of ``hub_id`` in the Hugging Face cache, downloaded first where the
+    hub is reachable (only configs and tokenizer files unless ``weights``), else the cached one.
+    This folder is the model's folder everywhere (tokenizer, export, probes, validation,
+    provenance), so nothing of a hub model is read from the current directory."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [*HUB_METADATA, *(HUB_WEIGHTS if weights else ())]
     try:
-        return AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
+        folder = Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"{type(exc).__name__}"
         raise UserError(
             f"cannot get '{hub_id}' from the Hugging Face hub or the local cache ({why}), and it is no local path; "
-            f"download it where the hub is reachable (gated models need 'hf auth login'), "
+            f"download it where the hub is reachable ('hf download {hub_id}'; gated models need 'hf auth login'), "
             f"or pass a local directory or a recipe ({', '.join(known_recipes())})"
         ) from None
-
-
-def _load_hub(hub_id: str, device, dtype, trust_remote_code: bool, max_memory: dict | None = None):
-
-    config = _hub_config(hub_id, trust_remote_code)
-    arch = arch_for(config.model_type)
-    try:
-        model = _from_pretrained(hub_id, config, dtype, trust_remote_code, max_memory)
-        model = _place(model, device, max_memory)
-        tok = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(
-            f"cannot load the weights of '{hub_id}' ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-        ) from None
-    return model.eval(), tok, arch
-
-
-def _hub_fingerprint(model) -> str:
-    return stable_hash({"name": model.config.name_or_path, "commit": getattr(model.config, "_commit_hash", None)})
+    if not (folder / "config.json").is_file():
+        raise UserError(f"the hub snapshot of '{hub_id}' at {folder} has no config.json; download it again")
+    return folder
 
 
 def resolve_source(spec: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -346,7 +342,9 @@ def load_config(spec: str | None = None, trust_remote_code: bool = False):
         _check_arch_config(json.loads((folder / "config.json").read_text()), str(folder))
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     else:
-        config = _hub_config(source["hub_id"], trust_remote_code)
+        folder = hub_snapshot(source["hub_id"], weights=False)
+        _check_arch_config(json.loads((folder / "config.json").read_text()), source["hub_id"])
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     arch_for(config.model_type)
     return config
 
@@ -386,8 +384,12 @@ def load_model(
         fp = _dir_fingerprint(folder)
         source["model_dir"] = str(folder)
     else:
-        model, tok, arch = _load_hub(source["hub_id"], device, dtype, trust_remote_code, max_memory)
-        fp = _hub_fingerprint(model)
+        folder = hub_snapshot(source["hub_id"])
+        model, tok, arch = _load_hf_dir(folder, device, dtype, trust_remote_code, max_memory)
+        # the cache layout's snapshot folder is named by the hub commit, which pins every file
+        source["revision"] = folder.name
+        source["model_dir"] = str(folder)
+        fp = stable_hash({"name": source["hub_id"], "commit": folder.name})
     if getattr(model.config, "model_type", None) != arch.name:
         arch = arch_for(model.config.model_type)
     return LoadedModel(
