@@ -18,6 +18,7 @@ from .cache import atomic_dir
 from .errors import UserError
 from .exporters.paths import check_creatable
 from .heal.distill import HealConfig
+from .host_need import available_ram, check_load, host_need
 from .killpoints import killpoint
 from .memory_use import release_freed_memory
 from .mka.context import build_context
@@ -28,22 +29,12 @@ from .profiles import Profile, load_profile
 from .records import Plan
 from .report import package
 from .solver.bar import bar_missed_line
+from .solver.feasibility import read_shape
 from .solver.memory import Shape
 from .solver.search import Candidate
 from .solver.speed import bytes_per_token, efficiency, predict_tps
 from .validate.checks import Thresholds
 from .validate.core import context_needed, validate_artifact
-
-
-def _free_ram_mb() -> float:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("inf")
 
 
 def usable_cpus() -> int:
@@ -97,12 +88,19 @@ def check_host(plan: Plan, lm, target, out: Path, heal: bool, max_tries: int) ->
             f"{parent} has {free_disk:.0f} MB free; the build needs about {need_disk:.0f} MB "
             f"(merged model, export scratch and artifact); free disk space or choose another --out"
         )
-    need_ram = sum(p.numel() for p in lm.model.parameters()) * 4 * 1.5 / 2**20
-    if _free_ram_mb() < need_ram:
-        raise UserError(
-            f"this host has {_free_ram_mb():.0f} MB of RAM available; the build needs about {need_ram:.0f} MB; "
-            f"close other programs or build on a larger machine"
-        )
+    # the source is loaded (plan_from_settings checked that load before it): what comes on top is a
+    # merged copy, reloaded in float32 beside it (host_need's rule)
+    layers = lm.model.config.num_hidden_layers
+    kept = [(layers - c["k"]) / layers for c in plan.ranked[:max_tries] if c["k"]]
+    if kept:
+        n_params = sum(p.numel() for p in lm.model.parameters())
+        extra = host_need(n_params, merged_fraction=max(kept)).terms["merged"]
+        if extra > available_ram():
+            raise UserError(
+                f"this host has {available_ram() / 2**30:.1f} GiB of RAM available beside the loaded model and "
+                f"the merged model needs about {extra / 2**30:.1f} GiB more; close other programs, build on a "
+                "larger machine, or pass --max-memory cpu=<GB> to offload part of the model to the disk"
+            )
 
 
 def build(
@@ -187,7 +185,9 @@ def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple
         )
     _check_validation_context(plan.budget.context)
     spec = model if model is not None else plan.settings.get("model")
-    ctx = build_context(model=spec, **plan.settings.get("merge_opts", {}))
+    opts = plan.settings.get("merge_opts", {})
+    check_load(read_shape(spec, trust_remote_code=bool(opts.get("trust_remote_code"))), opts)
+    ctx = build_context(model=spec, **opts)
     if ctx.lm.fingerprint != plan.model.get("fingerprint"):
         raise UserError(
             f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "

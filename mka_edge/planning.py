@@ -21,6 +21,7 @@ from . import __version__
 from .cache import atomic_write_text, stable_hash
 from .errors import UserError
 from .heal.distill import effective_heal
+from .host_need import check_load
 from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
@@ -628,6 +629,7 @@ def plan_with_context(
 
 def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print) -> tuple[Plan, object]:
     cheap = cheap_facts(s)
+    check_load(cheap.shape, s.merge_opts)  # the host's RAM and GPU memory, before any weight loads
     if not cheap.measure:  # the types' KL are priors: a bar no plan can meet is refused before loading
         modes = [CacheCost(c) for c in cheap.modes]  # no cache KL: the bound stays a bound
         costs = cheap.sizes if s.imatrix else plain_costs(cheap.sizes)

@@ -295,6 +295,53 @@ print(json.dumps({{"kind": lm.source["kind"], "layers": lm.num_layers, "arch": l
     assert "local cache" in one_line(res)
 
 
+# Llama-3-70B's config: what a build host needs for it is far beyond any test machine
+LLAMA3_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def test_a_host_too_small_for_the_load_is_refused_before_any_weight_loads(tmp_path):
+    """A hub model whose load cannot fit this host's RAM (Llama-3-70B's config, no weights in the
+    snapshot: nothing is read but config.json) is one line naming the need and --max-memory; with
+    a cap the check passes and the load goes on (to the missing weights' own line)."""
+    from mka_edge.host_need import GIB, host_need
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_70B))
+    _hub_cache(tmp_path / "hf", "big-org/llama-70b", folder)
+    profile = tmp_path / "server.yaml"
+    profile.write_text(
+        "name: server\nmemory_mb: 400000\nreserve_mb: 1000\nbandwidth_gbps: 400\nruntime: llama.cpp\n"
+        "context_length: 1024\nkv_cache_type: f16\nflash_attention: false\nthreads: 2\nmin_tokens_per_s: 0\n"
+        "max_quality_loss: 5\n"
+    )
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    args = ["--profile", str(profile), "--model", "big-org/llama-70b", "--device", "cpu"]
+    line = one_line(run("build", *args, "--out", str(tmp_path / "pkg"), cache=tmp_path / "c", env=env))
+    need = host_need(70.55e9, stored_bytes=2, device="cpu", dtype_bytes=4).ram / GIB
+    assert "GiB of RAM available and loading the model (70.55B parameters) needs about" in line, line
+    assert f"needs about {need:.0f}" in line and "--max-memory cpu=<GB>" in line, line
+    line = one_line(run("plan", *args, "--max-memory", "cpu=8GB", cache=tmp_path / "c", env=env))
+    assert "holds no .safetensors weights" in line, line
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_a_hub_model_is_its_snapshot_folder_and_never_reads_the_current_directory(tiny_dir, tmp_path):
     """A hub id's folder is its snapshot in the cache (issue 23): the GGUF export takes the tokenizer
     from there, and a decoy tokenizer.json where the user stands changes nothing."""
