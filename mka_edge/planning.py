@@ -26,7 +26,7 @@ from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
-from .records import Budget, CacheCost, Choice, EditSet, Plan, QuantCost
+from .records import UNMEASURED_CACHE_KL, Budget, CacheCost, Choice, EditSet, Plan, QuantCost
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
@@ -274,11 +274,11 @@ def refuse_unreachable_bar(s: PlanSettings, shape: Shape, costs: dict[str, Quant
 class _Measurer:
     """The measured facts of one plan, each only as far as it can change the choice.
 
-    Order: speed calibration, cache-mode KL (every mode some type can fit with), then quant types
-    best first against the unmerged model (solver/scope.py), the merge curves (as far as
-    quality.needed_merge_kl says), the types that fit only merged against the curves' points, and
-    last the decode speed of a cache mode only when a plan with it ranks first (``settle``: a speed
-    share only ever rules a plan out, so the first-ranked plan whose speed is known is the choice)."""
+    Order: speed calibration, then quant types best first against the unmerged model
+    (solver/scope.py), the merge curves (as far as quality.needed_merge_kl says), the types that
+    fit only merged against the curves' points; a cache mode's KL and decode speed only when a
+    plan with it ranks first (``settle``, rule 4 of solver/scope.py: until then its cost is its
+    lower bound and its speed share 1.0, so the first-ranked plan whose mode is known is the choice)."""
 
     def __init__(self, s: PlanSettings, cheap: CheapFacts, ctx, session, *, progress: bool, log):
         self.s, self.cheap, self.ctx, self.session, self.progress, self.log = s, cheap, ctx, session, progress, log
@@ -334,20 +334,23 @@ class _Measurer:
         self.caches = {c.mode: c for c in costs}
 
     def settle(self, now) -> None:
-        """Time cache modes until the best candidate of ``now`` (by the plan's own order: KL, then
-        memory) has a measured speed."""
-        while cands := now(self.costs):
-            best = min(cands, key=lambda c: (c.kl, c.memory_mb))
-            if self.caches[best.cache].speed_measured:
-                return
-            self.caches[best.cache] = self.t.cache_speed(
-                self.lm,
-                best.cache,
-                context=self.s.budget.context,
-                progress=self.progress,
-                log=self.log,
-                **({"session": self.session} if self.session is not None else {}),
-            )
+        """Measure cache modes until the best candidate of ``now`` (by the plan's own order: KL, then
+        memory) has a measured KL and speed.  An unmeasured mode's KL is a lower bound (its cost is
+        never below zero) and its speed share 1.0 (a share only ever rules a plan out), so the first
+        best candidate whose mode is measured is the one full measurement ranks first, and the
+        incumbent every skip of solver/scope.py compares against is exact."""
+        from .solver.scope import unsettled
+
+        while (need := unsettled(now(self.costs), self.caches)) is not None:
+            mode, what = need
+            kw = {"session": self.session} if self.session is not None else {}
+            common = dict(context=self.s.budget.context, progress=self.progress, log=self.log, **kw)
+            if what == "kl":
+                (self.caches[mode],) = self.t.cache_costs(
+                    self.lm, [mode], measure=self.cheap.measure, timed=False, **common
+                )
+            else:
+                self.caches[mode] = self.t.cache_speed(self.lm, mode, **common)
 
 
 def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print) -> Facts:
@@ -383,7 +386,13 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
             modes_skipped = [
                 {"mode": c, "why": "no type fits with it at any reduction"} for c in cheap.modes if c not in modes
             ]
-            m.measure_caches(modes, timed=False)
+            # KL too only when a plan with the mode ranks first (settle); until then a lower bound
+            m.caches = {
+                c: CacheCost(c)
+                if c == BASELINE_CACHE
+                else CacheCost(c, UNMEASURED_CACHE_KL, speed_measured=False, kl_measured=False)
+                for c in modes
+            }
             log("measuring the quant types that can change the choice, best first (cached after the first plan)")
             todo = list(s.quants)
             bound = m.feasible(lambda c: _optimistic_edits(c, k_reach))
@@ -458,6 +467,7 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
         "skipped": [sk.as_dict() for sk in skipped.values()],
         "caches_skipped": modes_skipped,
         "speed_not_measured": [c.mode for c in m.caches.values() if not c.speed_measured],
+        "kl_not_measured": [c.mode for c in m.caches.values() if not c.kl_measured],
         "order_violations": scope.check_order(sizes, costs, grids) if prune else [],
         **({"probe_runs": runs} if runs is not None else {}),
     }
@@ -582,7 +592,12 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
         heal=asdict(heal) if healed else None,
         quant_costs={q: c.plan_json() for q, c in facts.costs.items()},
         cache_costs={
-            c.mode: {"kl": c.kl, "speed_factor": c.speed_factor, "speed_measured": c.speed_measured}
+            c.mode: {
+                "kl": c.kl,
+                "speed_factor": c.speed_factor,
+                "speed_measured": c.speed_measured,
+                "kl_measured": c.kl_measured,
+            }
             for c in facts.caches
         },
         scope=facts.scope,
@@ -739,6 +754,11 @@ def scope_lines(scope: dict) -> list[str]:
     out = ["", f"measured: {', '.join(scope['measured'])}{runs}"]
     out += [f"not measured: {sk['quant']}: {sk['rule']}: {sk['why']}" for sk in scope.get("skipped", [])]
     out += [f"cache mode not measured: {c['mode']}: {c['why']}" for c in scope.get("caches_skipped", [])]
+    if scope.get("kl_not_measured"):
+        out.append(
+            "cache mode KL not measured (no plan with it ranked first, with its cost at its lower bound 0): "
+            + ", ".join(scope["kl_not_measured"])
+        )
     if scope.get("speed_not_measured"):
         out.append(
             f"decode speed not timed (no plan with it ranked first; its tok/s above assume the f16 cache's): "

@@ -128,6 +128,12 @@ class CacheCost:
     kl: float = 0.0
     speed_factor: float = 1.0
     speed_measured: bool = True  # False: not timed (no plan with it ranked first); the factor is then 1.0
+    # False: KL not measured (no plan with it ranked first); ``kl`` is then the lower bound
+    # UNMEASURED_CACHE_KL, just above zero so that a measured mode wins a tie
+    kl_measured: bool = True
+
+
+UNMEASURED_CACHE_KL = 1e-6  # a cache mode's cost is >= 0 (search: KL over the baseline's, floored at 0)
 
 
 @dataclass(frozen=True)

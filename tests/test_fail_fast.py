@@ -67,7 +67,7 @@ def test_a_bar_no_plan_can_meet_is_refused_before_the_model_loads(tmp_path):
     args += ["--max-merge", "0"]  # keeps the `plan` below to a load and a solve
     line = one_line(run("build", *args, "--out", str(tmp_path / "pkg"), cache=cache))
     assert "no plan that fits laptop-8gb can meet the quality bar of 0.001: even with every merge free" in line, line
-    assert "the best (Q4_K_M) is predicted to lose at least 0." in line, line
+    assert "the best (Q4_K_M+imatrix) is predicted to lose at least 0.0" in line, line
     assert "--max-quality-loss 0." in line and "--build-anyway" in line and "heal" not in line, line
     assert not [d for d in HEAVY if (cache / d).exists()] and not (tmp_path / "pkg").exists()
     res = run("plan", *args, cache=cache)  # a plan is shown, not refused
@@ -363,6 +363,8 @@ def test_a_hub_model_is_its_snapshot_folder_and_never_reads_the_current_director
         "tiny-org/tiny-llama",
         "--quant",
         "F16",
+        "--pre-tokenizer",
+        "gpt-2",
         "--out",
         str(out),
         cache=tmp_path / "c",

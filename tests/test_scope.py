@@ -164,3 +164,67 @@ def test_best_first_picks_what_measuring_everything_picks(smol_facts):
         assert (best.quant, best.cache) == (want.quant, want.cache), budget
         fewer += len(got) < len(sizes)
     assert fewer >= 10
+
+
+def test_cache_modes_measured_only_when_they_rank_first(smol_facts):
+    """Rule 4 (``unsettled``) with the type loop, on SmolLM2's real sizes, KL and cache costs: a mode
+    starts at its lower bound and is measured only when the best candidate uses it; the choice is
+    the one measuring every type and mode makes, with fewer modes measured at most budgets."""
+    from mka_edge.records import UNMEASURED_CACHE_KL
+    from mka_edge.solver.scope import unsettled
+
+    sizes, measured_all = _costs(smol_facts, False), _costs(smol_facts, True)
+    grids = frozenset(smol_facts["source_grids"])
+    full = {m: CacheCost(m, c["kl"], min(1.0, c["speed_factor"])) for m, c in smol_facts["caches"].items()}
+    edits = [EditSet("", 0, tuple(range(30)))]
+
+    def feasible(budget, caches):
+        def run(costs):
+            cands = candidates(
+                SMOL,
+                edits,
+                costs,
+                list(caches.values()),
+                context=4096,
+                budget_mb=budget,
+                bandwidth_gbps=20,
+                efficiency=0.4,
+                min_tps=5,
+                max_kl=1,
+                overhead_mb=64,
+            )
+            return [c for c in cands if c.fits_memory and c.fits_speed]
+
+        return run
+
+    fewer, checked = 0, 0
+    for budget in range(150, 560, 15):
+        if not feasible(budget, full)(measured_all):
+            continue
+        want = choose(feasible(budget, full)(measured_all), budget, 5, 4096)[0][0]
+        lazy = {
+            m: c if m == "f16/f16" else CacheCost(m, UNMEASURED_CACHE_KL, speed_measured=False, kl_measured=False)
+            for m, c in full.items()
+        }
+        f = feasible(budget, lazy)
+        got, todo, skipped, runs = {}, list(sizes), {}, 0
+        while True:
+            while (need := unsettled(f(got), lazy)) is not None:
+                mode, what = need
+                lazy[mode] = (
+                    CacheCost(mode, full[mode].kl, speed_measured=False)
+                    if what == "kl"
+                    else CacheCost(mode, full[mode].kl, full[mode].speed_factor)
+                )
+                runs += what == "kl"
+            if (q := next_to_measure(todo, sizes, got, f, f, grids, skipped)) is None:
+                break
+            got[q] = measured_all[q]
+            todo.remove(q)
+        best = choose(f(got), budget, 5, 4096)[0][0]
+        assert (best.quant, best.cache) == (want.quant, want.cache), budget
+        assert lazy[best.cache].kl_measured and lazy[best.cache].speed_measured
+        checked += 1
+        fewer += runs < len(full) - 1
+    print(f"cache modes: fewer measured at {fewer} of {checked} budgets")
+    assert checked >= 10 and fewer >= checked // 2, (checked, fewer)

@@ -17,7 +17,11 @@ types measured with and without an importance matrix); most cannot win, and thes
    Llama-3-8B scoreboard.
 3. **Non-negative terms.** Each KL term is at least 0 and a merge step adds loss (the merge
    curve's own stopping rule): a candidate's KL is at least its type's lower bound (rule 2's, else
-   0) plus its cache mode's measured cost plus its edit set's KL (0 before the curve is known).
+   0) plus its cache mode's cost (0 until measured) plus its edit set's KL (0 before the curve is
+   known).
+4. **Cache modes when they rank first.** A cache mode's KL and decode speed are measured only when
+   the best candidate uses it (``unsettled``): until then its cost is its lower bound and its speed
+   share 1.0, so the incumbent a skip compares against is always exact.
 
 A type is skipped when that lower bound, at every (edit set, cache mode) where it fits, reaches the
 KL of the best feasible plan already measured (the incumbent): it can neither beat it nor tie it on
@@ -30,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..records import QuantCost
+from ..records import CacheCost, QuantCost
 
 
 @dataclass(frozen=True)
@@ -143,3 +147,20 @@ def next_to_measure(
             ranked.append((lb_now, -sizes[q].total_bytes, q))
     todo[:] = keep
     return min(ranked)[2] if ranked else None
+
+
+def unsettled(cands: list, caches: dict[str, CacheCost]) -> tuple[str, str] | None:
+    """What the best of ``cands`` (search.Candidate, by the plan's order: KL, then memory) still
+    needs measured of its cache mode: ``(mode, "kl")``, ``(mode, "speed")``, or None when both are
+    known.  An unmeasured mode's KL is a lower bound (a cost is never below zero) and its speed
+    share 1.0 (a share only ever rules a plan out), so once the best candidate's mode is measured
+    it is the candidate full measurement ranks first, and no other mode needs measuring."""
+    if not cands:
+        return None
+    best = min(cands, key=lambda c: (c.kl, c.memory_mb))
+    cache = caches[best.cache]
+    if not cache.kl_measured:
+        return best.cache, "kl"
+    if not cache.speed_measured:
+        return best.cache, "speed"
+    return None
