@@ -334,8 +334,9 @@ def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: d
         folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, chosen.get("cache", "f16/f16")
     )
     eff, eff_src = efficiency(target.name)
+    embd = float(plan.quant_costs.get(chosen["quant"], {}).get("embd_bytes", 0.0))  # as the plan counted it
     tps = predict_tps(
-        prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings), eff
+        prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings, embd), eff
     ) * plan.cache_costs.get(chosen.get("cache", ""), {}).get("speed_factor", 1.0)
     memory = {
         "runtime": target.runtime_label,

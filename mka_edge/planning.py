@@ -26,7 +26,7 @@ from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
-from .records import UNMEASURED_CACHE_KL, Budget, CacheCost, Choice, EditSet, Plan, QuantCost
+from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Plan, QuantCost
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
@@ -318,7 +318,11 @@ class _Measurer:
             **({} if self.s.imatrix else {"imatrix": False}),  # --no-imatrix: nothing measured with a matrix
             **({"session": self.session} if self.session is not None else {}),
         )
-        self.costs.update(plain_costs(got) if not self.s.imatrix else got)
+        got = plain_costs(got) if not self.s.imatrix else got
+        for q, c in got.items():  # a measured file's cost keeps the dry run's embedding bytes
+            if "embd_bytes" not in c.extra and "embd_bytes" in self.sizes[q].extra:
+                got[q] = replace(c, extra={**c.extra, "embd_bytes": self.sizes[q].extra["embd_bytes"]})
+        self.costs.update(got)
 
     def measure_caches(self, modes: list[str], timed: bool) -> None:
         costs = self.t.cache_costs(
@@ -390,7 +394,7 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
             m.caches = {
                 c: CacheCost(c)
                 if c == BASELINE_CACHE
-                else CacheCost(c, UNMEASURED_CACHE_KL, speed_measured=False, kl_measured=False)
+                else CacheCost(c, CACHE_KL_FLOOR, speed_measured=False, kl_measured=False)
                 for c in modes
             }
             log("measuring the quant types that can change the choice, best first (cached after the first plan)")

@@ -92,7 +92,7 @@ class QuantCost:
         d = {"kl": self.kl, "bytes": self.total_bytes, "tensor_types": dict(self.tensor_types)}
         if self.resident_ratio is not None:
             d["resident_ratio"] = self.resident_ratio
-        for key in ("imatrix", "kl_plain", "kl_imatrix"):  # GGUF: whether the build quantizes with an imatrix
+        for key in ("imatrix", "kl_plain", "kl_imatrix", "embd_bytes"):  # GGUF: imatrix or not; embedding bytes
             if key in self.extra:
                 d[key] = self.extra[key]
         return d
@@ -128,12 +128,16 @@ class CacheCost:
     kl: float = 0.0
     speed_factor: float = 1.0
     speed_measured: bool = True  # False: not timed (no plan with it ranked first); the factor is then 1.0
-    # False: KL not measured (no plan with it ranked first); ``kl`` is then the lower bound
-    # UNMEASURED_CACHE_KL, just above zero so that a measured mode wins a tie
+    # False: KL not measured (no plan with it ranked first); ``kl`` is then its lower bound CACHE_KL_FLOOR
     kl_measured: bool = True
 
 
-UNMEASURED_CACHE_KL = 1e-6  # a cache mode's cost is >= 0 (search: KL over the baseline's, floored at 0)
+# The least cost of a cache mode other than the baseline (f16 cache, no flash attention): a lossy or
+# reordered cache is never counted as free.  A measured difference below it is noise (on a
+# random-weight model a q8_0 cache can measure below the f16 one).  The floor makes it a true lower
+# bound of every mode not yet measured, so measuring a mode only when it ranks first
+# (solver/scope.py rule 4) picks what measuring every mode picks, ties included.
+CACHE_KL_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)

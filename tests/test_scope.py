@@ -170,12 +170,14 @@ def test_cache_modes_measured_only_when_they_rank_first(smol_facts):
     """Rule 4 (``unsettled``) with the type loop, on SmolLM2's real sizes, KL and cache costs: a mode
     starts at its lower bound and is measured only when the best candidate uses it; the choice is
     the one measuring every type and mode makes, with fewer modes measured at most budgets."""
-    from mka_edge.records import UNMEASURED_CACHE_KL
+    from mka_edge.records import CACHE_KL_FLOOR
     from mka_edge.solver.scope import unsettled
 
     sizes, measured_all = _costs(smol_facts, False), _costs(smol_facts, True)
     grids = frozenset(smol_facts["source_grids"])
-    full = {m: CacheCost(m, c["kl"], min(1.0, c["speed_factor"])) for m, c in smol_facts["caches"].items()}
+    real = {m: CacheCost(m, c["kl"], min(1.0, c["speed_factor"])) for m, c in smol_facts["caches"].items()}
+    # and the case the floor is for: quantized caches measured no worse than f16 (two at the floor, a tie)
+    tied = {**real, **{m: CacheCost(m, CACHE_KL_FLOOR, real[m].speed_factor) for m in ("q8_0/f16", "q8_0/q8_0+fa")}}
     edits = [EditSet("", 0, tuple(range(30)))]
 
     def feasible(budget, caches):
@@ -198,12 +200,12 @@ def test_cache_modes_measured_only_when_they_rank_first(smol_facts):
         return run
 
     fewer, checked = 0, 0
-    for budget in range(150, 560, 15):
+    for full, budget in [(f, b) for f in (real, tied) for b in range(150, 560, 15)]:
         if not feasible(budget, full)(measured_all):
             continue
         want = choose(feasible(budget, full)(measured_all), budget, 5, 4096)[0][0]
         lazy = {
-            m: c if m == "f16/f16" else CacheCost(m, UNMEASURED_CACHE_KL, speed_measured=False, kl_measured=False)
+            m: c if m == "f16/f16" else CacheCost(m, CACHE_KL_FLOOR, speed_measured=False, kl_measured=False)
             for m, c in full.items()
         }
         f = feasible(budget, lazy)

@@ -254,3 +254,37 @@ def test_the_bar_refusal_names_the_best_plan_and_every_way_to_pass():
     line = str(got.value)
     assert "even with every merge free, the best (Q3_K_M with K=1 removed) is predicted to lose at least 0.800" in line
     assert "heal" not in line
+
+
+def test_an_untied_embedding_is_gathered_not_read_per_token():
+    """The speed model counts the token embedding of an untied model as gathered (one row per
+    token), not read: from the dry run's embd_bytes, else half the bytes outside the layers."""
+    from mka_edge.solver.search import embedding_bytes
+
+    untied = Shape(
+        n_layers=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, n_vocab=1000, tied_embeddings=False
+    )
+    tied = Shape(n_layers=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, n_vocab=1000)
+    plain = QuantCost("Q8_0", "gguf", (10 * MIB, 10 * MIB), 8 * MIB, (), 0.01)
+    dry = QuantCost("Q8_0", "gguf", (10 * MIB, 10 * MIB), 8 * MIB, (), 0.01, extra={"embd_bytes": 3 * MIB})
+    assert embedding_bytes(plain, untied) == 4 * MIB and embedding_bytes(plain, tied) == 0.0
+    assert embedding_bytes(dry, untied) == 3 * MIB
+
+    def tps(shape, cost):
+        (c,) = candidates(
+            shape,
+            [EditSet("", 0, (0, 1))],
+            {"Q8_0": cost},
+            [CacheCost("f16/f16")],
+            context=64,
+            budget_mb=1e4,
+            bandwidth_gbps=10,
+            efficiency=0.5,
+            min_tps=0,
+            max_kl=1,
+            overhead_mb=0,
+        )
+        return c.tps
+
+    # 28 MiB of weights and a small cache: untied, 4 MiB are not read
+    assert tps(untied, plain) / tps(tied, plain) == pytest.approx(28.0 / 24.0, rel=0.01)

@@ -3,8 +3,8 @@ measured once in llama.cpp and cached, as the weight quant probe is.
 
 The unmerged model is written as Q8_0 (close to the reference, so the cache's own error is what
 moves) and run on the held-out reference once per mode; a mode's cost is its KL minus the KL of
-the baseline mode (f16 cache, no flash attention) on the same file, floored at zero: the plan adds
-it to the merge's and the weight type's loss.  On SmolLM2 the flash-attention path alone moves KL
+the baseline mode (f16 cache, no flash attention) on the same file, floored at
+``records.CACHE_KL_FLOOR`` (never free): the plan adds it to the merge's and the weight type's loss.  On SmolLM2 the flash-attention path alone moves KL
 by a few thousandths of a nat (it rounds Q to f16), a q8_0 cache barely more, q4_0 an order more.
 """
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..kv_cache import BASELINE, CacheMode
+from ..records import CACHE_KL_FLOOR
 
 PROBE_VERSION = 1
 PROBE_QUANT = "Q8_0"
@@ -77,8 +78,8 @@ def probe_cache_modes(
         with entry_lock(folder / f"modes-{lm.fingerprint[:20]}", "the cache-mode probe of this model"):
             _measure(lm, missing, speed_missing, results, chunks, threads, progress, context, q8_file)
     base = results[BASELINE.label]
-    for r in results.values():
-        r["kl_cost"] = max(0.0, r["kl"] - base["kl"])
+    for label, r in results.items():
+        r["kl_cost"] = 0.0 if label == BASELINE.label else max(CACHE_KL_FLOOR, r["kl"] - base["kl"])
         if "gen_tps" in r:
             r["speed_factor"] = r["gen_tps"] / base["gen_tps"]
     return {m.label: results[m.label] for m in wanted}

@@ -90,7 +90,11 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
         600,
         "speed calibration",
     )
-    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"], target="gguf")
+    # as the speed model counts them: an untied embedding (the file has its own output matrix) is
+    # only gathered per token, not read
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(art)).tensors}
+    gathered = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
+    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"] - gathered, target="gguf")
 
 
 def _measure(lm, base: Path, art: Path, q: str, float_type: str, ref_path: Path, threads: int, matrix) -> dict:

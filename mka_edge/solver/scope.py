@@ -17,8 +17,8 @@ types measured with and without an importance matrix); most cannot win, and thes
    Llama-3-8B scoreboard.
 3. **Non-negative terms.** Each KL term is at least 0 and a merge step adds loss (the merge
    curve's own stopping rule): a candidate's KL is at least its type's lower bound (rule 2's, else
-   0) plus its cache mode's cost (0 until measured) plus its edit set's KL (0 before the curve is
-   known).
+   0) plus its cache mode's cost (``records.CACHE_KL_FLOOR`` until measured: no mode but the
+   baseline is free) plus its edit set's KL (0 before the curve is known).
 4. **Cache modes when they rank first.** A cache mode's KL and decode speed are measured only when
    the best candidate uses it (``unsettled``): until then its cost is its lower bound and its speed
    share 1.0, so the incumbent a skip compares against is always exact.

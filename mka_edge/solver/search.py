@@ -65,6 +65,15 @@ class Candidate:
         return d
 
 
+def embedding_bytes(cost: QuantCost, shape: Shape) -> float:
+    """Bytes of the token embedding in this type: llama.cpp's dry run says (``embd_bytes``); a cost
+    without it (a measured file's) counts half the bytes outside the layers for an untied model,
+    whose output matrix has the embedding's shape."""
+    if "embd_bytes" in cost.extra:
+        return float(cost.extra["embd_bytes"])
+    return 0.0 if shape.tied_embeddings else cost.other / 2
+
+
 def attention_share(shape: Shape) -> float:
     """Share of a block's weights in its attention (q, k, v, o): the bytes a removed attention
     sub-block takes out of a layer's quantized size (by parameter count; llama.cpp's mixes give
@@ -116,7 +125,8 @@ def candidates(
             for cc in caches:
                 mem = target.predict_memory(sh, cost, wb, rb, context, cc.mode, overhead_mb)
                 kv = target.kv_bytes(sh, context, quant, cc.mode)
-                tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings), efficiency)
+                embd = embedding_bytes(cost, shape)
+                tps = predict_tps(bandwidth_gbps, bytes_per_token(wb, kv, shape.tied_embeddings, embd), efficiency)
                 tps *= cc.speed_factor
                 terms = {"edits": e.kl, "quant": cost.kl or 0.0, "cache": cc.kl}  # sizes alone carry no KL
                 kl = sum(terms.values())
