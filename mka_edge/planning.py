@@ -366,7 +366,8 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
 
     t = s.target
     k_max, sizes = cheap.k_max, cheap.sizes
-    with t.probe_session(ctx.lm, progress=progress, imatrix=s.imatrix) as session:
+    # rule 5 of solver/scope.py: with an importance matrix only, where one helps (--measure-all: both ways)
+    with t.probe_session(ctx.lm, progress=progress, imatrix=s.imatrix, plain_too=s.measure_all) as session:
         m = _Measurer(s, cheap, ctx, session, progress=progress, log=log)
         prune = cheap.measure and not s.measure_all
         if (

@@ -172,3 +172,8 @@ def test_probe_keeps_the_better_of_plain_and_imatrix(tiny_recipe):
     assert cost.extra["imatrix"] == q4["imatrix"] and cost.plan_json()["imatrix"] == q4["imatrix"]
     calls = _forward_counter(lm)
     assert probe(lm, ["Q4_0", "Q8_0", "IQ2_XS"], chunks=1, threads=2, progress=False) == res and calls[0] == 0
+    # rule 5 of solver/scope.py (what a plan does without --measure-all): with a matrix only, where
+    # one helps; a separate cache entry, the same figure as the two-way probe's imatrix run
+    only = probe(lm, ["Q4_0", "Q8_0"], chunks=1, threads=2, progress=False, plain_too=False)
+    assert "kl_plain" not in only["Q4_0"] and only["Q4_0"]["imatrix"] is True
+    assert only["Q4_0"]["kl"] == pytest.approx(q4["kl_imatrix"], rel=1e-6) and only["Q8_0"] == q8

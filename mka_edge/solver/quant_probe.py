@@ -121,10 +121,19 @@ class ProbeSession:
     type at a time, best first, and stops when the rest cannot change the choice)."""
 
     def __init__(
-        self, lm, chunks: int = 2, threads: int = 2, progress: bool = True, imatrix: bool = True, calibration=None
+        self,
+        lm,
+        chunks: int = 2,
+        threads: int = 2,
+        progress: bool = True,
+        imatrix: bool = True,
+        calibration=None,
+        plain_too: bool = True,
     ):
         self.lm, self.chunks, self.threads, self.progress = lm, chunks, threads, progress
         self.imatrix, self.calibration = imatrix, calibration
+        # False: a type an importance matrix helps is measured with one only (solver/scope.py rule 5)
+        self.plain_too = plain_too
         self.folder = cache_root() / "quant_probe"
         self._tmp = None
         self._keyed = None
@@ -148,8 +157,10 @@ class ProbeSession:
         if self._helps(q) and self._keyed is None:
             self._keyed = imatrix_key(self.lm, self.calibration)
         im_key = self._keyed[0] if self._helps(q) and self._keyed is not None else None
+        only = {"imatrix_only": True} if self._helps(q) and not self.plain_too else {}
         return stable_hash(
             {"model": self.lm.fingerprint, "quant": q, "chunks": self.chunks, "imatrix": im_key, "v": PROBE_VERSION}
+            | only
         )
 
     def _base(self) -> tuple[Path, str, Path]:
@@ -204,7 +215,7 @@ class ProbeSession:
                 qt = quant_type(q)
                 plain = imat = None
                 art = base if q == float_type else (self.q8_0() if q == "Q8_0" else tmp / f"{q}.gguf")
-                if not qt.needs_imatrix:
+                if not qt.needs_imatrix and (self.plain_too or not self._helps(q)):
                     plain = _measure(lm, base, art, q, float_type, ref_path, self.threads, None)
                     self.runs += 1
                     if q == "Q8_0" and calibrate_speed:
@@ -237,6 +248,7 @@ def probe(
     calibrate_speed: bool = False,
     imatrix: bool = True,
     calibration: str | None = None,
+    plain_too: bool = True,
 ) -> dict[str, dict]:
     """{quant: {'per_layer': [...], 'other': B, 'kl': nats, 'top1': .., 'tensor_types': {...},
     'imatrix': bool, 'kl_plain': .., 'kl_imatrix': ..}}.
@@ -246,6 +258,6 @@ def probe(
     ``kl_plain`` and ``kl_imatrix`` are both kept, and the entry (bytes, kl, top1, ppl, types) is
     the better one, ``imatrix`` saying which (what a build quantizes with).  A type that needs a
     matrix is measured with it only (no ``kl_plain``); one that ignores it plainly only (no
-    ``kl_imatrix``)."""
-    with ProbeSession(lm, chunks, threads, progress, imatrix, calibration) as session:
+    ``kl_imatrix``).  ``plain_too`` False: a type a matrix helps is measured with it only."""
+    with ProbeSession(lm, chunks, threads, progress, imatrix, calibration, plain_too) as session:
         return session.measure(quants, calibrate_speed)

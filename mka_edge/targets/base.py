@@ -117,9 +117,10 @@ class Target(ABC):
         """Measured (or prior) costs with KL, and the sentence that says where they come from.
         A target with ``probe_session`` also takes ``session=`` (the plan measures type by type)."""
 
-    def probe_session(self, lm, *, progress: bool, imatrix: bool):
+    def probe_session(self, lm, *, progress: bool, imatrix: bool, plain_too: bool = True):
         """A context manager whose value is passed to ``quant_costs(session=)`` so that measuring
-        one type at a time shares the set-up (the float base file, the reference); None here."""
+        one type at a time shares the set-up (the float base file, the reference); None here.
+        ``plain_too`` False: a type an importance matrix helps is measured with one only."""
         return contextlib.nullcontext(None)
 
     def calibrate_speed(self, session, quants: list[str]) -> bool:

@@ -178,10 +178,10 @@ class GgufTarget(Target):
             "and importance-matrix quantization)",
         )
 
-    def probe_session(self, lm, *, progress, imatrix):
+    def probe_session(self, lm, *, progress, imatrix, plain_too=True):
         from ..solver.quant_probe import ProbeSession
 
-        return ProbeSession(lm, progress=progress, imatrix=imatrix)
+        return ProbeSession(lm, progress=progress, imatrix=imatrix, plain_too=plain_too)
 
     def calibrate_speed(self, session, quants) -> bool:
         """The host's decode speed on a Q8_0 file, as the Q8_0 probe would calibrate it; a plan
