@@ -32,6 +32,7 @@ from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
+from .solver.scope import MIN_SPEED_SHARE
 from .solver.search import BASELINE_CACHE, Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
@@ -345,7 +346,8 @@ class _Measurer:
         incumbent every skip of solver/scope.py compares against is exact."""
         from .solver.scope import unsettled
 
-        while (need := unsettled(now(self.costs), self.caches)) is not None:
+        floor = self.s.budget.min_tokens_per_s
+        while (need := unsettled(now(self.costs), self.caches, floor)) is not None:
             mode, what = need
             kw = {"session": self.session} if self.session is not None else {}
             common = dict(context=self.s.budget.context, progress=self.progress, log=self.log, **kw)
@@ -766,7 +768,8 @@ def scope_lines(scope: dict) -> list[str]:
         )
     if scope.get("speed_not_measured"):
         out.append(
-            f"decode speed not timed (no plan with it ranked first; its tok/s above assume the f16 cache's): "
+            f"decode speed not timed (no plan with it ranked first, or the first reaches the speed floor even at "
+            f"{MIN_SPEED_SHARE:g} of its speed; its tok/s above assume the f16 cache's): "
             f"{', '.join(scope['speed_not_measured'])}"
         )
     out += [f"precision order broken: {v}" for v in scope.get("order_violations", [])]

@@ -230,3 +230,22 @@ def test_cache_modes_measured_only_when_they_rank_first(smol_facts):
         fewer += runs < len(full) - 1
     print(f"cache modes: fewer measured at {fewer} of {checked} budgets")
     assert checked >= 10 and fewer >= checked // 2, (checked, fewer)
+
+
+def test_a_speed_share_that_cannot_matter_is_not_timed():
+    """Rule 6: speed enters a plan only through the floor, so the best candidate's cache mode is timed
+    only when it would miss the floor at MIN_SPEED_SHARE of its predicted speed; KL comes first."""
+    from mka_edge.solver.scope import MIN_SPEED_SHARE, unsettled
+    from mka_edge.solver.search import Candidate
+
+    def cand(tps, cache="q8_0/q8_0+fa"):
+        return Candidate(0, "Q4_K_M", 30, 100.0, {}, 0.05, tps, True, True, True, cache=cache)
+
+    untimed = {"q8_0/q8_0+fa": CacheCost("q8_0/q8_0+fa", 0.001, speed_measured=False)}
+    unknown = {"q8_0/q8_0+fa": CacheCost("q8_0/q8_0+fa", 1e-6, speed_measured=False, kl_measured=False)}
+    floor = 10.0
+    fast, slow = floor / MIN_SPEED_SHARE + 1, floor / MIN_SPEED_SHARE - 1
+    assert unsettled([cand(fast)], untimed, floor) is None
+    assert unsettled([cand(slow)], untimed, floor) == ("q8_0/q8_0+fa", "speed")
+    assert unsettled([cand(fast)], unknown, floor) == ("q8_0/q8_0+fa", "kl")
+    assert unsettled([], untimed, floor) is None

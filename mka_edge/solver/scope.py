@@ -27,6 +27,11 @@ types measured with and without an importance matrix); most cannot win, and thes
    the matrix won for every one of the 8 such types (by 1.3x to 11x in KL,
    tests/data/smollm2_quant_facts.json), as in llama.cpp's own results.  ``--measure-all``
    measures both ways and keeps the better, so benchmarks can check the rule.
+6. **A speed share that cannot matter is not timed.** Decode speed enters a plan only through the
+   profile's floor; a quantized cache's share of the f16 cache's speed is timed (a long prefill to
+   the plan's context: minutes at 1.5B parameters) only when the best candidate would fall below
+   the floor at ``MIN_SPEED_SHARE`` of its predicted speed.  Otherwise its share stays 1.0 and the
+   plan says its device speed was predicted without it.
 
 A type is skipped when that lower bound, at every (edit set, cache mode) where it fits, reaches the
 KL of the best feasible plan already measured (the incumbent): it can neither beat it nor tie it on
@@ -154,18 +159,26 @@ def next_to_measure(
     return min(ranked)[2] if ranked else None
 
 
-def unsettled(cands: list, caches: dict[str, CacheCost]) -> tuple[str, str] | None:
+# The least share of the f16 cache's decode speed any cache mode keeps (rule 6): SmolLM2's slowest,
+# q4_0/q4_0+fa at context 4096 on a 2-core host, kept 0.44 (docs/results.md); a larger model's
+# cache is a smaller part of what a token reads, so it loses less.  Halved for margin.
+MIN_SPEED_SHARE = 0.22
+
+
+def unsettled(cands: list, caches: dict[str, CacheCost], min_tps: float = float("inf")) -> tuple[str, str] | None:
     """What the best of ``cands`` (search.Candidate, by the plan's order: KL, then memory) still
     needs measured of its cache mode: ``(mode, "kl")``, ``(mode, "speed")``, or None when both are
-    known.  An unmeasured mode's KL is a lower bound (a cost is never below zero) and its speed
-    share 1.0 (a share only ever rules a plan out), so once the best candidate's mode is measured
-    it is the candidate full measurement ranks first, and no other mode needs measuring."""
+    known, or its speed cannot matter.  An unmeasured mode's KL is a lower bound (a cost is never
+    below zero) and its speed share 1.0 (a share only ever rules a plan out), so once the best
+    candidate's mode is measured it is the candidate full measurement ranks first, and no other
+    mode needs measuring.  Speed enters a plan only through the floor ``min_tps``: a candidate
+    that reaches it even at MIN_SPEED_SHARE of its predicted speed (rule 6) needs no timing."""
     if not cands:
         return None
     best = min(cands, key=lambda c: (c.kl, c.memory_mb))
     cache = caches[best.cache]
     if not cache.kl_measured:
         return best.cache, "kl"
-    if not cache.speed_measured:
+    if not cache.speed_measured and best.tps * MIN_SPEED_SHARE < min_tps:
         return best.cache, "speed"
     return None
