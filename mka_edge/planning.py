@@ -32,7 +32,7 @@ from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
-from .solver.scope import MIN_SPEED_SHARE
+from .solver.scope import MIN_SPEED_SHARE, unsettled
 from .solver.search import BASELINE_CACHE, Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
@@ -258,18 +258,30 @@ def _optimistic_edits(cost: QuantCost, k_reach: int) -> list[EditSet]:
     return [EditSet("", k, tuple(smallest_kept(list(cost.per_layer), k))) for k in range(k_reach + 1)]
 
 
-def refuse_unreachable_bar(s: PlanSettings, shape: Shape, costs: dict[str, QuantCost], caches, k_reach: int) -> None:
+def feasible_over(s: PlanSettings, shape: Shape, edits_of, caches):
+    """costs -> their candidates that fit the budget and speed floor, each type over its own edit
+    sets ``edits_of(cost)`` and the cache modes ``caches()`` gives when called (as now known)."""
+
+    def run(costs: dict[str, QuantCost]) -> list[Candidate]:
+        eff = speed.efficiency(s.target.name)[0]
+        out = []
+        for q, c in costs.items():
+            cands = _enumerate(s, shape, {q: c}, eff, edits_of(c), caches())
+            out += [x for x in cands if x.fits_memory and x.fits_speed]
+        return out
+
+    return run
+
+
+def refuse_unreachable_bar(s: PlanSettings, costs: dict[str, QuantCost], bound) -> None:
     """Refuse a build (``s.refuse_below_bar``) whose best plan misses the quality bar even with
-    every merge free: each type's KL (measured, prior or precision-order bound) over K = 0..k_reach
-    with the largest layers gone at zero loss (``_optimistic_edits``).  Healing lowers a merge's
-    loss, never a type's, so this bound holds with healing too.  Unknown KL: no bound, no refusal."""
+    every merge free: ``bound`` (``feasible_over`` with ``_optimistic_edits``: K = 0..k_reach with
+    the largest layers gone at zero loss) over each type's KL (measured, prior or precision-order
+    bound).  Healing lowers a merge's loss, never a type's, so this bound holds with healing too.
+    Unknown KL: no bound, no refusal."""
     if not s.refuse_below_bar or not costs or any(c.kl is None for c in costs.values()):
         return
-    eff = speed.efficiency(s.target.name)[0]
-    cands = []
-    for q, c in costs.items():
-        cands += _enumerate(s, shape, {q: c}, eff, _optimistic_edits(c, k_reach), caches)
-    refuse_if_bar_missed(cands, s.budget.max_quality_loss, s.profile.name, at_least=True)
+    refuse_if_bar_missed(bound(costs), s.budget.max_quality_loss, s.profile.name, at_least=True)
 
 
 class _Measurer:
@@ -290,21 +302,9 @@ class _Measurer:
         self.caches: dict[str, CacheCost] = {}
         self.source = ""
 
-    @property
-    def eff(self) -> float:
-        return speed.efficiency(self.t.name)[0]
-
     def feasible(self, edits_of):
         """costs -> their feasible candidates over ``edits_of(cost)`` and the cache modes as now known."""
-
-        def run(costs: dict[str, QuantCost]) -> list[Candidate]:
-            out = []
-            for q, c in costs.items():
-                cands = _enumerate(self.s, self.shape, {q: c}, self.eff, edits_of(c), list(self.caches.values()))
-                out += [x for x in cands if x.fits_memory and x.fits_speed]
-            return out
-
-        return run
+        return feasible_over(self.s, self.shape, edits_of, lambda: list(self.caches.values()))
 
     def measure_types(self, quants: list[str]) -> None:
         got, self.source = self.t.quant_costs(
@@ -344,8 +344,6 @@ class _Measurer:
         never below zero) and its speed share 1.0 (a share only ever rules a plan out), so the first
         best candidate whose mode is measured is the one full measurement ranks first, and the
         incumbent every skip of solver/scope.py compares against is exact."""
-        from .solver.scope import unsettled
-
         floor = self.s.budget.min_tokens_per_s
         while (need := unsettled(now(self.costs), self.caches, floor)) is not None:
             mode, what = need
@@ -416,7 +414,7 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
         ref_layers = next(iter(sizes.values())).per_layer
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
         # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now
-        refuse_unreachable_bar(s, m.shape, {**costs, **bounded}, list(m.caches.values()), k_reach)
+        refuse_unreachable_bar(s, {**costs, **bounded}, m.feasible(lambda c: _optimistic_edits(c, k_reach)))
         edge = _enumerate(
             s,
             m.shape,
@@ -655,7 +653,10 @@ def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print) -> 
     if not cheap.measure:  # the types' KL are priors: a bar no plan can meet is refused before loading
         modes = [CacheCost(c) for c in cheap.modes]  # no cache KL: the bound stays a bound
         costs = cheap.sizes if s.imatrix else plain_costs(cheap.sizes)
-        refuse_unreachable_bar(s, cheap.shape.shape, costs, modes, _reach(s, cheap))
+        k_reach = _reach(s, cheap)
+        refuse_unreachable_bar(
+            s, costs, feasible_over(s, cheap.shape.shape, lambda c: _optimistic_edits(c, k_reach), lambda: modes)
+        )
     ctx = build_context(model=s.model, **s.merge_opts)
     return solve(measure(s, cheap, ctx, progress=progress, log=log), s), ctx
 

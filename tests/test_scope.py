@@ -122,33 +122,40 @@ def test_precision_order_holds_on_smollm2(smol_facts):
     assert {"Q6_K", "Q4_K_M", "Q4_0", "IQ4_XS", "Q2_K"} <= set(bounded)
 
 
+def smol_feasible(budget: float, caches: dict[str, CacheCost]):
+    """costs -> SmolLM2's unmerged candidates that fit ``budget`` at context 4096 and 5 tokens/s, over
+    the cache modes in ``caches`` as they are when called (the lazy loop updates them)."""
+    edits = [EditSet("", 0, tuple(range(30)))]
+
+    def run(costs):
+        cands = candidates(
+            SMOL,
+            edits,
+            costs,
+            list(caches.values()),
+            context=4096,
+            budget_mb=budget,
+            bandwidth_gbps=20,
+            efficiency=0.4,
+            min_tps=5,
+            max_kl=1,
+            overhead_mb=64,
+        )
+        return [c for c in cands if c.fits_memory and c.fits_speed]
+
+    return run
+
+
 def test_best_first_picks_what_measuring_everything_picks(smol_facts):
     """On SmolLM2's real sizes, KL and cache costs, at budgets from every type's edge: the loop
     (measure the best-bounded type, skip those that cannot win) picks the plan measuring all types
     picks, with fewer types measured (unmerged plans; the merge curve is planning's part)."""
     sizes, measured_all = _costs(smol_facts, False), _costs(smol_facts, True)
     grids = frozenset(smol_facts["source_grids"])
-    caches = [CacheCost(m, c["kl"], c["speed_factor"]) for m, c in smol_facts["caches"].items()]
-    edits = [EditSet("", 0, tuple(range(30)))]
+    caches = {m: CacheCost(m, c["kl"], c["speed_factor"]) for m, c in smol_facts["caches"].items()}
 
     def feasible(budget):
-        def run(costs):
-            cands = candidates(
-                SMOL,
-                edits,
-                costs,
-                caches,
-                context=4096,
-                budget_mb=budget,
-                bandwidth_gbps=20,
-                efficiency=0.4,
-                min_tps=5,
-                max_kl=1,
-                overhead_mb=64,
-            )
-            return [c for c in cands if c.fits_memory and c.fits_speed]
-
-        return run
+        return smol_feasible(budget, caches)
 
     fewer = 0
     for budget in range(150, 560, 15):
@@ -178,26 +185,7 @@ def test_cache_modes_measured_only_when_they_rank_first(smol_facts):
     real = {m: CacheCost(m, c["kl"], min(1.0, c["speed_factor"])) for m, c in smol_facts["caches"].items()}
     # and the case the floor is for: quantized caches measured no worse than f16 (two at the floor, a tie)
     tied = {**real, **{m: CacheCost(m, CACHE_KL_FLOOR, real[m].speed_factor) for m in ("q8_0/f16", "q8_0/q8_0+fa")}}
-    edits = [EditSet("", 0, tuple(range(30)))]
-
-    def feasible(budget, caches):
-        def run(costs):
-            cands = candidates(
-                SMOL,
-                edits,
-                costs,
-                list(caches.values()),
-                context=4096,
-                budget_mb=budget,
-                bandwidth_gbps=20,
-                efficiency=0.4,
-                min_tps=5,
-                max_kl=1,
-                overhead_mb=64,
-            )
-            return [c for c in cands if c.fits_memory and c.fits_speed]
-
-        return run
+    feasible = smol_feasible
 
     fewer, checked = 0, 0
     for full, budget in [(f, b) for f in (real, tied) for b in range(150, 560, 15)]:
