@@ -263,6 +263,7 @@ def write_facts(ctx, args) -> None:
                 "repack_per_layer": list(cheap.sizes[q].repack_per_layer),
                 "other": cheap.sizes[q].other,
                 "tensor_map": cheap.sizes[q].extra["tensor_map"],
+                "tensor_params": cheap.sizes[q].extra["tensor_params"],
                 "kl": c.kl,
                 **{k: c.extra[k] for k in ("imatrix", "kl_plain", "kl_imatrix") if k in c.extra},
             }

@@ -404,7 +404,9 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
             unmerged = m.feasible(lambda c: _optimistic_edits(c, 0))
             while True:
                 m.settle(unmerged)
-                q = scope.next_to_measure(todo, sizes, m.costs, bound, unmerged, grids, skipped)
+                q = scope.next_to_measure(
+                    todo, sizes, m.costs, bound, unmerged, grids, skipped, prior=scope.published_kl
+                )
                 if q is None:
                     break
                 m.measure_types([q])
@@ -452,7 +454,7 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
             nowhere = "fits only with more merging than can change the plan (the merge curves stop before it fits)"
             while True:
                 m.settle(real)
-                q = scope.next_to_measure(todo, sizes, m.costs, real, real, grids, skipped, nowhere)
+                q = scope.next_to_measure(todo, sizes, m.costs, real, real, grids, skipped, nowhere, scope.published_kl)
                 if q is None:
                     break
                 m.measure_types([q])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,6 +39,72 @@ def test_precision_order_tensor_by_tensor():
     assert not surely_better(q6, q5, GRIDS_CONTAINING["Q4_1"])
     assert surely_better(q6, q5k, GRIDS_CONTAINING["Q4_1"])
     assert not surely_better(q8, cost("X", {"a": "Q4_0"}))  # other tensors: no comparison
+
+
+def test_rule_2b_a_sibling_type_on_a_tenth_of_the_weights():
+    """Rule 2b on Qwen2.5-1.5B's real tensor types (llama.cpp's dry run): IQ4_XS writes the attention
+    output at IQ4_XS where IQ3_M has Q4_K (the same tier), 5% of the weights the two write
+    differently, and every other tensor a tier higher: IQ4_XS is surely better.  Q3_K_M's attention
+    output and FFN down projection at Q4_K are a third of them: not compared.  Without weight
+    counts, rule 2 alone."""
+    n = {"o": 2_359_296, "q": 2_359_296, "gate": 13_762_560, "down": 13_762_560}
+    iq4 = {"o": "IQ4_XS", "q": "IQ4_XS", "gate": "IQ4_XS", "down": "IQ4_XS"}
+    iq3m = {"o": "Q4_K", "q": "IQ3_S", "gate": "IQ3_S", "down": "IQ3_S"}
+    q3km = {"o": "Q4_K", "q": "Q3_K", "gate": "Q3_K", "down": "Q4_K"}
+
+    def c(q, tmap, params=True):
+        return QuantCost(
+            q, "gguf", (MIB,), 0, (), None, extra={"tensor_map": tmap, **({"tensor_params": n} if params else {})}
+        )
+
+    assert surely_better(c("IQ4_XS", iq4), c("IQ3_M", iq3m))
+    assert not surely_better(c("IQ4_XS", iq4), c("IQ3_M", iq3m, params=False))
+    assert not surely_better(c("IQ4_XS", iq4), c("Q3_K_M", q3km))
+    assert not surely_better(c("IQ3_M", iq3m), c("IQ4_XS", iq4))
+
+
+def test_prior_order_measures_the_likely_winner_first():
+    """The measuring order (a type's published KL, never below its bound) only says which type comes
+    first: with Q2_K fitting beside an f16 cache and IQ4_XS only beside a quantized one, the lower
+    bounds alone pick Q2_K first (0 < the cache's floor); the prior picks IQ4_XS.  Rule 2 then bounds
+    Q2_K at IQ4_XS's KL, which beside the free f16 cache is still below IQ4_XS with its quantized
+    cache, so Q2_K is measured (exact); where IQ4_XS fits beside f16 too, Q2_K is never quantized."""
+    from mka_edge.records import CACHE_KL_FLOOR
+    from mka_edge.solver.scope import published_kl
+
+    sizes = {
+        "IQ4_XS": cost("IQ4_XS", {"a": "IQ4_XS"}, 2.0),
+        "Q2_K": cost("Q2_K", {"a": "Q2_K"}, 1.0),
+    }
+    caches = [CacheCost("f16/f16"), CacheCost("q4_0/f16", CACHE_KL_FLOOR, kl_measured=False)]
+
+    def f(costs):
+        out = []
+        for q, c in costs.items():
+            for cache in caches:
+                if q == "IQ4_XS" and cache.mode == "f16/f16":
+                    continue  # does not fit beside an f16 cache
+                kl = (c.kl or 0.0) + cache.kl
+                out.append(SimpleNamespace(quant=q, cache=cache.mode, kl=kl, memory_mb=c.total_bytes / MIB))
+        return out
+
+    assert next_to_measure(["IQ4_XS", "Q2_K"], sizes, {}, f, f, frozenset(), {}) == "Q2_K"
+    todo, skipped = ["IQ4_XS", "Q2_K"], {}
+    assert next_to_measure(todo, sizes, {}, f, f, frozenset(), skipped, prior=published_kl) == "IQ4_XS"
+    measured = {"IQ4_XS": sizes["IQ4_XS"].with_kl(0.04)}
+    todo.remove("IQ4_XS")
+    caches[1] = CacheCost("q4_0/f16", 0.002)  # settled, as planning does before the next type
+    assert next_to_measure(list(todo), sizes, measured, f, f, frozenset(), skipped, prior=published_kl) == "Q2_K"
+
+    def g(costs):  # IQ4_XS fits beside the f16 cache as well
+        return f(costs) + [
+            SimpleNamespace(quant=q, cache="f16/f16", kl=c.kl or 0.0, memory_mb=c.total_bytes / MIB)
+            for q, c in costs.items()
+            if q == "IQ4_XS"
+        ]
+
+    assert next_to_measure(todo, sizes, measured, g, g, frozenset(), skipped, prior=published_kl) is None
+    assert skipped["Q2_K"].rule == "cannot win" and "IQ4_XS" in skipped["Q2_K"].why
 
 
 def test_bound_and_skip_reasons():
@@ -103,7 +170,7 @@ def _costs(facts: dict, with_kl: bool) -> dict[str, QuantCost]:
             d["other"],
             tuple(d["repack_per_layer"]),
             d["kl"] if with_kl else None,
-            extra={"tensor_map": d["tensor_map"]},
+            extra={"tensor_map": d["tensor_map"], "tensor_params": d["tensor_params"]},
         )
         for q, d in facts["types"].items()
     }

@@ -47,7 +47,8 @@ from .memory import REPACKED_TYPES, Shape
 from .quant_probe import split_by_block
 from .search import candidates, refuse_if_nothing_fits
 
-SIZES_VERSION = 3  # 2: each tensor's type (tensor_map), for the precision order of solver/scope.py; 3: embd_bytes
+SIZES_VERSION = 4  # 2: each tensor's type (tensor_map), for the precision order of solver/scope.py; 3: embd_bytes;
+# 4: each tensor's weight count (tensor_params), for rule 2b of solver/scope.py
 
 
 @dataclass
@@ -96,6 +97,7 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
     out = split_by_block(sized, REPACKED_TYPES)
     out["tensor_types"] = dict(Counter(t for _, t, _, _ in sized).most_common())  # as inspect_gguf reports them
     out["tensor_map"] = {name: t for name, t, _, _ in sized}
+    out["tensor_params"] = {name: math.prod(shape) for name, shape in shapes.items()}
     # the token embedding's bytes: with an output matrix of its own (untied), llama.cpp only
     # gathers a row of it per token, so the speed model does not count it as read
     out["embd_bytes"] = float(sum(b for name, _, _, b in sized if name == "token_embd.weight"))

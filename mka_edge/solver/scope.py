@@ -15,6 +15,12 @@ types measured with and without an importance matrix); most cannot win, and thes
    model dequantized from a Q4_1 GGUF is exact in Q5_1).  Checked: every measured pair it orders,
    in every plan (``check_order``), on SmolLM2's full measurement in tests, and against llama.cpp's
    Llama-3-8B scoreboard.
+   **2b.** The same when A's other tensors are at B's tier in another type (llama.cpp's IQ4_XS
+   against Q4_K, say) and hold at most ``NEAR_SHARE`` of the weights the two types write
+   differently: one tier is about a bit per weight, several times the squared error, which a
+   tenth of the weights at a sibling type of the same tier cannot give back (IQ3_M's attention
+   output at Q4_K against IQ4_XS's at IQ4_XS, 5% of a 1.5B model's weights).  Needs each
+   tensor's weight count (the dry run's ``tensor_params``); checked as rule 2 is.
 3. **Non-negative terms.** Each KL term is at least 0 and a merge step adds loss (the merge
    curve's own stopping rule): a candidate's KL is at least its type's lower bound (rule 2's, else
    0) plus its cache mode's cost (``records.CACHE_KL_FLOOR`` until measured: no mode but the
@@ -32,6 +38,11 @@ types measured with and without an importance matrix); most cannot win, and thes
    the plan's context: minutes at 1.5B parameters) only when the best candidate would fall below
    the floor at ``MIN_SPEED_SHARE`` of its predicted speed.  Otherwise its share stays 1.0 and the
    plan says its device speed was predicted without it.
+
+Order does not change the choice, only how soon the incumbent is tight: the type measured next is
+the one whose best feasible plan is predicted least lossy at its prior (llama.cpp's published KL,
+``quant_prior``, never below its bound), so the likely winner comes first and the types it bounds
+by rule 2 are never quantized; types without a prior go by their bound.
 
 A type is skipped when that lower bound, at every (edit set, cache mode) where it fits, reaches the
 KL of the best feasible plan already measured (the incumbent): it can neither beat it nor tie it on
@@ -59,24 +70,36 @@ class Skipped:
         return {"quant": self.quant, "rule": self.rule, "why": self.why}
 
 
+# Rule 2b: the most of the differently written weights that may sit at a sibling type of the same tier
+NEAR_SHARE = 0.10
+
+
 def surely_better(a: QuantCost, b: QuantCost, exact_grids: frozenset[str] = frozenset()) -> bool:
     """Rule 2: ``a`` writes every tensor at ``b``'s type or a higher precision tier, one at least
-    higher.  ``exact_grids``: tensor types that may hold the source's grid exactly (never compared)."""
+    higher; rule 2b: or at a sibling type of ``b``'s tier for at most NEAR_SHARE of the weights the
+    two write differently (weight counts from ``b``'s ``tensor_params``; without them, rule 2 only).
+    ``exact_grids``: tensor types that may hold the source's grid exactly (never compared)."""
     from mka_edge.exporters.quant_types import PRECISION_TIER
 
     ma, mb = a.extra.get("tensor_map") or {}, b.extra.get("tensor_map") or {}
     if not ma or ma.keys() != mb.keys():
         return False
-    higher = False
+    params = b.extra.get("tensor_params") or {}
+    higher = sibling = 0
     for name, tb in mb.items():
         ta = ma[name]
         if ta == tb:
             continue
         ra, rb = PRECISION_TIER.get(ta.upper()), PRECISION_TIER.get(tb.upper())
-        if tb.upper() in exact_grids or ra is None or rb is None or ra <= rb:
+        if tb.upper() in exact_grids or ra is None or rb is None or ra < rb:
             return False
-        higher = True
-    return higher
+        if ra == rb:
+            if name not in params:
+                return False
+            sibling += params[name]
+        else:
+            higher += params.get(name, 1)
+    return higher > 0 and sibling <= NEAR_SHARE * (higher + sibling)
 
 
 def quant_bound(q: str, sizes: dict[str, QuantCost], measured: dict[str, QuantCost], grids) -> tuple[float, str]:
@@ -129,13 +152,15 @@ def next_to_measure(
     grids,
     skipped: dict[str, Skipped],
     nowhere: str = "fits the budget and speed floor at no edit set and cache mode",
+    prior: Callable[[str], float | None] | None = None,
 ) -> str | None:
     """The type to measure next, or None when none is worth measuring yet.
 
     ``now``: the feasible candidates over the edit sets known now (the unmerged model before the
     merge curves, their points after): the incumbent is the best measured one, and a type is worth
     measuring now only if its bound over them is below it (least bound first; larger first on a
-    tie, as it bounds the smaller ones).  ``bound``: the candidates over every edit set any curve
+    tie, as it bounds the smaller ones; with ``prior``, a type's KL guess, least predicted first:
+    the order only decides how soon the incumbent is tight).  ``bound``: the candidates over every edit set any curve
     could reach (optimistic before the curves are known): a type whose bound over them reaches
     the incumbent, or that fits nowhere, goes into ``skipped`` and leaves ``todo``; the others wait."""
     inc = best_kl(now, measured)
@@ -154,9 +179,22 @@ def next_to_measure(
         keep.append(q)
         lb_now, _ = lower_bound(q, sizes, measured, now, grids)
         if lb_now is not None and (inc is None or lb_now < inc):
-            ranked.append((lb_now, -sizes[q].total_bytes, q))
+            guess = prior(q) if prior is not None else None
+            est = lb_now
+            if guess is not None:
+                q_kl = max(guess, quant_bound(q, sizes, measured, grids)[0])
+                est = min((c.kl for c in now({q: sizes[q].with_kl(q_kl)})), default=lb_now)
+            ranked.append((est, lb_now, -sizes[q].total_bytes, q))
     todo[:] = keep
-    return min(ranked)[2] if ranked else None
+    return min(ranked)[-1] if ranked else None
+
+
+def published_kl(q: str) -> float | None:
+    """llama.cpp's published KL of ``q`` on Llama-3-8B (the lower of plain and with a matrix), the
+    measuring order's guess (``next_to_measure``'s ``prior``); None for a type it has no row for."""
+    from .quant_prior import KNOWN, prior_entry
+
+    return prior_entry(q, [1], 0)["kl"] if q in KNOWN else None
 
 
 # The least share of the f16 cache's decode speed any cache mode keeps (rule 6): SmolLM2's slowest,
