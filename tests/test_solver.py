@@ -117,6 +117,28 @@ def test_pareto_front_is_monotone():
     assert front[-1].kl == 0.0
 
 
+def test_a_model_too_large_to_probe_gets_exact_bytes_and_the_published_kl():
+    """Above the probe's size (and with --quality-prior) a GGUF type's KL is llama.cpp's published
+    figure, but its bytes are the dry run's, tensor by tensor (issue 23): on SmolLM2, whose 576-wide
+    rows make llama.cpp swap most K-quant tensors for legacy types, the table's bits per weight
+    would be off by a third."""
+    from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
+    from mka_edge.solver.quant_prior import PUBLISHED_IMATRIX, prior_entry
+    from mka_edge.targets import get_target
+
+    ms = read_shape(None)
+    got = get_target("gguf").type_sizes(ms, ["Q4_K_M", "IQ4_XS"], measure=False)
+    exact = gguf_type_sizes(ms, ["Q4_K_M", "IQ4_XS"])
+    for q in ("Q4_K_M", "IQ4_XS"):
+        assert got[q].per_layer == tuple(exact[q]["per_layer"]) and got[q].other == exact[q]["other"]
+        assert got[q].extra["tensor_map"] == exact[q]["tensor_map"]
+        assert got[q].kl == prior_entry(q, [1], 0)["kl"] and "scoreboard" in got[q].extra["source"]
+    assert got["IQ4_XS"].kl == PUBLISHED_IMATRIX["IQ4_XS"][1] and got["IQ4_XS"].extra["imatrix"]
+    by_bpw = prior_entry("Q4_K_M", ms.block_params, ms.other_params)
+    off = got["Q4_K_M"].total_bytes / (sum(by_bpw["per_layer"]) + by_bpw["other"])
+    assert not 0.9 < off < 1.1, off  # the table's bits per weight do not size this model
+
+
 def test_published_prior_and_plan_on_a_tiny_model(tmp_path, tiny_dir):
     """The prior path end to end on a tiny model: curve, costs sized for this model, a choice, plan.json."""
     from mka_edge.planning import plan_table, plan_with_context, write_plan

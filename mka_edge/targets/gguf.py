@@ -140,18 +140,29 @@ class GgufTarget(Target):
     def type_sizes(self, ms, quants: list[str], measure: bool) -> dict[str, QuantCost]:
         from ..solver.feasibility import gguf_type_sizes
 
+        if not measure:
+            self._check_prior(quants)  # before the dry run: an unknown type is refused first
+        exact = gguf_type_sizes(ms, quants)  # llama.cpp's dry run: seconds even at 70B (a sparse file)
         if measure:
-            return {q: QuantCost.from_json(q, self.name, d) for q, d in gguf_type_sizes(ms, quants).items()}
-        return self._prior(ms, quants)
+            return {q: QuantCost.from_json(q, self.name, d) for q, d in exact.items()}
+        return {q: QuantCost.from_json(q, self.name, {**exact[q], **self._prior_kl(q)}) for q in quants}
 
-    def _prior(self, ms, quants: list[str]) -> dict[str, QuantCost]:
-        """Costs from llama.cpp's published Llama-3-8B table, sized for this model."""
-        from ..solver.quant_prior import KNOWN, prior_entry
+    def _check_prior(self, quants: list[str]) -> None:
+        from ..solver.quant_prior import KNOWN
 
         unknown = [q for q in quants if q not in KNOWN]
         if unknown:
             raise UserError(f"no published prior for {', '.join(unknown)}; use types from {', '.join(KNOWN)}")
-        return {q: QuantCost.from_json(q, self.name, prior_entry(q, ms.block_params, ms.other_params)) for q in quants}
+
+    def _prior_kl(self, q: str) -> dict:
+        """The KL fields of llama.cpp's published Llama-3-8B table for ``q`` (``kl``, ``imatrix``,
+        ``kl_plain`` / ``kl_imatrix``, ``source``): the quality a model too large to probe is
+        planned with.  Its bytes are not taken from the table's bits per weight: the dry run gives
+        the exact per-tensor types this model gets (row widths, tied embedding, llama.cpp's mixes)."""
+        from ..solver.quant_prior import prior_entry
+
+        keep = ("kl", "imatrix", "kl_plain", "kl_imatrix", "source")
+        return {k: v for k, v in prior_entry(q, [0], 0).items() if k in keep}
 
     def quant_costs(
         self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True, session=None
