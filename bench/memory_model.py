@@ -23,10 +23,10 @@ from mka_edge.kv_cache import CacheMode
 from mka_edge.models.loading import load_model
 from mka_edge.solver.memory import MIB, Shape, predict, reserved_compute_bytes
 from mka_edge.solver.quant_probe import tensor_bytes_split
-from mka_edge.validate.gguf import WORKER
 from mka_edge.validate.jobs import LatencyJob
 from mka_edge.validate.llama_buffers import reported_buffers
 from mka_edge.validate.runner import run_child
+from mka_edge.validate.workers import GGUF_WORKER as WORKER
 
 
 def synthetic_1b(work: Path, tokenizer_dir: Path) -> Path:

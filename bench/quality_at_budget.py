@@ -42,10 +42,10 @@ from mka_edge.planning import _enumerate, cheap_facts, measure, resolve_settings
 from mka_edge.produce import produce
 from mka_edge.records import EditSet
 from mka_edge.solver.feasibility import smallest_kept
-from mka_edge.validate.gguf import WORKER
 from mka_edge.validate.jobs import AccuracyJob, LatencyJob
 from mka_edge.validate.reference import compact_reference
 from mka_edge.validate.runner import run_child
+from mka_edge.validate.workers import GGUF_WORKER as WORKER
 
 OLD = dict(kv_type="f16", flash_attn="off", attention_removal=False, imatrix=False)
 FULL: dict = {}

@@ -16,6 +16,7 @@ import yaml
 
 from .cache import check_plain_name
 from .errors import UserError
+from .precedence import resolved  # noqa: F401  (the rule's callers import it from here too)
 from .targets import Target, runtimes, target_for_runtime
 
 KV_CHOICES = ("auto", "f16", "f32", "q8_0", "q4_0")  # auto: the plan chooses (kv_cache.py)
@@ -56,17 +57,6 @@ class Profile:
         d = asdict(self)
         d["format"], d["budget_mb"] = self.format, self.budget_mb
         return d
-
-
-def resolved(given, profile: Profile | None, field: str, fallback=None):
-    """The one precedence rule for a setting: a value given (command line, or a recipe's default the
-    CLI applied) wins, else the profile's field, else the fallback.  0 counts as given: it is
-    checked, not silently replaced."""
-    if given is not None:
-        return given
-    if profile is not None:
-        return getattr(profile, field)
-    return fallback
 
 
 _REQUIRED = {

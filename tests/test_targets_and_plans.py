@@ -17,7 +17,7 @@ from conftest import make_tiny, predicted_memory_mb, tiny_build_inputs
 from mka_edge.errors import UserError
 from mka_edge.records import ArtifactSummary, Plan, QuantCost
 from mka_edge.solver.memory import MIB, MemoryPrediction, Shape
-from mka_edge.targets import TARGETS, ReportMemory, Target, get_target, register, target_for_artifact
+from mka_edge.targets import TARGETS, ReportMemory, Target, get_target, register, target_for_artifact, unregister
 
 SHAPE = Shape(n_layers=8, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, n_vocab=400)
 
@@ -99,7 +99,7 @@ class FakeTarget(Target):
 def fake_target():
     register(FakeTarget)
     yield TARGETS["fake"]
-    TARGETS.pop("fake")
+    unregister("fake")
 
 
 def test_a_third_target_flows_through_solve_and_the_report(tmp_path, fake_target):

@@ -94,10 +94,10 @@ def _measure(
     from mka_edge.exporters.llama_quantize import quantize
     from mka_edge.exporters.quant_types import quant_type
 
-    from ..validate.gguf import WORKER
     from ..validate.jobs import AccuracyJob
     from ..validate.reference import compact_reference
     from ..validate.runner import run_child
+    from ..validate.workers import GGUF_WORKER as WORKER
 
     for todo in (missing, speed_missing):
         for m, path in list(todo):

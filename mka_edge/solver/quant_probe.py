@@ -26,10 +26,10 @@ from mka_edge.exporters.llama_quantize import quantize
 from mka_edge.exporters.quant_types import quant_type
 
 from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
-from ..validate.gguf import WORKER
 from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
 from ..validate.runner import run_child
+from ..validate.workers import GGUF_WORKER as WORKER
 from .memory import REPACKED_TYPES
 from .speed import calibrate
 

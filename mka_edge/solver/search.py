@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import UserError
 from ..records import CacheCost, EditSet, QuantCost
-from ..targets import get_target
+from .cost_models import cost_model
 from .memory import Shape
 from .speed import bytes_per_token, predict_tps
 
@@ -114,7 +114,7 @@ def candidates(
     for e in edits:
         sh = shape.with_layers(e.layers, e.attn_layers if e.attn_removed else None)
         for quant, cost in probe.items():
-            target = get_target(cost.target)
+            target = cost_model(cost.target)
             wb, rb = cost.weight_bytes(list(e.kept))
             if e.attn_removed:
                 per = cost.per_layer

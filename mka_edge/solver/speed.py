@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ..cache import atomic_write_text, cache_root
-from ..targets import get_target
+from .cost_models import cost_model
 
 DEFAULT_EFFICIENCY = 0.5  # used until a host measurement exists
 
@@ -42,7 +42,7 @@ def bytes_per_token(weight_bytes: float, kv_bytes_full: float, tied: bool, embd_
 
 
 def _calibration_file(target: str):
-    return cache_root() / get_target(target).speed_calibration_file
+    return cache_root() / cost_model(target).speed_calibration_file
 
 
 def calibrate(measured_tps: float, bytes_tok: float, target: str, host_gbps: float | None = None) -> dict:

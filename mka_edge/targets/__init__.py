@@ -8,7 +8,17 @@ and ``target_for_artifact(path)`` are how the rest of mka-edge reaches them.
 """
 
 from . import gguf, onnx  # noqa: F401  (each module registers its target)
-from .base import TARGETS, ReportMemory, Target, get_target, register, runtimes, target_for_artifact, target_for_runtime
+from .base import (
+    TARGETS,
+    ReportMemory,
+    Target,
+    get_target,
+    register,
+    runtimes,
+    target_for_artifact,
+    target_for_runtime,
+    unregister,
+)
 
 __all__ = [
     "TARGETS",
@@ -19,4 +29,5 @@ __all__ = [
     "runtimes",
     "target_for_artifact",
     "target_for_runtime",
+    "unregister",
 ]

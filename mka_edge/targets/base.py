@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import UserError
 from ..records import ArtifactSummary, CacheCost, QuantCost
+from ..solver.cost_models import COST_MODELS, register_cost_model
+from ..validate.formats import register_format, unregister_format
 
 if TYPE_CHECKING:
     from ..solver.feasibility import ModelShape
@@ -27,9 +29,19 @@ TARGETS: dict[str, Target] = {}
 
 
 def register(cls: type[Target]) -> type[Target]:
-    """Class decorator: one line adds a target to the table."""
-    TARGETS[cls.name] = cls()
+    """Class decorator: one line adds a target to the table, and to the tables the layers below
+    read it from (the solver's cost models, validation's adapters)."""
+    t = TARGETS[cls.name] = cls()
+    register_cost_model(t)
+    register_format(t.name, t.claims, t.artifact_kind, lambda: t.validation)
     return cls
+
+
+def unregister(name: str) -> None:
+    """Take a target out of every table (tests that register a made-up one)."""
+    TARGETS.pop(name, None)
+    COST_MODELS.pop(name, None)
+    unregister_format(name)
 
 
 def get_target(name: str) -> Target:

@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..records import ArtifactSummary, QuantCost
 from ..solver import memory
 from ..validate.formats import Format, check_count, compare_tokens, dist_version
+from ..validate.workers import GGUF_WORKER
 from .base import ReportMemory, Target, register
 
 # IQ4_XS / IQ3_M: 256-wide blocks; where a row is not a multiple of 256 (SmolLM2's 576) llama.cpp
@@ -107,7 +108,7 @@ def _rows(art: dict) -> list[tuple[str, str]]:
 
 VALIDATION = Format(
     "gguf",
-    "mka_edge.validate.gguf_worker",
+    GGUF_WORKER,
     "llama.cpp (llama-cpp-python)",
     lambda: dist_version("llama-cpp-python"),
     _inspect,

@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..records import ArtifactSummary, QuantCost
 from ..solver import onnx_memory
 from ..validate.formats import Format, check_count, compare_tokens, dist_version
+from ..validate.workers import ONNX_WORKER
 from .base import ReportMemory, Target, register
 
 # fp16 is left out by default: the CPU provider runs it upcast, with more memory than fp32 and no
@@ -94,7 +95,7 @@ def _default_out(p: Path) -> Path:
 
 VALIDATION = Format(
     "onnx",
-    "mka_edge.validate.onnx_worker",
+    ONNX_WORKER,
     "onnxruntime (CPU provider) + onnxruntime-genai",
     lambda: f"{dist_version('onnxruntime')} / genai {dist_version('onnxruntime-genai')}",
     _inspect,

@@ -18,10 +18,10 @@ from .. import __version__
 from ..cache import atomic_write_text
 from ..errors import UserError
 from ..models.loading import load_model
-from ..profiles import resolved
+from ..precedence import resolved
 from ..quality import wilson
-from ..targets import target_for_artifact
 from .checks import Thresholds, evaluate
+from .formats import format_for_artifact
 from .jobs import AccuracyJob, LatencyJob
 from .reference import compact_reference, mmlu_jobs, reference_mmlu
 from .runner import run_child
@@ -66,7 +66,7 @@ def validate_artifact(
     source: loading it a second time held two copies at the reference's peak)."""
 
     artifact = Path(artifact)
-    fmt = target_for_artifact(Path(artifact)).validation
+    fmt = format_for_artifact(artifact)
     if profile is not None and profile.format != fmt.name:
         raise UserError(
             f"profile {profile.name} runs {profile.runtime} ({profile.format}) but {artifact} is {fmt.name}; "

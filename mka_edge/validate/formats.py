@@ -46,3 +46,31 @@ class Format:
     cache_mode: Callable[[str | None, str | None, dict], str]  # (KV type, flash attention, info) -> what runs
     artifact_rows: Callable[[dict], list]
     default_out: Callable[[Path], Path]
+
+
+# Every target's validation adapter, by name: (claims an artifact path?, what its artifacts are, the
+# adapter when asked).  Filled by targets.base.register, read by validate_artifact: validation sits
+# below the targets and does not import them.
+_ADAPTERS: dict[str, tuple[Callable[[Path], bool], str, Callable[[], Format]]] = {}
+
+
+def register_format(name: str, claims: Callable[[Path], bool], kind: str, adapter: Callable[[], Format]) -> None:
+    _ADAPTERS[name] = (claims, kind, adapter)
+
+
+def unregister_format(name: str) -> None:
+    _ADAPTERS.pop(name, None)
+
+
+def format_for_artifact(artifact: str | Path) -> Format:
+    """The adapter of the target whose artifacts look like this path (suffix or folder layout)."""
+    artifact = Path(artifact)
+    for claims, _, adapter in _ADAPTERS.values():
+        if claims(artifact):
+            return adapter()
+    if not artifact.exists():
+        raise UserError(f"{artifact} does not exist")
+    raise UserError(
+        f"{artifact} is not an artifact of any known target ({'; '.join(k for _, k, _ in _ADAPTERS.values())}); "
+        "give one of those"
+    )
