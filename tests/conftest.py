@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mka_edge.targets  # noqa: E402, F401  (registers the targets' cost models and adapters, as every command does)
 from mka_edge.models.synthetic import make_tiny, tiny_tokenizer  # noqa: F401 (tests import them from here)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

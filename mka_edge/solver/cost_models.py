@@ -46,4 +46,5 @@ def cost_model(name: str) -> CostModel:
     try:
         return COST_MODELS[name]
     except KeyError:
-        raise UserError(f"unknown target format '{name}'; known: {', '.join(COST_MODELS)}") from None
+        known = ", ".join(COST_MODELS) or "none registered: import mka_edge.targets first"
+        raise UserError(f"unknown target format '{name}'; known: {known}") from None
