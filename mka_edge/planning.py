@@ -30,9 +30,9 @@ from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Plan, Q
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
-from .solver.memory import DEFAULT_OVERHEAD_MB, Shape
+from .solver.memory import DEFAULT_OVERHEAD_MB, MIB, Shape, cache_bytes
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
-from .solver.scope import MIN_SPEED_SHARE, unsettled
+from .solver.scope import speed_share_floor, unsettled
 from .solver.search import BASELINE_CACHE, Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
@@ -338,6 +338,13 @@ class _Measurer:
         )
         self.caches = {c.mode: c for c in costs}
 
+    def share_floor(self, cand) -> float:
+        """Rule 6's least speed share of ``cand``'s cache mode: its weights against the f16 cache
+        of its own layers at the plan's context (half of it: the average over a generation)."""
+        shape = self.shape.with_layers(cand.layers, cand.attn_layers)
+        f16 = 0.5 * cache_bytes(shape, self.s.budget.context, BASELINE_CACHE)
+        return speed_share_floor(cand.memory_terms.get("weights_mb", 0.0) * MIB, f16)
+
     def settle(self, now) -> None:
         """Measure cache modes until the best candidate of ``now`` (by the plan's own order: KL, then
         memory) has a measured KL and speed.  An unmeasured mode's KL is a lower bound (its cost is
@@ -345,7 +352,7 @@ class _Measurer:
         best candidate whose mode is measured is the one full measurement ranks first, and the
         incumbent every skip of solver/scope.py compares against is exact."""
         floor = self.s.budget.min_tokens_per_s
-        while (need := unsettled(now(self.costs), self.caches, floor)) is not None:
+        while (need := unsettled(now(self.costs), self.caches, floor, self.share_floor)) is not None:
             mode, what = need
             kw = {"session": self.session} if self.session is not None else {}
             common = dict(context=self.s.budget.context, progress=self.progress, log=self.log, **kw)
@@ -771,8 +778,8 @@ def scope_lines(scope: dict) -> list[str]:
         )
     if scope.get("speed_not_measured"):
         out.append(
-            f"decode speed not timed (no plan with it ranked first, or the first reaches the speed floor even at "
-            f"{MIN_SPEED_SHARE:g} of its speed; its tok/s above assume the f16 cache's): "
+            "decode speed not timed (no plan with it ranked first, or the first reaches the speed floor even at "
+            "the least share of its speed a cache mode can keep; its tok/s above assume the f16 cache's): "
             f"{', '.join(scope['speed_not_measured'])}"
         )
     out += [f"precision order broken: {v}" for v in scope.get("order_violations", [])]

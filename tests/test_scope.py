@@ -304,3 +304,28 @@ def test_a_speed_share_that_cannot_matter_is_not_timed():
     assert unsettled([cand(slow)], untimed, floor) == ("q8_0/q8_0+fa", "speed")
     assert unsettled([cand(fast)], unknown, floor) == ("q8_0/q8_0+fa", "kl")
     assert unsettled([], untimed, floor) is None
+
+
+def test_the_least_speed_share_follows_the_cache_s_part_of_a_token():
+    """Rule 6's floor per model: SmolLM2's own measured shares are all above the floor it gets (the
+    rule holds where it was fitted), a Qwen2.5-1.5B-shaped model at IQ4_XS gets a far higher one
+    (its cache is a smaller part of a token's reads), so a plan predicted at 20 tok/s against a
+    10 tok/s floor needs no timing there, while at the old flat 0.22 it did."""
+    from mka_edge.solver.memory import cache_bytes
+    from mka_edge.solver.scope import MIN_SPEED_SHARE, speed_share_floor, unsettled
+    from mka_edge.solver.search import Candidate
+
+    facts = json.loads(DATA.read_text())
+    q8 = facts["types"]["Q8_0"]
+    smol = speed_share_floor(sum(q8["per_layer"]) + q8["other"], 0.5 * cache_bytes(SMOL, 4096, "f16/f16"))
+    assert MIN_SPEED_SHARE < smol < min(c["speed_factor"] for c in facts["caches"].values())
+    qwen = Shape(
+        n_layers=28, n_embd=1536, n_head=12, n_kv_head=2, head_dim=128, n_ff=8960, n_vocab=151936, tied_embeddings=True
+    )
+    big = speed_share_floor(896e6, 0.5 * cache_bytes(qwen, 4096, "f16/f16"))
+    assert 0.55 < big < 0.65
+    cand = Candidate(0, "IQ4_XS", 28, 990.0, {"weights_mb": 855.0}, 0.003, 20.0, True, True, True, cache="q8_0/q8_0+fa")
+    untimed = {"q8_0/q8_0+fa": CacheCost("q8_0/q8_0+fa", 0.0003, speed_measured=False)}
+    assert unsettled([cand], untimed, 10.0) == ("q8_0/q8_0+fa", "speed")  # the flat floor
+    assert unsettled([cand], untimed, 10.0, lambda c: big) is None
+    assert unsettled([cand], untimed, 10.0, lambda c: smol) == ("q8_0/q8_0+fa", "speed")

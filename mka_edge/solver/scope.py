@@ -36,8 +36,10 @@ types measured with and without an importance matrix); most cannot win, and thes
 6. **A speed share that cannot matter is not timed.** Decode speed enters a plan only through the
    profile's floor; a quantized cache's share of the f16 cache's speed is timed (a long prefill to
    the plan's context: minutes at 1.5B parameters) only when the best candidate would fall below
-   the floor at ``MIN_SPEED_SHARE`` of its predicted speed.  Otherwise its share stays 1.0 and the
-   plan says its device speed was predicted without it.
+   the floor at its least possible share (``speed_share_floor``: the weights read per token cost
+   what they cost, the cache at most ``CACHE_TIME_PER_BYTE`` times the f16 cache's time per byte;
+   never below ``MIN_SPEED_SHARE``).  Otherwise its share stays 1.0 and the plan says its device
+   speed was predicted without it.
 
 Order does not change the choice, only how soon the incumbent is tight: the type measured next is
 the one whose best feasible plan is predicted least lossy at its prior (llama.cpp's published KL,
@@ -198,25 +200,44 @@ def published_kl(q: str) -> float | None:
 
 
 # The least share of the f16 cache's decode speed any cache mode keeps (rule 6): SmolLM2's slowest,
-# q4_0/q4_0+fa at context 4096 on a 2-core host, kept 0.44 (docs/results.md); a larger model's
-# cache is a smaller part of what a token reads, so it loses less.  Halved for margin.
+# q4_0/q4_0+fa at context 4096 on a 2-core host, kept 0.44 (docs/results.md); halved for margin.
 MIN_SPEED_SHARE = 0.22
+# The same measurement per byte: a token's time is the weights' read plus the cache's, and SmolLM2's
+# slowest mode spent 6.1x the f16 cache's time per byte of f16 cache (143 MB of Q8_0 weights, 47 MB
+# of f16 cache on average over a 4096 context: (143 + 47) / 0.441 = 143 + 6.1 x 47).  Doubled for
+# margin.  A larger model's cache is a smaller part of what a token reads, so its share stays higher.
+CACHE_TIME_PER_BYTE = 12.2
 
 
-def unsettled(cands: list, caches: dict[str, CacheCost], min_tps: float = float("inf")) -> tuple[str, str] | None:
+def speed_share_floor(weight_bytes: float, f16_cache_bytes: float) -> float:
+    """The least share of the f16 cache's decode speed a quantized cache mode can keep for a model
+    reading ``weight_bytes`` per token beside ``f16_cache_bytes`` of f16 cache (the average over a
+    generation, half the full cache): (W + H) / (W + CACHE_TIME_PER_BYTE x H), never below
+    MIN_SPEED_SHARE.  A Qwen2.5-1.5B-shaped model at IQ4_XS and context 4096: 0.59."""
+    w, h = max(0.0, weight_bytes), max(0.0, f16_cache_bytes)
+    if w + h <= 0:
+        return MIN_SPEED_SHARE
+    return max(MIN_SPEED_SHARE, (w + h) / (w + CACHE_TIME_PER_BYTE * h))
+
+
+def unsettled(
+    cands: list, caches: dict[str, CacheCost], min_tps: float = float("inf"), share_floor=None
+) -> tuple[str, str] | None:
     """What the best of ``cands`` (search.Candidate, by the plan's order: KL, then memory) still
     needs measured of its cache mode: ``(mode, "kl")``, ``(mode, "speed")``, or None when both are
     known, or its speed cannot matter.  An unmeasured mode's KL is a lower bound (a cost is never
     below zero) and its speed share 1.0 (a share only ever rules a plan out), so once the best
     candidate's mode is measured it is the candidate full measurement ranks first, and no other
     mode needs measuring.  Speed enters a plan only through the floor ``min_tps``: a candidate
-    that reaches it even at MIN_SPEED_SHARE of its predicted speed (rule 6) needs no timing."""
+    that reaches it even at its least possible share (rule 6: ``share_floor(candidate)``, default
+    MIN_SPEED_SHARE) needs no timing."""
     if not cands:
         return None
     best = min(cands, key=lambda c: (c.kl, c.memory_mb))
     cache = caches[best.cache]
     if not cache.kl_measured:
         return best.cache, "kl"
-    if not cache.speed_measured and best.tps * MIN_SPEED_SHARE < min_tps:
+    share = share_floor(best) if share_floor is not None else MIN_SPEED_SHARE
+    if not cache.speed_measured and best.tps * share < min_tps:
         return best.cache, "speed"
     return None
