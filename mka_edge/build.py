@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -123,29 +124,33 @@ def build(
     healed before export."""
     out = Path(out)
     check_out(out, force)
-    if plan_file is not None:
-        plan, ctx, prof = _saved_plan(plan_file, profile, model)
-        model = model if model is not None else plan.settings.get("model")
-    else:
-        s = resolve_settings(profile, model, refuse_below_bar=not build_anyway, **plan_kw)
-        _check_validation_context(s.budget.context)
-        log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
-        plan, ctx = plan_from_settings(s, progress=progress, log=log)
-        prof = s.profile
-    if not build_anyway:
-        refuse_missed_bar(plan, prof.name)
-    return execute(
-        plan,
-        ctx,
-        prof,
-        out,
-        model_spec=model,
-        max_tries=max_tries,
-        mmlu_per_subject=mmlu_per_subject,
-        repeats=repeats,
-        progress=progress,
-        log=log,
-    )
+    # the probe's file of the best plan that merges nothing waits here for the export (removed
+    # with the folder whatever happens; a build that merges exports its merged model instead)
+    with tempfile.TemporaryDirectory(prefix="mka-edge-probe-files-") as handed:
+        if plan_file is not None:
+            plan, ctx, prof = _saved_plan(plan_file, profile, model)
+            model = model if model is not None else plan.settings.get("model")
+        else:
+            s = resolve_settings(profile, model, refuse_below_bar=not build_anyway, **plan_kw)
+            _check_validation_context(s.budget.context)
+            log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
+            plan, ctx = plan_from_settings(s, progress=progress, log=log, keep=Path(handed))
+            prof = s.profile
+        if not build_anyway:
+            refuse_missed_bar(plan, prof.name)
+        return execute(
+            plan,
+            ctx,
+            prof,
+            out,
+            model_spec=model,
+            max_tries=max_tries,
+            mmlu_per_subject=mmlu_per_subject,
+            repeats=repeats,
+            progress=progress,
+            log=log,
+            handed=Path(handed),
+        )
 
 
 def refuse_missed_bar(plan: Plan, profile: str) -> None:
@@ -208,9 +213,11 @@ def execute(
     repeats: int = 3,
     progress: bool = True,
     log=print,
+    handed: Path | None = None,
 ) -> dict:
     """Merge, (heal,) export, validate and package the plan's best candidate, falling back to the
-    next ones when the artifact misses the measured quality bar."""
+    next ones when the artifact misses the measured quality bar.  ``handed``: the plan's hand-over
+    folder; a candidate that merges nothing is exported by moving the probe's file found there."""
     target = prof.target
     heal = HealConfig(**plan.settings["heal"]) if plan.settings.get("heal") else None
     alpha = plan.choice.alpha
@@ -238,12 +245,13 @@ def execute(
                 lm = load_model(str(merged_dir))
             else:
                 merged_dir, lm = None, ctx.lm
+            made = target.made_by_probe(handed, lm, quant, imatrix) if handed is not None and not k else None
             log(
                 f"[3/5] export: {target.name.upper()} {quant}{' with an importance matrix' if imatrix else ''} "
-                f"({target.runtime_label})"
+                f"({target.runtime_label}{'; the file the plan measured, moved' if made else ''})"
             )
             art = tmp / target.artifact_name(tag)
-            summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=imatrix)
+            summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=imatrix, made=made)
             del lm  # a merged model is not needed again; the reference below is the source in ctx
             killpoint("build:after-export")
             log(f"[4/5] validate in {target.runtime_label} (KV cache {cache})")
@@ -311,7 +319,8 @@ def execute(
         }
         pred = predict_artifact(tmp, chosen, summary, plan, val["latency"], ctx.model.config, prof)
         release_freed_memory()  # the export's and validation's freed buffers, before the similarity's states
-        similarity = ctx.similarity().matrix.numpy()
+        # the layer similarity explains a merge; a plan that merges nothing skips its pass (85 s at 1.5B)
+        similarity = ctx.similarity().matrix.numpy() if k else None
         manifest = package(tmp, plan, chosen, summary, val, attempts, merged_dir, prof, pred, similarity)
         shutil.rmtree(work, ignore_errors=True)
     manifest["out"] = str(out)

@@ -364,11 +364,14 @@ class _Measurer:
                 self.caches[mode] = self.t.cache_speed(self.lm, mode, **common)
 
 
-def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print) -> Facts:
+def measure(
+    s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print, keep: Path | None = None
+) -> Facts:
     """Quant costs, cache-mode costs, speed efficiency and the merge curves on the loaded model
     (``ctx``), each only as far as it can change the choice (``_Measurer``; solver/scope.py has the
     rules).  ``measure_all``, or a target that calibrates speed only inside its probe, measures
-    every type and mode as before."""
+    every type and mode as before.  ``keep``: a folder that receives the probe's file of the best
+    plan that merges nothing (``ProbeSession.hand_over``), which a build then exports by moving."""
     from .solver import scope
 
     t = s.target
@@ -383,6 +386,10 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
             and not t.calibrate_speed(session, list(s.quants))
         ):
             prune = False  # this target calibrates only inside its probe: measure as before
+        # a build's hand-over of the probe's file (not with --measure-all: it would keep every type's)
+        retain = prune and keep is not None and hasattr(session, "retain_only")
+        if retain:
+            session.retain = True
         k_reach = _reach(s, cheap)
         skipped: dict[str, scope.Skipped] = {}
         modes_skipped: list[dict] = []
@@ -418,6 +425,8 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
                     break
                 m.measure_types([q])
                 todo.remove(q)
+                if retain:
+                    session.retain_only(_best_quant(unmerged(m.costs)))
         costs = m.costs
         eff, eff_source = speed.efficiency(t.name)  # a probe may calibrate it on a first run
         ref_layers = next(iter(sizes.values())).per_layer
@@ -466,6 +475,8 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
                     break
                 m.measure_types([q])
                 todo.remove(q)
+                if retain:
+                    session.retain_only(_best_quant(unmerged(m.costs)))
             broken = scope.check_order(sizes, costs, grids)
             by_order = [q for q, sk in skipped.items() if "precision order" in sk.why]
             if broken and by_order:  # the rule failed on this model: what it skipped is measured after all
@@ -475,6 +486,8 @@ def measure(s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, l
                     skipped.pop(q)
                 m.settle(real)
         runs = getattr(session, "runs", None)
+        if retain and (best := _best_quant(unmerged(m.costs))):
+            session.hand_over(best, keep)
     scope_rec = {
         "measure_all": not prune,
         "measured": sorted(costs, key=lambda q: -sizes[q].total_bytes),
@@ -656,7 +669,15 @@ def plan_with_context(
     return plan_from_settings(s, progress=progress, log=log)
 
 
-def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print) -> tuple[Plan, object]:
+def _best_quant(cands) -> str | None:
+    """The type of the first-ranked of ``cands`` (the plan's order: KL, then memory)."""
+    return min(cands, key=lambda c: (c.kl, c.memory_mb)).quant if cands else None
+
+
+def plan_from_settings(
+    s: PlanSettings, *, progress: bool = True, log=print, keep: Path | None = None
+) -> tuple[Plan, object]:
+    """``keep``: see ``measure`` (a build's hand-over folder for the probe's file)."""
     cheap = cheap_facts(s)
     check_load(cheap.shape, s.merge_opts)  # the host's RAM and GPU memory, before any weight loads
     if not cheap.measure:  # the types' KL are priors: a bar no plan can meet is refused before loading
@@ -667,7 +688,7 @@ def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print) -> 
             s, costs, feasible_over(s, cheap.shape.shape, lambda c: _optimistic_edits(c, k_reach), lambda: modes)
         )
     ctx = build_context(model=s.model, **s.merge_opts)
-    return solve(measure(s, cheap, ctx, progress=progress, log=log), s), ctx
+    return solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx
 
 
 def make_plan(profile: str, model: str | None = None, **kw) -> Plan:

@@ -101,7 +101,9 @@ def _report(
         "",
         "![Pareto plot](pareto.png)",
         "",
-        "![Layer similarity](similarity.png)",
+        "![Layer similarity](similarity.png)"
+        if chosen.get("k")
+        else "Layer similarity: not computed (the plan merges nothing).",
         "",
         "## Attempts",
         "",
@@ -161,7 +163,8 @@ def package(
     atomic_write_text(folder / "validation.json", json.dumps(val, indent=2))
     if merged_dir is not None:
         shutil.copy(merged_dir / "merge_log.json", folder / "merge_log.json")
-    similarity_heatmap(similarity, folder / "similarity.png", f"{plan.model['spec']}: layer similarity (NMI)")
+    if similarity is not None:  # None: a plan that merges nothing, where it explains no choice
+        similarity_heatmap(similarity, folder / "similarity.png", f"{plan.model['spec']}: layer similarity (NMI)")
     chosen_c = next((c for c in plan.candidates if same_plan(c, chosen)), plan.choice.predicted)
     pareto_plot(
         plan.candidates,

@@ -177,3 +177,42 @@ def test_probe_keeps_the_better_of_plain_and_imatrix(tiny_recipe):
     only = probe(lm, ["Q4_0", "Q8_0"], chunks=1, threads=2, progress=False, plain_too=False)
     assert "kl_plain" not in only["Q4_0"] and only["Q4_0"]["imatrix"] is True
     assert only["Q4_0"]["kl"] == pytest.approx(q4["kl_imatrix"], rel=1e-6) and only["Q8_0"] == q8
+
+
+def test_a_kept_probe_file_is_the_export_byte_for_byte(tmp_path, tiny_recipe):
+    """A build whose plan merges nothing moves the probe's file instead of exporting again: that is
+    right only if the probe wrote exactly what the export writes (same float base, quantizer and
+    importance matrix), for a type with a matrix, one without, and the session's shared Q8_0 file."""
+    import hashlib
+
+    from mka_edge.exporters.gguf import adopt_quantized, export_loaded
+    from mka_edge.models.loading import load_model
+    from mka_edge.solver.quant_probe import ProbeSession
+
+    lm = load_model(str(tiny_recipe))
+    handed = tmp_path / "handed"
+    handed.mkdir()
+    with ProbeSession(lm, chunks=1, threads=2, progress=False, plain_too=False) as session:
+        session.retain = True
+        res = session.measure(["IQ2_XS", "Q4_0", "Q8_0"])
+        assert set(session.kept) == {"IQ2_XS", "Q4_0", "Q8_0"}
+        dropped = session.kept["Q4_0"][0]
+        session.retain_only("IQ2_XS")  # the Q8_0 file stays for the cache probe; Q4_0's is gone
+        assert set(session.kept) == {"IQ2_XS"} and not dropped.exists() and session.q8_0().is_file()
+        moved = session.hand_over("IQ2_XS", handed)
+        assert session.hand_over("Q4_0", handed) is None  # dropped: nothing to hand over
+    assert res["IQ2_XS"]["imatrix"] is True and moved == handed / "IQ2_XS.gguf"
+    from mka_edge.targets import get_target
+
+    gguf_target = get_target("gguf")
+    made = gguf_target.made_by_probe(handed, lm, "IQ2_XS", True)
+    assert made is not None and gguf_target.made_by_probe(handed, lm, "IQ2_XS", False) is None
+    adopted = adopt_quantized(made[0], tmp_path / "adopted.gguf", made[1])
+    fresh = export_loaded(lm, tmp_path / "fresh.gguf", "IQ2_XS", imatrix=True, progress=False)
+
+    def sha(p):
+        return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+    assert sha(adopted["path"]) == sha(fresh["path"]) and not moved.exists()
+    for key in ("tensor_types", "imatrix", "intermediate", "quant", "tokenizer", "file_bytes"):
+        assert adopted[key] == fresh[key], key

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -22,10 +23,12 @@ from tqdm.auto import tqdm
 
 from mka_edge.exporters.gguf import intermediate_type, write_float_gguf
 from mka_edge.exporters.gguf_inspect import inspect_gguf
+from mka_edge.exporters.imatrix import imatrix_provenance
 from mka_edge.exporters.llama_quantize import quantize
 from mka_edge.exporters.quant_types import quant_type
 
 from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
+from ..merge_log import read_merge_log
 from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
 from ..validate.runner import run_child
@@ -138,6 +141,11 @@ class ProbeSession:
         self._tmp = None
         self._keyed = None
         self.runs = 0  # quantize-and-run measurements made (a type with and without a matrix: 2)
+        # retain: keep each measured type's file (the variant its entry describes) until
+        # ``retain_only`` drops it, so that a build whose plan merges nothing exports by moving
+        # the file the probe already wrote (``hand_over``) instead of quantizing the model again
+        self.retain = False
+        self.kept: dict[str, tuple[Path, dict]] = {}
 
     def __enter__(self) -> ProbeSession:
         return self
@@ -170,7 +178,10 @@ class ProbeSession:
             ref_path, _ = compact_reference(self.lm, self.chunks, progress=self.progress)
             float_type = intermediate_type(self.lm.model.config, "Q8_0")  # F32 for the small models probed
             base = Path(self._tmp.name) / f"base-{float_type.lower()}.gguf"
-            write_float_gguf(self.lm, base, float_type)
+            # with the source's merge log, as export_loaded writes it: a kept file is the export's bytes
+            self._tokenizer = write_float_gguf(
+                self.lm, base, float_type, read_merge_log(self.lm.source.get("model_dir"))
+            )
             self._made = (base, float_type, ref_path)
         return self._made
 
@@ -233,10 +244,42 @@ class ProbeSession:
                 res["measured_on"] = f"{self.chunks} x 512 held-out tokens"
                 atomic_write_text(self.folder / f"{q}-{keys[q][:20]}.json", json.dumps(res))
                 results[q] = res
+                chosen = art if use_imatrix else (self.q8_0() if q == "Q8_0" else tmp / f"{q}.gguf")
+                if self.retain and not qt.direct and chosen.is_file():
+                    facts = {
+                        "quant": qt.name,
+                        "tokenizer": self._tokenizer,
+                        "intermediate": float_type,
+                        "imatrix": imatrix_provenance(matrix) if use_imatrix else None,
+                        "model": lm.fingerprint,
+                    }
+                    self.kept[q] = (chosen, facts)
+                kept = self.kept[q][0] if q in self.kept else None
                 for f in (tmp / f"{q}.gguf", tmp / f"{q}-imatrix.gguf"):
-                    if f != base and q != "Q8_0":  # the Q8_0 file stays for the session's other uses
+                    if f not in (base, kept) and q != "Q8_0":  # the Q8_0 file stays for the session's other uses
                         f.unlink(missing_ok=True)
         return results
+
+    def retain_only(self, quant: str | None) -> None:
+        """Drop every kept file but ``quant``'s (the type of the best plan so far that merges
+        nothing): at most one measured file waits beside the one being measured."""
+        for q in [q for q in self.kept if q != quant]:
+            path, _ = self.kept.pop(q)
+            if q != "Q8_0":
+                path.unlink(missing_ok=True)
+
+    def hand_over(self, quant: str, folder: Path) -> Path | None:
+        """Move ``quant``'s kept file to ``folder`` (``<quant>.gguf``, its making in ``<quant>.json``)
+        for the build's export (exporters.gguf.adopt_quantized); None when it was not measured
+        here (a cached entry has no file)."""
+        if quant not in self.kept:
+            return None
+        path, facts = self.kept.pop(quant)
+        folder = Path(folder)
+        dest = folder / f"{quant}.gguf"
+        shutil.move(str(path), dest)
+        atomic_write_text(folder / f"{quant}.json", json.dumps(facts))
+        return dest
 
 
 def probe(

@@ -206,10 +206,15 @@ class Target(ABC):
 
     @abstractmethod
     def export(
-        self, lm, out: Path, quant: str, *, context: int, progress: bool, imatrix: bool = False
+        self, lm, out: Path, quant: str, *, context: int, progress: bool, imatrix: bool = False, made=None
     ) -> ArtifactSummary:
         """Write a loaded (merged) model as this target's artifact (``imatrix``: with an importance
-        matrix, where the target's quantizer takes one)."""
+        matrix, where the target's quantizer takes one; ``made``: what ``made_by_probe`` found)."""
+
+    def made_by_probe(self, folder: Path, lm, quant: str, imatrix: bool):
+        """An artifact of the unmerged ``lm`` the plan's probe already wrote in ``folder`` (a
+        build's hand-over), which ``export(made=)`` moves instead of writing again; None: none."""
+        return None
 
     def export_disk_bytes(self, config, quant: str, artifact_bytes: float, *, from_folder: bool) -> float:
         """Disk the export needs at its peak beside --out, the artifact included: by default a

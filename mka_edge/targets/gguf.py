@@ -274,12 +274,30 @@ class GgufTarget(Target):
     def artifact_name(self, tag: str) -> str:
         return f"{tag}.gguf"
 
-    def export(self, lm, out, quant, *, context, progress, imatrix=False):
+    def export(self, lm, out, quant, *, context, progress, imatrix=False, made=None):
         """``imatrix``: quantize with the model's cached importance matrix (the plan's
-        ``QuantCost.extra["imatrix"]``); types that need one get it anyway."""
-        from ..exporters.gguf import export_loaded
+        ``QuantCost.extra["imatrix"]``); types that need one get it anyway.  ``made``: (file, its
+        making) the quant probe already wrote of this unmerged model, moved instead of rewritten."""
+        from ..exporters.gguf import adopt_quantized, export_loaded
 
+        if made is not None:
+            return self.summary(adopt_quantized(made[0], out, made[1]))
         return self.summary(export_loaded(lm, out, quant, progress=progress, imatrix=bool(imatrix)))
+
+    def made_by_probe(self, folder, lm, quant, imatrix):
+        """The probe's file of ``quant`` (with or without an importance matrix as ``imatrix``) of
+        this very model in the build's hand-over ``folder`` (planning.measure's ``keep``), with the
+        facts of its making; None when there is none to reuse."""
+        import json
+
+        path, facts_path = Path(folder) / f"{quant}.gguf", Path(folder) / f"{quant}.json"
+        if not (path.is_file() and facts_path.is_file()):
+            return None
+        facts = json.loads(facts_path.read_text())
+        if facts.get("model") != lm.fingerprint or bool(facts.get("imatrix")) != bool(imatrix):
+            return None
+        facts.pop("model")
+        return path, facts
 
     def export_disk_bytes(self, config, quant, artifact_bytes, *, from_folder):
         """The float intermediate gguf-py writes (F32 for small models, else the weights' 16-bit
