@@ -397,11 +397,18 @@ def adopt_quantized(made: Path, out: Path, facts: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix=temp_sibling_prefix(out), dir=out.parent) as tmpdir:
         final_tmp = Path(tmpdir) / "quantized.gguf"
         shutil.move(str(made), final_tmp)  # a copy where the probe's folder is on another disk
-        summary = inspect_gguf(final_tmp)
-        killpoint(f"before-rename:{out.name}")
-        os.replace(final_tmp, out)
-        killpoint(f"after-rename:{out.name}")
+        summary = _rename_into(final_tmp, out)
     return {**summary, **facts, "path": str(out), "reused_from_probe": True}
+
+
+def _rename_into(final_tmp: Path, out: Path) -> dict:
+    """The finished file's summary, then its one atomic rename to ``out`` (the kill points around
+    it are what tests/test_interruption.py stops at)."""
+    summary = inspect_gguf(final_tmp)
+    killpoint(f"before-rename:{out.name}")
+    os.replace(final_tmp, out)
+    killpoint(f"after-rename:{out.name}")
+    return summary
 
 
 def _free_mb(folder: Path) -> float:
@@ -425,10 +432,7 @@ def _export_to(lm, out: Path, q: QuantType, merge_log, pre_tokenizer, threads, i
         else:
             final_tmp = tmpdir / "quantized.gguf"
             quantize(base, final_tmp, q.ftype, threads, matrix, progress=progress)
-        summary = inspect_gguf(final_tmp)
-        killpoint(f"before-rename:{out.name}")
-        os.replace(final_tmp, out)
-        killpoint(f"after-rename:{out.name}")
+        summary = _rename_into(final_tmp, out)
     summary["path"] = str(out)
     summary["quant"] = q.name
     summary["tokenizer"] = tok_info
