@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from . import __version__
@@ -124,9 +125,11 @@ def build(
     healed before export."""
     out = Path(out)
     check_out(out, force)
-    # the probe's file of the best plan that merges nothing waits here for the export (removed
-    # with the folder whatever happens; a build that merges exports its merged model instead)
-    with tempfile.TemporaryDirectory(prefix="mka-edge-probe-files-") as handed:
+    # the probe's file of the best plan that merges nothing waits here for the export (a build that
+    # merges exports its merged model instead); named now but made only by the hand-over, so a
+    # command refused on its inputs writes nothing, TMPDIR included, and removed whatever happens
+    handed = Path(tempfile.gettempdir()) / f"mka-edge-probe-files-{uuid.uuid4().hex}"
+    try:
         if plan_file is not None:
             plan, ctx, prof = _saved_plan(plan_file, profile, model)
             model = model if model is not None else plan.settings.get("model")
@@ -134,7 +137,7 @@ def build(
             s = resolve_settings(profile, model, refuse_below_bar=not build_anyway, **plan_kw)
             _check_validation_context(s.budget.context)
             log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
-            plan, ctx = plan_from_settings(s, progress=progress, log=log, keep=Path(handed))
+            plan, ctx = plan_from_settings(s, progress=progress, log=log, keep=handed)
             prof = s.profile
         if not build_anyway:
             refuse_missed_bar(plan, prof.name)
@@ -149,8 +152,10 @@ def build(
             repeats=repeats,
             progress=progress,
             log=log,
-            handed=Path(handed),
+            handed=handed,
         )
+    finally:
+        shutil.rmtree(handed, ignore_errors=True)
 
 
 def refuse_missed_bar(plan: Plan, profile: str) -> None:

@@ -179,11 +179,15 @@ def test_probe_keeps_the_better_of_plain_and_imatrix(tiny_recipe):
     assert only["Q4_0"]["kl"] == pytest.approx(q4["kl_imatrix"], rel=1e-6) and only["Q8_0"] == q8
 
 
-def test_a_kept_probe_file_is_the_export_byte_for_byte(tmp_path, tiny_recipe):
+def test_a_kept_probe_file_is_the_export_byte_for_byte(tmp_path, tiny_recipe, monkeypatch):
     """A build whose plan merges nothing moves the probe's file instead of exporting again: that is
     right only if the probe wrote exactly what the export writes (same float base, quantizer and
-    importance matrix), for a type with a matrix, one without, and the session's shared Q8_0 file."""
+    importance matrix), for a type with a matrix, one without, and the session's shared Q8_0 file.
+    Its own cache: a measurement already cached (the test above probes Q4_0 and Q8_0 the same way)
+    is read, not quantized again, so it leaves no file to keep."""
     import hashlib
+
+    monkeypatch.setenv("MKA_EDGE_CACHE", str(tmp_path / "cache"))
 
     from mka_edge.exporters.gguf import adopt_quantized, export_loaded
     from mka_edge.models.loading import load_model

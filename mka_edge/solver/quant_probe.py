@@ -276,6 +276,7 @@ class ProbeSession:
             return None
         path, facts = self.kept.pop(quant)
         folder = Path(folder)
+        folder.mkdir(mode=0o700, exist_ok=True)  # the build names it; the first hand-over makes it
         dest = folder / f"{quant}.gguf"
         shutil.move(str(path), dest)
         atomic_write_text(folder / f"{quant}.json", json.dumps(facts))
