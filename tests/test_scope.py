@@ -14,7 +14,7 @@ import pytest
 from mka_edge.exporters.quant_types import GRIDS_CONTAINING
 from mka_edge.records import CacheCost, EditSet, QuantCost
 from mka_edge.solver.memory import MIB, Shape
-from mka_edge.solver.scope import check_order, next_to_measure, quant_bound, surely_better
+from mka_edge.solver.scope import ORDER_MARGIN, check_order, next_to_measure, quant_bound, surely_better
 from mka_edge.solver.search import candidates, choose
 
 DATA = Path(__file__).parent / "data" / "smollm2_quant_facts.json"
@@ -66,9 +66,10 @@ def test_rule_2b_a_sibling_type_on_a_tenth_of_the_weights():
 def test_prior_order_measures_the_likely_winner_first():
     """The measuring order (a type's published KL, never below its bound) only says which type comes
     first: with Q2_K fitting beside an f16 cache and IQ4_XS only beside a quantized one, the lower
-    bounds alone pick Q2_K first (0 < the cache's floor); the prior picks IQ4_XS.  Rule 2 then bounds
-    Q2_K at IQ4_XS's KL, which beside the free f16 cache is still below IQ4_XS with its quantized
-    cache, so Q2_K is measured (exact); where IQ4_XS fits beside f16 too, Q2_K is never quantized."""
+    bounds alone pick Q2_K first (0 < the cache's floor); the prior picks IQ4_XS.  Rules 2 and 2c then
+    bound Q2_K at 1.1x IQ4_XS's KL, which beside the free f16 cache is still below IQ4_XS with a
+    quantized cache that costs more than the margin, so Q2_K is measured (exact); where IQ4_XS fits
+    beside f16 too, Q2_K is never quantized."""
     from mka_edge.records import CACHE_KL_FLOOR
     from mka_edge.solver.scope import published_kl
 
@@ -93,7 +94,7 @@ def test_prior_order_measures_the_likely_winner_first():
     assert next_to_measure(todo, sizes, {}, f, f, frozenset(), skipped, prior=published_kl) == "IQ4_XS"
     measured = {"IQ4_XS": sizes["IQ4_XS"].with_kl(0.04)}
     todo.remove("IQ4_XS")
-    caches[1] = CacheCost("q4_0/f16", 0.002)  # settled, as planning does before the next type
+    caches[1] = CacheCost("q4_0/f16", 0.006)  # settled, as planning does; above the margin's 0.004
     assert next_to_measure(list(todo), sizes, measured, f, f, frozenset(), skipped, prior=published_kl) == "Q2_K"
 
     def g(costs):  # IQ4_XS fits beside the f16 cache as well
@@ -115,7 +116,7 @@ def test_bound_and_skip_reasons():
         "F16": cost("F16", {"a": "F16"}, 6.0),
     }
     measured = {"Q8_0": sizes["Q8_0"].with_kl(0.01)}
-    assert quant_bound("Q4_0", sizes, measured, frozenset()) == (0.01, "Q8_0")
+    assert quant_bound("Q4_0", sizes, measured, frozenset()) == (pytest.approx(0.01 * ORDER_MARGIN), "Q8_0")
     assert quant_bound("F16", sizes, measured, frozenset()) == (0.0, "")
 
     def feasible(limit_mb):
@@ -152,6 +153,34 @@ def test_bound_and_skip_reasons():
     todo = ["Q5_1"]
     measured_q5 = {"Q8_0": sizes["Q8_0"].with_kl(0.01)}
     assert next_to_measure(todo, sizes, measured_q5, f, f, GRIDS_CONTAINING["Q4_1"], skipped) == "Q5_1"
+
+
+def test_the_margin_breaks_a_tie_a_cache_mode_apart_and_is_checked():
+    """Rule 2c: a measured type at its best with a quantized cache (a KL cost too small to print)
+    against a surely worse type's bound with the free f16 cache.  Without the margin the bound ties
+    the incumbent to the last digit and the worse type would be quantized; with it, it is skipped.
+    A measured pair closer than the margin is reported as broken (the plan then measures what the
+    order skipped)."""
+    sizes = {"IQ4_XS": cost("IQ4_XS", {"a": "IQ4_XS"}, 1.0), "IQ3_M": cost("IQ3_M", {"a": "IQ3_S"}, 0.9)}
+    measured = {"IQ4_XS": sizes["IQ4_XS"].with_kl(0.0027)}
+    caches = {"f16/f16": CacheCost("f16/f16"), "q8_0/q8_0+fa": CacheCost("q8_0/q8_0+fa", 2e-6, 1.0)}
+
+    def feasible(costs):  # IQ4_XS fits only with the q8_0 cache, IQ3_M with either
+        out = []
+        for q, c in costs.items():
+            for mode in caches.values():
+                if q == "IQ4_XS" and mode.mode == "f16/f16":
+                    continue
+                out.append(SimpleNamespace(kl=c.kl + mode.kl, memory_mb=1.0, quant=q, cache=mode.mode))
+        return out
+
+    skipped = {}
+    assert next_to_measure(["IQ3_M"], sizes, measured, feasible, feasible, frozenset(), skipped) is None
+    assert skipped["IQ3_M"].rule == "cannot win" and f"{ORDER_MARGIN}x IQ4_XS" in skipped["IQ3_M"].why
+    close = {"IQ4_XS": measured["IQ4_XS"], "IQ3_M": sizes["IQ3_M"].with_kl(0.0027 * (1 + ORDER_MARGIN) / 2)}
+    assert check_order(sizes, close, frozenset()) and not check_order(
+        sizes, {**close, "IQ3_M": sizes["IQ3_M"].with_kl(0.0027 * ORDER_MARGIN * 1.01)}, frozenset()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,14 @@ types measured with and without an importance matrix); most cannot win, and thes
    tenth of the weights at a sibling type of the same tier cannot give back (IQ3_M's attention
    output at Q4_K against IQ4_XS's at IQ4_XS, 5% of a 1.5B model's weights).  Needs each
    tensor's weight count (the dry run's ``tensor_params``); checked as rule 2 is.
+   **2c. A margin.** A type surely better than another (2 or 2b) has at most 1/``ORDER_MARGIN``
+   of its KL: ordered pairs are a bit per weight or more apart on some tensors, and the KL ratio
+   of the closest ordered pairs measured is 1.62 on SmolLM2 (Q4_0 against Q2_K, both with a
+   matrix; 1.41 plain) and 1.13 on llama.cpp's Llama-3-8B scoreboard (Q4_K_S against Q4_K_M, with
+   a matrix; Q3_K_M against Q3_K_L 1.15), so 1.1 keeps a margin below both.  Without it two
+   candidates a cache mode apart tie to the last digit (IQ4_XS with a q8_0 cache against IQ3_M's
+   bound with the free f16 one, on a 1.5B model) and the smaller type is quantized for nothing.
+   Checked with rule 2 (``check_order``): a measured pair closer than the margin counts as broken.
 3. **Non-negative terms.** Each KL term is at least 0 and a merge step adds loss (the merge
    curve's own stopping rule): a candidate's KL is at least its type's lower bound (rule 2's, else
    0) plus its cache mode's cost (``records.CACHE_KL_FLOOR`` until measured: no mode but the
@@ -74,6 +82,8 @@ class Skipped:
 
 # Rule 2b: the most of the differently written weights that may sit at a sibling type of the same tier
 NEAR_SHARE = 0.10
+# Rule 2c: the least KL ratio of a surely worse type to a surely better one
+ORDER_MARGIN = 1.1
 
 
 def surely_better(a: QuantCost, b: QuantCost, exact_grids: frozenset[str] = frozenset()) -> bool:
@@ -105,24 +115,26 @@ def surely_better(a: QuantCost, b: QuantCost, exact_grids: frozenset[str] = froz
 
 
 def quant_bound(q: str, sizes: dict[str, QuantCost], measured: dict[str, QuantCost], grids) -> tuple[float, str]:
-    """The least KL type ``q`` can have (rule 2 over the measured types; 0 without one) and the
-    type that gives it ('' when none).  ``sizes`` carry the tensor maps, ``measured`` the KL."""
+    """The least KL type ``q`` can have (rules 2 and 2c over the measured types: ORDER_MARGIN times
+    the KL of the worst type surely better than it; 0 without one) and the type that gives it (''
+    when none).  ``sizes`` carry the tensor maps, ``measured`` the KL."""
     kl, by = 0.0, ""
     for p, c in measured.items():
-        if p in sizes and c.kl is not None and c.kl > kl and surely_better(sizes[p], sizes[q], grids):
-            kl, by = c.kl, p
+        if p in sizes and c.kl is not None and c.kl * ORDER_MARGIN > kl and surely_better(sizes[p], sizes[q], grids):
+            kl, by = c.kl * ORDER_MARGIN, p
     return kl, by
 
 
 def check_order(sizes: dict[str, QuantCost], measured: dict[str, QuantCost], grids) -> list[str]:
-    """Measured pairs that break rule 2 (the plan records them; none is expected)."""
+    """Measured pairs that break rule 2 or its margin (2c): the plan records them and measures what
+    the order skipped; none is expected."""
     out = []
     for a, ca in measured.items():
         for b, cb in measured.items():
             if a == b or a not in sizes or b not in sizes or ca.kl is None or cb.kl is None:
                 continue
-            if surely_better(sizes[a], sizes[b], grids) and ca.kl >= cb.kl:
-                out.append(f"{a} ({ca.kl:.4f}) did not beat {b} ({cb.kl:.4f})")
+            if surely_better(sizes[a], sizes[b], grids) and ca.kl * ORDER_MARGIN > cb.kl:
+                out.append(f"{a} ({ca.kl:.4f}) did not beat {b} ({cb.kl:.4f}) by {ORDER_MARGIN}x")
     return out
 
 
@@ -135,14 +147,9 @@ def best_kl(feasible: Feasible, measured: dict[str, QuantCost]) -> float | None:
     return min((c.kl for c in cands), default=None)
 
 
-def lower_bound(
-    q: str, sizes: dict[str, QuantCost], measured: dict[str, QuantCost], feasible: Feasible, grids
-) -> tuple[float | None, str]:
-    """The least predicted KL any feasible plan with type ``q`` can have (None: it fits nowhere), and
-    the measured type whose KL bounds q's."""
-    kl, by = quant_bound(q, sizes, measured, grids)
-    cands = feasible({q: sizes[q].with_kl(kl)})
-    return min((c.kl for c in cands), default=None), by
+def _least_kl(feasible: Feasible, c: QuantCost) -> float | None:
+    """The least KL of a feasible plan with type cost ``c`` (None: it fits nowhere)."""
+    return min((x.kl for x in feasible({c.quant: c})), default=None)
 
 
 def next_to_measure(
@@ -168,24 +175,25 @@ def next_to_measure(
     inc = best_kl(now, measured)
     ranked, keep = [], []
     for q in todo:
-        lb, by = lower_bound(q, sizes, measured, bound, grids)
+        q_bound, by = quant_bound(q, sizes, measured, grids)
+        lb = _least_kl(bound, sizes[q].with_kl(q_bound))
         if lb is None:
             skipped[q] = Skipped(q, "too large", nowhere)
             continue
         if inc is not None and lb >= inc:
-            src = f"at least {by}'s {measured[by].kl:.4f} nats by the precision order, " if by else ""
+            src = f"at least {ORDER_MARGIN}x {by}'s {measured[by].kl:.4f} nats by the precision order, " if by else ""
             skipped[q] = Skipped(
                 q, "cannot win", f"its best plan is {src}at least {lb:.4f} nats >= {inc:.4f} of a measured plan"
             )
             continue
         keep.append(q)
-        lb_now, _ = lower_bound(q, sizes, measured, now, grids)
+        lb_now = _least_kl(now, sizes[q].with_kl(q_bound))
         if lb_now is not None and (inc is None or lb_now < inc):
             guess = prior(q) if prior is not None else None
             est = lb_now
             if guess is not None:
-                q_kl = max(guess, quant_bound(q, sizes, measured, grids)[0])
-                est = min((c.kl for c in now({q: sizes[q].with_kl(q_kl)})), default=lb_now)
+                est = _least_kl(now, sizes[q].with_kl(max(guess, q_bound)))
+                est = lb_now if est is None else est
             ranked.append((est, lb_now, -sizes[q].total_bytes, q))
     todo[:] = keep
     return min(ranked)[-1] if ranked else None
