@@ -91,12 +91,13 @@ def check_host(plan: Plan, lm, target, out: Path, heal: bool, max_tries: int) ->
             f"(merged model, export scratch and artifact); free disk space or choose another --out"
         )
     # the source is loaded (plan_from_settings checked that load before it): what comes on top is a
-    # merged copy, reloaded in float32 beside it (host_need's rule)
+    # merged copy, reloaded on the CPU in the build's dtype beside it (host_need's rule)
     layers = lm.model.config.num_hidden_layers
     kept = [(layers - c["k"]) / layers for c in plan.ranked[:max_tries] if c["k"]]
     if kept:
         n_params = sum(p.numel() for p in lm.model.parameters())
-        extra = host_need(n_params, merged_fraction=max(kept)).terms["merged"]
+        dtype_bytes = lm.model.dtype.itemsize
+        extra = host_need(n_params, dtype_bytes=dtype_bytes, merged_fraction=max(kept)).terms["merged"]
         if extra > available_ram():
             raise UserError(
                 f"this host has {available_ram() / 2**30:.1f} GiB of RAM available beside the loaded model and "
@@ -247,7 +248,7 @@ def execute(
                     log(f"      healing: {heal.steps} steps ({heal.train})")
                 made = produce(ctx, k, method, alpha, work / f"model-{method}-k{k}", heal, progress=progress, log=log)
                 merged_dir, heal_record = made.folder, made.heal
-                lm = load_model(str(merged_dir))
+                lm = load_model(str(merged_dir), dtype=ctx.model.dtype)  # as computed: 16 bits stay 16 bits
             else:
                 merged_dir, lm = None, ctx.lm
             made = target.made_by_probe(handed, lm, quant, imatrix) if handed is not None and not k else None
@@ -333,10 +334,11 @@ def execute(
 
 
 def _as_reference(ctx):
-    """The source the build holds, when it is what validation would load itself (float32 on the
-    CPU, unplaced): then it serves as the reference instead of a second copy of the model."""
-    plain = str(ctx.model.dtype) == "torch.float32" and ctx.device.type == "cpu" and not ctx.lm.max_memory
-    return ctx.lm if plain else None
+    """The source the build holds serves as validation's reference instead of a second copy, in
+    the dtype and on the device the build computes in (the reference's cache key covers the dtype:
+    models.loading keys a 16-bit load apart).  Not when --max-memory spread it over the disk: a
+    reference pass through offloaded weights reads them all from the disk once per chunk."""
+    return None if ctx.lm.max_memory else ctx.lm
 
 
 def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: dict, config, prof: Profile) -> dict:

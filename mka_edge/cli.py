@@ -98,7 +98,7 @@ def model_options(f):
             "--dtype",
             default="auto",
             show_default=True,
-            help="Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
+            help="Weights dtype: auto (float32 on CPU, or the checkpoint's own 16-bit type where a float32 copy would not fit this host's RAM; bfloat16 on CUDA), float32, bfloat16, float16.",
         ),
         click.option(
             "--calibration",

@@ -21,11 +21,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 on the CPU (quality figures are measured there); bfloat16 on CUDA unless asked."""
+def resolve_dtype(name: str, device: torch.device, sixteen_bit: torch.dtype | None = None) -> torch.dtype:
+    """float32 on the CPU (quality figures are measured there); bfloat16 on CUDA unless asked.
+    ``sixteen_bit``: on the CPU, the checkpoint's own 16-bit type, for a model whose float32 copy
+    does not fit the host (``host_need.check_load`` decides): computed as stored, never widened."""
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return sixteen_bit or torch.float32
     if name not in table:
         raise UserError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
     return table[name]

@@ -8,10 +8,11 @@ The terms, as the code holds memory today (issue 23 measures them; a term the co
 leaves this table with it):
 
 * the loaded model: parameters x the compute dtype's bytes (float32 on a CPU unless --dtype says
-  otherwise, bfloat16 on CUDA).  A 16-bit checkpoint widened to float32 is converted tensor by
+  otherwise or the float32 copy would not fit this host: then the checkpoint's own 16-bit type;
+  bfloat16 on CUDA).  A 16-bit checkpoint widened to float32 is converted tensor by
   tensor (models/loading.py), which peaked at 1.23x the float32 bytes for a 1B model: x1.25.
-* a merged model (K > 0), reloaded from its folder in float32 on the CPU while the source stays
-  loaded as the validation's reference: x (layers - K) / layers of the float32 bytes.
+* a merged model (K > 0), reloaded from its folder on the CPU in the build's dtype while the source
+  stays loaded as the validation's reference: x (layers - K) / layers of the model's bytes.
 * a flat allowance for the interpreter, tokenizers and the llama.cpp children's compute buffers
   (their weights are memory-mapped files, pages the kernel can drop).
 
@@ -58,7 +59,7 @@ def host_need(
     d = dtype_bytes or (2 if gpu_build else 4)
     model = n_params * d
     load = model * (WIDEN_PEAK if d > stored_bytes else 1.0)
-    merged = n_params * 4 * merged_fraction  # reloaded in float32 (build.py), placed by the same cap
+    merged = n_params * d * merged_fraction  # reloaded in the build's dtype (build.py), placed by the same cap
     cpu_cap = gpu_cap = None
     if max_memory:
         cpu_cap = float(max_memory.get("cpu", 0))
@@ -79,7 +80,7 @@ def host_need(
         n_params * stored_bytes  # the download (a hub model) or the dequantized source
         + n_params * 2  # the 16-bit GGUF intermediate the quantizer reads
         + n_params * 1.1  # the artifact, at most Q8_0's 8.5 bits per weight
-        + n_params * 4 * merged_fraction  # the merged folder
+        + n_params * d * merged_fraction  # the merged folder, saved in the build's dtype
         + offloaded
     )
     terms = {"model": model, "load_peak": ram_load, "merged": merged, "allowance": ALLOWANCE, "offloaded": offloaded}
@@ -130,6 +131,9 @@ def check_host_memory(need: HostNeed, *, what: str, capped: bool) -> None:
 
 
 DOC_SIZES = {"1B (Llama-3.2-1B, 1.24B)": 1.236e9, "8B (Llama-3-8B, 8.03B)": 8.03e9, "70B (Llama-3-70B, 70.6B)": 70.55e9}
+# (device, compute bytes per weight, label): a CPU build in float32, or in the checkpoint's 16-bit
+# type where float32 does not fit (check_load), and a GPU build in bfloat16
+BUILDS = (("cpu", 4, "cpu, float32"), ("cpu", 2, "cpu, 16-bit"), ("cuda", 2, "cuda"))
 DOC_CAPS = {"none": None, "cpu=16GB": {"cpu": 16e9}, "0=20GB,cpu=16GB": {0: 20e9, "cpu": 16e9}}
 
 
@@ -138,17 +142,19 @@ def need_table(sizes: dict[str, float], caps: dict[str, dict | None]) -> list[di
     with a third of the layers merged."""
     rows = []
     for label, params in sizes.items():
-        for device in ("cpu", "cuda"):
+        for device, dtype_bytes, dev_label in BUILDS:
             for cap_label, cap in caps.items():
                 names_gpu = cap is not None and any(k != "cpu" for k in cap)
                 if cap is not None and names_gpu != (device == "cuda"):
                     continue  # a cap naming a GPU is a GPU build, one naming only the CPU a CPU build
+                if cap is not None and device == "cpu" and dtype_bytes == 2:
+                    continue  # --dtype auto computes in 16 bits on the CPU only uncapped
                 for frac, merged in ((0.0, "K=0"), (2 / 3, "K=n/3")):
-                    n = host_need(params, device=device, max_memory=cap, merged_fraction=frac)
+                    n = host_need(params, device=device, dtype_bytes=dtype_bytes, max_memory=cap, merged_fraction=frac)
                     rows.append(
                         {
                             "model": label,
-                            "device": device,
+                            "device": dev_label,
                             "cap": cap_label,
                             "merge": merged,
                             "ram_gib": round(n.ram / GIB, 1),
@@ -159,28 +165,38 @@ def need_table(sizes: dict[str, float], caps: dict[str, dict | None]) -> list[di
     return rows
 
 
-def check_load(ms, merge_opts: dict) -> HostNeed:
+def check_load(ms, merge_opts: dict) -> torch.dtype:
     """Before any weight loads: the plan's load of ``ms`` (solver.feasibility.ModelShape, from a
     meta-device model) on the device, in the dtype and under the cap the merge options resolve
-    to, against this host's free RAM and GPU memory.  Returns the need (build.py checks a merged
-    copy against it later)."""
+    to, against this host's free RAM and GPU memory.  Returns the dtype the build computes in:
+    with --dtype auto on the CPU, float32 where its copy fits this host, else the checkpoint's own
+    16-bit type (an 8B model on a 24 GB host: 16 GB of bf16 instead of 32 GB of float32)."""
     from .device import current_max_memory, main_device, parse_max_memory, resolve_device, resolve_dtype
     from .models.loading import storage_dtype
 
     raw = merge_opts.get("max_memory")
     caps = parse_max_memory(raw) if raw is not None else current_max_memory()
     dev = main_device(caps) if caps else resolve_device(merge_opts.get("device") or "auto")
-    dtype = resolve_dtype(merge_opts.get("dtype") or "auto", dev)
+    name = merge_opts.get("dtype") or "auto"
+    stored = storage_dtype(ms.config)
     n_params = sum(ms.block_params) + ms.other_params
-    need = host_need(
-        n_params,
-        stored_bytes=storage_dtype(ms.config).itemsize,
-        device=dev.type,
-        dtype_bytes=dtype.itemsize,
-        max_memory=caps,
-    )
-    check_host_memory(need, what=f"loading the model ({n_params / 1e9:.2f}B parameters)", capped=bool(caps))
-    return need
+
+    def need_in(dtype: torch.dtype) -> HostNeed:
+        return host_need(
+            n_params, stored_bytes=stored.itemsize, device=dev.type, dtype_bytes=dtype.itemsize, max_memory=caps
+        )
+
+    dtype = resolve_dtype(name, dev)
+    if (
+        name == "auto"
+        and dev.type == "cpu"
+        and not caps
+        and stored.itemsize == 2
+        and need_in(dtype).ram > available_ram()
+    ):
+        dtype = resolve_dtype(name, dev, sixteen_bit=stored)  # fits, or is refused with the least need
+    check_host_memory(need_in(dtype), what=f"loading the model ({n_params / 1e9:.2f}B parameters)", capped=bool(caps))
+    return dtype
 
 
 def markdown_table() -> str:

@@ -679,7 +679,8 @@ def plan_from_settings(
 ) -> tuple[Plan, object]:
     """``keep``: see ``measure`` (a build's hand-over folder for the probe's file)."""
     cheap = cheap_facts(s)
-    check_load(cheap.shape, s.merge_opts)  # the host's RAM and GPU memory, before any weight loads
+    # the host's RAM and GPU memory, before any weight loads; and the dtype that fits them
+    dtype = check_load(cheap.shape, s.merge_opts)
     if not cheap.measure:  # the types' KL are priors: a bar no plan can meet is refused before loading
         modes = [CacheCost(c) for c in cheap.modes]  # no cache KL: the bound stays a bound
         costs = cheap.sizes if s.imatrix else plain_costs(cheap.sizes)
@@ -687,7 +688,9 @@ def plan_from_settings(
         refuse_unreachable_bar(
             s, costs, feasible_over(s, cheap.shape.shape, lambda c: _optimistic_edits(c, k_reach), lambda: modes)
         )
-    ctx = build_context(model=s.model, **s.merge_opts)
+    ctx = build_context(model=s.model, **{**s.merge_opts, "dtype": str(dtype).removeprefix("torch.")})
+    if (s.merge_opts.get("dtype") or "auto") == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":
+        log(f"      computing in {dtype} as stored: a float32 copy would not fit this host's RAM")
     return solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx
 
 

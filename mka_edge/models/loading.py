@@ -392,6 +392,10 @@ def load_model(
         fp = stable_hash({"name": source["hub_id"], "commit": folder.name})
     if getattr(model.config, "model_type", None) != arch.name:
         arch = arch_for(model.config.model_type)
+    if dtype != torch.float32:
+        # every cache entry computed from the loaded model (curves, references, matrices) is keyed by
+        # the fingerprint: a 16-bit computation gives other figures than float32's, so its own key
+        fp = stable_hash({"weights": fp, "dtype": str(dtype)})
     return LoadedModel(
         model=model, tokenizer=tok, arch=arch, source=source, fingerprint=fp, recipe=recipe, max_memory=max_memory
     )
