@@ -197,8 +197,8 @@ def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple
     _check_validation_context(plan.budget.context)
     spec = model if model is not None else plan.settings.get("model")
     opts = plan.settings.get("merge_opts", {})
-    check_load(read_shape(spec, trust_remote_code=bool(opts.get("trust_remote_code"))), opts)
-    ctx = build_context(model=spec, **opts)
+    dtype = check_load(read_shape(spec, trust_remote_code=bool(opts.get("trust_remote_code"))), opts)
+    ctx = build_context(model=spec, **{**opts, "dtype": str(dtype).removeprefix("torch.")})  # as planning
     if ctx.lm.fingerprint != plan.model.get("fingerprint"):
         raise UserError(
             f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "
