@@ -49,8 +49,13 @@ def _report(
         "",
         "| measure | predicted (device) | measured (build host) |",
         "|---|---|---|",
-        f"| peak memory ({mem['runtime']}) | {mem['predicted_device_mb']:.0f} MB of {plan.budget.memory_mb:.0f} MB budget "
-        f"| {mem['measured_host_rss_mb']:.0f} MB peak RSS over {mem['host_run']} (predicted for that run: {mem['predicted_host_mb']:.0f} MB) |",
+        f"| peak memory ({mem['runtime']}) | {mem['predicted_device_mb']:.0f} MB of {plan.budget.memory_mb:.0f} MB budget"
+        + (
+            f", {margin:.0f} MB of it the memory model's measured error"
+            if (margin := mem.get("predicted_device_terms", {}).get("margin_mb", 0.0))
+            else ""
+        )
+        + f" | {mem['measured_host_rss_mb']:.0f} MB peak RSS over {mem['host_run']} (point estimate for that run: {mem['predicted_host_mb']:.0f} MB) |",
         f"| generation tokens/s | {device_tps:.1f} (from {p['bandwidth_gbps']:g} GB/s) | {lat['gen_tps']['median']:.1f} (host, not the device) |",
         f"| quality loss (mean KL, nats) | {pred['kl']:.3f} | {a['kl']:.3f} (bar {plan.budget.max_quality_loss:g}) |",
         f"| perplexity change | | {a['ppl_change_pct']:+.1f}% ({a['ppl']:.2f} vs {a['ref_ppl']:.2f}) |",

@@ -352,7 +352,8 @@ class GgufTarget(Target):
         dev = memory.predict(shape, weights, context, kv_type, repack_bytes=repack)
         # the validation run fills only prompt + generated tokens of the cache; predict that run too
         used = min(context, latency["prompt_tokens"] + latency["gen_tokens"])
-        host = memory.predict(shape, weights, context, kv_type, repack_bytes=repack, kv_tokens=used)
+        # the point estimate (no margin), so that its error against the measured peak stays the model's own
+        host = memory.predict(shape, weights, context, kv_type, repack_bytes=repack, kv_tokens=used, margin=False)
         return ReportMemory(
             dev, host, used, f"a {used}-token run", weights, memory.cache_bytes(shape, context, kv_type)
         )

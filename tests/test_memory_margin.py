@@ -1,0 +1,58 @@
+"""A budget is a promise: the memory model's margin (solver/memory.MARGIN) covers its measured
+error on every plan bench/quality_at_budget.py built, and a plan's predicted peak includes it.
+Pure arithmetic on recorded measurements; no model runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mka_edge.solver import memory
+from mka_edge.solver.memory import MARGIN, Shape, architecture, margin_rate, predict
+
+DATA = Path(__file__).parent.parent / "docs" / "data" / "quality_at_budget.json"
+SMOL = Shape(n_layers=30, n_embd=576, n_head=9, n_kv_head=3, head_dim=64, n_ff=1536, n_vocab=49152)
+
+
+def _built_plans() -> list[dict]:
+    rows = json.loads(DATA.read_text())["rows"]
+    return [r[space] for r in rows for space in ("old", "full") if "measured" in r.get(space, {})]
+
+
+def test_the_margin_covers_every_plan_the_bench_measured():
+    plans = _built_plans()
+    assert len(plans) >= 30, len(plans)
+    covered = set()
+    for p in plans:
+        terms = p["predicted"]["memory_terms"]  # recorded before the margin existed: the point estimate
+        point = sum(v for k, v in terms.items() if k not in ("total_mb", "margin_mb"))
+        arch = "deci" if p.get("attn_removed") else "llama"
+        layers = p["predicted"]["layers"]
+        shape = SMOL.with_layers(layers, layers - len(p["attn_removed"]) if p.get("attn_removed") else None)
+        assert architecture(shape) == arch
+        rate = margin_rate(shape, p["cache"])
+        measured = p["measured"]["peak_rss_mb"]
+        assert measured > point, (p["label"], measured, point)  # why a margin is needed at all
+        assert measured <= point * (1 + rate), (p["label"], measured, point, rate)
+        covered.add((arch, p["cache"]))
+    assert covered == set(MARGIN), "every margin comes from a measured plan, every measured mode has one"
+
+
+def test_a_plan_s_peak_includes_the_margin_and_a_point_estimate_does_not():
+    w = 100 * memory.MIB
+    with_margin = predict(SMOL, w, 4096, "q4_0/q4_0+fa")
+    point = predict(SMOL, w, 4096, "q4_0/q4_0+fa", margin=False)
+    assert point.margin_mb == 0.0
+    assert with_margin.margin_mb == pytest.approx(MARGIN[("llama", "q4_0/q4_0+fa")] * point.total_mb)
+    assert with_margin.total_mb == pytest.approx(point.total_mb + with_margin.margin_mb)
+    assert "margin_mb" in with_margin.as_dict()
+
+
+def test_an_unmeasured_mode_takes_its_architecture_s_largest_margin():
+    deci = SMOL.with_layers(30, 24)
+    assert architecture(deci) == "deci" and architecture(SMOL) == "llama"
+    assert margin_rate(SMOL, "q8_0/f16") == max(v for (a, _), v in MARGIN.items() if a == "llama")
+    assert margin_rate(deci, "f16/f16") == MARGIN[("deci", "q4_0/q4_0+fa")]
+    assert margin_rate(deci, "q4_0/q4_0+fa") > margin_rate(SMOL, "q4_0/q4_0+fa")
