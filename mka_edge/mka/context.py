@@ -69,6 +69,7 @@ class MergeContext:
         self.comp: Composition = identity(len(self.originals))
         self.attn_removed: frozenset[int] = frozenset()  # original layers running without attention
         self._engine: CalibrationLoss | None = None
+        self.references: dict[int, object] = {}  # the original stack's held-out outputs by chunk count (merging)
 
     @property
     def n_original(self) -> int:
