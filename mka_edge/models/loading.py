@@ -123,57 +123,133 @@ def shard_size(model) -> int:
     return max(100_000_000, total // SHARDS + 1)
 
 
-def _dequantize_gguf_to_dir(path: Path, out: Path) -> None:
-    """Dequantize with transformers and rebuild the model from config + state dict to save it.
+DEQUANT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FLOAT32_HEADROOM = 1.25  # a float32 dequantized copy is kept where 1.25x its bytes + 1.5 GiB fit the free RAM
 
-    A model loaded with ``gguf_file=`` refuses ``save_pretrained``, hence the rebuild.
-    """
 
+def gguf_dequant_dtype(path: Path) -> str:
+    """The type a GGUF source is dequantized to: float32 (exact for every GGUF type, the reference
+    SmolLM2's figures are measured against) where a float32 copy of its weights fits this host's
+    free RAM with room to work, else bfloat16, so an 8B GGUF on a 24 GB host is a 16 GB model and
+    not a 32 GB one that cannot load."""
+    import psutil
+    from gguf import GGUFReader
+
+    n_params = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    need = 4 * n_params * FLOAT32_HEADROOM + 1.5 * 2**30
+    return "float32" if need <= psutil.virtual_memory().available else "bfloat16"
+
+
+def _dequantize_gguf_to_dir(path: Path, out: Path, dtype: str = "float32", shard_bytes: int | None = None) -> None:
+    """Dequantize ``path`` tensor by tensor into safetensors shards in ``out``, with the config,
+    generation config and tokenizer beside them.
+
+    Why not transformers' own GGUF load: it dequantizes every tensor into one float32 state dict,
+    builds the model beside it and saves a copy of that (SmolLM2's first command peaked at 3.5x
+    its float32 weights).  The names and the q/k un-permutation here are transformers' own
+    (``get_gguf_hf_weights_map``, ``TENSOR_PROCESSORS``), so the weights are the same bits; a
+    tensor lives only until its shard is written: the peak is one shard (``shard_bytes``, default as
+    ``shard_size``) and one tensor."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    torch_dtype = DEQUANT_DTYPES[dtype]
     folder, name = str(path.parent), path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = _plain_config(src.config)
+    config = _plain_config(AutoConfig.from_pretrained(folder, gguf_file=name))
+    config.dtype = torch_dtype
     with torch.device("meta"):
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(src.state_dict(), assign=True, strict=True)
-    clean.tie_weights()
-    del src  # its tensors live on in ``clean``
-    clean.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size(clean))
-    tok.save_pretrained(out)
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}  # tied weights once, as saved
+    processor = TENSOR_PROCESSORS.get(_gguf_arch(path), TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(meta, processor)
+    del meta
+    total = sum(int(np.prod(s)) for s in shapes.values()) * torch_dtype.itemsize
+    limit = shard_bytes or max(100_000_000, total // SHARDS + 1)
+    shard: dict[str, torch.Tensor] = {}
+    parts: list[tuple[Path, list[str]]] = []
+
+    def flush() -> None:
+        if shard:
+            part = out / f"part-{len(parts)}.tmp"
+            save_file(shard, str(part), metadata={"format": "pt"})
+            parts.append((part, list(shard)))
+            shard.clear()
+
+    for t in GGUFReader(str(path)).tensors:
+        res = processor.process(
+            weights=dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=names, parsed_parameters={}
+        )
+        hf = names.get(res.name)
+        if hf not in shapes:  # a tensor transformers does not load either (rope_freqs), or a tied head
+            continue
+        tensor = torch.from_numpy(np.array(res.weights, dtype=np.float32)).to(torch_dtype)
+        if tuple(tensor.shape) != shapes[hf]:
+            raise ValueError(f"{t.name} has shape {tuple(tensor.shape)}, the model wants {shapes[hf]} for {hf}")
+        shard[hf] = tensor
+        if sum(x.numel() * x.element_size() for x in shard.values()) >= limit:
+            flush()
+    flush()
+    missing = sorted(set(shapes) - {k for _, keys in parts for k in keys})
+    if missing:
+        raise ValueError(f"the GGUF holds no tensor for {', '.join(missing[:3])}")
+    weight_map = {}
+    for i, (part, keys) in enumerate(parts):
+        file = "model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        part.rename(out / file)
+        weight_map |= dict.fromkeys(keys, file)
+    if len(parts) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
 
 
-def _dequantize_in_child(path: Path, out: Path) -> None:
-    """``_dequantize_gguf_to_dir`` in a child process: the dequantization holds the GGUF's tensors,
-    a float32 state dict and the model at once, and a command's own process kept ~0.3 GB of that
-    for its whole life (measured on SmolLM2's cold build)."""
+def _dequantize_in_child(path: Path, out: Path, dtype: str) -> None:
+    """``_dequantize_gguf_to_dir`` in a child process: the pages of the mapped GGUF it reads and
+    the allocator's high-water mark stay with the child, not with the command's own process."""
     import subprocess
     import sys
 
     code = "import sys; from pathlib import Path; from mka_edge.models.loading import _dequantize_gguf_to_dir as d; "
-    code += "d(Path(sys.argv[1]), Path(sys.argv[2]))"
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True)
+    code += "d(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])"
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(out), dtype], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         why = lines[-1] if lines else f"exit code {proc.returncode}"
         raise UserError(f"could not dequantize {path.name} into the cache ({why[:200]}); check the file")
 
 
-def _gguf_cache_dir(path: Path) -> tuple[Path, str]:
-    """Where the dequantized copy of a GGUF lives in the cache, and the GGUF's fingerprint."""
+def _gguf_cache_dir(path: Path) -> tuple[Path, str, str]:
+    """Where the dequantized copy of a GGUF lives in the cache, the GGUF's fingerprint and the type
+    the copy holds: a float32 copy already made, else the type ``gguf_dequant_dtype`` picks (a
+    bfloat16 copy has its own folder and, its weights being rounded, its own fingerprint)."""
     fp = file_fingerprint(path)
-    return cache_root() / "models" / f"gguf-{fp[:20]}", fp
+    f32 = cache_root() / "models" / f"gguf-{fp[:20]}"
+    if (f32 / "config.json").is_file() or gguf_dequant_dtype(path) == "float32":
+        return f32, fp, "float32"
+    return f32.with_name(f"{f32.name}-bf16"), fp, "bfloat16"
 
 
 def _cached_gguf_dir(path: Path) -> tuple[Path, str]:
-    target, fp = _gguf_cache_dir(path)
+    """The dequantized copy's folder (made once) and its weights' fingerprint."""
+    target, fp, dtype = _gguf_cache_dir(path)
     if not (target / "config.json").is_file():
         with entry_lock(target, f"the dequantized {path.name}"):
             if not (target / "config.json").is_file():  # made while this process waited?
-                log.info("dequantizing %s once; cached at %s", path.name, target)
+                log.info("dequantizing %s once (%s); cached at %s", path.name, dtype, target)
                 with atomic_dir(target) as tmp:
-                    _dequantize_in_child(path, tmp)
-                    (tmp / "mka_edge_source.json").write_text(json.dumps({"gguf": str(path), "sha256": fp}))
-    return target, fp
+                    _dequantize_in_child(path, tmp, dtype)
+                    source = {"gguf": str(path), "sha256": fp, "dtype": dtype}
+                    (tmp / "mka_edge_source.json").write_text(json.dumps(source))
+    return target, fp if dtype == "float32" else stable_hash({"gguf": fp, "dequantized": dtype})
 
 
 def _dir_fingerprint(folder: Path) -> str:
@@ -328,11 +404,12 @@ def load_config(spec: str | None = None, trust_remote_code: bool = False):
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
         arch_for(_gguf_arch(path))
-        cached, _ = _gguf_cache_dir(path)
+        cached, _, dtype = _gguf_cache_dir(path)
         if (cached / "config.json").is_file():
             config = AutoConfig.from_pretrained(cached)
-        else:
+        else:  # as the dequantized copy will be stored, so checks see its type
             config = _plain_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+            config.dtype = DEQUANT_DTYPES[dtype]
     elif source["kind"] == "hf-dir":
         folder = Path(source["path"])
         if not (folder / "config.json").is_file():
