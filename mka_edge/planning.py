@@ -464,6 +464,7 @@ def measure(
                     ctx, attn_curve, ATTENTION_METHOD, s.alpha, heal, points=s.heal_points, progress=progress, log=log
                 )
                 attn_curve = dict(attn_curve, kl=h["kl"], unhealed_kl=h["unhealed_kl"])
+        ctx.references.clear()  # the curves' shared held-out reference (vocabulary-wide) is not needed past them
         if prune:  # the types that fit only merged, now against the curves' real points
             edits = edit_sets(curve, s.method) + (edit_sets(attn_curve, ATTENTION_METHOD)[1:] if attn_curve else [])
             real = m.feasible(lambda c: edits)

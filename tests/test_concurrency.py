@@ -194,7 +194,7 @@ def test_each_new_entry_lock_computes_once(tmp_path, monkeypatch, capsys):
     spec = SimpleNamespace(source="packaged:test", samples=1, seq_len=3)
     curve = {"kl": [0.0, 0.1], "chunks": 1}
     mmlu = SimpleNamespace(
-        **vars(ctx.lm), model=lambda input_ids, use_cache: SimpleNamespace(logits=torch.ones(1, 1, 4))
+        **vars(ctx.lm), model=lambda input_ids, use_cache, **kw: SimpleNamespace(logits=torch.ones(1, 1, 4))
     )
 
     cases = {

@@ -166,6 +166,7 @@ def _dequantize_gguf_to_dir(path: Path, out: Path, dtype: str = "float32", shard
     config.dtype = torch_dtype
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    config.architectures = [type(meta).__name__]  # as save_pretrained records it (onnxruntime-genai's builder reads it)
     shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}  # tied weights once, as saved
     processor = TENSOR_PROCESSORS.get(_gguf_arch(path), TensorProcessor)(config=config.to_dict())
     names = get_gguf_hf_weights_map(meta, processor)
@@ -233,9 +234,14 @@ def _gguf_cache_dir(path: Path) -> tuple[Path, str, str]:
     bfloat16 copy has its own folder and, its weights being rounded, its own fingerprint)."""
     fp = file_fingerprint(path)
     f32 = cache_root() / "models" / f"gguf-{fp[:20]}"
-    if (f32 / "config.json").is_file() or gguf_dequant_dtype(path) == "float32":
+    bf16 = f32.with_name(f"{f32.name}-bf16")
+    # a copy already made is kept whatever the free RAM is now: the choice must not flip from run
+    # to run near the threshold (each copy is other weights: other cache keys, a saved plan refused)
+    if (f32 / "config.json").is_file():
         return f32, fp, "float32"
-    return f32.with_name(f"{f32.name}-bf16"), fp, "bfloat16"
+    if (bf16 / "config.json").is_file() or gguf_dequant_dtype(path) == "bfloat16":
+        return bf16, fp, "bfloat16"
+    return f32, fp, "float32"
 
 
 def _cached_gguf_dir(path: Path) -> tuple[Path, str]:
