@@ -62,5 +62,6 @@ def test_llama_cpp_mmlu_on_last_logits_matches_all_position_logits(tmp_path, tin
     jobs = [{"ids": row, "answer": int(np.argmax(w[letters]))} for row, w in zip(rows, wants)]
     jobs[3]["answer"] = (jobs[3]["answer"] + 1) % 4
     it = iter(gots)
-    res = metrics.mmlu_letters(lambda ids: next(it), jobs, letters)
+    res: dict = {}
+    metrics.add_mmlu_letters(res, lambda ids: next(it), jobs, letters)
     assert res["mmlu_n"] == len(rows) and res["mmlu_correct"] == len(rows) - 1

@@ -119,7 +119,11 @@ def shard_size(model) -> int:
     """Bytes per safetensors shard when mka-edge saves a model: a tenth of it (at least 100 MB), so
     saving holds at most a tenth of the model twice (transformers' default, one shard up to 50 GB,
     copied the whole model at once)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return shard_bytes_for(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def shard_bytes_for(total: int) -> int:
+    """``shard_size``'s rule for a model of ``total`` bytes."""
     return max(100_000_000, total // SHARDS + 1)
 
 
@@ -172,16 +176,19 @@ def _dequantize_gguf_to_dir(path: Path, out: Path, dtype: str = "float32", shard
     names = get_gguf_hf_weights_map(meta, processor)
     del meta
     total = sum(int(np.prod(s)) for s in shapes.values()) * torch_dtype.itemsize
-    limit = shard_bytes or max(100_000_000, total // SHARDS + 1)
+    limit = shard_bytes or shard_bytes_for(total)
     shard: dict[str, torch.Tensor] = {}
+    held = 0  # bytes in ``shard``
     parts: list[tuple[Path, list[str]]] = []
 
     def flush() -> None:
+        nonlocal held
         if shard:
             part = out / f"part-{len(parts)}.tmp"
             save_file(shard, str(part), metadata={"format": "pt"})
             parts.append((part, list(shard)))
             shard.clear()
+            held = 0
 
     for t in GGUFReader(str(path)).tensors:
         res = processor.process(
@@ -194,7 +201,8 @@ def _dequantize_gguf_to_dir(path: Path, out: Path, dtype: str = "float32", shard
         if tuple(tensor.shape) != shapes[hf]:
             raise ValueError(f"{t.name} has shape {tuple(tensor.shape)}, the model wants {shapes[hf]} for {hf}")
         shard[hf] = tensor
-        if sum(x.numel() * x.element_size() for x in shard.values()) >= limit:
+        held += tensor.numel() * tensor.element_size()
+        if held >= limit:
             flush()
     flush()
     missing = sorted(set(shapes) - {k for _, keys in parts for k in keys})

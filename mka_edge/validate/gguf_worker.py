@@ -106,8 +106,7 @@ def accuracy(job: dict) -> dict:
             last.eval(ids)
             return _last_logits(last)
 
-        res |= metrics.mmlu_letters(last_logits_of, mmlu, job.letter_ids)
-        res["seconds"]["mmlu"] = res.pop("mmlu_s")
+        metrics.add_mmlu_letters(res, last_logits_of, mmlu, job.letter_ids)
         last.close()
     return res | CacheMode.parse(job.cache_mode).runtime_json()
 

@@ -72,21 +72,24 @@ def accuracy(
     res["ppl_change_pct"] = 100 * (res["ppl"] / res["ref_ppl"] - 1)
     res["seconds"] = {"kl": time.perf_counter() - t0}
     if mmlu:
-        res |= mmlu_letters(lambda ids: np.asarray(logits_of(ids))[len(ids) - 1], mmlu, letter_ids or [])
-        res["seconds"]["mmlu"] = res.pop("mmlu_s")
+        add_mmlu_letters(res, lambda ids: np.asarray(logits_of(ids))[len(ids) - 1], mmlu, letter_ids or [])
     return res
 
 
-def mmlu_letters(last_logits_of: Callable[[list[int]], np.ndarray], mmlu: list[dict], letter_ids: list[int]) -> dict:
-    """MMLU letter accuracy: ``last_logits_of(ids)`` gives the logits at the prompt's last position
-    only (a runtime that can skip the head at every other position should: on a 150k vocabulary
-    that is a sixth of a 1.5B model's work)."""
+def add_mmlu_letters(
+    res: dict, last_logits_of: Callable[[list[int]], np.ndarray], mmlu: list[dict], letter_ids: list[int]
+) -> None:
+    """MMLU letter accuracy into ``res`` (``mmlu_correct``, ``mmlu_n``, ``seconds['mmlu']``):
+    ``last_logits_of(ids)`` gives the logits at the prompt's last position only (a runtime that can
+    skip the head at every other position should: on a 150k vocabulary that is a sixth of a 1.5B
+    model's work)."""
     t0 = time.perf_counter()
     correct = 0
     for q in mmlu:
         last = np.asarray(last_logits_of(q["ids"]))
         correct += int(int(np.argmax(last[letter_ids])) == q["answer"])
-    return {"mmlu_correct": correct, "mmlu_n": len(mmlu), "mmlu_s": time.perf_counter() - t0}
+    res["mmlu_correct"], res["mmlu_n"] = correct, len(mmlu)
+    res.setdefault("seconds", {})["mmlu"] = time.perf_counter() - t0
 
 
 def summarize_runs(runs: list[dict], out: dict) -> dict:

@@ -105,9 +105,8 @@ def last_position_logits(model, device, rows: list[list[int]], desc: str | None 
         width = max(len(rows[i]) for i in part)
         batch = torch.tensor([rows[i] + [rows[i][-1]] * (width - len(rows[i])) for i in part], device=device)
         ends = sorted({len(rows[i]) - 1 for i in part})
-        logits = model(
-            input_ids=batch, use_cache=False, logits_to_keep=torch.tensor(ends)
-        ).logits  # a CPU index serves any device
+        keep = torch.tensor(ends)  # on the CPU: an index there serves a model on any device
+        logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
         for j, i in enumerate(part):
             out[i] = logits[j, ends.index(len(rows[i]) - 1)].float().cpu()
     return out  # type: ignore[return-value]
