@@ -273,7 +273,9 @@ def provenance(lm, log: MergeLog | None) -> dict:
         "layers_before": int(log.layers_before if log is not None else lm.num_layers),
         "layers": int(lm.num_layers),
         "layer_map": _plain(log.layer_map) if log is not None and log.layer_map else identity_layer_map(lm.num_layers),
-        # a hub model's commit pins its files: "owner/name@commit"
-        "source": str(source.get("spec", "")) + (f"@{source['revision']}" if source.get("revision") else ""),
+        # a hub model's commit pins its files: "owner/name@commit", whether named by id or by a recipe
+        # (a recipe's path is where it lies on one machine, not what the weights are)
+        "source": str(source.get("hub_id") or source.get("spec", ""))
+        + (f"@{source['revision']}" if source.get("revision") else ""),
         "source_sha256": str(log.source_fingerprint if log is not None else lm.fingerprint),
     }

@@ -46,6 +46,31 @@ def predicted_memory_mb(model: Path, quant: str, k: int, context: int) -> float:
     return predict(ms.shape.with_layers(ms.n_layers - k), wb, context, "f16", repack_bytes=rb).total_mb
 
 
+def hub_cache(root: Path, repo: str, folder: Path) -> Path:
+    """``folder``'s files laid out as huggingface_hub caches a download (blobs linked from a
+    snapshot named by its revision, refs/main naming it); returns the snapshot folder."""
+    import hashlib
+    import shutil
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    base = root / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / rev
+    (base / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        blob = base / "blobs" / h.hexdigest()
+        if not blob.exists():
+            shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+    return snap
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama")

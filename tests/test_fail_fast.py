@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import tiny_context
+from conftest import hub_cache, tiny_context
 
 HEAVY = ("trajectories", "curves", "quant_probe", "onnx_probe", "models")
 
@@ -225,22 +224,10 @@ def test_loose_budget_computes_no_merge_curve(tiny_dir, tmp_path, monkeypatch):
     assert not (cache_root() / "trajectories").exists() and not (cache_root() / "curves").exists()
 
 
-def _hub_cache(root: Path, repo: str, folder: Path) -> None:
-    """``folder``'s files laid out as huggingface_hub caches a download."""
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    base = root / "hub" / f"models--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / rev
-    snap.mkdir(parents=True)
-    for f in folder.iterdir():
-        shutil.copy(f, snap / f.name)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text(rev)
-
-
 def test_hub_id_loads_offline_from_the_hub_cache(tiny_dir, tmp_path):
     """A hub id (and a recipe naming it) loads from a cache in huggingface_hub's own layout with the
     hub switched off.  In child processes: huggingface_hub reads HF_HOME when it is imported."""
-    _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
+    hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(
         "name: tiny\ndescription: tiny llama from the hub cache\n"
@@ -324,7 +311,7 @@ def test_a_host_too_small_for_the_load_is_refused_before_any_weight_loads(tmp_pa
     folder = tmp_path / "big"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA3_70B))
-    _hub_cache(tmp_path / "hf", "big-org/llama-70b", folder)
+    hub_cache(tmp_path / "hf", "big-org/llama-70b", folder)
     profile = tmp_path / "server.yaml"
     profile.write_text(
         "name: server\nmemory_mb: 400000\nreserve_mb: 1000\nbandwidth_gbps: 400\nruntime: llama.cpp\n"
@@ -347,7 +334,7 @@ def test_a_hub_model_is_its_snapshot_folder_and_never_reads_the_current_director
     from there, and a decoy tokenizer.json where the user stands changes nothing."""
     import gguf
 
-    _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
+    hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", tiny_dir)
     here = tmp_path / "here"
     here.mkdir()
     decoy = json.loads((tiny_dir / "tokenizer.json").read_text())

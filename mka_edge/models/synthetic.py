@@ -3,6 +3,7 @@ benchmarks that need a model of a given architecture without downloading one."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,5 +55,147 @@ def make_tiny(path: Path, model_type: str = "llama", layers: int = 6, seed: int 
             elif name.endswith("bias"):
                 p.normal_(0, 0.05)
     model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+# Llama 3's pre-tokenizer split (tokenizer.json of meta-llama/Meta-Llama-3-8B), which llama.cpp's
+# "llama-bpe" pre-tokenizer reproduces; the byte-level step after it runs without its own regex.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LLAMA3_REGULAR = 128_000  # BPE tokens; 256 special tokens follow (<|begin_of_text|> = 128000)
+LLAMA3_SPECIAL = 256
+
+
+def llama3_style_tokenizer(regular: int = LLAMA3_REGULAR, special: int = LLAMA3_SPECIAL):
+    """A byte-level BPE of Llama 3's size and layout: Llama 3's split regex, ``regular`` tokens (real
+    merges trained on the packaged Wikipedia text, then extended by concatenating trained tokens
+    until the size is reached: valid merges, never seen in text), then ``special`` control tokens
+    with Llama 3's names and ids, and <|begin_of_text|> prepended as Llama 3's template does.
+
+    Why synthetic: Llama 3's own tokenizer is gated; what a test at the real shape needs is the
+    real sizes (a 128,256-row embedding and logits, a 128k-entry GGUF vocabulary with 280k merges'
+    worth of strings) and llama.cpp's llama-bpe pre-tokenizer, not Meta's exact merges."""
+    from tokenizers import Regex, processors
+
+    def fresh() -> Tokenizer:
+        return Tokenizer(models.BPE())
+
+    base = fresh()
+    base.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(regular, 4000), show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    base.train_from_iterator(load_texts()[:40], trainer=trainer)
+    trained = json.loads(base.to_str())["model"]
+    vocab: dict[str, int] = dict(trained["vocab"])
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    pieces = sorted(vocab, key=vocab.get)
+    stems = pieces[:1000]
+    for a in stems:  # extend: every concatenation of two trained tokens is a valid merge of its halves
+        if len(vocab) >= regular:
+            break
+        for b in stems:
+            if len(vocab) >= regular:
+                break
+            if a + b not in vocab:
+                vocab[a + b] = len(vocab)
+                merges.append((a, b))
+    if len(vocab) < regular:
+        raise ValueError(f"could not extend the trained vocabulary to {regular} tokens")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = base.pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
+    names += ["<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>"]
+    names += ["<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + special - len(names))]
+    tok.add_special_tokens(names[:special])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[(names[0], regular)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=names[0], eos_token=names[1], model_max_length=8192, clean_up_tokenization_spaces=False
+    )
+
+
+# Meta-Llama-3-8B's config.json (the fields transformers reads) with Llama 3.1's rope scaling and
+# context (131,072 positions from 8,192); make_llama3_shaped scales its widths.
+LLAMA3_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def make_llama3_shaped(
+    path: Path,
+    *,
+    layers: int = 32,
+    hidden: int = 4096,
+    intermediate: int = 14336,
+    heads: int = 32,
+    kv_heads: int = 8,
+    seed: int = 0,
+    tokenizer=None,
+) -> Path:
+    """A random Llama 3 (its config, rope scaling, untied 128,256-row embedding and head, and a
+    Llama-3-style tokenizer of that size) at the given widths, saved as bf16 safetensors in shards as
+    the hub stores it.  The defaults are Llama-3-8B's shape (16 GB); tests pass tiny widths and keep
+    the real vocabulary.  Weights are drawn straight in bf16, layer by layer, so making the 8B shape
+    holds one bf16 copy."""
+    torch.manual_seed(seed)
+    tok = tokenizer or llama3_style_tokenizer()
+    cfg_dict = dict(
+        LLAMA3_8B_CONFIG,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
+    cfg = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu").eval()
+    std = 0.02
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, std)
+    model.generation_config.bos_token_id = cfg.bos_token_id
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
     tok.save_pretrained(path)
     return path
