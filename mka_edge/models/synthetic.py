@@ -119,10 +119,16 @@ def llama3_style_tokenizer(regular: int = LLAMA3_REGULAR, special: int = LLAMA3_
     names += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + special - len(names))]
     tok.add_special_tokens(names[:special])
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[(names[0], regular)]
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[(names[0], regular)],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=names[0], eos_token=names[1], model_max_length=8192, clean_up_tokenization_spaces=False
+        tokenizer_object=tok,
+        bos_token=names[0],
+        eos_token=names[1],
+        model_max_length=8192,
+        clean_up_tokenization_spaces=False,
     )
 
 
