@@ -91,13 +91,15 @@ def check_host(plan: Plan, lm, target, out: Path, heal: bool, max_tries: int) ->
             f"(merged model, export scratch and artifact); free disk space or choose another --out"
         )
     # the source is loaded (plan_from_settings checked that load before it): what comes on top is a
-    # merged copy, reloaded on the CPU in the build's dtype beside it (host_need's rule)
+    # merged copy, reloaded beside it (host_need's rule: mapped from its file, no RAM of its own,
+    # unless accelerate places it under a --max-memory cap)
     layers = lm.model.config.num_hidden_layers
     kept = [(layers - c["k"]) / layers for c in plan.ranked[:max_tries] if c["k"]]
     if kept:
         n_params = sum(p.numel() for p in lm.model.parameters())
         dtype_bytes = lm.model.dtype.itemsize
-        extra = host_need(n_params, dtype_bytes=dtype_bytes, merged_fraction=max(kept)).terms["merged"]
+        caps = lm.max_memory or None
+        extra = host_need(n_params, dtype_bytes=dtype_bytes, max_memory=caps, merged_fraction=max(kept)).terms["merged"]
         if extra > available_ram():
             raise UserError(
                 f"this host has {available_ram() / 2**30:.1f} GiB of RAM available beside the loaded model and "

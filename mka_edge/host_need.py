@@ -11,8 +11,13 @@ leaves this table with it):
   otherwise or the float32 copy would not fit this host: then the checkpoint's own 16-bit type;
   bfloat16 on CUDA).  A 16-bit checkpoint widened to float32 is converted tensor by
   tensor (models/loading.py), which peaked at 1.23x the float32 bytes for a 1B model: x1.25.
-* a merged model (K > 0), reloaded from its folder on the CPU in the build's dtype while the source
-  stays loaded as the validation's reference: x (layers - K) / layers of the model's bytes.
+* a merged model (K > 0), reloaded from the folder the build saved, in the dtype it was saved in,
+  while the source stays loaded as the validation's reference: torch maps the safetensors file
+  (file-backed pages the kernel drops and reads again under pressure; measured: the loaded weights
+  show in RssFile, not RssAnon), so it adds no RAM need, and the export (which touches the merged
+  pages) and the validation's reference (which touches the source's) never run at once.  Through
+  accelerate's offload (a cap) the reload is placed by the cap: x (layers - K) / layers of the
+  model's bytes, at most the CPU cap.
 * a flat allowance for the interpreter, tokenizers and the llama.cpp children's compute buffers
   (their weights are memory-mapped files, pages the kernel can drop).
 
@@ -59,12 +64,12 @@ def host_need(
     d = dtype_bytes or (2 if gpu_build else 4)
     model = n_params * d
     load = model * (WIDEN_PEAK if d > stored_bytes else 1.0)
-    merged = n_params * d * merged_fraction  # reloaded in the build's dtype (build.py), placed by the same cap
+    merged = 0.0  # reloaded as saved: mapped from its file, no RAM of its own (module docstring)
     cpu_cap = gpu_cap = None
     if max_memory:
         cpu_cap = float(max_memory.get("cpu", 0))
         gpu_cap = float(sum(v for k, v in max_memory.items() if k != "cpu"))
-        merged = min(merged, cpu_cap)
+        merged = min(n_params * d * merged_fraction, cpu_cap)  # placed by accelerate under the same cap
     if gpu_build or (gpu_cap or 0) > 0:
         on_gpu = min(model, gpu_cap) if gpu_cap is not None else model
         gpu = 1.1 * on_gpu  # activations and the similarity's states

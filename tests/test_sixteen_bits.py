@@ -102,3 +102,38 @@ def test_a_build_that_does_not_fit_in_float32_stays_16_bit_to_the_package(tmp_pa
     assert manifest["plan"]["k"] >= 1 and (tmp_path / "pkg" / "manifest.json").is_file()
     assert loads == [torch.bfloat16]  # the merged model's reload, in the build's dtype
     assert len(refs) == 1 and refs[0] is not None and refs[0].model.dtype == torch.bfloat16
+
+
+def test_a_model_loaded_in_its_stored_dtype_is_mapped_from_its_file(tmp_path):
+    """The ground of host_need's merged term (0 without a cap): a folder loaded in the dtype it was
+    saved in (a build's merged model, reloaded) is file-backed, pages the kernel can drop, so
+    reading every weight raises RssFile by the weights' bytes and RssAnon by far less.  Checked in
+    a child process, so that this session's own memory does not blur the figures."""
+    import subprocess
+    import sys
+
+    from mka_edge.models.synthetic import make_llama3_shaped, tiny_tokenizer
+
+    folder = make_llama3_shaped(
+        tmp_path / "m", layers=4, hidden=512, intermediate=2048, heads=8, kv_heads=2, tokenizer=tiny_tokenizer()
+    )
+    code = f"""
+import json, torch
+from mka_edge.models.loading import load_model
+def _rss_mb():
+    rows = [l.split() for l in open("/proc/self/status") if l.startswith(("RssAnon:", "RssFile:"))]
+    return {{r[0].rstrip(":"): int(r[1]) / 1024 for r in rows}}
+lm = load_model({str(folder)!r}, dtype=torch.bfloat16)
+before = _rss_mb()
+with torch.no_grad():
+    total = sum(float(p.float().sum()) for p in lm.model.parameters())
+after = _rss_mb()
+mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+print(json.dumps({{"mb": mb, "file": after["RssFile"] - before["RssFile"], "anon": after["RssAnon"] - before["RssAnon"]}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["mb"] > 200, got  # the 128,256-row embedding and head dominate: ~270 MB of bf16
+    assert got["file"] > 0.9 * got["mb"], got  # every weight page came from the file
+    assert got["anon"] < 0.25 * got["mb"], got  # and no copy of them was made
