@@ -38,7 +38,11 @@ GPU, Llama-3-8B shape (defaults on CUDA: 4 x 256 tokens, K = 4; bfloat16; no val
 (without the gguf package, `build`, `load` and `trajectory` run; `plan` and `gguf-bf16` need it
 (solver/feasibility.py and the exporters import it), `quantize-q4_k_m` needs llama-cpp-python.)
 
-A quick try: ``.venv/bin/python bench/scale.py --shape tiny --validate``.  JSON goes to
+A quick try: ``.venv/bin/python bench/scale.py --shape tiny --validate``.
+
+The user's whole command (`mka-edge build` as a child process, hub layout, per-stage time and
+process-tree RssAnon/RssFile) at the 8B shape is bench/build_e2e.py; this script times the
+library's stages one by one in this process.  JSON goes to
 bench/results/scale-<shape>-<device>.json unless --out says otherwise.
 """
 

@@ -22,6 +22,7 @@ from .exporters.paths import check_creatable
 from .heal.distill import HealConfig
 from .host_need import available_ram, check_load, host_need
 from .killpoints import killpoint
+from .kv_cache import BASELINE_CACHE
 from .memory_use import release_freed_memory
 from .mka.context import build_context
 from .models.loading import load_model
@@ -239,7 +240,7 @@ def execute(
         for i, cand in enumerate(plan.ranked[:max_tries]):
             k, quant = cand["k"], cand["quant"]
             method = cand.get("method") or plan.choice.method
-            cache = cand.get("cache", "f16/f16")
+            cache = cand.get("cache", BASELINE_CACHE)
             imatrix = bool(cand.get("imatrix"))
             attn = f"A{cand['attn_layers']}" if cand.get("attn_layers") is not None else ""
             tag = f"{Path(ref_spec).stem}-K{k}{attn}-{quant}{'-imat' if imatrix else ''}"
@@ -349,7 +350,7 @@ def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: d
     target = prof.target
     shape = Shape.from_config(config).with_layers(summary.block_count, chosen.get("attn_layers"))
     rm = target.report_memory(
-        folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, chosen.get("cache", "f16/f16")
+        folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, chosen.get("cache", BASELINE_CACHE)
     )
     eff, eff_src = efficiency(target.name)
     embd = float(plan.quant_costs.get(chosen["quant"], {}).get("embd_bytes", 0.0))  # as the plan counted it

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
+# the full-precision cache without flash attention: every plan's baseline and the default everywhere
+BASELINE_CACHE = "f16/f16"
+
 
 @dataclass(frozen=True)
 class KvType:

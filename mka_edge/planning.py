@@ -167,7 +167,7 @@ class CheapFacts:
     exact: bool
     measure: bool  # quant costs are measured on this model (else llama.cpp's published prior)
     k_max: int
-    modes: tuple[str, ...] = ("f16/f16",)  # the cache modes this plan chooses between
+    modes: tuple[str, ...] = (BASELINE_CACHE,)  # the cache modes this plan chooses between
     attention_removal: bool = False  # the sleb-attn curve is a candidate source
 
 
@@ -211,7 +211,7 @@ class Facts:
     efficiency_source: str
     curve: dict
     healed: dict | None
-    caches: tuple[CacheCost, ...] = (CacheCost("f16/f16"),)
+    caches: tuple[CacheCost, ...] = (CacheCost(BASELINE_CACHE),)
     attn_curve: dict | None = None  # the sleb-attn curve (healed when the plan heals)
     scope: dict = field(default_factory=dict)  # what was measured, what was not and why (solver/scope.py)
 
@@ -693,10 +693,6 @@ def plan_from_settings(
     if (s.merge_opts.get("dtype") or "auto") == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":
         log(f"      computing in {dtype} as stored: a float32 copy would not fit this host's RAM")
     return solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx
-
-
-def make_plan(profile: str, model: str | None = None, **kw) -> Plan:
-    return plan_with_context(profile, model, **kw)[0]
 
 
 def load_plan(path: Path) -> Plan:

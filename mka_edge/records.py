@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
+from .kv_cache import BASELINE_CACHE
 
 PLAN_SCHEMA = 2  # 2: cache mode, imatrix and attention removal in the choice
 
@@ -183,7 +184,7 @@ class Choice:
     layers_after: int
     kept_layers: list
     predicted: dict
-    cache: str = "f16/f16"  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
+    cache: str = BASELINE_CACHE  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
     imatrix: bool = False  # the weight type quantized with an importance matrix
     attn_removed: list = field(default_factory=list)  # original layers kept without attention
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .cache import atomic_write_text
+from .kv_cache import BASELINE_CACHE
 from .plots import pareto_plot, similarity_heatmap
 from .records import ArtifactSummary, Plan
 from .versions import versions
@@ -132,7 +133,7 @@ def _model_card(plan: Plan, target, chosen: dict, summary: ArtifactSummary, val:
 {plan.model["spec"]} packaged by mka-edge {__version__} for **{plan.profile["name"]}**:
 {chosen["k"]} removal steps ({chosen.get("method", plan.choice.method)}) from {plan.model["layers"]} transformer layers, then
 {chosen["quant"]}{" with an importance matrix" if chosen.get("imatrix") else ""}, {f["how"]}; run it with the
-{chosen.get("cache", "f16/f16")} KV cache (RUN.md).
+{chosen.get("cache", BASELINE_CACHE)} KV cache (RUN.md).
 
 - Format: {f["format"]}
 - Size: {f["size"]}
@@ -181,7 +182,7 @@ def package(
     )
     atomic_write_text(folder / "report.md", _report(plan, target, chosen, summary, val, attempts, mem, device_tps))
     atomic_write_text(folder / "README.md", _model_card(plan, target, chosen, summary, val))
-    target.write_run_files(folder, chosen["artifact"], context, prof.threads, chosen.get("cache", "f16/f16"))
+    target.write_run_files(folder, chosen["artifact"], context, prof.threads, chosen.get("cache", BASELINE_CACHE))
     files = {}
     for f in sorted(folder.rglob("*")):
         rel = f.relative_to(folder).as_posix()

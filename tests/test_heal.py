@@ -377,3 +377,35 @@ def test_a_recipe_sets_heal_defaults_and_the_command_line_wins(tmp_path):
         and "Traceback" not in r.stderr
     )
     assert not (tmp_path / "c").exists()
+
+
+def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(tmp_path, merged_tiny):
+    """Issue 23 item 3: the build's loaded source (here bf16) is the teacher as it is (no second
+    copy), a LoRA student loads in the same 16 bits with float32 adapters, heals (held-out KL
+    falls) and is merged back into bf16 weights; a full-parameter heal keeps a float32 student
+    (AdamW's steps vanish in bf16) against the same 16-bit teacher."""
+    from mka_edge.evaluation import default_reference
+    from mka_edge.heal.distill import heal, student_dtype, teacher_from
+    from mka_edge.models.loading import load_model
+
+    teacher = load_model(default_reference(str(merged_tiny)), "cpu", torch.bfloat16)
+    assert teacher_from(teacher) is teacher
+    assert student_dtype(_cfg(train="lora"), teacher) == torch.bfloat16
+    assert student_dtype(_cfg(train="all"), teacher) == torch.float32
+    assert student_dtype(_cfg(train="lora"), None) == torch.float32  # the CLI's heal loads its own float32 teacher
+
+    rec = heal(
+        str(merged_tiny),
+        tmp_path / "healed",
+        _cfg(train="lora", lr=2e-3),
+        progress=False,
+        log=lambda m: None,
+        reference_model=teacher_from(teacher),
+        device="cpu",
+    )
+    assert rec["dtype"] == "bfloat16" and rec["trained"][0].startswith("LoRA rank 16")
+    assert rec["heldout_after"]["kl"] < rec["heldout_before"]["kl"], rec
+    weights = _weights(tmp_path / "healed")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # merged back into 16 bits
+    assert not any("lora" in name for name in weights)
+    assert all(p.dtype == torch.bfloat16 for p in teacher.model.parameters())  # the teacher untouched

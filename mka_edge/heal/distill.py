@@ -190,9 +190,23 @@ def _write_failed(folder: Path, exc: Exception) -> Exception:
 
 
 def teacher_from(lm):
-    """``lm`` (an already loaded source) when it can serve as the heal's teacher as loaded
-    (float32, what heal would load), else None so heal loads its own copy."""
-    return lm if next(lm.model.parameters()).dtype == torch.float32 else None
+    """``lm``, an already loaded source, as the heal's teacher as loaded, whatever its dtype: the
+    teacher is frozen and only gives logits (compared in float32 by ``_kl``), so a 16-bit build's
+    source teaches in 16 bits instead of a second, float32 copy beside it.  Not when --max-memory
+    spread it over the disk: every step would read the offloaded weights back (None: heal loads
+    its own)."""
+    return None if getattr(lm, "offloaded", False) else lm
+
+
+def student_dtype(cfg: HealConfig, teacher) -> torch.dtype:
+    """The dtype the student is loaded in.  LoRA trains float32 adapters (peft keeps an adapter in
+    float32 over a 16-bit base) on a frozen base, so the base stays in the teacher's dtype: 16 bits
+    on a GPU or in a 16-bit CPU build, as heal/footprint.py counts, merged back into those 16 bits
+    at the end.  A full-parameter or changed-layers heal updates the weights themselves with AdamW,
+    whose small steps vanish in bf16's 8-bit mantissa, so its student is float32."""
+    if cfg.train == "lora" and teacher is not None:
+        return next(teacher.model.parameters()).dtype
+    return torch.float32
 
 
 def heal(
@@ -208,8 +222,9 @@ def heal(
 ) -> dict:
     """Heal ``model_spec`` (a merged folder) into ``out``; returns the heal log (also in heal_log.json).
 
-    ``reference_model``: the reference already loaded (a float32 LoadedModel on the heal's
-    device, used read-only), so a caller healing many merges of one model loads it once."""
+    ``reference_model``: the reference already loaded (a LoadedModel on the heal's device, in
+    any dtype, used read-only), so a caller healing many merges of one model loads it once; a
+    LoRA student is then loaded in its dtype (``student_dtype``)."""
 
     cfg.check()
     out = Path(out)
@@ -218,11 +233,12 @@ def heal(
     ref_spec = reference or default_reference(model_spec)
     if not ref_spec:
         raise UserError(f"{model_spec} has no merge_log.json naming its source; pass --reference MODEL")
-    student = load_model(model_spec, dev, torch.float32)
+    dtype = student_dtype(cfg, reference_model)
+    student = load_model(model_spec, dev, dtype)
     if student.offloaded:  # accelerate's hooks swap offloaded weights in and out: nothing could train them
         raise UserError(
             f"--max-memory leaves part of {model_spec} offloaded, and healing trains its weights in memory; "
-            "give the devices room for the whole merged model in float32, or heal without --max-memory"
+            f"give the devices room for the whole merged model in {str(dtype).removeprefix('torch.')}, or heal without --max-memory"
         )
     ref = reference_model if reference_model is not None else load_model(ref_spec, dev, torch.float32)
     _check_pair(student, ref)
@@ -245,7 +261,11 @@ def heal(
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    ckpt = Checkpoint(stable_hash({"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "v": 1}))
+    ckpt = Checkpoint(
+        stable_hash(
+            {"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "dtype": str(dtype), "v": 1}
+        )
+    )
     start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
     if start:
         log(f"resuming from the checkpoint at step {start} of {cfg.steps}")
@@ -295,6 +315,7 @@ def heal(
         "trained": what,
         "trainable_params": n_train,
         "device": str(dev),
+        "dtype": str(dtype).removeprefix("torch."),
         "steps_run_here": cfg.steps - start,
         "resumed_from": start,
         "seconds": round(seconds, 2),

@@ -19,12 +19,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
+from ..kv_cache import BASELINE_CACHE  # noqa: F401 (re-exported: the solver's callers name it here)
 from ..records import CacheCost, EditSet, QuantCost
 from .cost_models import cost_model
 from .memory import Shape
 from .speed import bytes_per_token, predict_tps
-
-BASELINE_CACHE = "f16/f16"
 
 
 @dataclass

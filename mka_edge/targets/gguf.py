@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..cache import atomic_write_text
 from ..errors import UserError
+from ..kv_cache import BASELINE_CACHE
 from ..records import ArtifactSummary, QuantCost
 from ..solver import memory
 from ..validate.formats import Format, check_count, compare_tokens, dist_version
@@ -21,16 +22,18 @@ from .base import ReportMemory, Target, register
 PLAN_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M", "IQ3_M", "Q2_K")
 
 
-def run_commands(artifact: str, context: int, threads: int, cache: str = "f16/f16") -> str:
+def run_commands(artifact: str, context: int, threads: int, cache: str = BASELINE_CACHE) -> str:
     """RUN.md: the artifact's memory figures hold in the plan's cache mode, so every command sets it."""
     from ..kv_cache import CacheMode
 
-    m = CacheMode.parse(cache or "f16/f16")
+    m = CacheMode.parse(cache or BASELINE_CACHE)
     kw = m.llama_kwargs()
     flags = f" -fa {'on' if m.flash_attn else 'off'} -ctk {m.type_k} -ctv {m.type_v}"
     py = f", flash_attn={m.flash_attn}, type_k={kw['type_k']}, type_v={kw['type_v']}"
     ollama_env = (
-        f"OLLAMA_FLASH_ATTENTION={int(m.flash_attn)} OLLAMA_KV_CACHE_TYPE={m.type_k} " if m.label != "f16/f16" else ""
+        f"OLLAMA_FLASH_ATTENTION={int(m.flash_attn)} OLLAMA_KV_CACHE_TYPE={m.type_k} "
+        if m.label != BASELINE_CACHE
+        else ""
     )
     return f"""# Running `{artifact}`
 
@@ -237,7 +240,7 @@ class GgufTarget(Target):
         from ..kv_cache import BASELINE, CacheMode
         from ..records import CacheCost
 
-        if len(modes) == 1 and modes[0] == "f16/f16":
+        if len(modes) == 1 and modes[0] == BASELINE_CACHE:
             return [CacheCost(modes[0])]
         if not measure:  # a model too large to probe: SmolLM2's measured costs as the prior
             from ..kv_cache import PRIOR_KL
@@ -372,6 +375,6 @@ class GgufTarget(Target):
             "provenance": "the GGUF's `mka_edge.*` metadata",
         }
 
-    def write_run_files(self, folder, artifact, context, threads, cache="f16/f16"):
+    def write_run_files(self, folder, artifact, context, threads, cache=BASELINE_CACHE):
         atomic_write_text(folder / "RUN.md", run_commands(artifact, context, threads, cache))
         atomic_write_text(folder / "Modelfile", modelfile(artifact, context))

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
+from ..kv_cache import BASELINE_CACHE
+
 
 @dataclass(frozen=True)
 class _Job:
@@ -24,7 +26,7 @@ class AccuracyJob(_Job):
 
     task: ClassVar[str] = "accuracy"
     reference: str = ""
-    cache_mode: str = "f16/f16"  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
+    cache_mode: str = BASELINE_CACHE  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
     mmlu: list = field(default_factory=list)
     letter_ids: list | None = None
 
@@ -38,7 +40,7 @@ class LatencyJob(_Job):
     prompt_ids: list = field(default_factory=list)
     gen_tokens: int = 128
     repeats: int = 3
-    cache_mode: str = "f16/f16"
+    cache_mode: str = BASELINE_CACHE
 
 
 @dataclass(frozen=True)
