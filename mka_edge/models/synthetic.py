@@ -120,7 +120,6 @@ def llama3_style_tokenizer(regular: int = LLAMA3_REGULAR, special: int = LLAMA3_
     tok.add_special_tokens(names[:special])
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A",
-        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[(names[0], regular)],
     )
     return PreTrainedTokenizerFast(
