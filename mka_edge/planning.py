@@ -22,6 +22,7 @@ from .cache import atomic_write_text, stable_hash
 from .errors import UserError
 from .heal.distill import effective_heal
 from .host_need import check_load
+from .kv_cache import BASELINE_CACHE
 from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
@@ -33,7 +34,7 @@ from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_sh
 from .solver.memory import DEFAULT_OVERHEAD_MB, MIB, Shape, cache_bytes
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
 from .solver.scope import speed_share_floor, unsettled
-from .solver.search import BASELINE_CACHE, Candidate, choose, edit_sets, pareto
+from .solver.search import Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
 from .targets import Target
 

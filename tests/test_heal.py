@@ -379,7 +379,7 @@ def test_a_recipe_sets_heal_defaults_and_the_command_line_wins(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(tmp_path, merged_tiny):
+def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(tmp_path, merged_tiny, monkeypatch):
     """Issue 23 item 3: the build's loaded source (here bf16) is the teacher as it is (no second
     copy), a LoRA student loads in the same 16 bits with float32 adapters, heals (held-out KL
     falls) and is merged back into bf16 weights; a full-parameter heal keeps a float32 student
@@ -394,6 +394,13 @@ def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(
     assert student_dtype(_cfg(train="all"), teacher) == torch.float32
     assert student_dtype(_cfg(train="lora"), None) == torch.float32  # the CLI's heal loads its own float32 teacher
 
+    import mka_edge.heal.distill as distill
+
+    loads = []
+    real_load = distill.load_model
+    monkeypatch.setattr(
+        distill, "load_model", lambda spec, *a, **k: loads.append(str(spec)) or real_load(spec, *a, **k)
+    )
     rec = heal(
         str(merged_tiny),
         tmp_path / "healed",
@@ -409,3 +416,17 @@ def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # merged back into 16 bits
     assert not any("lora" in name for name in weights)
     assert all(p.dtype == torch.bfloat16 for p in teacher.model.parameters())  # the teacher untouched
+    assert loads == [str(merged_tiny)]  # the student only: no second teacher
+
+    # a full-parameter heal: a float32 student, saved in the teacher's 16 bits (the build reloads it mapped)
+    rec = heal(
+        str(merged_tiny),
+        tmp_path / "healed-all",
+        _cfg(train="all", steps=4),
+        progress=False,
+        log=lambda m: None,
+        reference_model=teacher,
+        device="cpu",
+    )
+    assert rec["dtype"] == "float32"
+    assert {t.dtype for t in _weights(tmp_path / "healed-all").values()} == {torch.bfloat16}

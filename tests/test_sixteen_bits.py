@@ -121,7 +121,7 @@ def test_a_model_loaded_in_its_stored_dtype_is_mapped_from_its_file(tmp_path):
 import json, torch
 from mka_edge.models.loading import load_model
 def _rss_mb():
-    rows = [l.split() for l in open("/proc/self/status") if l.startswith(("RssAnon:", "RssFile:"))]
+    rows = [l.split() for l in open("/proc/self/status") if l.startswith(("RssAnon:", "RssFile:", "RssShmem:"))]
     return {{r[0].rstrip(":"): int(r[1]) / 1024 for r in rows}}
 lm = load_model({str(folder)!r}, dtype=torch.bfloat16)
 before = _rss_mb()
@@ -129,7 +129,8 @@ with torch.no_grad():
     total = sum(float(p.float().sum()) for p in lm.model.parameters())
 after = _rss_mb()
 mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
-print(json.dumps({{"mb": mb, "file": after["RssFile"] - before["RssFile"], "anon": after["RssAnon"] - before["RssAnon"]}}))
+mapped = lambda r: r["RssFile"] + r.get("RssShmem", 0)  # a file on tmpfs maps as shared memory
+print(json.dumps({{"mb": mb, "file": mapped(after) - mapped(before), "anon": after["RssAnon"] - before["RssAnon"]}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -201,9 +201,11 @@ def teacher_from(lm):
 def student_dtype(cfg: HealConfig, teacher) -> torch.dtype:
     """The dtype the student is loaded in.  LoRA trains float32 adapters (peft keeps an adapter in
     float32 over a 16-bit base) on a frozen base, so the base stays in the teacher's dtype: 16 bits
-    on a GPU or in a 16-bit CPU build, as heal/footprint.py counts, merged back into those 16 bits
-    at the end.  A full-parameter or changed-layers heal updates the weights themselves with AdamW,
-    whose small steps vanish in bf16's 8-bit mantissa, so its student is float32."""
+    on a GPU or in a 16-bit CPU build, as heal/footprint.py counts a LoRA heal, merged back into
+    those 16 bits at the end.  A full-parameter or changed-layers heal updates the weights
+    themselves with AdamW, whose small steps vanish in bf16's 8-bit mantissa, so its student is
+    float32 (footprint.py prices a 16-bit student plus a float32 master copy: more than a LoRA
+    heal either way; the healed model is saved in the teacher's dtype, see ``heal``)."""
     if cfg.train == "lora" and teacher is not None:
         return next(teacher.model.parameters()).dtype
     return torch.float32
@@ -304,6 +306,13 @@ def heal(
     healed = model
     for p in healed.parameters():
         p.requires_grad_(False)
+    saved = next(reference_model.model.parameters()).dtype if reference_model is not None else dtype
+    if saved != dtype:
+        # a float32 student healed against a 16-bit build's source is saved in the build's 16 bits:
+        # the build reloads it in that dtype, mapped from its file (host_need counts no RAM for it,
+        # and disk_need_bytes counts its folder in those bits); the export's float GGUF rounds
+        # to 16 bits anyway.  Measured after the cast: the figure is the model that is saved.
+        healed = healed.to(saved)
     after = compare(healed, heldout).as_dict()
     curve.append({"step": cfg.steps, **after})
     log(f"held-out after {cfg.steps} steps: KL {after['kl']:.4f}, perplexity {after['ppl']:.2f}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
-from ..kv_cache import BASELINE_CACHE  # noqa: F401 (re-exported: the solver's callers name it here)
+from ..kv_cache import BASELINE_CACHE
 from ..records import CacheCost, EditSet, QuantCost
 from .cost_models import cost_model
 from .memory import Shape
