@@ -15,7 +15,9 @@ leaves this table with it):
   while the source stays loaded as the validation's reference: torch maps the safetensors file
   (file-backed pages the kernel drops and reads again under pressure; measured: the loaded weights
   show in RssFile, not RssAnon), so it adds no RAM need, and the export (which touches the merged
-  pages) and the validation's reference (which touches the source's) never run at once.  Through
+  pages) and the validation's reference (which touches the source's) never run at once.  (GGUF
+  targets; onnxruntime-genai's builder, a child process, loads the folder into its own memory:
+  not counted yet.)  Through
   accelerate's offload (a cap) the reload is placed by the cap: x (layers - K) / layers of the
   model's bytes, at most the CPU cap.
 * a flat allowance for the interpreter, tokenizers and the llama.cpp children's compute buffers
