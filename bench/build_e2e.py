@@ -26,85 +26,23 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+# config.json fields over models/synthetic.LLAMA3_8B_CONFIG ("8b": Llama-3-8B itself)
 SHAPES = {
-    "8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8),
-    "1b": dict(layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8),
-    "tiny": dict(layers=6, hidden=128, intermediate=1024, heads=4, kv_heads=2),
+    "8b": {},
+    "1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192),
+    "tiny": dict(
+        num_hidden_layers=6, hidden_size=128, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 HUB_ID = "mka-bench/llama3-shaped"
 REV = "0123456789abcdef0123456789abcdef01234567"
 GB = 1e9
-
-
-def write_random_model(folder: Path, shape: dict, seed: int = 0) -> dict:
-    """Llama-3-shaped random bf16 safetensors written tensor by tensor (one tensor in memory at a
-    time, so making the 8B shape needs ~2 GB, not 16), with config and tokenizer files."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from mka_edge.models.synthetic import LLAMA3_8B_CONFIG, llama3_style_tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg_dict = dict(
-        LLAMA3_8B_CONFIG,
-        num_hidden_layers=shape["layers"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-    )
-    cfg = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    entries = [(n, tuple(t.shape)) for n, t in meta.state_dict().items()]
-    shards: list[list[tuple[str, tuple]]] = [[]]
-    size = 0
-    for name, shp in entries:
-        b = 2 * int(torch.Size(shp).numel())
-        if shards[-1] and size + b > 5e9:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shp))
-        size += b
-    gen = torch.Generator().manual_seed(seed)
-    index: dict = {"metadata": {"total_size": 0}, "weight_map": {}}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for name, shp in shard:
-            n = 2 * int(torch.Size(shp).numel())
-            header[name] = {"dtype": "BF16", "shape": list(shp), "data_offsets": [off, off + n]}
-            off += n
-            index["weight_map"][name] = fname
-        index["metadata"]["total_size"] += off
-        raw = json.dumps(header).encode()
-        raw += b" " * ((8 - len(raw) % 8) % 8)
-        tmp = folder / f".{fname}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(raw)))
-            fh.write(raw)
-            for name, shp in shard:
-                if "norm" in name:
-                    t = torch.rand(shp, generator=gen) + 0.5
-                else:
-                    t = torch.randn(shp, generator=gen) * 0.02
-                fh.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-                print(f"  wrote {name} {shp}", flush=True) if t.numel() > 4e8 else None
-        tmp.replace(folder / fname)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    cfg.architectures = ["LlamaForCausalLM"]
-    cfg.dtype = torch.bfloat16
-    cfg.save_pretrained(folder)
-    llama3_style_tokenizer().save_pretrained(folder)
-    return {"params": index["metadata"]["total_size"] / 2, "bytes": index["metadata"]["total_size"]}
 
 
 def hub_layout(root: Path, model: Path) -> Path:
@@ -266,8 +204,12 @@ def main(argv=None) -> int:
     if not made.is_file():
         t = time.perf_counter()
         print(f"writing the {args.shape} model (once per workdir)", flush=True)
-        facts = write_random_model(work / "model", SHAPES[args.shape], args.seed)
-        hub_layout(work, work / "model")
+        from mka_edge.models.synthetic import make_llama3_shaped
+
+        folder = make_llama3_shaped(work / "model", seed=args.seed, **SHAPES[args.shape])
+        size = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        facts = {"params": size / 2, "bytes": size}
+        hub_layout(work, folder)
         facts["seconds"] = round(time.perf_counter() - t, 1)
         made.write_text(json.dumps(facts))
     facts = json.loads(made.read_text())

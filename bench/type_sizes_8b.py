@@ -12,27 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from mka_edge.models.synthetic import LLAMA3_8B_CONFIG
 from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
 from mka_edge.solver.quant_prior import PUBLISHED
 from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "attention_bias": False,
-}
+# Meta-Llama-3-8B as published (8,192 positions, no rope scaling): the GGUF sizes it is checked against
+LLAMA3_8B = {k: v for k, v in LLAMA3_8B_CONFIG.items() if k != "rope_scaling"} | {"max_position_embeddings": 8192}
 
 
 def main() -> None:

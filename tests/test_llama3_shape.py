@@ -25,7 +25,15 @@ LAYERS = 6
 def llama3_hub(tmp_path_factory) -> dict:
     """The model in a hub cache, a recipe naming it by hub id and a profile without a speed bar."""
     root = tmp_path_factory.mktemp("llama3")
-    src = make_llama3_shaped(root / "src", layers=LAYERS, hidden=128, intermediate=1024, heads=4, kv_heads=2, seed=5)
+    src = make_llama3_shaped(
+        root / "src",
+        num_hidden_layers=LAYERS,
+        hidden_size=128,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        seed=5,
+    )
     snap = hub_cache(root / "hf", HUB_ID, src)
     recipe = root / "llama3-tiny.yaml"
     recipe.write_text(

@@ -115,7 +115,13 @@ def test_a_model_loaded_in_its_stored_dtype_is_mapped_from_its_file(tmp_path):
     from mka_edge.models.synthetic import make_llama3_shaped, tiny_tokenizer
 
     folder = make_llama3_shaped(
-        tmp_path / "m", layers=4, hidden=512, intermediate=2048, heads=8, kv_heads=2, tokenizer=tiny_tokenizer()
+        tmp_path / "m",
+        num_hidden_layers=4,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tokenizer=tiny_tokenizer(),
     )
     code = f"""
 import json, torch

@@ -80,10 +80,7 @@ def llama3_style_tokenizer(regular: int = LLAMA3_REGULAR, special: int = LLAMA3_
     worth of strings) and llama.cpp's llama-bpe pre-tokenizer, not Meta's exact merges."""
     from tokenizers import Regex, processors
 
-    def fresh() -> Tokenizer:
-        return Tokenizer(models.BPE())
-
-    base = fresh()
+    base = Tokenizer(models.BPE())
     base.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
@@ -97,8 +94,7 @@ def llama3_style_tokenizer(regular: int = LLAMA3_REGULAR, special: int = LLAMA3_
     trained = json.loads(base.to_str())["model"]
     vocab: dict[str, int] = dict(trained["vocab"])
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    pieces = sorted(vocab, key=vocab.get)
-    stems = pieces[:1000]
+    stems = sorted(vocab, key=vocab.get)[:1000]
     for a in stems:  # extend: every concatenation of two trained tokens is a valid merge of its halves
         if len(vocab) >= regular:
             break
@@ -132,7 +128,7 @@ def llama3_style_tokenizer(regular: int = LLAMA3_REGULAR, special: int = LLAMA3_
 
 
 # Meta-Llama-3-8B's config.json (the fields transformers reads) with Llama 3.1's rope scaling and
-# context (131,072 positions from 8,192); make_llama3_shaped scales its widths.
+# context (131,072 positions from 8,192); llama3_config overrides its fields.
 LLAMA3_8B_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -161,46 +157,62 @@ LLAMA3_8B_CONFIG = {
 }
 
 
-def make_llama3_shaped(
-    path: Path,
-    *,
-    layers: int = 32,
-    hidden: int = 4096,
-    intermediate: int = 14336,
-    heads: int = 32,
-    kv_heads: int = 8,
-    seed: int = 0,
-    tokenizer=None,
-) -> Path:
-    """A random Llama 3 (its config, rope scaling, untied 128,256-row embedding and head, and a
-    Llama-3-style tokenizer of that size) at the given widths, saved as bf16 safetensors in shards as
-    the hub stores it.  The defaults are Llama-3-8B's shape (16 GB); tests pass tiny widths and keep
-    the real vocabulary.  Weights are drawn straight in bf16, layer by layer, so making the 8B shape
-    holds one bf16 copy."""
-    torch.manual_seed(seed)
-    tok = tokenizer or llama3_style_tokenizer()
-    cfg_dict = dict(
-        LLAMA3_8B_CONFIG,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-    )
-    cfg = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
-    cfg.architectures = ["LlamaForCausalLM"]
+def llama3_config(**fields):
+    """LLAMA3_8B_CONFIG as a transformers config with ``fields`` (config.json names, e.g.
+    ``num_hidden_layers``, ``hidden_size``) overriding it, bf16 as the hub stores it."""
+    cfg = AutoConfig.for_model(**{k: v for k, v in {**LLAMA3_8B_CONFIG, **fields}.items() if k != "architectures"})
+    cfg.architectures = list(LLAMA3_8B_CONFIG["architectures"])
     cfg.dtype = torch.bfloat16
+    return cfg
+
+
+SHARD_BYTES = 5 * 10**9  # the hub's usual shard size for Llama checkpoints
+
+
+def make_llama3_shaped(path: Path, *, seed: int = 0, tokenizer=None, **fields) -> Path:
+    """A random Llama 3 (its config with ``fields`` overriding it, rope scaling, untied
+    128,256-row embedding and head, a Llama-3-style tokenizer of that size) saved as bf16
+    safetensors shards with their index, as the hub stores it.  With no fields, Llama-3-8B's shape
+    (16 GB); tests pass tiny widths and keep the real vocabulary.
+
+    The tensors are drawn and written one at a time into each shard (the header first, from the
+    meta-device model's shapes), so making the 8B shape holds one tensor, not 16 GB.  Norms are
+    drawn in [0.5, 1.5) and everything else from N(0, 0.02), so that every layer differs."""
+    import struct
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = llama3_config(**fields)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu").eval()
-    std = 0.02
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, std)
-    model.generation_config.bos_token_id = cfg.bos_token_id
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
-    tok.save_pretrained(path)
+        meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    shards: list[list[tuple[str, torch.Size]]] = [[]]
+    held = 0
+    for name, t in meta.state_dict().items():
+        if shards[-1] and held + 2 * t.numel() > SHARD_BYTES:
+            shards.append([])
+            held = 0
+        shards[-1].append((name, t.shape))
+        held += 2 * t.numel()
+    gen = torch.Generator().manual_seed(seed)
+    index: dict = {"metadata": {"total_size": 0}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, shape in shard:
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + 2 * shape.numel()]}
+            off += 2 * shape.numel()
+            index["weight_map"][name] = fname
+        index["metadata"]["total_size"] += off
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        tmp = path / f".{fname}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            for name, shape in shard:
+                t = torch.rand(shape, generator=gen) + 0.5 if "norm" in name else torch.randn(shape, generator=gen) * 0.02
+                fh.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        tmp.replace(path / fname)
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg.save_pretrained(path)
+    (tokenizer or llama3_style_tokenizer()).save_pretrained(path)
     return path
