@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .heal.modes import MODES as HEAL_MODES
 from .mka.method_table import ALL_METHODS, AUTO_POOL, TABLE
 from .targets import TARGETS, get_target
 
@@ -252,11 +253,13 @@ def heal_options(f):
         click.option(
             "--train",
             "heal_train",
-            type=click.Choice(["all", "changed", "lora"]),
+            type=click.Choice(list(HEAL_MODES)),
             default="all",
             show_default=True,
             help="What the heal trains: all parameters; only the layers the merge changed and their neighbours; "
-            "or LoRA adapters on every block's linear layers, merged back at the end. A recipe's heal: "
+            "LoRA adapters on every block's linear layers, merged back at the end; or qlora: the same adapters "
+            "over a 4-bit NF4 copy of those layers (bitsandbytes) against the teacher's cached top-256 "
+            "log-probs, merged into the original weights (what fits an 8B heal on a 24 GB GPU). A recipe's heal: "
             "section may set another default (and steps, lr, lora_rank); what you pass here wins.",
         ),
         click.option(
@@ -265,7 +268,11 @@ def heal_options(f):
         click.option("--heal-batch", type=int, default=2, show_default=True, help="Calibration windows per step."),
         click.option("--heal-seq-len", type=int, default=256, show_default=True, help="Tokens per calibration window."),
         click.option(
-            "--lora-rank", type=int, default=16, show_default=True, help="Rank of the LoRA adapters (--train lora)."
+            "--lora-rank",
+            type=int,
+            default=16,
+            show_default=True,
+            help="Rank of the LoRA adapters (--train lora or qlora).",
         ),
         click.option(
             "--checkpoint-every",

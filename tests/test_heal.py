@@ -430,3 +430,71 @@ def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(
     )
     assert rec["dtype"] == "float32"
     assert {t.dtype for t in _weights(tmp_path / "healed-all").values()} == {torch.bfloat16}
+
+
+def test_a_qlora_heal_trains_on_an_nf4_base_against_cached_targets_and_merges_into_the_original_weights(
+    tmp_path, merged_tiny, monkeypatch
+):
+    """Issue 23 item 4: ``--train qlora`` quantizes the student's block linears to NF4 with
+    bitsandbytes (on the CPU here), trains LoRA adapters against the teacher's top-k log-probs
+    from the cache (the teacher is gone before the student loads), and merges the adapters into
+    the merged folder's own weights: each healed linear differs from its unhealed weight by a
+    rank <= 16 update (merged into the NF4 copy, the difference would be full rank)."""
+    pytest.importorskip("bitsandbytes", reason="--train qlora needs bitsandbytes")
+    import weakref
+
+    import mka_edge.heal.distill as distill
+
+    alive = []
+    real_load = distill.load_model
+
+    def load(spec, *a, **k):
+        lm = real_load(spec, *a, **k)
+        alive.append((str(spec), [r() is not None for _, _, r, _ in alive], weakref.ref(lm.model), lm.model.dtype))
+        return lm
+
+    monkeypatch.setattr(distill, "load_model", load)
+    rec = distill.heal(
+        str(merged_tiny), tmp_path / "healed", _cfg(train="qlora", lr=2e-3), progress=False, log=lambda m: None
+    )
+    assert "NF4 base" in rec["trained"][0] and rec["teacher"]["form"] == "top-k cache", rec
+    assert rec["heldout_after"]["kl"] < 0.9 * rec["heldout_before"]["kl"], rec
+    assert rec["losses"][-1] < rec["losses"][0]
+    # teacher, student (teacher already freed), the 16-bit base for the merge (student freed)
+    assert [a[0] for a in alive][1:] == [str(merged_tiny)] * 2 and alive[1][1] == [False], alive
+    assert alive[2][1] == [False, False], alive
+    before, after = _weights(merged_tiny), _weights(tmp_path / "healed")
+    assert not any("lora" in n for n in after)
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    delta = (after["model.layers.1.mlp.up_proj.weight"] - before["model.layers.1.mlp.up_proj.weight"]).double()
+    rank = int(torch.linalg.matrix_rank(delta, rtol=1e-6))
+    assert 0 < rank <= 16 < min(delta.shape), rank
+
+
+def test_the_qlora_footprint_fits_an_8b_heal_on_24_gb_and_counts_what_bitsandbytes_holds(merged_tiny):
+    """heal/footprint.py: a rank-16 LoRA heal of Llama-3-8B holds a 16-bit teacher beside the
+    student (over 24 GB); QLoRA holds neither (its peak is the 16-bit student alone, for the
+    before/after measure and the merge), and its NF4 term is what bitsandbytes really allocates."""
+    pytest.importorskip("bitsandbytes", reason="--train qlora needs bitsandbytes")
+    from mka_edge.heal.footprint import LLAMA3_8B, NF4_BITS, ModelShape, heal_footprint
+    from mka_edge.heal.nf4 import nf4_bytes, quantize_linears
+    from mka_edge.models.loading import load_model
+
+    lora, qlora = heal_footprint(LLAMA3_8B, 0, "lora"), heal_footprint(LLAMA3_8B, 0, "qlora")
+    assert lora["total"] > 24 > qlora["total"] and qlora["teacher_weights"] == 0, (lora, qlora)
+    assert qlora["student_weights"] < 0.4 * lora["student_weights"]
+
+    lm = load_model(str(merged_tiny), "cpu", torch.bfloat16)
+    c = lm.model.config
+    shape = ModelShape(
+        layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        intermediate=c.intermediate_size,
+        kv_dim=c.num_key_value_heads * (c.hidden_size // c.num_attention_heads),
+        vocab=c.vocab_size,
+        tied=bool(c.tie_word_embeddings),
+    )
+    n = quantize_linears(lm.model, list(lm.arch.lora_targets), [], torch.bfloat16)
+    held = [m.weight for m in lm.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert n == shape.layers * shape.linear_params and len(held) == 7 * shape.layers
+    assert sum(nf4_bytes(w) for w in held) == pytest.approx(n * NF4_BITS / 8, rel=0.02)

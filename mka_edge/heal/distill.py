@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from ..merging import check_out
 from ..mka.output import save_merged
 from ..models.loading import load_model
 from ..models.recipes import recipe_behind
-from ..quality import Reference, compare
 from .targets import MODES, select
+from .teacher import CachedTeacher, LiveTeacher
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,18 @@ class HealConfig:
             )
 
 
-def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+def _pair_facts(lm) -> tuple[int, int, int]:
+    """What a student and its teacher must share: vocabulary (config and tokenizer) and width."""
+    return int(lm.model.config.vocab_size), len(lm.tokenizer), int(lm.model.config.hidden_size)
 
 
-def _check_pair(student, ref) -> None:
-    sv, rv = int(student.model.config.vocab_size), int(ref.model.config.vocab_size)
-    if sv != rv or len(student.tokenizer) != len(ref.tokenizer):
+def _check_pair(student, ref_facts: tuple[int, int, int]) -> None:
+    (sv, st, sh), (rv, rt, rh) = _pair_facts(student), ref_facts
+    if sv != rv or st != rt:
         raise UserError(
             f"the reference's vocabulary ({rv} tokens) differs from the model's ({sv}); "
             f"heal against the model this one was merged from (--reference)"
         )
-    sh, rh = int(student.model.config.hidden_size), int(ref.model.config.hidden_size)
     if sh != rh:
         raise UserError(
             f"the reference's hidden size ({rh}) differs from the model's ({sh}); "
@@ -191,24 +190,95 @@ def _write_failed(folder: Path, exc: Exception) -> Exception:
 
 def teacher_from(lm):
     """``lm``, an already loaded source, as the heal's teacher as loaded, whatever its dtype: the
-    teacher is frozen and only gives logits (compared in float32 by ``_kl``), so a 16-bit build's
+    teacher is frozen and only gives logits (compared in float32 by the loss), so a 16-bit build's
     source teaches in 16 bits instead of a second, float32 copy beside it.  Not when --max-memory
     spread it over the disk: every step would read the offloaded weights back (None: heal loads
     its own)."""
     return None if getattr(lm, "offloaded", False) else lm
 
 
-def student_dtype(cfg: HealConfig, teacher) -> torch.dtype:
+def student_dtype(cfg: HealConfig, teacher, device: torch.device | None = None) -> torch.dtype:
     """The dtype the student is loaded in.  LoRA trains float32 adapters (peft keeps an adapter in
     float32 over a 16-bit base) on a frozen base, so the base stays in the teacher's dtype: 16 bits
     on a GPU or in a 16-bit CPU build, as heal/footprint.py counts a LoRA heal, merged back into
-    those 16 bits at the end.  A full-parameter or changed-layers heal updates the weights
-    themselves with AdamW, whose small steps vanish in bf16's 8-bit mantissa, so its student is
-    float32 (footprint.py prices a 16-bit student plus a float32 master copy: more than a LoRA
-    heal either way; the healed model is saved in the teacher's dtype, see ``heal``)."""
-    if cfg.train == "lora" and teacher is not None:
-        return next(teacher.model.parameters()).dtype
+    those 16 bits at the end; with no teacher handed in, bf16 on a GPU (QLoRA's NF4 base
+    dequantizes to it) and float32 on a CPU.  A full-parameter or changed-layers heal updates the
+    weights themselves with AdamW, whose small steps vanish in bf16's 8-bit mantissa, so its
+    student is float32 (footprint.py prices a 16-bit student plus a float32 master copy: more
+    than a LoRA heal either way; the healed model is saved in the teacher's dtype, see ``heal``)."""
+    if cfg.train in ("lora", "qlora"):
+        if teacher is not None:
+            return next(teacher.model.parameters()).dtype
+        return teacher_dtype(device)
     return torch.float32
+
+
+def teacher_dtype(device: torch.device | None) -> torch.dtype:
+    """The dtype a heal loads its own teacher in: frozen, it only gives logits, so 16 bits on a GPU
+    (what footprint.py counts; float32 would double an 8B teacher to 32 GB) and float32 on a CPU."""
+    return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+
+
+def _free(*objs) -> None:
+    """Drop what the caller no longer holds from the device's allocator as well."""
+    import gc
+
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def _parked(lm, park: bool):
+    """``lm`` moved to host memory while the block runs, then back: a QLoRA heal inside a build on
+    a GPU, whose source (the teacher, already reduced to cached targets) would otherwise hold 16 GB
+    of an 8B model's weights beside the heal.  A few seconds of PCIe each way; the host needs the
+    weights' size in RAM meanwhile."""
+    device = next(lm.model.parameters()).device if park else None
+    if device is None or device.type == "cpu" or lm.offloaded:
+        yield
+        return
+    lm.model.to("cpu")
+    _free()
+    try:
+        yield
+    finally:
+        lm.model.to(device)
+
+
+def _cached_teacher(cfg: HealConfig, ref_spec: str, reference_model, dev, progress: bool):
+    """A QLoRA heal's teacher: its top-k targets from the cache (one pass of the teacher when
+    absent), then the teacher leaves memory if this heal loaded it.  Returns the targets, the
+    training windows and what the student must share with the teacher."""
+    ref = reference_model if reference_model is not None else load_model(ref_spec, dev, teacher_dtype(dev))
+    windows = _windows(ref.tokenizer, cfg) if cfg.steps else torch.zeros((0, cfg.seq_len), dtype=torch.long)
+    teacher = CachedTeacher(ref, windows, cfg.heldout_chunks, progress=progress)
+    facts = _pair_facts(ref)
+    if reference_model is None:
+        _free(ref)
+    return teacher, windows, facts
+
+
+def _merge_into_sixteen_bits(adapters: dict, model_spec: str, dev, dtype, cfg: HealConfig, merge_log):
+    """QLoRA ``adapters`` (peft's state dict of the trained model, whose NF4 base the caller has
+    dropped) merged into the merged folder's own 16-bit (or float32) weights, reloaded: the NF4
+    rounding of the base stays out of the exported model."""
+    from peft import set_peft_model_state_dict
+
+    _free()
+    base = load_model(model_spec, dev, dtype)
+    again, _ = select(
+        base.model,
+        "lora",
+        merge_log.layer_map if merge_log else None,
+        cfg.lora_rank,
+        merge_log.layers_before if merge_log else None,
+    )
+    loaded = set_peft_model_state_dict(again, adapters)
+    if getattr(loaded, "unexpected_keys", None):
+        raise RuntimeError(f"adapters that match no module: {loaded.unexpected_keys[:3]}")
+    return again.merge_and_unload()
 
 
 def heal(
@@ -235,21 +305,33 @@ def heal(
     ref_spec = reference or default_reference(model_spec)
     if not ref_spec:
         raise UserError(f"{model_spec} has no merge_log.json naming its source; pass --reference MODEL")
-    dtype = student_dtype(cfg, reference_model)
+    dtype = student_dtype(cfg, reference_model, dev)
+    if cfg.train != "qlora":
+        return _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, reference_model)
+    # the teacher's targets first, so that it never sits beside the student
+    teacher = _cached_teacher(cfg, ref_spec, reference_model, dev, progress)
+    with _parked(reference_model, park=reference_model is not None):
+        return _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, reference_model, teacher)
+
+
+def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, reference_model, cached=None) -> dict:
+    """``heal`` from the student's load on (``cached``: a QLoRA heal's teacher, targets and facts)."""
+    if cached is not None:
+        teacher, windows, ref_facts = cached
     student = load_model(model_spec, dev, dtype)
     if student.offloaded:  # accelerate's hooks swap offloaded weights in and out: nothing could train them
         raise UserError(
             f"--max-memory leaves part of {model_spec} offloaded, and healing trains its weights in memory; "
             f"give the devices room for the whole merged model in {str(dtype).removeprefix('torch.')}, or heal without --max-memory"
         )
-    ref = reference_model if reference_model is not None else load_model(ref_spec, dev, torch.float32)
-    _check_pair(student, ref)
-    windows = _windows(student.tokenizer, cfg) if cfg.steps else None
+    if cached is None:
+        ref = reference_model if reference_model is not None else load_model(ref_spec, dev, teacher_dtype(dev))
+        ref_facts = _pair_facts(ref)
+        windows = _windows(student.tokenizer, cfg) if cfg.steps else None
+        teacher = LiveTeacher(ref, heldout_chunks(student.tokenizer, cfg.heldout_chunks), dev)
+    _check_pair(student, ref_facts)
     merge_log = read_merge_log(student.source.get("model_dir"))
-    for p in ref.model.parameters():
-        p.requires_grad_(False)
-    heldout = Reference(ref.model, heldout_chunks(student.tokenizer, cfg.heldout_chunks), dev)
-    before = compare(student.model, heldout).as_dict()
+    before = teacher.measure(student.model)
     log(
         f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})"
     )
@@ -260,12 +342,14 @@ def heal(
         cfg.lora_rank,
         merge_log.layers_before if merge_log else None,
     )
+    n_layers = student.num_layers
+    student.model = None  # ``model`` is the one reference to the student now (QLoRA frees it before the merge)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     ckpt = Checkpoint(
         stable_hash(
-            {"cfg": asdict(cfg), "model": student.fingerprint, "ref": ref.fingerprint, "dtype": str(dtype), "v": 1}
+            {"cfg": asdict(cfg), "model": student.fingerprint, "ref": teacher.fingerprint, "dtype": str(dtype), "v": 1}
         )
     )
     start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
@@ -278,10 +362,9 @@ def heal(
     train_s = 0.0
     for step in bar:
         t_step = time.perf_counter()
-        ids = windows[step * cfg.batch : (step + 1) * cfg.batch].to(dev)
-        with torch.no_grad():
-            teacher = ref.model(input_ids=ids, use_cache=False).logits
-        loss = _kl(teacher, model(input_ids=ids, use_cache=False).logits)
+        rows = slice(step * cfg.batch, (step + 1) * cfg.batch)
+        ids = windows[rows].to(dev)
+        loss = teacher.loss(rows, ids, model(input_ids=ids, use_cache=False).logits)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -294,15 +377,22 @@ def heal(
         killpoint(f"heal:step-{done}")  # after the step's checkpoint, if it has one
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             model.eval()
-            curve.append({"step": done, **compare(model, heldout).as_dict()})
+            curve.append({"step": done, **teacher.measure(model)})
             model.train()
         if on_step:
             on_step(done, losses[-1])
     bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
+    del opt, trainable
     if cfg.train == "lora":
         model = model.merge_and_unload()
+    elif cfg.train == "qlora":
+        from peft import get_peft_model_state_dict
+
+        adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        del model
+        model = _merge_into_sixteen_bits(adapters, model_spec, dev, dtype, cfg, merge_log)
     healed = model
     for p in healed.parameters():
         p.requires_grad_(False)
@@ -313,7 +403,7 @@ def heal(
         # and disk_need_bytes counts its folder in those bits); the export's float GGUF rounds
         # to 16 bits anyway.  Measured after the cast: the figure is the model that is saved.
         healed = healed.to(saved)
-    after = compare(healed, heldout).as_dict()
+    after = teacher.measure(healed)
     curve.append({"step": cfg.steps, **after})
     log(f"held-out after {cfg.steps} steps: KL {after['kl']:.4f}, perplexity {after['ppl']:.2f}")
     record = {
@@ -325,6 +415,7 @@ def heal(
         "trainable_params": n_train,
         "device": str(dev),
         "dtype": str(dtype).removeprefix("torch."),
+        "teacher": teacher.summary(),
         "steps_run_here": cfg.steps - start,
         "resumed_from": start,
         "seconds": round(seconds, 2),
@@ -340,7 +431,7 @@ def heal(
         source=student.source,
         source_fingerprint=student.fingerprint,
         merge_layers=0,
-        layers_before=student.num_layers,
+        layers_before=n_layers,
     )
     new_log = replace(base, heal={k: v for k, v in record.items() if k not in ("losses", "curve")})
     # heal_log.json inside the folder before its rename: a healed folder is whole or absent

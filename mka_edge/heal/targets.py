@@ -3,6 +3,9 @@ K=6 from KL 0.97 to 0.69).  ``changed``: only the layers a merge touched — a f
 two layers on each side of a removed one — since the rest still compute what they were trained
 to.  ``lora``: low-rank adapters on every linear layer of every block, merged back afterwards,
 so the healed folder is a plain model and optimizer state stays small on large models.
+``qlora``: the same adapters over a 4-bit NF4 copy of those linears (``heal/nf4.py``), trained
+against the teacher's cached top-k log-probs (``heal/teacher.py``); the adapters are then merged
+into the original 16-bit weights.  What lets an 8B heal fit a 24 GB GPU.
 
 Layers whose attention was removed (``models.attention_removal``: zero ``o_proj``, listed in the
 config) keep it removed whatever trains: their attention parameters (q, k, v, o, biases and the
@@ -17,8 +20,8 @@ from ..errors import UserError
 from ..mka.attention import attention_modules, attention_param_names
 from ..models.architectures import ArchSpec, arch_for
 from ..models.attention_removal import attention_removed
-
-MODES = ("all", "changed", "lora")
+from .modes import MODES
+from .nf4 import quantize_linears
 
 
 def changed_layers(
@@ -61,10 +64,15 @@ def select(
         arch = arch or arch_for(model.config.model_type)
     layers = arch.layers(model) if arch is not None else None
     kept = f"; attention of layers {no_attn} stays removed (frozen at zero)" if no_attn else ""
-    if mode == "lora":
+    if mode in ("lora", "qlora"):
         targets = list(arch.lora_targets)
         prefix = arch.layers_path
         skip = [f"{prefix}.{i}.{name}" for i in no_attn for name in attention_modules(layers[i], arch, targets)]
+        base = ""
+        if mode == "qlora":
+            dtype = next(model.parameters()).dtype
+            n = quantize_linears(model, targets, skip, dtype)
+            base = f" over an NF4 base ({n / 1e6:.1f}M weights in 4 bits, computing in {str(dtype).removeprefix('torch.')})"
         cfg = LoraConfig(
             r=lora_rank,
             lora_alpha=2 * lora_rank,
@@ -75,7 +83,7 @@ def select(
             task_type="CAUSAL_LM",
         )
         wrapped = get_peft_model(model, cfg)
-        return wrapped, [f"LoRA rank {lora_rank} on {', '.join(targets)}{kept}"]
+        return wrapped, [f"LoRA rank {lora_rank} on {', '.join(targets)}{base}{kept}"]
     for p in model.parameters():
         p.requires_grad_(mode == "all")
     if mode == "all":

@@ -28,17 +28,26 @@ def reference_key(fingerprint: str, ids: torch.Tensor, top_k: int = TOP_K) -> st
 
 
 @torch.no_grad()
-def compact_reference(
-    lm, n_chunks: int = 4, heldout: str | None = None, progress: bool = True, top_k: int = TOP_K
-) -> tuple[Path, dict]:
-    """Path of the cached .npz for ``lm`` on the held-out chunks (computed if missing) and a summary."""
-    ids = heldout_chunks(lm.tokenizer, n_chunks, path=heldout)
+def topk_reference(lm, ids: torch.Tensor, progress: bool = True, top_k: int = TOP_K) -> Path:
+    """Path of the cached .npz of ``lm``'s top-k log-probabilities over the rows of ``ids``
+    (computed if missing).  The held-out reference below is one use; a QLoRA heal's teacher
+    targets over its training windows are another (heal/teacher.py)."""
     key = reference_key(lm.fingerprint, ids, top_k)
     path = cache_root() / "references" / f"{key[:24]}.npz"
     if not path.is_file():
         with entry_lock(path, "the reference log-probabilities"):  # the plan's probes and validation share it
             if not path.is_file():  # written while this process waited?
                 _write_reference(lm, ids, path, progress, top_k)
+    return path
+
+
+@torch.no_grad()
+def compact_reference(
+    lm, n_chunks: int = 4, heldout: str | None = None, progress: bool = True, top_k: int = TOP_K
+) -> tuple[Path, dict]:
+    """Path of the cached .npz for ``lm`` on the held-out chunks (computed if missing) and a summary."""
+    ids = heldout_chunks(lm.tokenizer, n_chunks, path=heldout)
+    path = topk_reference(lm, ids, progress, top_k)
     data = np.load(path)
     tail = 1.0 - np.exp(data["top_logp"].astype(np.float64)).sum(-1)
     return path, {
