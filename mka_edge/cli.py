@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import UserError
-from .heal.modes import MODES as HEAL_MODES
+from .heal_modes import MODES as HEAL_MODES
 from .mka.method_table import ALL_METHODS, AUTO_POOL, TABLE
 from .targets import TARGETS, get_target
 

@@ -373,7 +373,7 @@ def test_a_recipe_sets_heal_defaults_and_the_command_line_wins(tmp_path):
     r = _cli(*base[:2], str(bad), *base[3:], "--out", str(tmp_path / "c"))
     assert (
         r.returncode == 2
-        and "field 'heal.train' must be all, changed or lora" in r.stderr
+        and "field 'heal.train' must be all, changed, lora or qlora" in r.stderr
         and "Traceback" not in r.stderr
     )
     assert not (tmp_path / "c").exists()
@@ -392,7 +392,9 @@ def test_a_lora_heal_in_a_16_bit_build_stays_16_bit_and_uses_the_loaded_teacher(
     assert teacher_from(teacher) is teacher
     assert student_dtype(_cfg(train="lora"), teacher) == torch.bfloat16
     assert student_dtype(_cfg(train="all"), teacher) == torch.float32
-    assert student_dtype(_cfg(train="lora"), None) == torch.float32  # the CLI's heal loads its own float32 teacher
+    assert (
+        student_dtype(_cfg(train="lora"), None) == torch.float32
+    )  # on a CPU the CLI's heal loads its own float32 teacher
 
     import mka_edge.heal.distill as distill
 
@@ -441,16 +443,23 @@ def test_a_qlora_heal_trains_on_an_nf4_base_against_cached_targets_and_merges_in
     the merged folder's own weights: each healed linear differs from its unhealed weight by a
     rank <= 16 update (merged into the NF4 copy, the difference would be full rank)."""
     pytest.importorskip("bitsandbytes", reason="--train qlora needs bitsandbytes")
+    import gc
     import weakref
 
     import mka_edge.heal.distill as distill
 
-    alive = []
+    alive, nf4 = [], []
     real_load = distill.load_model
 
+    def nf4_alive() -> int:
+        gc.collect()
+        return sum(type(o).__name__ == "Params4bit" for o in gc.get_objects())
+
     def load(spec, *a, **k):
+        held = [r() is not None for _, _, r, _ in alive]
+        nf4.append(nf4_alive())
         lm = real_load(spec, *a, **k)
-        alive.append((str(spec), [r() is not None for _, _, r, _ in alive], weakref.ref(lm.model), lm.model.dtype))
+        alive.append((str(spec), held, weakref.ref(lm.model), lm.model.dtype))
         return lm
 
     monkeypatch.setattr(distill, "load_model", load)
@@ -463,6 +472,7 @@ def test_a_qlora_heal_trains_on_an_nf4_base_against_cached_targets_and_merges_in
     # teacher, student (teacher already freed), the 16-bit base for the merge (student freed)
     assert [a[0] for a in alive][1:] == [str(merged_tiny)] * 2 and alive[1][1] == [False], alive
     assert alive[2][1] == [False, False], alive
+    assert nf4 == [0, 0, 0], nf4  # no 4-bit weight outlives the training (the reload starts clean)
     before, after = _weights(merged_tiny), _weights(tmp_path / "healed")
     assert not any("lora" in n for n in after)
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
@@ -498,3 +508,28 @@ def test_the_qlora_footprint_fits_an_8b_heal_on_24_gb_and_counts_what_bitsandbyt
     held = [m.weight for m in lm.model.modules() if type(m).__name__ == "Linear4bit"]
     assert n == shape.layers * shape.linear_params and len(held) == 7 * shape.layers
     assert sum(nf4_bytes(w) for w in held) == pytest.approx(n * NF4_BITS / 8, rel=0.02)
+
+
+def test_a_qlora_heal_with_a_16_bit_teacher_handed_in_stays_16_bit_and_trains_past_an_eval(tmp_path, merged_tiny):
+    """A build's bf16 source as teacher: the QLoRA student computes in bf16 and is saved in bf16;
+    a held-out measure every 2 steps (eval mode, where bitsandbytes would repack its CPU weights
+    for inference) leaves the later steps training."""
+    pytest.importorskip("bitsandbytes", reason="--train qlora needs bitsandbytes")
+    from mka_edge.evaluation import default_reference
+    from mka_edge.heal.distill import heal
+    from mka_edge.models.loading import load_model
+
+    teacher = load_model(default_reference(str(merged_tiny)), "cpu", torch.bfloat16)
+    rec = heal(
+        str(merged_tiny),
+        tmp_path / "healed",
+        _cfg(train="qlora", lr=2e-3, steps=8, eval_every=2),
+        progress=False,
+        log=lambda m: None,
+        reference_model=teacher,
+        device="cpu",
+    )
+    assert rec["dtype"] == "bfloat16" and [c["step"] for c in rec["curve"]] == [0, 2, 4, 6, 8]
+    assert rec["curve"][-1]["kl"] < rec["curve"][1]["kl"] < rec["curve"][0]["kl"], rec["curve"]
+    assert {t.dtype for t in _weights(tmp_path / "healed").values()} == {torch.bfloat16}
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in teacher.model.parameters())

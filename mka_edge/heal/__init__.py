@@ -1,6 +1,6 @@
 """Healing after merging: a short distillation of the merged model from the original one.
 
-modes.py     the training choices, as data (the CLI reads them without torch)
+(the training choices, as data the CLI and recipes read without torch: ../heal_modes.py)
 targets.py   what to train: all parameters, the changed layers and their neighbours, LoRA, or
              QLoRA (LoRA over an NF4 base, nf4.py)
 teacher.py   what the student learns from: the reference in memory, or its cached top-k log-probs

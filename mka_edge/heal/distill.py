@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -216,34 +218,47 @@ def student_dtype(cfg: HealConfig, teacher, device: torch.device | None = None) 
 def teacher_dtype(device: torch.device | None) -> torch.dtype:
     """The dtype a heal loads its own teacher in: frozen, it only gives logits, so 16 bits on a GPU
     (what footprint.py counts; float32 would double an 8B teacher to 32 GB) and float32 on a CPU."""
-    return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if device is None or device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _free(*objs) -> None:
-    """Drop what the caller no longer holds from the device's allocator as well."""
+def _free() -> None:
+    """Collect what the caller has dropped and return it from the GPU allocator as well."""
     import gc
 
-    del objs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 @contextmanager
-def _parked(lm, park: bool):
-    """``lm`` moved to host memory while the block runs, then back: a QLoRA heal inside a build on
-    a GPU, whose source (the teacher, already reduced to cached targets) would otherwise hold 16 GB
-    of an 8B model's weights beside the heal.  A few seconds of PCIe each way; the host needs the
-    weights' size in RAM meanwhile."""
-    device = next(lm.model.parameters()).device if park else None
-    if device is None or device.type == "cpu" or lm.offloaded:
+def _parked(lm, log: Callable[[str], None]):
+    """``lm`` (a build's source, on one GPU) moved to host memory while the block runs, then back:
+    a QLoRA heal inside a build, whose teacher is already reduced to cached targets, would
+    otherwise share the GPU with 16 GB of an 8B model's weights.  A few seconds of PCIe each way.
+    Left where it is when it is on the CPU, spread by --max-memory over several devices (one
+    ``.to`` would undo accelerate's placement), or when the host lacks the RAM to hold it."""
+    if lm is None or lm.device_map is not None or lm.offloaded:
+        yield
+        return
+    device = next(lm.model.parameters()).device
+    need = sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
+    if device.type == "cpu" or need > 0.9 * psutil.virtual_memory().available:
+        if device.type != "cpu":
+            log(f"      the source ({need / 2**30:.1f} GiB) stays on {device}: host RAM is short for parking it")
         yield
         return
     lm.model.to("cpu")
     _free()
     try:
         yield
+    except BaseException as exc:
+        # the failed heal's frames (its student, its optimizer) go before the source returns
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
+        _free()
         lm.model.to(device)
 
 
@@ -255,8 +270,8 @@ def _cached_teacher(cfg: HealConfig, ref_spec: str, reference_model, dev, progre
     windows = _windows(ref.tokenizer, cfg) if cfg.steps else torch.zeros((0, cfg.seq_len), dtype=torch.long)
     teacher = CachedTeacher(ref, windows, cfg.heldout_chunks, progress=progress)
     facts = _pair_facts(ref)
-    if reference_model is None:
-        _free(ref)
+    del ref
+    _free()  # a teacher this heal loaded is gone before the student loads
     return teacher, windows, facts
 
 
@@ -310,7 +325,7 @@ def heal(
         return _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, reference_model)
     # the teacher's targets first, so that it never sits beside the student
     teacher = _cached_teacher(cfg, ref_spec, reference_model, dev, progress)
-    with _parked(reference_model, park=reference_model is not None):
+    with _parked(reference_model, log):
         return _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, reference_model, teacher)
 
 
@@ -335,6 +350,7 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
     log(
         f"held-out before healing: KL {before['kl']:.4f}, perplexity {before['ppl']:.2f} (reference {before['ref_ppl']:.2f})"
     )
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same settings, the same heal
     model, what = select(
         student.model,
         cfg.train,
@@ -349,7 +365,14 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     ckpt = Checkpoint(
         stable_hash(
-            {"cfg": asdict(cfg), "model": student.fingerprint, "ref": teacher.fingerprint, "dtype": str(dtype), "v": 1}
+            {
+                "cfg": asdict(cfg),
+                "model": student.fingerprint,
+                "ref": teacher.fingerprint,
+                "dtype": str(dtype),
+                "teacher": teacher.key,
+                "v": 2,
+            }
         )
     )
     start, losses = ckpt.load(model, opt) if cfg.steps else (0, [])
@@ -359,7 +382,7 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc="healing", disable=not progress, initial=start, total=cfg.steps)
-    train_s = 0.0
+    train_s, ids = 0.0, None
     for step in bar:
         t_step = time.perf_counter()
         rows = slice(step * cfg.batch, (step + 1) * cfg.batch)
@@ -369,6 +392,10 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        # the graph dies with ``loss``: bitsandbytes keeps its NF4 weights on the autograd context
+        # (not save_for_backward), so a live last-step graph would hold the 4-bit base through the
+        # 16-bit reload below
+        del loss
         train_s += time.perf_counter() - t_step
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
         done = step + 1
@@ -384,7 +411,7 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
     bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
-    del opt, trainable
+    del opt, trainable, ids
     if cfg.train == "lora":
         model = model.merge_and_unload()
     elif cfg.train == "qlora":

@@ -12,9 +12,10 @@ LoRA: rank r adapters on the seven linear maps of every student block, r x (in +
 in float32 by peft (weight, gradient, AdamW m and v: 16 B a parameter).
 QLoRA (``--train qlora``): the same adapters over an NF4 copy of those linear maps (``NF4_BITS`` a
 weight, what bitsandbytes stores; embeddings, norms and head stay 16-bit), no teacher in memory
-(its top-k targets, ``top_k`` x 8 B a training position, sit in host memory), and only the
-student's logits.  Its peak is the larger of two phases: training, and the 16-bit student whole
-(the held-out measure before and after, and the reload the adapters merge into).
+while training (its top-k targets, ``top_k`` x 8 B a training position, sit in host memory), and
+only the student's logits.  Its peak is the largest of three phases: the teacher alone writing
+those targets (skipped when they are cached), training, and the 16-bit student whole (the
+held-out measure before and after, and the reload the adapters merge into).
 Why in paper terms and not measured: so a user can size a GPU for an 8B heal on a laptop;
 tests/test_heal.py checks the NF4 term against what bitsandbytes really holds.
 """
@@ -102,8 +103,11 @@ def heal_footprint(
     }
     terms["total"] = sum(v for key, v in terms.items() if key != "trained_params_B")
     if mode == "qlora":
-        # the other phase: the 16-bit student whole, measured (one 512-token chunk's logits) or merged into
-        terms["sixteen_bit_phase"] = (student * dtype_bytes + 512 * shape.vocab * 4 * 2) / GB
+        # the other phases: the teacher alone, writing its top-k targets (once: skipped when cached),
+        # and the 16-bit student whole, measured (a 512-token chunk's logits) or merged into
+        chunk_logits = 512 * shape.vocab * 4 * 2
+        terms["teacher_phase"] = (shape.params() * dtype_bytes + chunk_logits) / GB
+        terms["sixteen_bit_phase"] = (student * dtype_bytes + chunk_logits) / GB
         terms["teacher_targets_host"] = steps * tokens * top_k * 8 / GB
-        terms["total"] = max(terms["total"], terms["sixteen_bit_phase"])
+        terms["total"] = max(terms["total"], terms["teacher_phase"], terms["sixteen_bit_phase"])
     return {k2: round(v, 2) for k2, v in terms.items()}

@@ -43,26 +43,40 @@ def quantize_linears(model, names: list[str], skip: list[str], compute_dtype: to
     bnb = bitsandbytes()
     skipped = set(skip)
     done = 0
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            full = f"{parent_name}.{name}" if parent_name else name
-            if name not in names or not isinstance(child, torch.nn.Linear) or full in skipped:
-                continue
-            q = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                compute_dtype=compute_dtype,
-                compress_statistics=True,
-                quant_type="nf4",
-                device="meta",
-            )
-            w = child.weight.data
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-            if child.bias is not None:
-                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            q = q.to(w.device)  # quantizes here
-            setattr(parent, name, q)
-            done += w.numel()
-            del child, w
+    # names only: a list of the modules themselves would keep every 16-bit Linear alive to the end
+    todo = [
+        (parent_name, name)
+        for parent_name, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if name in names
+        and isinstance(child, torch.nn.Linear)
+        and (f"{parent_name}.{name}" if parent_name else name) not in skipped
+    ]
+    for parent_name, name in todo:
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
+        q = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        w = child.weight.data
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        if child.bias is not None:
+            q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+        # bitsandbytes repacks a CPU weight in place for AVX512-BF16 inference at the first eval-mode
+        # forward, after which training takes a path with no autograd kernel: an eval_every measure
+        # would break the steps after it
+        q.support_avx512bf16_for_cpu = False
+        q = q.to(w.device)  # quantizes here
+        setattr(parent, name, q)
+        done += w.numel()
+        del child, w, q
+    # peft then wraps these as the plain nn.Linear subclass they are (the model is not flagged
+    # "loaded in 4 bit"): training works, but its merge_and_unload would write into the packed
+    # codes, so heal.distill merges the adapters into a fresh 16-bit load instead
     return done

@@ -17,10 +17,10 @@ from __future__ import annotations
 from peft import LoraConfig, get_peft_model
 
 from ..errors import UserError
+from ..heal_modes import MODES
 from ..mka.attention import attention_modules, attention_param_names
 from ..models.architectures import ArchSpec, arch_for
 from ..models.attention_removal import attention_removed
-from .modes import MODES
 from .nf4 import quantize_linears
 
 

@@ -7,7 +7,8 @@ already loaded source in, so no second copy loads.
 
 ``CachedTeacher``: the teacher's top-k log-probabilities (k = 256) over every training window and
 the held-out chunks, computed in one pass and cached in the same compact form as validation's
-reference (``validate/reference.py``, the held-out entry is the very file validation reads), after
+reference (``validate/reference.py``; the held-out entry is the file validation reads when their
+chunk counts agree), after
 which the teacher need not be in memory.  A QLoRA heal uses it: an 8B model's heal then holds its
 4-bit student and a few hundred MB of targets instead of a 16 GB teacher beside it, which is what
 lets it fit a 24 GB GPU (``heal/footprint.py``).  The loss is KL over the top k plus one tail
@@ -39,8 +40,10 @@ def topk_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, student_logits: torch
     s_top = s.gather(-1, top_idx)
     p_top = top_logp.float().exp()
     p_tail = (1.0 - p_top.sum(-1)).clamp_min(1e-12)
-    q_tail = (1.0 - s_top.exp().sum(-1)).clamp_min(1e-12)
-    kl = (p_top * (top_logp.float() - s_top)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    # the student's tail mass as a logsumexp over the tokens outside the top k, not 1 - sum(top):
+    # that difference cancels to noise (and a zero gradient at the clamp) as the student sharpens
+    log_q_tail = s.scatter(-1, top_idx, float("-inf")).logsumexp(-1)
+    kl = (p_top * (top_logp.float() - s_top)).sum(-1) + p_tail * (p_tail.log() - log_q_tail)
     return kl.mean()
 
 
@@ -53,6 +56,7 @@ class LiveTeacher:
         for p in ref.model.parameters():
             p.requires_grad_(False)
         self.model, self.device, self.fingerprint = ref.model, device, ref.fingerprint
+        self.key = f"live:{next(ref.model.parameters()).dtype}"
         self.heldout = Reference(ref.model, heldout, device)
 
     def loss(self, rows: slice, ids: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -75,19 +79,20 @@ class CachedTeacher:
 
     def __init__(self, ref, windows: torch.Tensor, n_heldout: int, progress: bool = True, top_k: int = TOP_K):
         self.top_k, self.fingerprint = top_k, ref.fingerprint
+        self.key = f"top-{top_k}:{next(ref.model.parameters()).dtype}"
         self.train_path = topk_reference(ref, windows, progress, top_k) if len(windows) else None
         self.heldout_path, self.heldout_summary = compact_reference(ref, n_heldout, progress=progress, top_k=top_k)
         if self.train_path is not None:
             data = np.load(self.train_path)
             if not np.array_equal(data["ids"], windows.int().numpy()):  # a hash collision, or a stale file
                 raise RuntimeError(f"{self.train_path} holds other windows than this heal's")
-            self.top_idx = torch.from_numpy(data["top_idx"].astype(np.int64))
+            self.top_idx = torch.from_numpy(data["top_idx"])  # int32: 8 B an entry with its log-prob
             self.top_logp = torch.from_numpy(data["top_logp"])
             self.tail = float((1.0 - self.top_logp.double().exp().sum(-1)).mean())
 
     def loss(self, rows: slice, ids: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         dev = student_logits.device
-        return topk_kl(self.top_logp[rows].to(dev), self.top_idx[rows].to(dev), student_logits)
+        return topk_kl(self.top_logp[rows].to(dev), self.top_idx[rows].to(dev).long(), student_logits)
 
     @torch.no_grad()
     def measure(self, model) -> dict:
@@ -103,6 +108,7 @@ class CachedTeacher:
     def summary(self) -> dict:
         return {
             "form": self.form,
+            "kl": f"top-{self.top_k} + tail (a lower bound on the full KL; heldout_before and _after share it)",
             "top_k": self.top_k,
             "train_tail_mass": round(getattr(self, "tail", 0.0), 6),
             "heldout_tail_mass": round(self.heldout_summary["mean_tail_mass"], 6),

@@ -11,6 +11,7 @@ import yaml
 from ..cache import check_plain_name
 from ..errors import UserError
 from ..merge_log import read_merge_log
+from ..heal_modes import MODES as HEAL_MODES
 
 DEFAULT_MODEL = "smollm2-135m"
 _KINDS = ("pip-gguf", "hub", "hf-dir", "gguf")
@@ -70,8 +71,10 @@ def _check_heal(heal: Any, path: Path) -> None:
         v = heal.get(key)
         if v is not None and not (isinstance(v, typ) or (typ is float and isinstance(v, int))) or isinstance(v, bool):
             raise UserError(f"recipe {path}: field 'heal.{key}' must be {typ.__name__} (got {v!r})")
-    if heal.get("train") not in (None, "all", "changed", "lora"):
-        raise UserError(f"recipe {path}: field 'heal.train' must be all, changed or lora (got {heal['train']!r})")
+    if heal.get("train") not in (None, *HEAL_MODES):
+        raise UserError(
+            f"recipe {path}: field 'heal.train' must be {', '.join(HEAL_MODES[:-1])} or {HEAL_MODES[-1]} (got {heal['train']!r})"
+        )
 
 
 def recipe_behind(spec: str | None) -> dict[str, Any]:

@@ -260,7 +260,12 @@ def _compute_healed(
     with tempfile.TemporaryDirectory(prefix="mka-edge-heal-curve-") as tmp:
         for k in ks:
             rec = produce(ctx, k, method, alpha, Path(tmp) / f"k{k}", cfg, progress=progress, log=lambda m: None).heal
-            measured[k], ppl[k] = rec["heldout_after"]["kl"], rec["heldout_after"]["ppl"]
+            after, before = rec["heldout_after"]["kl"], rec["heldout_before"]["kl"]
+            if rec.get("teacher", {}).get("form", "live") == "live":
+                measured[k] = after
+            else:  # a QLoRA heal's KL is the top-k bound: its before/after ratio onto the curve's full KL
+                measured[k] = curve["kl"][k] * (after / before if before > 0 else 1.0)
+            ppl[k] = rec["heldout_after"]["ppl"]
     out = {
         "kl": interpolate_healed(curve["kl"], measured),
         "ppl": [None] + [ppl.get(k) for k in range(1, k_max + 1)],

@@ -1,4 +1,5 @@
-"""What a heal can train, as data free of torch and peft, so the CLI builds its ``--train`` choice
+"""What a heal can train, as data free of torch and peft at the bottom of the package, so the CLI
+builds its ``--train`` choice and a recipe is checked
 without loading them (``heal/targets.py`` says what each one trains)."""
 
 from __future__ import annotations
