@@ -63,6 +63,8 @@ def main() -> None:
                     "train": train,
                     "kl_before": log["heldout_before"]["kl"],
                     "kl_after": log["heldout_after"]["kl"],
+                    "kl_after_on_nf4_base": log.get("heldout_after_on_nf4_base", {}).get("kl"),
+                    "kl_ratio": round(log["heldout_after"]["kl"] / log["heldout_before"]["kl"], 4),
                     "ppl_after": log["heldout_after"]["ppl"],
                     "seconds_per_step": log["seconds_per_step"],
                     "seconds_total": round(seconds, 1),
@@ -72,11 +74,15 @@ def main() -> None:
                 }
             )
     print(f"SmolLM2-135M, K={args.k} (sleb-fast), {args.steps} steps, lr {args.lr}, {os.cpu_count()} CPUs")
-    print(f"{'train':7} {'KL before':>9} {'KL after':>9} {'s/step':>7} {'total s':>8} {'peak MB':>8}")
+    print("KL: full vocabulary for lora (teacher in memory), top-256 + tail for qlora (cached teacher)")
+    print(
+        f"{'train':7} {'KL before':>9} {'KL after':>9} {'after/before':>12} {'on NF4':>8} {'s/step':>7} {'total s':>8} {'peak MB':>8}"
+    )
     for r in rows:
+        nf4 = f"{r['kl_after_on_nf4_base']:8.4f}" if r["kl_after_on_nf4_base"] is not None else f"{'':8}"
         print(
-            f"{r['train']:7} {r['kl_before']:9.4f} {r['kl_after']:9.4f} {r['seconds_per_step']:7.2f} "
-            f"{r['seconds_total']:8.1f} {r['peak_rss_mb']:8d}"
+            f"{r['train']:7} {r['kl_before']:9.4f} {r['kl_after']:9.4f} {r['kl_ratio']:12.3f} {nf4} "
+            f"{r['seconds_per_step']:7.2f} {r['seconds_total']:8.1f} {r['peak_rss_mb']:8d}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"k": args.k, "steps": args.steps, "lr": args.lr, "rows": rows}, indent=2))

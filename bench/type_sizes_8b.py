@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mka_edge.models.synthetic import LLAMA3_8B_CONFIG
 from mka_edge.solver.feasibility import gguf_type_sizes, read_shape
-from mka_edge.solver.quant_prior import PUBLISHED
+from mka_edge.solver.quant_prior import PUBLISHED, PUBLISHED_IMATRIX
 from mka_edge.targets.gguf import PLAN_QUANTS as GGUF_QUANTS
 
 # Meta-Llama-3-8B as published (8,192 positions, no rope scaling): the GGUF sizes it is checked against
@@ -36,15 +36,13 @@ def main() -> None:
     print(f"{'type':8} {'dry run GiB':>12} {'published GiB':>14} {'diff':>7}")
     for q, e in sizes.items():
         gib = (sum(e["per_layer"]) + e["other"]) / 2**30
-        rows.append(
-            {
-                "quant": q,
-                "dry_run_gib": round(gib, 4),
-                "published_gib": PUBLISHED[q][0],
-                "tensor_types": e["tensor_types"],
-            }
-        )
-        print(f"{q:8} {gib:12.2f} {PUBLISHED[q][0]:14.2f} {gib - PUBLISHED[q][0]:+7.2f}")
+        # the IQ types are published only among the importance-matrix files (same sizes either way)
+        pub = (PUBLISHED.get(q) or PUBLISHED_IMATRIX.get(q) or (None,))[0]
+        rows.append({"quant": q, "dry_run_gib": round(gib, 4), "published_gib": pub, "tensor_types": e["tensor_types"]})
+        if pub is None:
+            print(f"{q:8} {gib:12.2f} {'(none)':>14}")
+        else:
+            print(f"{q:8} {gib:12.2f} {pub:14.2f} {gib - pub:+7.2f}")
     print(f"shape from config {t1 - t0:.1f} s, dry run of {len(sizes)} types {t2 - t1:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -352,7 +352,7 @@ def predict_artifact(folder: Path, chosen: dict, summary, plan: Plan, latency: d
     rm = target.report_memory(
         folder, chosen["artifact"], chosen["quant"], summary, plan, latency, shape, chosen.get("cache", BASELINE_CACHE)
     )
-    eff, eff_src = efficiency(target.name)
+    eff, eff_src = efficiency(target.name, plan.model.get("fingerprint"))
     embd = float(plan.quant_costs.get(chosen["quant"], {}).get("embd_bytes", 0.0))  # as the plan counted it
     tps = predict_tps(
         prof.bandwidth_gbps, bytes_per_token(rm.weight_bytes, rm.kv_full_bytes, shape.tied_embeddings, embd), eff

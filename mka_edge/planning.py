@@ -253,18 +253,35 @@ def _reach(s: PlanSettings, cheap: CheapFacts) -> int:
     return min(max(cheap.k_max, steps), n - 1)
 
 
+def prior_cache_speeds(caches: dict[str, CacheCost], shape: Shape, sizes, context: int) -> dict[str, CacheCost]:
+    """A model too large to probe: each cache mode but the baseline keeps only the conservative
+    prior share of the baseline's decode speed (solver/scope.py ``speed_share_floor``, from
+    SmolLM2's slowest measured mode with a 2x margin), at the smallest weights any type gives
+    (the lowest share), and is labelled not measured.  Why not 1.0: a quantized cache trades
+    memory for speed on a CPU (SmolLM2's q4_0 cache kept 0.44 of the f16 speed), and a plan
+    whose speed rests on an unmeasured mode must not promise more than the prior allows."""
+    weights = min(sum(c.per_layer) + c.other for c in sizes.values())
+    share = speed_share_floor(weights, 0.5 * cache_bytes(shape, context, BASELINE_CACHE))
+    return {
+        mode: c if mode == BASELINE_CACHE else replace(c, speed_factor=round(share, 4), speed_measured=False)
+        for mode, c in caches.items()
+    }
+
+
 def _optimistic_edits(cost: QuantCost, k_reach: int) -> list[EditSet]:
     """K = 0, then K = 1..k_reach with this type's largest layers gone and no KL: the least memory
     and loss any merge to K can reach (an unmeasured curve's lower bound)."""
     return [EditSet("", k, tuple(smallest_kept(list(cost.per_layer), k))) for k in range(k_reach + 1)]
 
 
-def feasible_over(s: PlanSettings, shape: Shape, edits_of, caches):
+def feasible_over(s: PlanSettings, shape: Shape, edits_of, caches, model: str | None = None):
     """costs -> their candidates that fit the budget and speed floor, each type over its own edit
-    sets ``edits_of(cost)`` and the cache modes ``caches()`` gives when called (as now known)."""
+    sets ``edits_of(cost)`` and the cache modes ``caches()`` gives when called (as now known).
+    ``model``: the loaded model's fingerprint (its speed calibration); None before loading (an
+    upper bound of the efficiency: what a refusal may rest on)."""
 
     def run(costs: dict[str, QuantCost]) -> list[Candidate]:
-        eff = speed.efficiency(s.target.name)[0]
+        eff = speed.efficiency(s.target.name, model)[0]
         out = []
         for q, c in costs.items():
             cands = _enumerate(s, shape, {q: c}, eff, edits_of(c), caches())
@@ -305,7 +322,7 @@ class _Measurer:
 
     def feasible(self, edits_of):
         """costs -> their feasible candidates over ``edits_of(cost)`` and the cache modes as now known."""
-        return feasible_over(self.s, self.shape, edits_of, lambda: list(self.caches.values()))
+        return feasible_over(self.s, self.shape, edits_of, lambda: list(self.caches.values()), self.lm.fingerprint)
 
     def measure_types(self, quants: list[str]) -> None:
         got, self.source = self.t.quant_costs(
@@ -315,7 +332,7 @@ class _Measurer:
             quants,
             measure=self.cheap.measure,
             progress=self.progress,
-            calibrate_speed=speed.efficiency(self.t.name)[1].startswith("default"),
+            calibrate_speed=not speed.calibrated(self.t.name, self.lm.fingerprint),
             log=self.log,
             **({} if self.s.imatrix else {"imatrix": False}),  # --no-imatrix: nothing measured with a matrix
             **({"session": self.session} if self.session is not None else {}),
@@ -383,7 +400,7 @@ def measure(
         prune = cheap.measure and not s.measure_all
         if (
             prune
-            and speed.efficiency(t.name)[1].startswith("default")
+            and not speed.calibrated(t.name, ctx.lm.fingerprint)
             and not t.calibrate_speed(session, list(s.quants))
         ):
             prune = False  # this target calibrates only inside its probe: measure as before
@@ -398,6 +415,8 @@ def measure(
         todo: list[str] = []
         if not prune:
             m.measure_caches(list(cheap.modes), timed=True)
+            if not cheap.measure:
+                m.caches = prior_cache_speeds(m.caches, cheap.shape.shape, sizes, s.budget.context)
             m.measure_types(list(s.quants))
         else:
             m.caches = {c: CacheCost(c) for c in cheap.modes}  # no KL, full speed: the optimistic bound
@@ -429,7 +448,7 @@ def measure(
                 if retain:
                     session.retain_only(_best_quant(unmerged(m.costs)))
         costs = m.costs
-        eff, eff_source = speed.efficiency(t.name)  # a probe may calibrate it on a first run
+        eff, eff_source = speed.efficiency(t.name, ctx.lm.fingerprint)  # a probe may calibrate it on a first run
         ref_layers = next(iter(sizes.values())).per_layer
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
         # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now

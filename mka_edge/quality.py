@@ -18,7 +18,7 @@ from importlib import resources
 import torch
 from tqdm.auto import tqdm
 
-from .mka.engine import kl_from_logits
+from .mka.engine import head_logits, kl_by_identity, kl_from_logits, linear_head, reference_terms
 
 
 @dataclass
@@ -39,18 +39,58 @@ class Reference:
 
     Eagerly, because callers go on to change the very model object (merge candidates swap its
     block stack): a lazy cache would silently take a merged stack as the reference.
+
+    Kept a hidden state wide where the output head is one linear map: the reference's final hidden
+    states, its top token and log-prob of the next token, and ``mka.engine``'s identity terms (per
+    position sum p log p, W^T p, b . p), so four 512-token chunks of a 128k vocabulary hold ~70 MB,
+    not 1 GB.  A model scored with the same head (a merge: only the block stack changes) takes the
+    identity; one whose head differs (a healed student trains its own) gets the reference's
+    log-probabilities back from the stored hidden states and the reference's head, a
+    POSITIONS_PER_STEP block at a time.  The full log-probabilities are kept only where the head
+    is not one plain linear map.
     """
 
     @torch.no_grad()
     def __init__(self, model, chunks: torch.Tensor, device: torch.device) -> None:
         self.chunks, self.device = chunks, device
-        self._logp = [
-            torch.log_softmax(model(input_ids=chunks[i : i + 1].to(device), use_cache=False).logits.float(), -1)[0]
-            for i in range(len(chunks))
-        ]
+        self.head = model.get_output_embeddings()
+        self.by_identity = linear_head(model, self.head) and hasattr(model, "get_decoder")
+        self._head_state = (self.head.weight.data_ptr(), self.head.weight._version) if self.by_identity else None
+        self._terms, self._logp, self._hidden = [], [], []
+        for i in range(len(chunks)):
+            ids = chunks[i : i + 1].to(device)
+            if not self.by_identity:
+                self._logp.append(torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)[0])
+                continue
+            h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+            nxt = torch.cat([ids[0, 1:], ids[0, :1]])
+            parts = []
+            for a in range(0, h.shape[0], POSITIONS_PER_STEP):
+                lp = torch.log_softmax(head_logits(self.head, h[a : a + POSITIONS_PER_STEP]), -1)
+                parts.append(
+                    (
+                        *reference_terms(self.head, lp),
+                        lp.argmax(-1),
+                        lp.gather(1, nxt[a : a + POSITIONS_PER_STEP, None])[:, 0],
+                    )
+                )
+            self._terms.append(tuple(torch.cat(t) for t in zip(*parts)))
+            self._hidden.append(h.clone())
+
+    def same_head(self, head) -> bool:
+        """Whether ``head`` is the reference's own head, unchanged (the identity's terms hold)."""
+        return head is self.head and (head.weight.data_ptr(), head.weight._version) == self._head_state
+
+    def logp_block(self, i: int, block: slice) -> torch.Tensor:
+        """The reference's log-probabilities at chunk ``i``'s positions ``block``, from its hidden states."""
+        return torch.log_softmax(head_logits(self.head, self._hidden[i][block]), -1)
 
     def logp(self, i: int) -> torch.Tensor:
         return self._logp[i]
+
+    def terms(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Chunk ``i``'s per-position sum p log p, W^T p, b . p, top token, log-prob of the next token."""
+        return self._terms[i]
 
 
 POSITIONS_PER_STEP = 128  # rows of the vocabulary-wide temporaries held at once (memory, not results)
@@ -64,21 +104,39 @@ def compare(model, reference: Reference, progress: bool = False) -> LMQuality:
     kl_sum = agree = n_pos = 0.0
     nll = ref_nll = 0.0
     n_tok = 0
+    head = model.get_output_embeddings() if reference.by_identity else None
+    same = reference.by_identity and reference.same_head(head)
     it = range(len(reference.chunks))
     for i in tqdm(it, desc="held-out quality", disable=not progress, leave=False):
         ids = reference.chunks[i : i + 1].to(reference.device)
-        logits_all = model(input_ids=ids, use_cache=False).logits[0]
-        ref_all = reference.logp(i)
+        if reference.by_identity:
+            h_all = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+            negent, u, pb, ref_top, ref_next = reference.terms(i)
+        else:
+            logits_all = model(input_ids=ids, use_cache=False).logits[0]
+            ref_all = reference.logp(i)
         target_all = ids[0, 1:]
-        for a in range(0, logits_all.shape[0], POSITIONS_PER_STEP):
-            logits, ref = logits_all[a : a + POSITIONS_PER_STEP].float(), ref_all[a : a + POSITIONS_PER_STEP]
-            kl_sum += float(kl_from_logits(ref, logits).sum())
-            agree += float((logits.argmax(-1) == ref.argmax(-1)).sum())
+        for a in range(0, ids.shape[1], POSITIONS_PER_STEP):
+            block = slice(a, a + POSITIONS_PER_STEP)
+            target = target_all[block]  # next tokens of these positions (one fewer at the end)
+            if reference.by_identity:
+                h = h_all[block]
+                logits = head_logits(head, h)
+                if same:
+                    kl = kl_by_identity(head, h, negent[block], u[block], pb[block], logits)
+                else:
+                    kl = kl_from_logits(reference.logp_block(i, block), logits)
+                kl_sum += float(kl.sum())
+                agree += float((logits.argmax(-1) == ref_top[block]).sum())
+                ref_nll += float(-ref_next[block][: len(target)].sum())
+            else:
+                logits, ref = logits_all[block].float(), ref_all[block]
+                kl_sum += float(kl_from_logits(ref, logits).sum())
+                agree += float((logits.argmax(-1) == ref.argmax(-1)).sum())
+                ref_nll += float(-ref[: len(target)].gather(1, target[:, None]).sum())
             n_pos += logits.shape[0]
-            target = target_all[a : a + POSITIONS_PER_STEP]  # next tokens of these positions (one fewer at the end)
             logp = torch.log_softmax(logits[: len(target)], -1)
             nll += float(-logp.gather(1, target[:, None]).sum())
-            ref_nll += float(-ref[: len(target)].gather(1, target[:, None]).sum())
             n_tok += target.numel()
     ppl, ref_ppl = math.exp(nll / n_tok), math.exp(ref_nll / n_tok)
     return LMQuality(

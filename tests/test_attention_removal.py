@@ -119,6 +119,8 @@ def test_the_engine_without_attention_computes_what_a_zero_o_proj_model_computes
 
     ctx.reset()
     ids = ctx.engine.batches[0]
+    with torch.no_grad():  # the reference: the original model's log-probabilities
+        ref_logp = torch.log_softmax(ctx.model(input_ids=ids, use_cache=False).logits.float(), -1)
     with temporary_stack(ctx.model, ctx.arch, ctx.stack(identity(L), {2, 4})), torch.no_grad():
         viewed = ctx.model(input_ids=ids, use_cache=False).logits
     zeroed = copy.deepcopy(ctx.model)
@@ -128,7 +130,7 @@ def test_the_engine_without_attention_computes_what_a_zero_o_proj_model_computes
         plain = zeroed(input_ids=ids, use_cache=False).logits
         assert torch.equal(viewed, plain)
         ctx.apply(identity(L), attn_removed={2, 4})
-        want = float(kl_from_logits(ctx.engine.ref_logp[0], plain).mean())
+        want = float(kl_from_logits(ref_logp, plain).mean())
         assert ctx.engine.current_loss() == pytest.approx(want, rel=1e-5)
     ctx.reset()
     assert float(ctx.originals[2].self_attn.o_proj.weight.abs().sum()) > 0
@@ -151,12 +153,14 @@ def test_merged_folder_loads_in_plain_transformers_and_matches_the_engine(ctx, t
     assert ctx.originals[3].self_attn.o_proj.weight.any()  # the working model's weights untouched
     step = traj["steps"][1]
     ids = ctx.engine.batches[0]
+    ctx.reset()
     with torch.no_grad():
+        ref_logp = torch.log_softmax(ctx.model(input_ids=ids, use_cache=False).logits.float(), -1)
         got = model(input_ids=ids, use_cache=False).logits
         with temporary_stack(ctx.model, ctx.arch, ctx.stack(step["composition"], step["attn_removed"])):
             want = ctx.model(input_ids=ids, use_cache=False).logits
     assert torch.allclose(got, want, atol=1e-5)
-    kl = float(kl_from_logits(ctx.engine.ref_logp[0], got).mean())
+    kl = float(kl_from_logits(ref_logp, got).mean())
     assert kl == pytest.approx(step["calib_kl"], rel=1e-4, abs=1e-7)
     assert log["steps"][0]["heldout"]["kl"] >= 0 and log["layers_after"] == L - 1
 
@@ -273,7 +277,10 @@ def test_offloaded_model_takes_the_same_units_and_saves_the_same_folder(src, tmp
     a = trajectory(plain, "sleb-attn", 1, use_cache=False, progress=False)["steps"]
     b = trajectory(capped, "sleb-attn", 1, use_cache=False, progress=False)["steps"]
     assert [(s["unit"], s["layer"]) for s in a] == [(s["unit"], s["layer"]) for s in b] == [("attention", 3)]
-    assert [s["calib_kl"] for s in a] == pytest.approx([s["calib_kl"] for s in b], rel=1e-6, abs=1e-9)
+    # the capped model's head is placed by accelerate, so its loss takes the full log-probabilities;
+    # the plain one's takes the hidden-wide identity (mka/engine.py): equal up to float32 rounding
+    # of terms ~10 nats wide, a few 1e-7 absolute (this removal costs ~0)
+    assert [s["calib_kl"] for s in a] == pytest.approx([s["calib_kl"] for s in b], rel=1e-5, abs=1e-6)
     step = a[-1]
     tensors = {}
     for ctx, name in ((plain, "plain"), (capped, "capped")):

@@ -417,6 +417,10 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
     elif cfg.train == "qlora":
         from peft import get_peft_model_state_dict
 
+        # what the adapters give on the base they trained on, beside what they give merged into the
+        # original weights (the saved model's figure, ``heldout_after``): the merge's own cost
+        nf4_after = teacher.measure(model)
+
         adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
         del model
         model = _merge_into_sixteen_bits(adapters, model_spec, dev, dtype, cfg, merge_log)
@@ -450,6 +454,7 @@ def _heal(model_spec, out, cfg, ref_spec, dev, dtype, progress, log, on_step, re
         "losses": [round(x, 6) for x in losses],
         "heldout_before": before,
         "heldout_after": after,
+        **({"heldout_after_on_nf4_base": nf4_after} if cfg.train == "qlora" else {}),
         "curve": curve,
     }
     # the merge's log carried forward with the heal added (a model that was never merged gets a log of its own)

@@ -5,6 +5,13 @@ the stack from position p on is scored by running only layers p.. (the "reuse th
 states entering the fused layer" rule), not the whole model.  The output head and its
 log-softmax, the widest step (49,152 or 128,256 columns per token), run one calibration sequence
 at a time, so their temporaries stay a sequence's worth however many sequences score.
+
+The reference is kept a hidden state wide, not a vocabulary wide (``LinearHeadReference``): with
+a linear output head z = W h + b, KL(p || q) = sum p log p - (h . W^T p + b . p) + logsumexp(z_q),
+so a position needs its negative entropy, W^T p (hidden-size) and b . p, exactly.  Full
+log-probabilities were samples x seq_len x vocab x 4 bytes: 1.6 GB for SmolLM2's default 32 x 256
+calibration (most of ``merge -k 3``'s 1.9 GB peak), 16.8 GB for Llama-3-8B's 64 x 512; this form
+is 19 MB and 0.5 GB.
 """
 
 from __future__ import annotations
@@ -23,16 +30,93 @@ def kl_from_logits(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
+VOCAB_CHUNK = 16384  # output-head rows widened to float32 at a time (128 MB at 8B's 4096 wide)
+
+
+def head_logits(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits of ``head`` on ``h`` ([T, H]), the head's rows widened a chunk at a time: the
+    identity in ``LinearHeadReference`` holds for logits computed as these are (a 16-bit head's
+    own 16-bit logits would round each by up to 0.4%, more than the KL being measured)."""
+    w, b = head.weight, head.bias
+    x = h.float()
+    if w.dtype == torch.float32:
+        return nn.functional.linear(x, w, b)
+    parts = []
+    for a in range(0, w.shape[0], VOCAB_CHUNK):
+        parts.append(
+            nn.functional.linear(
+                x, w[a : a + VOCAB_CHUNK].float(), None if b is None else b[a : a + VOCAB_CHUNK].float()
+            )
+        )
+    return torch.cat(parts, -1)
+
+
+def linear_head(model, head) -> bool:
+    """Whether ``head`` is one linear map whose weights can be read directly: not a softcapped or
+    otherwise wrapped head, and not placed by accelerate (an offloaded weight is on the meta device
+    until its hook loads it, which reading ``head.weight`` bypasses)."""
+    return type(head) is nn.Linear and head.weight.device.type != "meta" and not getattr(model, "hf_device_map", None)
+
+
+def reference_terms(head: nn.Linear, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum p log p, W^T p and b . p of log-probabilities ``lp`` ([T, V]) under ``head``.  ``p`` is
+    renormalized: float32's log-softmax leaves its exp summing to 1 +- 2e-5, harmless where each
+    token's log-ratio is weighted by p, but the identity weighs the ~20-nat logsumexp by 1 and
+    h . W^T p by the sum of p, so that slack alone would bias the KL by ~4e-4 nats."""
+    p = lp.exp()
+    p = p / p.sum(-1, keepdim=True)
+    lp = p.log()
+    w, b = head.weight, head.bias
+    u = torch.zeros(lp.shape[0], w.shape[1], dtype=torch.float32, device=lp.device)
+    for a in range(0, w.shape[0], VOCAB_CHUNK):
+        u += p[:, a : a + VOCAB_CHUNK] @ w[a : a + VOCAB_CHUNK].float()
+    pb = p @ b.float() if b is not None else torch.zeros(lp.shape[0], device=lp.device)
+    return (p * lp).sum(-1), u, pb
+
+
+def kl_by_identity(
+    head: nn.Linear, h: torch.Tensor, negent: torch.Tensor, u: torch.Tensor, pb: torch.Tensor, logits=None
+) -> torch.Tensor:
+    """Per-position KL(reference || model) from the model's final hidden states ``h`` ([T, H]) and
+    the reference's ``reference_terms`` (``logits``: the model's float32 logits, when already made)."""
+    z = head_logits(head, h) if logits is None else logits
+    return (negent - (h.float() * u).sum(-1) - pb + torch.logsumexp(z, -1)).clamp_min(0.0)
+
+
+class LinearHeadReference:
+    """The reference's distribution at each position, a hidden state wide (module docstring):
+    ``negent`` = sum p log p, ``u`` = W^T p and ``pb`` = b . p, per position."""
+
+    def __init__(self, head: nn.Linear, finals: list[torch.Tensor]):
+        self.head = head
+        terms = [reference_terms(head, torch.log_softmax(head_logits(head, h), -1)) for h in finals]
+        self.negent, self.u, self.pb = (torch.stack(t) for t in zip(*terms))
+
+    def kl(self, row: int, cols: slice, h: torch.Tensor) -> torch.Tensor:
+        """Per-position KL(reference || model) of the model's final hidden states ``h`` ([T, H]) at
+        sequence ``row``, positions ``cols``."""
+        return kl_by_identity(self.head, h, self.negent[row, cols], self.u[row, cols], self.pb[row, cols])
+
+
+class FullReference:
+    """Full log-probabilities (a head that is not one linear map: its logits are not W h + b)."""
+
+    def __init__(self, head, finals: list[torch.Tensor]):
+        self.head = head
+        self.ref = torch.stack([torch.log_softmax(head(h).float(), -1) for h in finals])
+
+    def kl(self, row: int, cols: slice, h: torch.Tensor) -> torch.Tensor:
+        return kl_from_logits(self.ref[row, cols], self.head(h))
+
+
 class CalibrationLoss:
     def __init__(self, model, arch, input_ids: torch.Tensor, device: torch.device, batch_size: int, timer) -> None:
         self.model, self.arch, self.device, self.timer = model, arch, device, timer
         self.head = _resolve(model, arch.output_head)
         self.batches = [input_ids[i : i + batch_size].to(device) for i in range(0, len(input_ids), batch_size)]
+        form = LinearHeadReference if linear_head(model, self.head) else FullReference
         with torch.no_grad(), timer.phase("forward", device):
-            self.ref_logp = [
-                torch.stack([torch.log_softmax(self.head(h).float(), -1) for h in self._final(b, None)])
-                for b in self.batches
-            ]
+            self.refs = [form(self.head, list(self._final(b, None))) for b in self.batches]
         self.inputs: list[list[torch.Tensor]] = []
         self.refresh()
 
@@ -70,12 +154,13 @@ class CalibrationLoss:
         total, count = 0.0, 0
         cols = slice(None) if prefix is None else slice(0, prefix)
         with torch.no_grad(), self.timer.phase("forward", self.device):
-            for inputs, ref in zip(self.inputs, self.ref_logp):
-                hidden, r = inputs[pos][rows, cols], ref[rows, cols]
+            for inputs, ref in zip(self.inputs, self.refs):
+                hidden = inputs[pos][rows, cols]
                 if hidden.shape[0] == 0:
                     continue
-                for h, rr in zip(self._final(None, hidden, tail), r):
-                    kl = kl_from_logits(rr, self.head(h))
+                picked = range(len(inputs[pos]))[rows]
+                for row, h in zip(picked, self._final(None, hidden, tail)):
+                    kl = ref.kl(row, cols, h)
                     total += float(kl.sum())
                     count += kl.numel()
         return total, count

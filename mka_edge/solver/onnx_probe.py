@@ -125,6 +125,6 @@ def _measure_onnx(
                 "measured_on": f"{chunks} x 512 held-out tokens",
             }
             if q == "int8" and calibrate_speed:
-                calibrate(lat["gen_tps"]["median"], wb, target="onnx")
+                calibrate(lat["gen_tps"]["median"], wb, "onnx", lm.fingerprint)
             atomic_write_text(folder / f"onnx-{q}-{keys[q][:20]}.json", json.dumps(res))
             results[q] = res

@@ -83,7 +83,7 @@ def cached_entries(folder: Path, prefix: str, keys: dict[str, str]) -> tuple[dic
     return results, missing
 
 
-def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> None:
+def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int, model: str) -> None:
     """Host decode speed of the Q8_0 probe file: the efficiency the speed model starts from."""
 
     prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
@@ -97,7 +97,7 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int) -> No
     # only gathered per token, not read
     tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(art)).tensors}
     gathered = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
-    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"] - gathered, target="gguf")
+    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"] - gathered, "gguf", model)
 
 
 def _measure(lm, base: Path, art: Path, q: str, float_type: str, ref_path: Path, threads: int, matrix) -> dict:
@@ -196,15 +196,15 @@ class ProbeSession:
 
     def calibrate(self) -> None:
         """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL.
-        Once per host: a process that waited for another's calibration reads it instead."""
-        from .speed import efficiency
+        Once per host and model: a process that waited for another's calibration reads it instead."""
+        from .speed import calibrated
 
         with entry_lock(self.folder / "speed-calibration", "the host's speed calibration"):
-            if not efficiency("gguf")[1].startswith("default"):
+            if calibrated("gguf", self.lm.fingerprint):
                 return
             _, _, ref_path = self._base()
             art = self.q8_0()
-            _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads)
+            _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads, self.lm.fingerprint)
 
     def measure(self, quants: list[str], calibrate_speed: bool = False) -> dict[str, dict]:
         """The entries of ``quants`` (see ``probe``), from the cache or measured now."""
@@ -230,7 +230,7 @@ class ProbeSession:
                     plain = _measure(lm, base, art, q, float_type, ref_path, self.threads, None)
                     self.runs += 1
                     if q == "Q8_0" and calibrate_speed:
-                        _calibrate_speed(art, plain, ref_path, self.threads)
+                        _calibrate_speed(art, plain, ref_path, self.threads, lm.fingerprint)
                 if self._helps(q):
                     art = tmp / f"{q}-imatrix.gguf"
                     imat = _measure(lm, base, art, q, float_type, ref_path, self.threads, matrix)

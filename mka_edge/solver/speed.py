@@ -2,9 +2,13 @@
 
 Decoding one token reads every weight once (the tied embedding included, as the output
 projection) plus the KV cache so far, so tokens/s ~ efficiency x bandwidth / bytes per token.
-The efficiency is calibrated on this host, per runtime: measured tokens/s x bytes per token / the host's
-measured copy bandwidth.  Device figures are predictions from the device's published peak
-bandwidth and are labelled so; host figures are never passed off as device figures.
+The efficiency is calibrated on this host, per runtime and per model: measured tokens/s x bytes
+per token / the host's measured copy bandwidth.  Per model, because a small model spends more of a
+token on fixed overheads than a large one (one file per target holds a record per model
+fingerprint).  A model not calibrated here (one too large to probe) gets a labelled conservative
+prior: the lowest efficiency calibrated on this host, never above ``DEFAULT_EFFICIENCY``.  Device
+figures are predictions from the device's published peak bandwidth and are labelled so; host
+figures are never passed off as device figures.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import time
 
 import numpy as np
 
-from ..cache import atomic_write_text, cache_root
+from ..cache import atomic_write_text, cache_root, entry_lock
 from .cost_models import cost_model
 
-DEFAULT_EFFICIENCY = 0.5  # used until a host measurement exists
+# The prior's ceiling: below every efficiency measured so far (llama.cpp on 2-core hosts, SmolLM2 and
+# Qwen2.5-1.5B-shaped models: 0.54-0.61, docs/results.md), so a prior never promises more speed
+DEFAULT_EFFICIENCY = 0.5
 
 
 def host_bandwidth_gbps(mb: int = 64, repeats: int = 5) -> float:
@@ -45,7 +51,18 @@ def _calibration_file(target: str):
     return cache_root() / cost_model(target).speed_calibration_file
 
 
-def calibrate(measured_tps: float, bytes_tok: float, target: str, host_gbps: float | None = None) -> dict:
+def _records(target: str) -> dict[str, dict]:
+    """The calibrations on this host for ``target``, by model fingerprint (a file from before the
+    per-model records holds one flat record: its model is unknown, so it only bounds the prior)."""
+    path = _calibration_file(target)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("models", {}) if "models" in data else {"(unknown model)": data}
+
+
+def calibrate(measured_tps: float, bytes_tok: float, target: str, model: str, host_gbps: float | None = None) -> dict:
+    """Record ``model``'s decode efficiency on this host for ``target`` (beside other models')."""
     host_gbps = host_gbps or host_bandwidth_gbps()
     eff = measured_tps * bytes_tok / (host_gbps * 1e9)
     rec = {
@@ -56,17 +73,40 @@ def calibrate(measured_tps: float, bytes_tok: float, target: str, host_gbps: flo
         "host": platform.node(),
         "time": time.time(),
     }
-    atomic_write_text(_calibration_file(target), json.dumps(rec))
+    path = _calibration_file(target)
+    with entry_lock(path, "the host's speed calibrations"):  # read, add, write: one writer at a time
+        records = {k: v for k, v in _records(target).items() if k != "(unknown model)"}
+        records[model] = rec
+        atomic_write_text(path, json.dumps({"models": records}, indent=1))
     return rec
 
 
-def efficiency(target: str) -> tuple[float, str]:
-    """Per target: llama.cpp and onnxruntime use the same bandwidth very differently."""
-    path = _calibration_file(target)
-    if path.is_file():
-        rec = json.loads(path.read_text())
-        return float(rec["efficiency"]), f"calibrated on this host ({rec['measured_tps']:.1f} tok/s measured)"
-    return DEFAULT_EFFICIENCY, "default (no host measurement yet)"
+def calibrated(target: str, model: str) -> bool:
+    """Whether ``model``'s decode speed has been measured on this host for ``target``."""
+    return model in _records(target)
+
+
+def efficiency(target: str, model: str | None) -> tuple[float, str]:
+    """Per target (llama.cpp and onnxruntime use the same bandwidth very differently) and per model:
+    the model's own calibration, else the labelled conservative prior (module docstring).
+    ``model`` None (a check before the model loads, whose fingerprint is not known yet): the
+    highest efficiency it could have, so that a refusal made from it stays sound."""
+    records = _records(target)
+    if model is None:
+        top = max([DEFAULT_EFFICIENCY, *(float(r["efficiency"]) for r in records.values())])
+        return top, "upper bound before the model loads: the highest calibration on this host"
+    if model in records:
+        rec = records[model]
+        return float(
+            rec["efficiency"]
+        ), f"calibrated on this host for this model ({rec['measured_tps']:.1f} tok/s measured)"
+    if records:
+        low = min(float(r["efficiency"]) for r in records.values())
+        return min(low, DEFAULT_EFFICIENCY), (
+            f"conservative prior: this model's decode not measured here; the lowest of {len(records)} "
+            f"calibration(s) on this host, at most {DEFAULT_EFFICIENCY}"
+        )
+    return DEFAULT_EFFICIENCY, "conservative prior: no decode measured on this host yet"
 
 
 def predict_tps(bandwidth_gbps: float, bytes_tok: float, eff: float) -> float:
