@@ -233,9 +233,17 @@ def main() -> None:
         lines.append(f"| {r['budget_mb']:.0f} | {cells(o)} | {cells(f)} | {ratio} |")
     errs = [p["measured"]["kl"] - p["predicted"]["kl"] for r in rows for p in (r["old"], r["full"]) if "measured" in p]
     table = "\n".join(lines)
+    # a budget is a promise (issue 23 item 5): every built plan's measured peak against its budget
+    over = [
+        f"{r['budget_mb']:.0f} MB {space}: {p['label']} measured {p['measured']['peak_rss_mb']:.1f} MB"
+        for r in rows
+        for space, p in (("old", r["old"]), ("full", r["full"]))
+        if "measured" in p and p["measured"]["peak_rss_mb"] > r["budget_mb"]
+    ]
     summary = (
         f"\nadditive rule, predicted - measured KL over {len(errs)} plan builds: mean {-np.mean(errs):+.4f}, "
         f"largest |error| {max(abs(e) for e in errs):.4f} nats\n"
+        f"measured peak over the budget: {len(over)} of {len(errs)} plans" + "".join(f"\n  {o}" for o in over) + "\n"
     )
     print(table + summary)
     (args.out / "table.md").write_text(table + "\n" + summary)

@@ -22,7 +22,7 @@ from .cache import atomic_write_text, stable_hash
 from .errors import UserError
 from .heal.distill import effective_heal
 from .host_need import check_load
-from .kv_cache import BASELINE_CACHE
+from .kv_cache import BASELINE_CACHE, CacheMode
 from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
@@ -254,7 +254,7 @@ def _reach(s: PlanSettings, cheap: CheapFacts) -> int:
 
 
 def prior_cache_speeds(caches: dict[str, CacheCost], shape: Shape, sizes, context: int) -> dict[str, CacheCost]:
-    """A model too large to probe: each cache mode but the baseline keeps only the conservative
+    """A model too large to probe: each quantized cache mode keeps only the conservative
     prior share of the baseline's decode speed (solver/scope.py ``speed_share_floor``, from
     SmolLM2's slowest measured mode with a 2x margin), at the smallest weights any type gives
     (the lowest share), and is labelled not measured.  Why not 1.0: a quantized cache trades
@@ -263,7 +263,7 @@ def prior_cache_speeds(caches: dict[str, CacheCost], shape: Shape, sizes, contex
     weights = min(sum(c.per_layer) + c.other for c in sizes.values())
     share = speed_share_floor(weights, 0.5 * cache_bytes(shape, context, BASELINE_CACHE))
     return {
-        mode: c if mode == BASELINE_CACHE else replace(c, speed_factor=round(share, 4), speed_measured=False)
+        mode: replace(c, speed_factor=round(share, 4), speed_measured=False) if CacheMode.parse(mode).quantized else c
         for mode, c in caches.items()
     }
 
@@ -510,7 +510,8 @@ def measure(
         if retain and (best := _best_quant(unmerged(m.costs))):
             session.hand_over(best, keep)
     scope_rec = {
-        "measure_all": not prune,
+        "measure_all": not prune and cheap.measure,
+        **({} if cheap.measure else {"priors": True}),
         "measured": sorted(costs, key=lambda q: -sizes[q].total_bytes),
         "skipped": [sk.as_dict() for sk in skipped.values()],
         "caches_skipped": modes_skipped,
@@ -808,6 +809,14 @@ def scope_lines(scope: dict) -> list[str]:
     """The plan table's lines on what was measured and what was not (solver/scope.py), for people."""
     if not scope or scope.get("measure_all"):
         return ["", "measured: every quant type and cache mode (--measure-all)"] if scope else []
+    if scope.get("priors"):
+        modes = ", ".join(scope.get("speed_not_measured", [])) or "none"
+        return [
+            "",
+            "measured: nothing in llama.cpp (a model too large to probe, or --quality-prior): the types' KL from "
+            "published figures, the cache modes' from SmolLM2's, the quantized caches' decode speed the "
+            f"conservative prior share (solver/scope.py speed_share_floor): {modes}",
+        ]
     runs = f" ({scope['probe_runs']} quantize-and-run probes this time)" if "probe_runs" in scope else ""
     out = ["", f"measured: {', '.join(scope['measured'])}{runs}"]
     out += [f"not measured: {sk['quant']}: {sk['rule']}: {sk['why']}" for sk in scope.get("skipped", [])]

@@ -128,7 +128,9 @@ class CacheCost:
     mode: str
     kl: float = 0.0
     speed_factor: float = 1.0
-    speed_measured: bool = True  # False: not timed (no plan with it ranked first); the factor is then 1.0
+    # False: not timed: no plan with it ranked first (the factor is then 1.0, its optimistic bound), or a
+    # model too large to probe (the factor is then the conservative prior, planning.prior_cache_speeds)
+    speed_measured: bool = True
     # False: KL not measured (no plan with it ranked first); ``kl`` is then its lower bound CACHE_KL_FLOOR
     kl_measured: bool = True
 

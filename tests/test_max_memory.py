@@ -25,6 +25,17 @@ SMALL = dict(samples=2, seq_len=32, positions=32, repeats=1, loss_samples=2)
 CLI_SMALL = ["--samples", "2", "--seq-len", "32", "--positions", "32", "--repeats", "1", "--loss-samples", "2"]
 
 
+@pytest.fixture(autouse=True)
+def _one_reference_form(monkeypatch):
+    """A model placed by accelerate keeps its calibration reference vocabulary-wide (its head's
+    weights are not readable in place); the plain one would take the hidden-wide identity, equal
+    only to float32 rounding.  Both on the full form here, so that these comparisons stay exact
+    (the identity has its own test, tests/test_kl_identity.py)."""
+    import mka_edge.mka.engine as engine
+
+    monkeypatch.setattr(engine, "linear_head", lambda model, head: False)
+
+
 def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MKA_EDGE_CACHE": str(cache)}
     return subprocess.run(
@@ -99,10 +110,7 @@ def test_offloaded_sleb_matches_uncapped(tiny_dir):
     a = trajectory(plain, "sleb", 3, use_cache=False, progress=False)["steps"]
     b = trajectory(capped, "sleb", 3, use_cache=False, progress=False)["steps"]
     assert [s["removed"] for s in a] == [s["removed"] for s in b]
-    # placed by accelerate, the capped model's loss takes full log-probabilities, the plain one the
-    # hidden-wide identity (mka/engine.py): equal up to float32 rounding, a few 1e-7 absolute
-    a_kl, b_kl = torch.tensor([s["calib_kl"] for s in a]), torch.tensor([s["calib_kl"] for s in b])
-    assert torch.allclose(a_kl, b_kl, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(torch.tensor([s["calib_kl"] for s in a]), torch.tensor([s["calib_kl"] for s in b]))
 
 
 def test_offloaded_fusion_named_tensors_and_save(tiny_dir, tmp_path):
@@ -129,8 +137,7 @@ def test_offloaded_fusion_named_tensors_and_save(tiny_dir, tmp_path):
     for what, comp in comps.items():
         plain.apply(comp)
         capped.apply(comp)
-        # full log-probabilities (capped: placed by accelerate) against the identity (plain): float32 rounding
-        assert plain.engine.current_loss() == pytest.approx(capped.engine.current_loss(), rel=1e-4, abs=1e-6), what
+        assert plain.engine.current_loss() == pytest.approx(capped.engine.current_loss(), rel=1e-6, abs=1e-9), what
         for ctx, name in ((plain, "plain"), (capped, "capped")):
             save_merged(build_model(ctx, comp), ctx.lm.tokenizer, {"what": what}, tmp_path / f"{what}-{name}")
         a, b = _tensors(tmp_path / f"{what}-plain"), _tensors(tmp_path / f"{what}-capped")
@@ -203,7 +210,7 @@ def test_fused_block_kept_in_ram_under_a_gpu(tiny_dir, monkeypatch):
     fused = capped.current_layers()[3]
     q = fused.self_attn.q_proj
     assert has_offloaded_params(q) and q.weight.is_meta and isinstance(q._hf_hook.weights_map.dataset, dict)
-    assert plain.engine.current_loss() == pytest.approx(capped.engine.current_loss(), rel=1e-4, abs=1e-6)
+    assert plain.engine.current_loss() == pytest.approx(capped.engine.current_loss(), rel=1e-6, abs=1e-9)
 
 
 def test_everything_on_disk(tiny_dir):
@@ -228,4 +235,4 @@ def test_everything_on_disk(tiny_dir):
         ctx = MergeContext(lm, settings, lm.input_device)
         ctx.apply(fuse(identity(6), 2, 0.5))
         losses.append(ctx.engine.current_loss())
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)  # capped: full log-probs; plain: the identity
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-9)

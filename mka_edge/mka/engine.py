@@ -30,7 +30,7 @@ def kl_from_logits(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
-VOCAB_CHUNK = 16384  # output-head rows widened to float32 at a time (128 MB at 8B's 4096 wide)
+VOCAB_CHUNK = 16384  # output-head rows widened to float32 at a time (268 MB at 8B's 4096 wide)
 
 
 def head_logits(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
@@ -52,9 +52,12 @@ def head_logits(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
 
 
 def linear_head(model, head) -> bool:
-    """Whether ``head`` is one linear map whose weights can be read directly: not a softcapped or
-    otherwise wrapped head, and not placed by accelerate (an offloaded weight is on the meta device
-    until its hook loads it, which reading ``head.weight`` bypasses)."""
+    """Whether ``head`` is one linear map whose weights can be read directly: a plain ``nn.Linear``
+    (not wrapped), not placed by accelerate (an offloaded weight is on the meta device until its
+    hook loads it, which reading ``head.weight`` bypasses).  The logits must be exactly
+    ``head(last_hidden_state)``: true of every architecture in models/architectures.py today; one
+    that scales or softcaps its logits in the CausalLM forward (Gemma 2's
+    final_logit_softcapping, Cohere's logit_scale) would need a flag in its ArchSpec first."""
     return type(head) is nn.Linear and head.weight.device.type != "meta" and not getattr(model, "hf_device_map", None)
 
 
@@ -65,13 +68,13 @@ def reference_terms(head: nn.Linear, lp: torch.Tensor) -> tuple[torch.Tensor, to
     h . W^T p by the sum of p, so that slack alone would bias the KL by ~4e-4 nats."""
     p = lp.exp()
     p = p / p.sum(-1, keepdim=True)
-    lp = p.log()
     w, b = head.weight, head.bias
     u = torch.zeros(lp.shape[0], w.shape[1], dtype=torch.float32, device=lp.device)
     for a in range(0, w.shape[0], VOCAB_CHUNK):
         u += p[:, a : a + VOCAB_CHUNK] @ w[a : a + VOCAB_CHUNK].float()
     pb = p @ b.float() if b is not None else torch.zeros(lp.shape[0], device=lp.device)
-    return (p * lp).sum(-1), u, pb
+    # xlogy: a token below exp(-103) has p = 0 in float32, and 0 * log 0 must count 0, not NaN
+    return torch.xlogy(p, p).sum(-1), u, pb
 
 
 def kl_by_identity(
