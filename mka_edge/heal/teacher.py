@@ -21,16 +21,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..mka.engine import kl_from_logits
 from ..quality import Reference, compare
 from ..validate.metrics import accuracy
 from ..validate.reference import TOP_K, compact_reference, topk_reference
 
 
 def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) per position over the whole vocabulary."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    """Mean KL(teacher || student) per position over the whole vocabulary (the engine's per-position KL)."""
+    return kl_from_logits(torch.log_softmax(teacher_logits.float(), -1), student_logits).mean()
 
 
 def topk_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
