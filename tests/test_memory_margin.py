@@ -56,3 +56,24 @@ def test_an_unmeasured_mode_takes_its_architecture_s_largest_margin():
     assert margin_rate(SMOL, "q8_0/f16") == max(v for (a, _), v in MARGIN.items() if a == "llama")
     assert margin_rate(deci, "f16/f16") == MARGIN[("deci", "q4_0/q4_0+fa")]
     assert margin_rate(deci, "q4_0/q4_0+fa") > margin_rate(SMOL, "q4_0/q4_0+fa")
+
+
+def test_the_repack_rule_is_llama_cpp_s_on_avx2():
+    """ggml-cpu's repack (x86-64, AVX2): Q4_0, IQ4_NL, Q4_K and MXFP4 weights with ne[1] % 8 == 0
+    get an interleaved copy; other types, other row counts and tensors that are not 2-D do not."""
+    from mka_edge.solver.memory import repacked
+    from mka_edge.solver.quant_probe import split_by_block
+
+    assert repacked("Q4_K", 576) and repacked("Q4_0", 1536) and repacked("IQ4_NL", 8)
+    assert not repacked("Q4_K", 12) and not repacked("Q5_K", 576) and not repacked("Q8_0", 576)
+    assert not repacked("Q2_K", 576)  # AVX-512 only: not the laptop class
+    split = split_by_block(
+        [
+            ("blk.0.ffn_down.weight", "Q4_K", 576, 100),
+            ("blk.0.attn_q.weight", "Q5_0", 576, 40),
+            ("blk.0.attn_norm.weight", "Q4_K", None, 7),
+            ("blk.1.ffn_down.weight", "Q4_K", 12, 30),
+            ("token_embd.weight", "Q4_0", 49152, 1000),
+        ]
+    )
+    assert split == {"per_layer": [147, 30], "repack_per_layer": [100, 0], "other": 1000}

@@ -43,12 +43,12 @@ from ..mka.layers import get_layers
 from ..models.architectures import arch_for
 from ..models.loading import load_config
 from ..records import CacheCost, EditSet, QuantCost
-from .memory import REPACKED_TYPES, Shape
+from .memory import Shape
 from .quant_probe import split_by_block
 from .search import candidates, refuse_if_nothing_fits
 
-SIZES_VERSION = 4  # 2: each tensor's type (tensor_map), for the precision order of solver/scope.py; 3: embd_bytes;
-# 4: each tensor's weight count (tensor_params), for rule 2b of solver/scope.py
+SIZES_VERSION = 5  # 2: each tensor's type (tensor_map), for the precision order of solver/scope.py; 3: embd_bytes;
+# 4: each tensor's weight count (tensor_params), for rule 2b of solver/scope.py; 5: Q4_K repacked
 
 
 @dataclass
@@ -93,8 +93,9 @@ def _bytes_by_type(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) ->
     for name, shape in shapes.items():
         ggml = gguf.GGMLQuantizationType[types.get(name, "f32").upper()]
         block, size = gguf.GGML_QUANT_SIZES[ggml]
-        sized.append((name, ggml.name, len(shape), math.prod(shape[:-1]) * (shape[-1] // block) * size))
-    out = split_by_block(sized, REPACKED_TYPES)
+        rows = shape[0] if len(shape) == 2 else None  # torch order: ne[1] first
+        sized.append((name, ggml.name, rows, math.prod(shape[:-1]) * (shape[-1] // block) * size))
+    out = split_by_block(sized)
     out["tensor_types"] = dict(Counter(t for _, t, _, _ in sized).most_common())  # as inspect_gguf reports them
     out["tensor_map"] = {name: t for name, t, _, _ in sized}
     out["tensor_params"] = {name: math.prod(shape) for name, shape in shapes.items()}

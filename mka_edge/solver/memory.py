@@ -1,7 +1,7 @@
 """Predicted peak memory (resident) of a GGUF artifact running in llama.cpp (CPU backend).
 
 peak = weights      bytes of the tensor types actually written, plus the copy llama.cpp makes
-                    of Q4_0/IQ4_NL block weights when it repacks them for the CPU (the mapped
+                    of Q4_0/IQ4_NL/Q4_K weights when it repacks them for the CPU (the mapped
                     originals were read at load, so both stay resident)
      + KV cache     2 x layers x context x KV width x bytes per element (full context used)
      + attention    the K·Q scores llama.cpp materialises without flash attention:
@@ -28,7 +28,24 @@ from ..models.attention_removal import attention_layers, attention_removed
 MIB = 2**20
 KV_BYTES = {name: t.bytes_per_element for name, t in KV_TYPES.items()}
 N_UBATCH = 512
-REPACKED_TYPES = ("Q4_0", "IQ4_NL")
+# The weight types llama.cpp's CPU backend copies into an interleaved layout at load (ggml-cpu
+# repack.cpp, ``ggml_repack_get_optimal_repack_type``, llama-cpp-python 0.3.36) on an x86-64 CPU
+# with AVX2, the baseline of the llama.cpp CPU profiles, and the row count a 2-D weight needs for it
+# (ne[1] % 8). Q4_K joined the list in llama.cpp and was missing here: SmolLM2's Q4_K_M plans
+# measured 2-4% over the point estimate against 1% for Q8_0, its ffn_down tensors' Q4_K bytes
+# (bench/quality_at_budget.py, session 8). Not counted: Q2_K (repacked only with AVX-512, which the
+# 8 GB laptop class lacks; this host has it, so a Q2_K plan measures over here) and the ARM NEON
+# repacks (Q5_K, Q6_K and Q8_0 too), which a profile's CPU field would have to select.
+REPACKED_TYPES: dict[str, int] = {"Q4_0": 8, "IQ4_NL": 8, "Q4_K": 8, "MXFP4": 8}
+
+
+def repacked(type_name: str, shape_rows: int | None) -> bool:
+    """Whether llama.cpp keeps a repacked copy of a 2-D weight of this type with this many rows
+    (ne[1]; None: unknown, counted as repacked)."""
+    rows_multiple = REPACKED_TYPES.get(type_name)
+    return rows_multiple is not None and (shape_rows is None or shape_rows % rows_multiple == 0)
+
+
 # Fitted on this host (bench/memory_model.py): KQ_FACTOR from the context slope of SmolLM2 F16
 # (512 -> 4096), the overhead on SmolLM2 Q8_0 at context 512; the other configurations (other
 # types, the synthetic 1B model) are predictions.

@@ -33,24 +33,25 @@ from ..validate.jobs import AccuracyJob, LatencyJob
 from ..validate.reference import compact_reference
 from ..validate.runner import run_child
 from ..validate.workers import GGUF_WORKER as WORKER
-from .memory import REPACKED_TYPES
+from .memory import repacked
 from .speed import calibrate
 
-PROBE_VERSION = 3  # 3: each type measured plain and with an importance matrix
+PROBE_VERSION = 4  # 3: each type measured plain and with an importance matrix; 4: Q4_K counted as repacked
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
-def split_by_block(tensors, repacked_types) -> dict:
+def split_by_block(tensors) -> dict:
     """Bytes inside transformer blocks (per layer) and outside them (embeddings, output, norms),
-    and the part of each layer llama.cpp repacks, from (name, type name, n_dims, bytes) rows."""
+    and the part of each layer llama.cpp repacks, from (name, type name, rows, bytes) rows, where
+    rows is a 2-D weight's ne[1] and None for any other tensor."""
     per_layer: dict[int, int] = defaultdict(int)
     repack: dict[int, int] = defaultdict(int)
     other = 0
-    for name, type_name, n_dims, n_bytes in tensors:
+    for name, type_name, rows, n_bytes in tensors:
         m = _BLOCK.match(name)
         if m:
             per_layer[int(m.group(1))] += int(n_bytes)
-            if type_name in repacked_types and n_dims == 2:
+            if rows is not None and repacked(type_name, rows):
                 repack[int(m.group(1))] += int(n_bytes)
         else:
             other += int(n_bytes)
@@ -67,7 +68,10 @@ def tensor_bytes_split(path: Path) -> dict:
 
     reader = gguf.GGUFReader(str(path))
     return split_by_block(
-        [(t.name, t.tensor_type.name, len(t.shape), t.n_bytes) for t in reader.tensors], REPACKED_TYPES
+        [
+            (t.name, t.tensor_type.name, int(t.shape[1]) if len(t.shape) == 2 else None, t.n_bytes)
+            for t in reader.tensors
+        ]
     )
 
 
