@@ -26,11 +26,12 @@ from .kv_cache import BASELINE_CACHE
 from .memory_use import release_freed_memory
 from .mka.context import build_context
 from .models.loading import load_model
-from .planning import DEFAULT_MODEL, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
+from .planning import DEFAULT_MODEL, PlanSettings, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
 from .produce import produce
 from .profiles import Profile, load_profile
 from .records import Plan
 from .report import package
+from .settings import ModelSettings
 from .solver.bar import bar_missed_line
 from .solver.feasibility import read_shape
 from .solver.memory import Shape
@@ -121,11 +122,12 @@ def build(
     progress: bool = True,
     plan_file: str | Path | None = None,
     build_anyway: bool = False,
+    settings: PlanSettings | None = None,
     log=print,
     **plan_kw,
 ) -> dict:
-    """Plan (or read ``plan_file``), then execute.  ``plan_kw``: resolve_settings' options (budget,
-    context, method, heal...); with healing the plan uses healed quality and every merged model is
+    """Plan (or read ``plan_file``), then execute.  The plan's settings: ``settings`` (resolved by the
+    caller, as the CLI does), else ``plan_kw``, resolve_settings' options (budget, context, method, heal...); with healing the plan uses healed quality and every merged model is
     healed before export."""
     out = Path(out)
     check_out(out, force)
@@ -138,7 +140,7 @@ def build(
             plan, ctx, prof = _saved_plan(plan_file, profile, model)
             model = model if model is not None else plan.settings.get("model")
         else:
-            s = resolve_settings(profile, model, refuse_below_bar=not build_anyway, **plan_kw)
+            s = settings or resolve_settings(profile, model, refuse_below_bar=not build_anyway, **plan_kw)
             _check_validation_context(s.budget.context)
             log("[1/5] plan" + (f" (quality after healing {s.heal.steps} steps)" if s.heal else ""))
             plan, ctx = plan_from_settings(s, progress=progress, log=log, keep=handed)
@@ -199,9 +201,11 @@ def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple
         )
     _check_validation_context(plan.budget.context)
     spec = model if model is not None else plan.settings.get("model")
-    opts = plan.settings.get("merge_opts", {})
-    dtype = check_load(read_shape(spec, trust_remote_code=bool(opts.get("trust_remote_code"))), opts)
-    ctx = build_context(model=spec, **{**opts, "dtype": str(dtype).removeprefix("torch.")})  # as planning
+    load = ModelSettings.from_load_options(plan.settings.get("merge_opts"))
+    dtype = check_load(read_shape(spec, trust_remote_code=load.trust_remote_code), load.device, load.dtype)
+    ctx = build_context(
+        model=spec, **{**load.load_options(), "dtype": str(dtype).removeprefix("torch.")}
+    )  # as planning
     if ctx.lm.fingerprint != plan.model.get("fingerprint"):
         raise UserError(
             f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "

@@ -172,19 +172,18 @@ def need_table(sizes: dict[str, float], caps: dict[str, dict | None]) -> list[di
     return rows
 
 
-def check_load(ms, merge_opts: dict) -> torch.dtype:
+def check_load(ms, device: str = "auto", dtype: str = "auto", max_memory: str | None = None) -> torch.dtype:
     """Before any weight loads: the plan's load of ``ms`` (solver.feasibility.ModelShape, from a
-    meta-device model) on the device, in the dtype and under the cap the merge options resolve
-    to, against this host's free RAM and GPU memory.  Returns the dtype the build computes in:
+    meta-device model) on ``device``, in ``dtype`` and under the cap (``max_memory``, else the
+    process's --max-memory), against this host's free RAM and GPU memory.  Returns the dtype the build computes in:
     with --dtype auto on the CPU, float32 where its copy fits this host, else the checkpoint's own
     16-bit type (an 8B model on a 24 GB host: 16 GB of bf16 instead of 32 GB of float32)."""
     from .device import current_max_memory, main_device, parse_max_memory, resolve_device, resolve_dtype
     from .models.loading import storage_dtype
 
-    raw = merge_opts.get("max_memory")
-    caps = parse_max_memory(raw) if raw is not None else current_max_memory()
-    dev = main_device(caps) if caps else resolve_device(merge_opts.get("device") or "auto")
-    name = merge_opts.get("dtype") or "auto"
+    caps = parse_max_memory(max_memory) if max_memory is not None else current_max_memory()
+    dev = main_device(caps) if caps else resolve_device(device or "auto")
+    name = dtype or "auto"
     stored = storage_dtype(ms.config)
     n_params = sum(ms.block_params) + ms.other_params
 

@@ -28,6 +28,7 @@ from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
 from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Plan, QuantCost
+from .settings import ModelSettings
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
@@ -59,7 +60,7 @@ class PlanSettings:
     quality_prior: bool = False
     heal: object | None = None  # heal.distill.HealConfig, or None
     heal_points: int = 4
-    merge_opts: dict = field(default_factory=dict)
+    load: ModelSettings = field(default_factory=ModelSettings)  # how the model and calibration load
     kv_type: str = "auto"  # auto: the plan chooses the cache mode; a type pins K and V
     flash_attn: str = "auto"  # auto: allowed where the profile allows it; on: required; off: forbidden
     attention_removal: bool = True  # the sleb-attn curve (llama.cpp targets, architectures with deci)
@@ -106,7 +107,7 @@ def resolve_settings(
     quality_prior: bool = False,
     heal=None,
     heal_points: int = 4,
-    merge_opts: dict | None = None,
+    merge_opts: ModelSettings | dict | None = None,
     kv_type: str | None = None,
     flash_attn: str | None = None,
     attention_removal: bool = True,
@@ -149,7 +150,7 @@ def resolve_settings(
         quality_prior,
         effective_heal(heal, prof),
         heal_points,
-        dict(merge_opts or {}),
+        merge_opts if isinstance(merge_opts, ModelSettings) else ModelSettings.from_load_options(merge_opts),
         kv,
         fa,
         attention_removal,
@@ -174,7 +175,7 @@ class CheapFacts:
 
 def cheap_facts(s: PlanSettings) -> CheapFacts:
     """Shape, context and type sizes; refuses an impossible budget before any model work."""
-    ms = read_shape(s.model, trust_remote_code=bool(s.merge_opts.get("trust_remote_code")))
+    ms = read_shape(s.model, trust_remote_code=s.load.trust_remote_code)
     check_shape(ms, context=s.budget.context, k_max=s.k_max)
     n = ms.n_layers
     k_max = min(s.k_max if s.k_max is not None else min(8, n // 3), n - 1)
@@ -672,7 +673,7 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
             "quality_prior": s.quality_prior,
             "heal": asdict(heal) if heal is not None else None,
             "heal_points": s.heal_points,
-            "merge_opts": s.merge_opts,
+            "merge_opts": s.load.load_options(),
             "kv_type": s.kv_type,
             "flash_attn": s.flash_attn,
             "attention_removal": s.attention_removal,
@@ -702,7 +703,7 @@ def plan_from_settings(
     """``keep``: see ``measure`` (a build's hand-over folder for the probe's file)."""
     cheap = cheap_facts(s)
     # the host's RAM and GPU memory, before any weight loads; and the dtype that fits them
-    dtype = check_load(cheap.shape, s.merge_opts)
+    dtype = check_load(cheap.shape, s.load.device, s.load.dtype)
     if not cheap.measure:  # the types' KL are priors: a bar no plan can meet is refused before loading
         modes = [CacheCost(c) for c in cheap.modes]  # no cache KL: the bound stays a bound
         costs = cheap.sizes if s.imatrix else plain_costs(cheap.sizes)
@@ -710,8 +711,8 @@ def plan_from_settings(
         refuse_unreachable_bar(
             s, costs, feasible_over(s, cheap.shape.shape, lambda c: _optimistic_edits(c, k_reach), lambda: modes)
         )
-    ctx = build_context(model=s.model, **{**s.merge_opts, "dtype": str(dtype).removeprefix("torch.")})
-    if (s.merge_opts.get("dtype") or "auto") == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":
+    ctx = build_context(model=s.model, **{**s.load.load_options(), "dtype": str(dtype).removeprefix("torch.")})
+    if s.load.dtype == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":
         log(f"      computing in {dtype} as stored: a float32 copy would not fit this host's RAM")
     return solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx
 

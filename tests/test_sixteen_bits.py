@@ -32,16 +32,16 @@ def test_auto_is_float32_where_it_fits_else_the_checkpoint_s_16_bits(monkeypatch
     n = 8.03e9
     for free_gib, want in ((48, torch.float32), (24, torch.bfloat16)):
         monkeypatch.setattr(hn, "available_ram", lambda g=free_gib: g * 2**30)
-        assert check_load(_shape(n), {"device": "cpu"}) == want, free_gib
-    assert check_load(_shape(n, "float16"), {"device": "cpu"}) == torch.float16  # its own type, not bf16
+        assert check_load(_shape(n), device="cpu") == want, free_gib
+    assert check_load(_shape(n, "float16"), device="cpu") == torch.float16  # its own type, not bf16
     with pytest.raises(UserError, match=r"needs about 38\.9 GiB"):
-        check_load(_shape(n), {"device": "cpu", "dtype": "float32"})
+        check_load(_shape(n), device="cpu", dtype="float32")
     with pytest.raises(UserError, match=r"needs about 31\.4 GiB"):  # float32 stored: 4 bytes whatever
-        check_load(_shape(n, "float32"), {"device": "cpu"})
+        check_load(_shape(n, "float32"), device="cpu")
     monkeypatch.setattr(hn, "available_ram", lambda: 8 * 2**30)
     with pytest.raises(UserError, match=r"needs about 16\.5 GiB.*--max-memory"):  # the least need: bf16
-        check_load(_shape(n), {"device": "cpu"})
-    assert check_load(_shape(n), {"device": "cpu", "max_memory": "cpu=4GB"}) == torch.float32
+        check_load(_shape(n), device="cpu")
+    assert check_load(_shape(n), device="cpu", max_memory="cpu=4GB") == torch.float32
 
 
 def test_a_16_bit_fingerprint_is_its_own(tmp_path):
