@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -29,7 +30,7 @@ from .models.loading import load_model
 from .planning import DEFAULT_MODEL, PlanSettings, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
 from .produce import produce
 from .profiles import Profile, load_profile
-from .records import Plan
+from .records import Attempt, Plan, Ranked
 from .report import package
 from .settings import ModelSettings
 from .solver.bar import bar_missed_line
@@ -71,7 +72,7 @@ def disk_need_bytes(plan: Plan, lm, target, heal: bool, max_tries: int) -> float
     has_folder = bool(lm.source.get("model_dir"))
     need = 0.0
     for cand in plan.ranked[:max_tries]:
-        k, quant = cand["k"], cand["quant"]
+        k, quant = cand.k, cand.quant
         cost = plan.quant_costs.get(quant) or {}
         artifact = float(cost.get("bytes") or model_bytes)
         merged = model_bytes * (layers - k) / layers if k else 0.0
@@ -96,7 +97,7 @@ def check_host(plan: Plan, lm, target, out: Path, heal: bool, max_tries: int) ->
     # merged copy, reloaded beside it (host_need's rule: mapped from its file, no RAM of its own,
     # unless accelerate places it under a --max-memory cap)
     layers = lm.model.config.num_hidden_layers
-    kept = [(layers - c["k"]) / layers for c in plan.ranked[:max_tries] if c["k"]]
+    kept = [(layers - c.k) / layers for c in plan.ranked[:max_tries] if c.k]
     if kept:
         n_params = sum(p.numel() for p in lm.model.parameters())
         dtype_bytes = lm.model.dtype.itemsize
@@ -214,6 +215,76 @@ def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple
     return plan, ctx, prof
 
 
+@dataclass
+class Tried:
+    """One candidate merged, exported and validated: the record of the try and what packaging needs."""
+
+    attempt: Attempt
+    artifact: Path
+    summary: object  # the target's ArtifactSummary
+    validation: dict
+    merged_dir: Path | None
+
+
+def try_candidate(cand: Ranked, i: int, plan: Plan, ctx, target, tmp: Path, **kw) -> Tried:
+    """Merge (and heal), export and validate one ranked plan. ``kw``: heal, ref_spec, handed,
+    mmlu_per_subject, repeats, progress, log."""
+    heal, log, progress = kw["heal"], kw["log"], kw["progress"]
+    k, quant, method, cache = cand.k, cand.quant, cand.method, cand.cache
+    work, context = tmp / ".work", plan.budget.context
+    attn = f"A{cand.attn_layers}" if cand.attn_layers is not None else ""
+    tag = f"{Path(kw['ref_spec']).stem}-K{k}{attn}-{quant}{'-imat' if cand.imatrix else ''}"
+    log(f"[2/5] merge: K={k} ({method})" if k else "[2/5] merge: none (K=0)")
+    heal_record = None
+    if k:
+        if heal:
+            log(f"      healing: {heal.steps} steps ({heal.train})")
+        made = produce(
+            ctx, k, method, plan.choice.alpha, work / f"model-{method}-k{k}", heal, progress=progress, log=log
+        )
+        merged_dir, heal_record = made.folder, made.heal
+        lm = load_model(str(merged_dir), dtype=ctx.model.dtype)  # as computed: 16 bits stay 16 bits
+    else:
+        merged_dir, lm = None, ctx.lm
+    handed = kw["handed"]
+    moved = target.made_by_probe(handed, lm, quant, cand.imatrix) if handed is not None and not k else None
+    log(
+        f"[3/5] export: {target.name.upper()} {quant}{' with an importance matrix' if cand.imatrix else ''} "
+        f"({target.runtime_label}{'; the file the plan measured, moved' if moved else ''})"
+    )
+    art = tmp / target.artifact_name(tag)
+    summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=cand.imatrix, made=moved)
+    del lm  # a merged model is not needed again; the reference below is the source in ctx
+    killpoint("build:after-export")
+    log(f"[4/5] validate in {target.runtime_label} (KV cache {cache})")
+    ctx.reset()  # the source's own stack: the reference the artifact is measured against
+    val = validate_artifact(
+        art,
+        kw["ref_spec"],
+        reference_model=_as_reference(ctx),
+        threads=usable_cpus(),
+        context=context,
+        kv_type=target.validation_kv_type(cache),
+        out=work / f"validation-{i}",
+        thresholds=Thresholds(max_kld=plan.budget.max_quality_loss),
+        repeats=kw["repeats"],
+        mmlu_per_subject=kw["mmlu_per_subject"],
+        progress=progress,
+    )
+    healed = None
+    if heal_record:
+        healed = {
+            "steps": heal.steps,
+            "train": heal.train,
+            "heldout_kl_before": heal_record["heldout_before"]["kl"],
+            "heldout_kl_after": heal_record["heldout_after"]["kl"],
+        }
+    attempt = Attempt(
+        method, k, quant, cand.imatrix, cache, cand.attn_layers, cand.kl, val["accuracy"]["kl"], val["passed"], healed
+    )
+    return Tried(attempt, art, summary, val, merged_dir)
+
+
 def execute(
     plan: Plan,
     ctx,
@@ -233,109 +304,53 @@ def execute(
     folder; a candidate that merges nothing is exported by moving the probe's file found there."""
     target = prof.target
     heal = HealConfig(**plan.settings["heal"]) if plan.settings.get("heal") else None
-    alpha = plan.choice.alpha
     check_host(plan, ctx.lm, target, out, heal is not None, max_tries)
     max_kl = plan.budget.max_quality_loss
-    context = plan.budget.context
-    ref_spec = model_spec or DEFAULT_MODEL
-    attempts = []
+    tries = plan.ranked[:max_tries]
+    attempts: list[Attempt] = []
+    common = dict(
+        heal=heal,
+        ref_spec=model_spec or DEFAULT_MODEL,
+        handed=handed,
+        mmlu_per_subject=mmlu_per_subject,
+        repeats=repeats,
+        progress=progress,
+        log=log,
+    )
     with atomic_dir(out) as tmp:
-        work = tmp / ".work"
-        for i, cand in enumerate(plan.ranked[:max_tries]):
-            k, quant = cand["k"], cand["quant"]
-            method = cand.get("method") or plan.choice.method
-            cache = cand.get("cache", BASELINE_CACHE)
-            imatrix = bool(cand.get("imatrix"))
-            attn = f"A{cand['attn_layers']}" if cand.get("attn_layers") is not None else ""
-            tag = f"{Path(ref_spec).stem}-K{k}{attn}-{quant}{'-imat' if imatrix else ''}"
-            log(f"[2/5] merge: K={k} ({method})" if k else "[2/5] merge: none (K=0)")
-            heal_record = None
-            if k:
-                if heal:
-                    log(f"      healing: {heal.steps} steps ({heal.train})")
-                made = produce(ctx, k, method, alpha, work / f"model-{method}-k{k}", heal, progress=progress, log=log)
-                merged_dir, heal_record = made.folder, made.heal
-                lm = load_model(str(merged_dir), dtype=ctx.model.dtype)  # as computed: 16 bits stay 16 bits
-            else:
-                merged_dir, lm = None, ctx.lm
-            made = target.made_by_probe(handed, lm, quant, imatrix) if handed is not None and not k else None
-            log(
-                f"[3/5] export: {target.name.upper()} {quant}{' with an importance matrix' if imatrix else ''} "
-                f"({target.runtime_label}{'; the file the plan measured, moved' if made else ''})"
-            )
-            art = tmp / target.artifact_name(tag)
-            summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=imatrix, made=made)
-            del lm  # a merged model is not needed again; the reference below is the source in ctx
-            killpoint("build:after-export")
-            log(f"[4/5] validate in {target.runtime_label} (KV cache {cache})")
-            ctx.reset()  # the source's own stack: the reference the artifact is measured against
-            val = validate_artifact(
-                art,
-                ref_spec,
-                reference_model=_as_reference(ctx),
-                threads=usable_cpus(),
-                context=context,
-                kv_type=target.validation_kv_type(cache),
-                out=work / f"validation-{i}",
-                thresholds=Thresholds(max_kld=max_kl),
-                repeats=repeats,
-                mmlu_per_subject=mmlu_per_subject,
-                progress=progress,
-            )
-            attempts.append(
-                {
-                    "method": method,
-                    "k": k,
-                    "quant": quant,
-                    "imatrix": imatrix,
-                    "cache": cache,
-                    "attn_layers": cand.get("attn_layers"),
-                    "predicted_kl": cand.get("kl"),
-                    "measured_kl": val["accuracy"]["kl"],
-                    "passed": val["passed"],
-                    **(
-                        {
-                            "heal": {
-                                "steps": heal.steps,
-                                "train": heal.train,
-                                "heldout_kl_before": heal_record["heldout_before"]["kl"],
-                                "heldout_kl_after": heal_record["heldout_after"]["kl"],
-                            }
-                        }
-                        if heal_record
-                        else {}
-                    ),
-                }
-            )
-            if val["passed"]:
+        for i, cand in enumerate(tries):
+            t = try_candidate(cand, i, plan, ctx, target, tmp, **common)
+            attempts.append(t.attempt)
+            if t.attempt.passed:
                 break
-            log(f"      measured KL {val['accuracy']['kl']:.3f} misses the bar {max_kl:g}; trying the next plan")
-            shutil.rmtree(art) if art.is_dir() else art.unlink()
-            later = plan.ranked[i + 1 : max_tries]
-            if merged_dir and not any((c.get("method") or plan.choice.method, c["k"]) == (method, k) for c in later):
-                shutil.rmtree(merged_dir, ignore_errors=True)  # disk_need_bytes counts one merged folder
+            log(f"      measured KL {t.attempt.measured_kl:.3f} misses the bar {max_kl:g}; trying the next plan")
+            shutil.rmtree(t.artifact) if t.artifact.is_dir() else t.artifact.unlink()
+            if t.merged_dir and not any(c.merge_key == cand.merge_key for c in tries[i + 1 :]):
+                shutil.rmtree(t.merged_dir, ignore_errors=True)  # disk_need_bytes counts one merged folder
         else:
             raise UserError(
                 f"no plan met the quality bar ({max_kl:g} nats) in {len(attempts)} tries: "
-                + ", ".join(f"K={a['k']} {a['quant']} {a['cache']}: {a['measured_kl']:.3f}" for a in attempts)
+                + ", ".join(f"K={a.k} {a.quant} {a.cache}: {a.measured_kl:.3f}" for a in attempts)
                 + "; raise --max-quality-loss or --budget-mb"
             )
         log("[5/5] package")
+        a = t.attempt
         chosen = {
-            "method": method,
-            "k": k,
-            "quant": quant,
-            "cache": cache,
-            "imatrix": imatrix,
-            "attn_layers": cand.get("attn_layers"),
-            "artifact": art.name,
+            "method": a.method,
+            "k": a.k,
+            "quant": a.quant,
+            "cache": a.cache,
+            "imatrix": a.imatrix,
+            "attn_layers": a.attn_layers,
+            "artifact": t.artifact.name,
         }
-        pred = predict_artifact(tmp, chosen, summary, plan, val["latency"], ctx.model.config, prof)
+        pred = predict_artifact(tmp, chosen, t.summary, plan, t.validation["latency"], ctx.model.config, prof)
         release_freed_memory()  # the export's and validation's freed buffers, before the similarity's states
         # the layer similarity explains a merge; a plan that merges nothing skips its pass (85 s at 1.5B)
-        similarity = ctx.similarity().matrix.numpy() if k else None
-        manifest = package(tmp, plan, chosen, summary, val, attempts, merged_dir, prof, pred, similarity)
-        shutil.rmtree(work, ignore_errors=True)
+        similarity = ctx.similarity().matrix.numpy() if a.k else None
+        tried = [x.to_json() for x in attempts]
+        manifest = package(tmp, plan, chosen, t.summary, t.validation, tried, t.merged_dir, prof, pred, similarity)
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
     manifest["out"] = str(out)
     return manifest
 

@@ -144,7 +144,7 @@ def heal(run: HealRun, heal: HealSettings, log: Log) -> Outcome:
     from .heal.distill import heal as distil
 
     check_device(run.device)
-    cfg = heal.config(run.model, run.calibration, run.seed, run.heldout_chunks)
+    cfg = heal.config(run.model, run.calibration, run.seed, run.heldout_chunks, flag="--steps")
     rec = distil(run.model, Path(run.out), cfg, reference=run.reference, device=run.device, log=log)
     b, a = rec["heldout_before"], rec["heldout_after"]
     return Outcome(
@@ -247,9 +247,11 @@ def plan(plan: PlanOptions, model: ModelSettings, heal: HealSettings, run: PlanR
 def build(plan: PlanOptions, model: ModelSettings, heal: HealSettings, run: BuildRun, log: Log) -> Outcome:
     """Plan (or read --plan), merge, heal, export, validate and package."""
     from .build import build as make
+    from .build import check_out
 
     if run.max_tries < 1:
         raise UserError("--max-tries must be at least 1")
+    check_out(Path(run.out), run.force)  # before the settings' checks, as the build's first step
     common = dict(force=run.force, build_anyway=run.build_anyway, max_tries=run.max_tries, log=log)
     if run.plan_file:
         given = [

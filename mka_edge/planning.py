@@ -27,7 +27,7 @@ from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
-from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Plan, QuantCost
+from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Plan, QuantCost, Ranked
 from .settings import ModelSettings
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
@@ -652,18 +652,7 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
         },
         scope=facts.scope,
         candidates=[c.as_dict() for c in cands],
-        ranked=[
-            {
-                "method": c.method,
-                "k": c.k,
-                "quant": c.quant,
-                "imatrix": c.imatrix,
-                "cache": c.cache,
-                "attn_layers": c.attn_layers,
-                "kl": c.kl,
-            }
-            for c in ranked
-        ],
+        ranked=[Ranked(c.method, c.k, c.quant, c.imatrix, c.cache, c.attn_layers, c.kl) for c in ranked],
         settings={
             "model": s.model,
             "method": s.method,
@@ -744,21 +733,14 @@ def check_plan_names(plan: Plan, where: str) -> None:
     target = get_target(plan.format) if isinstance(plan.format, str) else None
     if target is None:
         raise UserError(f"{where}: field 'format' must be text (got {plan.format!r}); plan again")
-    choice = {"method": plan.choice.method, "k": plan.choice.k, "quant": plan.choice.quant}
-    for entry in [choice, *(plan.ranked if isinstance(plan.ranked, list) else [None])]:
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: 'ranked' must be a list of plans (got {entry!r}); plan again")
-        method = entry.get("method") or plan.choice.method
-        if method not in ALL_METHODS:
-            raise UserError(f"{where}: unknown merge method {str(method)[:60]!r}; plan again")
-        for key in ("k", "attn_layers"):
-            v = entry.get(key)  # K always; attn_layers only where attention is removed
-            if (v is not None or key == "k") and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise UserError(f"{where}: field '{key}' must be a non-negative integer (got {v!r}); plan again")
-        if not isinstance(entry.get("quant"), str):
-            raise UserError(f"{where}: field 'quant' must be text (got {entry.get('quant')!r}); plan again")
+    choice = Ranked.from_json(
+        {"method": plan.choice.method, "k": plan.choice.k, "quant": plan.choice.quant}, plan.choice.method, where
+    )
+    for entry in [choice, *plan.ranked]:  # typed by Plan.from_json: here, the names
+        if entry.method not in ALL_METHODS:
+            raise UserError(f"{where}: unknown merge method {str(entry.method)[:60]!r}; plan again")
         try:
-            target.check_quants([entry["quant"]])
+            target.check_quants([entry.quant])
         except UserError as exc:
             raise UserError(f"{where}: {exc}; plan again") from None
     costs = plan.quant_costs

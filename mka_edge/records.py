@@ -191,6 +191,77 @@ class Choice:
     attn_removed: list = field(default_factory=list)  # original layers kept without attention
 
 
+def _checked(d: dict, key: str, kind: type | tuple, where: str, *, optional: bool = False, minimum=None):
+    """``d[key]`` if it has the type a plan gives it, else one line naming the field (plan.json is
+    a file a user may get from elsewhere)."""
+    v = d.get(key)
+    if v is None and optional:
+        return None
+    ok = isinstance(v, kind) and not (
+        isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    )
+    if not ok or (minimum is not None and v < minimum):
+        want = {int: "a non-negative integer", str: "text", bool: "true or false"}.get(kind, "a number")
+        raise UserError(f"{where}: field '{key}' must be {want} (got {v!r}); plan again")
+    return v
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One plan of the list a build tries, best first: what it edits, its weight and cache types,
+    and the KL it was predicted to lose (plan.json's ``ranked``)."""
+
+    method: str
+    k: int
+    quant: str
+    imatrix: bool = False
+    cache: str = BASELINE_CACHE
+    attn_layers: int | None = None  # layers keeping attention (None: all)
+    kl: float | None = None
+
+    @classmethod
+    def from_json(cls, d: Any, default_method: str, where: str = "plan") -> Ranked:
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: 'ranked' must be a list of plans (got {d!r}); plan again")
+        return cls(
+            method=d.get("method") or default_method,
+            k=_checked(d, "k", int, where, minimum=0),
+            quant=_checked(d, "quant", str, where),
+            imatrix=bool(_checked(d, "imatrix", bool, where, optional=True)),
+            cache=_checked(d, "cache", str, where, optional=True) or BASELINE_CACHE,
+            attn_layers=_checked(d, "attn_layers", int, where, optional=True, minimum=0),
+            kl=_checked(d, "kl", (int, float), where, optional=True),
+        )
+
+    @property
+    def merge_key(self) -> tuple[str, int]:
+        """Two plans with the same key share one merged folder."""
+        return self.method, self.k
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One plan a build tried: what it was predicted and measured to lose, and whether it passed
+    (manifest.json and report.md list them)."""
+
+    method: str
+    k: int
+    quant: str
+    imatrix: bool
+    cache: str
+    attn_layers: int | None
+    predicted_kl: float | None
+    measured_kl: float
+    passed: bool
+    heal: dict | None = None  # steps, train, held-out KL before and after
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if d["heal"] is None:
+            del d["heal"]
+        return d
+
+
 @dataclass(frozen=True)
 class Plan:
     """A plan: the choice, the facts it was made from and the reason, as plan.json holds it.
@@ -210,7 +281,7 @@ class Plan:
     heal: dict | None
     quant_costs: dict
     candidates: list
-    ranked: list
+    ranked: list[Ranked]
     settings: dict = field(default_factory=dict)  # the inputs that reproduce it (method, quants, k_max...)
     cache_costs: dict = field(default_factory=dict)  # cache mode -> {'kl', 'speed_factor'}
     scope: dict = field(default_factory=dict)  # types and cache modes measured, and those skipped with why
@@ -229,6 +300,9 @@ class Plan:
             data: dict[str, Any] = {f.name: d[f.name] for f in fields(cls) if f.name in d}
             data["budget"] = Budget(**d["budget"])
             data["choice"] = Choice(**d["choice"])
+            if not isinstance(d["ranked"], list):
+                raise UserError(f"{where}: 'ranked' must be a list of plans; plan again")
+            data["ranked"] = [Ranked.from_json(e, data["choice"].method, where) for e in d["ranked"]]
             return cls(**data)
         except (KeyError, TypeError, AttributeError) as exc:
             raise UserError(

@@ -13,6 +13,7 @@ fields (``decides_plan``), and what reaches the library or plan.json is typed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -182,6 +183,13 @@ class ModelSettings(Record):
         decides_plan=True,
         help="Independent position subsamples whose NMI matrices are averaged (steadier ranking).",
     )
+    batch_size: int = setting(
+        8,
+        "--batch-size",
+        type=int,
+        decides_plan=True,  # part of the trajectory cache's key
+        help="Calibration sequences per forward pass (less memory when smaller).",
+    )
     loss_samples: int = setting(
         4, "--loss-samples", type=int, decides_plan=True, help="Calibration sequences used to score candidate merges."
     )
@@ -204,7 +212,7 @@ class ModelSettings(Record):
     def from_load_options(cls, values: dict | None, model: str | None = None) -> ModelSettings:
         """Back from ``load_options`` (plan.json is untrusted input: an unknown key or a wrong type is
         refused in one line)."""
-        values = dict(values or {})
+        values = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in (values or {}).items()}
         known = {f.name: f for f, s in cls.specs() if s.expose and f.name != "model"}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -235,7 +243,8 @@ class HealSettings(Record):
         sources=("cli", "recipe", "profile"),
         decides_plan=True,
         help="Heal by this many distillation steps from the original (see `mka-edge heal --help`); "
-        "default: the recipe's heal.steps, else the profile's heal_steps (plan, build), else 0 (no healing).",
+        "default: the recipe's heal.steps, else the profile's heal_steps (plan, build), else 0 (no healing). "
+        "A plan then predicts quality after healing, which costs --heal-curve-points heals (cached).",
     )
     train: str = setting(
         "all",
@@ -270,12 +279,15 @@ class HealSettings(Record):
         "the same settings resumes.",
     )
 
-    def config(self, model_spec: str | None, calibration=None, seed: int = 0, heldout_chunks: int = 2):
-        """heal.distill's HealConfig, the recipe's defaults applied to what was not given."""
+    def config(
+        self, model_spec: str | None, calibration=None, seed: int = 0, heldout_chunks: int = 2, flag="--heal-steps"
+    ):
+        """heal.distill's HealConfig, the recipe's defaults applied to what was not given. ``flag``:
+        the steps option's name in this command (`heal` calls it --steps)."""
         from .heal.distill import heal_config
 
         if self.steps < 0:
-            raise UserError(f"--heal-steps must be 0 or more (got {self.steps})")
+            raise UserError(f"{flag} must be 0 or more (got {self.steps})")
         values = {k: v for k, v in self.values().items()}
         values.update(calibration=calibration, seed=seed, heldout_chunks=heldout_chunks)
         return heal_config(values, set(self.given), model_spec)
@@ -319,9 +331,9 @@ class PlanOptions(Record):
     method: str = setting(
         "sleb-fast",
         "--method",
-        type=click.Choice(ALL_METHODS),
-        decides_plan=True,
-        help="Merge method whose quality curve the plan uses (see `mka-edge merge --help`). sleb-fast is the "
+        decides_plan=True,  # checked by planning.resolve_settings, which names the known ones
+        help=f"Merge method whose quality curve the plan uses, one of {', '.join(ALL_METHODS)} (see `mka-edge merge "
+        "--help`). sleb-fast is the "
         "default here: on SmolLM2 it took sleb's layers at K = 3, 6 and 9 in 4.5x less time than sleb, and sleb "
         "was never beaten on held-out quality by more than 2%.",
     )

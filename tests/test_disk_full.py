@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_build_inputs
 
+from mka_edge.records import Ranked
+
 
 def _run(args: list[str], cache: Path, fail: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, MKA_EDGE_CACHE=str(cache))
@@ -90,16 +92,16 @@ def test_build_disk_need_is_counted_from_the_plan_and_refused_up_front(tiny_dir,
     f32 = f32_bytes(model.config)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     q8 = 0.27 * f32  # plan.json's "bytes" of the unmerged model in the type
-    plan = SimpleNamespace(ranked=[{"k": 0, "quant": "Q8_0"}], quant_costs={"Q8_0": {"kl": 0.0, "bytes": q8}})
+    plan = SimpleNamespace(ranked=[Ranked("sleb", 0, "Q8_0")], quant_costs={"Q8_0": {"kl": 0.0, "bytes": q8}})
     need = build_mod.disk_need_bytes
     assert need(plan, lm, gguf, False, 3) == pytest.approx(f32 + q8)  # F32 intermediate + Q8_0 file
-    plan.ranked = [{"k": 0, "quant": "F32"}, {"k": 1, "quant": "Q8_0"}]
+    plan.ranked = [Ranked("sleb", 0, "F32"), Ranked("sleb", 1, "Q8_0")]
     plan.quant_costs["F32"] = {"kl": 0.0, "bytes": f32}
     merged = model_bytes * (layers - 1) / layers
     assert need(plan, lm, gguf, True, 3) == pytest.approx(max(merged + f32 + q8, 2 * merged))
     assert need(plan, lm, gguf, True, 1) == pytest.approx(f32)  # F32: the float file is the artifact
     # ONNX: a float32 source copy only when the model has no folder of its own (K=0 here: it has one)
-    plan.ranked, plan.quant_costs = [{"k": 0, "quant": "int4"}], {"int4": {"kl": 0.0, "bytes": 0.15 * f32}}
+    plan.ranked, plan.quant_costs = [Ranked("sleb", 0, "int4")], {"int4": {"kl": 0.0, "bytes": 0.15 * f32}}
     no_folder = SimpleNamespace(model=model, source={})
     assert need(plan, no_folder, onnx, False, 1) - need(plan, lm, onnx, False, 1) == pytest.approx(f32)
 

@@ -147,3 +147,16 @@ def test_build_with_plan_names_the_real_flag_it_refuses(tmp_path):
     assert r.exit_code == 2
     assert "--seed" in r.output and "--train" in r.output and "cannot change it" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_ranked_plan_is_typed_when_read_and_an_attempt_writes_the_manifest_s_fields():
+    from mka_edge.records import Attempt, Ranked
+
+    r = Ranked.from_json({"k": 2, "quant": "Q4_K_M", "cache": "q8_0/q8_0+fa", "kl": 0.1}, "sleb", "--plan p")
+    assert r == Ranked("sleb", 2, "Q4_K_M", False, "q8_0/q8_0+fa", None, 0.1) and r.merge_key == ("sleb", 2)
+    for bad, field in (({"k": True, "quant": "Q8_0"}, "k"), ({"k": -1, "quant": "Q8_0"}, "k"), ({"k": 1}, "quant")):
+        with pytest.raises(UserError, match=rf"--plan p: field '{field}' must be .*; plan again"):
+            Ranked.from_json(bad, "sleb", "--plan p")
+    a = Attempt("sleb", 1, "Q8_0", False, "f16/f16", None, 0.05, 0.06, True)
+    assert "heal" not in a.to_json() and a.to_json()["measured_kl"] == 0.06
+    assert Attempt(*dataclasses.astuple(a)[:-1], heal={"steps": 3}).to_json()["heal"] == {"steps": 3}
