@@ -28,6 +28,7 @@ from .settings import (
     PlanRun,
     ValidateRun,
 )
+from .target_protocols import Exporter
 
 Log = Callable[[str], None]
 
@@ -184,7 +185,7 @@ def export(run: ExportRun) -> Outcome:
     """One model written as one artifact of one format and type."""
     from .targets import get_target
 
-    target = get_target(run.fmt)
+    target: Exporter = get_target(run.fmt)
     options = run.target_options()
     s = target.export_spec(run.model, Path(run.out), run.quant or target.default_export_quant, options)
     return Outcome(target.describe_export(s))
@@ -234,7 +235,8 @@ def plan_settings(plan: PlanOptions, model: ModelSettings, heal: HealSettings, *
 def plan(plan: PlanOptions, model: ModelSettings, heal: HealSettings, run: PlanRun, log: Log) -> Outcome:
     """Pick the merge, type and cache that fit a device and say why; plan.json when ``out``."""
     from .exporters.paths import check_creatable
-    from .planning import plan_from_settings, plan_table, write_plan
+    from .planning import plan_from_settings, write_plan
+    from .report import plan_table
 
     out = run.out
     if out:

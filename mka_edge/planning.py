@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from . import __version__
 from .cache import atomic_write_text, stable_hash
@@ -37,7 +38,7 @@ from .solver.quality import healed_curve, merge_curve, needed_merge_kl
 from .solver.scope import speed_share_floor, unsettled
 from .solver.search import Candidate, choose, edit_sets, pareto
 from .solver.search import candidates as enumerate_candidates
-from .targets import Target
+from .target_protocols import CostModel
 
 PROBE_MAX_PARAMS = 3e9  # above this, quantizing every type to measure it costs more than the build
 DEFAULT_MODEL = "smollm2-135m"
@@ -71,7 +72,8 @@ class PlanSettings:
     refuse_below_bar: bool = False
 
     @property
-    def target(self) -> Target:
+    def target(self) -> CostModel:
+        """The target as the planner may use it: its cost and memory model."""
         return self.profile.target
 
     def forbidden(self) -> str:
@@ -672,9 +674,14 @@ def solve(facts: Facts, s: PlanSettings) -> Plan:
     )
 
 
-def plan_with_context(
-    profile: str, model: str | None = None, *, progress: bool = True, log=print, **kw
-) -> tuple[Plan, object]:
+class Planned(NamedTuple):
+    """A plan and the loaded merge context it was measured on (a build goes on to merge with it)."""
+
+    plan: Plan
+    context: Any  # mka.context.MergeContext
+
+
+def plan_with_context(profile: str, model: str | None = None, *, progress: bool = True, log=print, **kw) -> Planned:
     """Settings -> cheap facts -> (model loaded) measured facts -> Plan; the loaded merge context
     comes back too (build goes on to merge with it)."""
     s = resolve_settings(profile, model, **kw)
@@ -686,9 +693,7 @@ def _best_quant(cands) -> str | None:
     return min(cands, key=lambda c: (c.kl, c.memory_mb)).quant if cands else None
 
 
-def plan_from_settings(
-    s: PlanSettings, *, progress: bool = True, log=print, keep: Path | None = None
-) -> tuple[Plan, object]:
+def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print, keep: Path | None = None) -> Planned:
     """``keep``: see ``measure`` (a build's hand-over folder for the probe's file)."""
     cheap = cheap_facts(s)
     # the host's RAM and GPU memory, before any weight loads; and the dtype that fits them
@@ -703,7 +708,7 @@ def plan_from_settings(
     ctx = build_context(model=s.model, **{**s.load.load_options(), "dtype": str(dtype).removeprefix("torch.")})
     if s.load.dtype == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":
         log(f"      computing in {dtype} as stored: a float32 copy would not fit this host's RAM")
-    return solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx
+    return Planned(solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx)
 
 
 def load_plan(path: Path) -> Plan:
@@ -747,76 +752,6 @@ def check_plan_names(plan: Plan, where: str) -> None:
     if not isinstance(costs, dict) or not all(isinstance(v, dict) for v in costs.values()):
         raise UserError(f"{where}: 'quant_costs' must map each quant type to its costs; plan again")
     check_alpha(str(plan.choice.alpha))
-
-
-def plan_table(plan: Plan) -> str:
-    """The Pareto table and the choice, for people."""
-    b = plan.budget
-    lines = [
-        f"profile {plan.profile['name']}: budget {b.memory_mb:.0f} MB, context {b.context}, "
-        f">= {b.min_tokens_per_s:g} tok/s, quality loss <= {b.max_quality_loss:g} nats",
-        "",
-        f"{'edits':<12} {'layers':>6} {'attn':>4} {'weights':<16} {'cache':<13} {'memory MB':>10} "
-        f"{'tok/s (device, pred.)':>22} {'KL (pred.)':>10} {'= edits':>8} {'+ quant':>8} {'+ cache':>8}  fits",
-    ]
-    ch = plan.choice
-    for c in plan.pareto:
-        fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("memory" if not c["fits_memory"] else "speed")
-        chosen = (c.get("method", ch.method), c["k"], c["quant"], c.get("cache", ch.cache)) == (
-            ch.method,
-            ch.k,
-            ch.quant,
-            ch.cache,
-        )
-        terms = c.get("kl_terms") or {}
-        edits = f"{c.get('method') or ch.method}:{c['k']}" if c["k"] else "none"
-        attn = c["attn_layers"] if c.get("attn_layers") is not None else c["layers"]
-        weights = c["quant"] + ("+imatrix" if c.get("imatrix") else "")
-        lines.append(
-            f"{edits:<12} {c['layers']:>6} {attn:>4} {weights:<16} {c.get('cache', 'f16/f16'):<13} "
-            f"{c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f} {terms.get('edits', 0):>8.3f} "
-            f"{terms.get('quant', 0):>8.3f} {terms.get('cache', 0):>8.3f}  {fits}{'  <- chosen' if chosen else ''}"
-        )
-    removed = f", attention removed from {len(ch.attn_removed)} of them" if ch.attn_removed else ""
-    lines += scope_lines(plan.scope)
-    lines += [
-        "",
-        f"choice: {'merge K=' + str(ch.k) + ' (' + ch.method + ')' if ch.k else 'no merge'} -> {ch.layers_after} "
-        f"layers{removed}, {ch.quant}{' with an importance matrix' if ch.imatrix else ''}, KV cache {ch.cache}",
-        f"why: {plan.reason}",
-    ]
-    return "\n".join(lines)
-
-
-def scope_lines(scope: dict) -> list[str]:
-    """The plan table's lines on what was measured and what was not (solver/scope.py), for people."""
-    if not scope or scope.get("measure_all"):
-        return ["", "measured: every quant type and cache mode (--measure-all)"] if scope else []
-    if scope.get("priors"):
-        modes = ", ".join(scope.get("speed_not_measured", [])) or "none"
-        return [
-            "",
-            "measured: nothing in llama.cpp (a model too large to probe, or --quality-prior): the types' KL from "
-            "published figures, the cache modes' from SmolLM2's, the quantized caches' decode speed the "
-            f"conservative prior share (solver/scope.py speed_share_floor): {modes}",
-        ]
-    runs = f" ({scope['probe_runs']} quantize-and-run probes this time)" if "probe_runs" in scope else ""
-    out = ["", f"measured: {', '.join(scope['measured'])}{runs}"]
-    out += [f"not measured: {sk['quant']}: {sk['rule']}: {sk['why']}" for sk in scope.get("skipped", [])]
-    out += [f"cache mode not measured: {c['mode']}: {c['why']}" for c in scope.get("caches_skipped", [])]
-    if scope.get("kl_not_measured"):
-        out.append(
-            "cache mode KL not measured (no plan with it ranked first, with its cost at its lower bound 0): "
-            + ", ".join(scope["kl_not_measured"])
-        )
-    if scope.get("speed_not_measured"):
-        out.append(
-            "decode speed not timed (no plan with it ranked first, or the first reaches the speed floor even at "
-            "the least share of its speed a cache mode can keep; its tok/s above assume the f16 cache's): "
-            f"{', '.join(scope['speed_not_measured'])}"
-        )
-    out += [f"precision order broken: {v}" for v in scope.get("order_violations", [])]
-    return out
 
 
 def write_plan(plan: Plan, out: Path) -> Path:

@@ -14,6 +14,7 @@ from .cache import atomic_write_text
 from .kv_cache import BASELINE_CACHE
 from .plots import pareto_plot, similarity_heatmap
 from .records import ArtifactSummary, Plan
+from .target_protocols import Packager
 from .versions import versions
 
 
@@ -32,7 +33,14 @@ def same_plan(c: dict, chosen: dict) -> bool:
 
 
 def _report(
-    plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dict, attempts: list, mem: dict, device_tps: float
+    plan: Plan,
+    target: Packager,
+    chosen: dict,
+    summary: ArtifactSummary,
+    val: dict,
+    attempts: list,
+    mem: dict,
+    device_tps: float,
 ) -> str:
     p, ch, a, lat = plan.profile, plan.choice, val["accuracy"], val["latency"]
     pred = next((c for c in plan.candidates if same_plan(c, chosen)), ch.predicted)
@@ -126,7 +134,7 @@ def _report(
     return "\n".join(lines) + "\n"
 
 
-def _model_card(plan: Plan, target, chosen: dict, summary: ArtifactSummary, val: dict) -> str:
+def _model_card(plan: Plan, target: Packager, chosen: dict, summary: ArtifactSummary, val: dict) -> str:
     f = target.card_facts(summary)
     return f"""# {Path(chosen["artifact"]).stem}
 
@@ -218,3 +226,73 @@ def package(
     }
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+def plan_table(plan: Plan) -> str:
+    """The Pareto table and the choice, for people."""
+    b = plan.budget
+    lines = [
+        f"profile {plan.profile['name']}: budget {b.memory_mb:.0f} MB, context {b.context}, "
+        f">= {b.min_tokens_per_s:g} tok/s, quality loss <= {b.max_quality_loss:g} nats",
+        "",
+        f"{'edits':<12} {'layers':>6} {'attn':>4} {'weights':<16} {'cache':<13} {'memory MB':>10} "
+        f"{'tok/s (device, pred.)':>22} {'KL (pred.)':>10} {'= edits':>8} {'+ quant':>8} {'+ cache':>8}  fits",
+    ]
+    ch = plan.choice
+    for c in plan.pareto:
+        fits = "yes" if c["fits_memory"] and c["fits_speed"] else ("memory" if not c["fits_memory"] else "speed")
+        chosen = (c.get("method", ch.method), c["k"], c["quant"], c.get("cache", ch.cache)) == (
+            ch.method,
+            ch.k,
+            ch.quant,
+            ch.cache,
+        )
+        terms = c.get("kl_terms") or {}
+        edits = f"{c.get('method') or ch.method}:{c['k']}" if c["k"] else "none"
+        attn = c["attn_layers"] if c.get("attn_layers") is not None else c["layers"]
+        weights = c["quant"] + ("+imatrix" if c.get("imatrix") else "")
+        lines.append(
+            f"{edits:<12} {c['layers']:>6} {attn:>4} {weights:<16} {c.get('cache', 'f16/f16'):<13} "
+            f"{c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f} {terms.get('edits', 0):>8.3f} "
+            f"{terms.get('quant', 0):>8.3f} {terms.get('cache', 0):>8.3f}  {fits}{'  <- chosen' if chosen else ''}"
+        )
+    removed = f", attention removed from {len(ch.attn_removed)} of them" if ch.attn_removed else ""
+    lines += scope_lines(plan.scope)
+    lines += [
+        "",
+        f"choice: {'merge K=' + str(ch.k) + ' (' + ch.method + ')' if ch.k else 'no merge'} -> {ch.layers_after} "
+        f"layers{removed}, {ch.quant}{' with an importance matrix' if ch.imatrix else ''}, KV cache {ch.cache}",
+        f"why: {plan.reason}",
+    ]
+    return "\n".join(lines)
+
+
+def scope_lines(scope: dict) -> list[str]:
+    """The plan table's lines on what was measured and what was not (solver/scope.py), for people."""
+    if not scope or scope.get("measure_all"):
+        return ["", "measured: every quant type and cache mode (--measure-all)"] if scope else []
+    if scope.get("priors"):
+        modes = ", ".join(scope.get("speed_not_measured", [])) or "none"
+        return [
+            "",
+            "measured: nothing in llama.cpp (a model too large to probe, or --quality-prior): the types' KL from "
+            "published figures, the cache modes' from SmolLM2's, the quantized caches' decode speed the "
+            f"conservative prior share (solver/scope.py speed_share_floor): {modes}",
+        ]
+    runs = f" ({scope['probe_runs']} quantize-and-run probes this time)" if "probe_runs" in scope else ""
+    out = ["", f"measured: {', '.join(scope['measured'])}{runs}"]
+    out += [f"not measured: {sk['quant']}: {sk['rule']}: {sk['why']}" for sk in scope.get("skipped", [])]
+    out += [f"cache mode not measured: {c['mode']}: {c['why']}" for c in scope.get("caches_skipped", [])]
+    if scope.get("kl_not_measured"):
+        out.append(
+            "cache mode KL not measured (no plan with it ranked first, with its cost at its lower bound 0): "
+            + ", ".join(scope["kl_not_measured"])
+        )
+    if scope.get("speed_not_measured"):
+        out.append(
+            "decode speed not timed (no plan with it ranked first, or the first reaches the speed floor even at "
+            "the least share of its speed a cache mode can keep; its tok/s above assume the f16 cache's): "
+            f"{', '.join(scope['speed_not_measured'])}"
+        )
+    out += [f"precision order broken: {v}" for v in scope.get("order_violations", [])]
+    return out

@@ -141,7 +141,8 @@ def test_a_model_too_large_to_probe_gets_exact_bytes_and_the_published_kl():
 
 def test_published_prior_and_plan_on_a_tiny_model(tmp_path, tiny_dir):
     """The prior path end to end on a tiny model: curve, costs sized for this model, a choice, plan.json."""
-    from mka_edge.planning import plan_table, plan_with_context, write_plan
+    from mka_edge.planning import plan_with_context, write_plan
+    from mka_edge.report import plan_table
     from mka_edge.solver.quant_prior import bits_per_weight
 
     assert 4.8 < bits_per_weight("Q4_K_M") < 5.0 and 8.4 < bits_per_weight("Q8_0") < 8.6

@@ -89,7 +89,9 @@ class ReportMemory:
 
 
 class Target(ABC):
-    """One runtime target.  Class attributes are its constants; methods its behaviour."""
+    """One runtime target.  Class attributes are its constants; methods its behaviour.  Its public
+    surface is four protocols (``target_protocols``: CostModel for the planner, Exporter,
+    ValidationFormat, Packager); a caller that needs one face names that one."""
 
     name: ClassVar[str]  # the format name (plan.json, manifest, --format)
     runtime: ClassVar[str]  # the profile's `runtime` field that selects this target
