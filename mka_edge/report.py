@@ -108,7 +108,7 @@ def _report(
         attn = c["attn_layers"] if c.get("attn_layers") is not None else c["layers"]
         lines.append(
             f"| {edits} | {c['layers']} | {attn} | {c['quant']}{'+imatrix' if c.get('imatrix') else ''}{star} "
-            f"| {c.get('cache', 'f16/f16')} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} "
+            f"| {c.get('cache', BASELINE_CACHE)} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} "
             f"| {t.get('edits', 0):.3f} | {t.get('quant', 0):.3f} | {t.get('cache', 0):.3f} | {fits} |"
         )
     lines += [
@@ -126,7 +126,7 @@ def _report(
     ]
     lines += [
         f"| {t.get('method', '')} K={t['k']} | {t['quant']}{'+imatrix' if t.get('imatrix') else ''} "
-        f"| {t.get('cache', 'f16/f16')} | {t.get('predicted_kl') or float('nan'):.4f} | {t['measured_kl']:.4f} | {t['passed']} |"
+        f"| {t.get('cache', BASELINE_CACHE)} | {t.get('predicted_kl') or float('nan'):.4f} | {t['measured_kl']:.4f} | {t['passed']} |"
         for t in attempts
     ]
     lines += ["", "## How the predictions are made", ""] + [f"- {k}: {v}" for k, v in plan.models.items()]
@@ -252,7 +252,7 @@ def plan_table(plan: Plan) -> str:
         attn = c["attn_layers"] if c.get("attn_layers") is not None else c["layers"]
         weights = c["quant"] + ("+imatrix" if c.get("imatrix") else "")
         lines.append(
-            f"{edits:<12} {c['layers']:>6} {attn:>4} {weights:<16} {c.get('cache', 'f16/f16'):<13} "
+            f"{edits:<12} {c['layers']:>6} {attn:>4} {weights:<16} {c.get('cache', BASELINE_CACHE):<13} "
             f"{c['memory_mb']:>10.1f} {c['tps']:>22.1f} {c['kl']:>10.3f} {terms.get('edits', 0):>8.3f} "
             f"{terms.get('quant', 0):>8.3f} {terms.get('cache', 0):>8.3f}  {fits}{'  <- chosen' if chosen else ''}"
         )

@@ -107,6 +107,15 @@ MAX_MEMORY_HELP = (
     "its forward pass, so a model larger than the GPU or the RAM still runs (slower). Every device named must "
     "hold one layer. Default: no cap, the whole model on --device."
 )
+
+
+def max_memory_setting() -> Any:
+    """--max-memory: parsed and set for the process as click reads it, not kept in a record."""
+    return setting(
+        None, "--max-memory", metavar="DEV=SIZE,...", callback=_max_memory_arg, expose=False, help=MAX_MEMORY_HELP
+    )
+
+
 MODEL_HELP = (
     "Recipe name (see `mka-edge recipes`), recipe .yaml, Hugging Face directory, .gguf file or hub id. "
     "Default: the embedded SmolLM2-135M."
@@ -199,9 +208,7 @@ class ModelSettings(Record):
     trust_remote_code: bool = setting(
         False, "--trust-remote-code", is_flag=True, help="Allow model code from the hub to run (off unless you ask)."
     )
-    max_memory: Any = setting(
-        None, "--max-memory", metavar="DEV=SIZE,...", callback=_max_memory_arg, expose=False, help=MAX_MEMORY_HELP
-    )
+    max_memory: Any = max_memory_setting()
 
     def load_options(self) -> dict[str, Any]:
         """What loads the model and its calibration batch (mka.context.build_context), without the
@@ -530,9 +537,7 @@ class HealRun(Record):
         2, "--heldout-chunks", type=int, help="512-token held-out chunks for the quality before and after."
     )
     device: str = setting("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
-    max_memory: Any = setting(
-        None, "--max-memory", metavar="DEV=SIZE,...", callback=_max_memory_arg, expose=False, help=MAX_MEMORY_HELP
-    )
+    max_memory: Any = max_memory_setting()
     out: str = setting(
         None,
         "--out",
@@ -562,9 +567,7 @@ class EvalRun(Record):
         2, "--mmlu-per-subject", type=int, help="MMLU questions per subject (57 subjects; 0 skips MMLU)."
     )
     device: str = setting("auto", "--device", help="auto, cpu or cuda.")
-    max_memory: Any = setting(
-        None, "--max-memory", metavar="DEV=SIZE,...", callback=_max_memory_arg, expose=False, help=MAX_MEMORY_HELP
-    )
+    max_memory: Any = max_memory_setting()
     out: str | None = setting(
         None, "--out", type=click.Path(dir_okay=False), help="Also write the figures as JSON here."
     )
@@ -652,9 +655,7 @@ class ExportRun(Record):
         help="ONNX only: embed the weights in model.onnx instead of model.onnx.data (refused above the 2 GB "
         "protobuf limit).",
     )
-    max_memory: Any = setting(
-        None, "--max-memory", metavar="DEV=SIZE,...", callback=_max_memory_arg, expose=False, help=MAX_MEMORY_HELP
-    )
+    max_memory: Any = max_memory_setting()
 
     def target_options(self) -> dict[str, Any]:
         """The format-specific options given, refused in one line when another format owns one."""
@@ -751,9 +752,7 @@ class ValidateRun(Record):
         type=click.Path(file_okay=False),
         help="Folder for validation.json and validation.md (default: ARTIFACT-validation beside the artifact).",
     )
-    max_memory: Any = setting(
-        None, "--max-memory", metavar="DEV=SIZE,...", callback=_max_memory_arg, expose=False, help=MAX_MEMORY_HELP
-    )
+    max_memory: Any = max_memory_setting()
 
 
 @dataclass(frozen=True)
