@@ -22,6 +22,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mka_edge.child_exit import explain_exit
@@ -88,6 +89,34 @@ def imatrix_overrides(path: str, n_entries: int, meta: dict):
     return arr
 
 
+def tensor_pattern(name: str) -> str:
+    """The override pattern that names exactly one tensor (llama.cpp matches patterns with
+    std::regex_search, ECMAScript syntax: anchored, dots escaped)."""
+    return "^" + re.escape(name) + "$"
+
+
+def override_array(overrides: dict[str, str]):
+    """A llama_model_tensor_override array (terminated by a NULL pattern) from {pattern: ggml type
+    name}, and the buffers it points into (kept alive by the caller): llama.cpp's per-tensor types,
+    what ``llama-quantize --tensor-type PATTERN=TYPE`` passes.  The first matching pattern wins, and
+    llama.cpp still falls back from a type a tensor's row length cannot take (as for its own mixes)."""
+    import gguf
+    import llama_cpp
+
+    arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    keep = []
+    for i, (pattern, type_name) in enumerate(overrides.items()):
+        raw = pattern.encode()
+        keep.append(raw)
+        arr[i].pattern = raw
+        arr[i].type = int(gguf.GGMLQuantizationType[type_name.upper()].value)
+    return arr, keep
+
+
+def _read_overrides(path: str | None) -> dict[str, str]:
+    return json.loads(Path(path).read_text()) if path else {}
+
+
 # one line of llama.cpp's quantizer log per tensor: "[  3/272] blk.0.attn_q.weight - [576, 576, 1, 1],
 # type =    f32, size = 1.266 MiB -> 0.356 MiB (q4_K)"; no "->" when the type stays.
 _TENSOR_LINE = re.compile(
@@ -96,8 +125,9 @@ _TENSOR_LINE = re.compile(
 )
 
 
-def _dry_run(src: str, ftypes: list[int]) -> int:
-    """Print {ftype: {tensor: ggml type name}} as JSON: llama.cpp's choices, read from its log."""
+def _dry_run(src: str, ftypes: list[int], overrides: dict[str, str] | None = None) -> int:
+    """Print {ftype: {tensor: ggml type name}} as JSON: llama.cpp's choices, read from its log
+    (with ``overrides``: per-tensor types, as the real quantize call would pass them)."""
     import llama_cpp
 
     text: list[str] = []
@@ -113,6 +143,9 @@ def _dry_run(src: str, ftypes: list[int]) -> int:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.dry_run = True
+        if overrides:
+            tt, keep = override_array(overrides)
+            params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         if llama_cpp.llama_model_quantize(src.encode(), b"", ctypes.byref(params)) != 0:
             return 1
         out[ftype] = {m.group(1): (m.group(3) or m.group(2)) for m in _TENSOR_LINE.finditer("".join(text))}
@@ -120,11 +153,15 @@ def _dry_run(src: str, ftypes: list[int]) -> int:
     return 0
 
 
-def dry_run_types(src: Path, ftypes: list[int]) -> dict[int, dict[str, str]]:
-    """The ggml type llama.cpp's quantizer would give each tensor of ``src``, per file type."""
+def dry_run_types(src: Path, ftypes: list[int], overrides: dict[str, str] | None = None) -> dict[int, dict[str, str]]:
+    """The ggml type llama.cpp's quantizer would give each tensor of ``src``, per file type (with
+    ``overrides``, {pattern: type}, applied as the quantize call applies them)."""
     check_llama_cpp()
     cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", "--dry-run", str(src), *map(str, ftypes)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="mka-edge-overrides-") as tmp:
+        if overrides:
+            cmd += ["--overrides", _write_overrides(Path(tmp), overrides)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = ((proc.stderr or "").strip().splitlines() or ["no message"])[-1]
         killed = explain_exit(proc.returncode, "llama.cpp's quantizer (dry run)", last)
@@ -135,8 +172,12 @@ def dry_run_types(src: Path, ftypes: list[int]) -> dict[int, dict[str, str]]:
 def main(argv: list[str]) -> int:
     import llama_cpp
 
+    over = None
+    if "--overrides" in argv:
+        i = argv.index("--overrides")
+        over, argv = _read_overrides(argv[i + 1]), argv[:i] + argv[i + 2 :]
     if argv and argv[0] == "--dry-run":
-        return _dry_run(argv[1], [int(a) for a in argv[2:]])
+        return _dry_run(argv[1], [int(a) for a in argv[2:]], over)
 
     src, dst, ftype, nthread = argv[0], argv[1], int(argv[2]), int(argv[3])
     params = llama_cpp.llama_model_quantize_default_params()
@@ -150,23 +191,43 @@ def main(argv: list[str]) -> int:
         keep = (arr, bufs, kv)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    if over:
+        tt, tt_keep = override_array(over)
+        keep = (keep, tt, tt_keep)
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     del keep
     return 0 if rc == 0 else 1
 
 
+def _write_overrides(folder: Path, overrides: dict[str, str]) -> str:
+    path = folder / "overrides.json"
+    path.write_text(json.dumps(overrides))
+    return str(path)
+
+
 def quantize(
-    src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None, progress: bool = False
+    src: Path,
+    dst: Path,
+    ftype: int,
+    nthread: int,
+    imatrix: Path | None = None,
+    progress: bool = False,
+    overrides: dict[str, str] | None = None,
 ) -> None:
     """Quantize ``src`` into ``dst`` with llama.cpp; UserError with llama.cpp's reason on failure.
-    ``progress``: an elapsed-time line while it runs (minutes for a 7-8B model)."""
+    ``progress``: an elapsed-time line while it runs (minutes for a 7-8B model).  ``overrides``:
+    {pattern: ggml type} per-tensor types (``tensor_pattern`` names one tensor), in one quantize call."""
     from mka_edge.validate.runner import run_with_progress
 
     check_llama_cpp()
     cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", str(src), str(dst), str(ftype), str(nthread)]
     if imatrix is not None:
         cmd.append(str(imatrix))
-    proc = run_with_progress(cmd, None, "llama.cpp quantizer", progress)
+    with tempfile.TemporaryDirectory(prefix="mka-edge-overrides-") as tmp:
+        if overrides:
+            cmd += ["--overrides", _write_overrides(Path(tmp), overrides)]
+        proc = run_with_progress(cmd, None, "llama.cpp quantizer", progress)
     if proc.returncode != 0:
         lines = [l.strip() for l in (proc.stderr or "").splitlines() if l.strip()]
         why = next(
