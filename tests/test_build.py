@@ -86,10 +86,11 @@ def _sha(path) -> str:
 
 def test_offline_build_is_complete_and_reproducible(tmp_path):
     # a budget below every unmerged plan's footprint, even with flash attention and a q4_0 cache
-    # (188 MB for plain Q4_K_M at context 1024 with the memory margin; K=3 reaches 180), so the plan merges and pulls the cheaper levers too;
+    # (197 MB for plain Q4_K_M at context 1024 with the memory margin and its Q4_K tensors' repacked
+    # copy; K=3 reaches 189), so the plan merges and pulls the cheaper levers too;
     # the cache pinned to q4_0 keeps the cache probe to two modes and --no-imatrix the quant probe to
     # one measurement per type (imatrix quants on SmolLM2: the README's main job and the benches)
-    levers = ("--budget-mb", "184", "--max-quality-loss", "2", "--kv-type", "q4_0", "--no-imatrix")
+    levers = ("--budget-mb", "194", "--max-quality-loss", "2", "--kv-type", "q4_0", "--no-imatrix")
     r = _build(tmp_path / "a", tmp_path / "cache-a", *levers)
     assert r.returncode == 0, r.stderr[-3000:]
     pkg = tmp_path / "a"
@@ -108,7 +109,7 @@ def test_offline_build_is_complete_and_reproducible(tmp_path):
         assert (pkg / name).is_file(), name
     for name, meta in m["files"].items():  # the manifest's hashes are the files'
         assert _sha(pkg / name) == meta["sha256"] and (pkg / name).stat().st_size == meta["bytes"]
-    assert m["plan"]["k"] > 0 and m["device_predictions"]["memory_mb"] <= 184
+    assert m["plan"]["k"] > 0 and m["device_predictions"]["memory_mb"] <= 194
     assert m["plan"]["cache"] == "q4_0/q4_0+fa" and m["plan"]["imatrix"] is False, m["plan"]
     val = json.loads((pkg / "validation.json").read_text())
     assert val["runtime"]["kv_cache_type"] == "q4_0/q4_0+fa" and val["runtime"]["attention"] == "flash"
