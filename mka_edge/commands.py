@@ -73,7 +73,7 @@ def profiles() -> Outcome:
 def _context(model: ModelSettings):
     from .mka.context import build_context
 
-    return build_context(model=model.model, **model.load_options())
+    return build_context(model=model.model, **model.check().load_options())
 
 
 def check_device(device: str) -> None:
@@ -226,7 +226,7 @@ def plan_settings(plan: PlanOptions, model: ModelSettings, heal: HealSettings, *
         plan.profile,
         model.model,
         **plan.solver_options(),
-        merge_opts=model,
+        merge_opts=model.check(),
         heal=heal.config(model.model, model.calibration, model.seed),
         refuse_below_bar=refuse_below_bar,
     )

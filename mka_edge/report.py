@@ -12,7 +12,6 @@ from pathlib import Path
 from . import __version__
 from .cache import atomic_write_text
 from .kv_cache import BASELINE_CACHE
-from .plots import pareto_plot, similarity_heatmap
 from .records import ArtifactSummary, Plan
 from .target_protocols import Packager
 from .versions import versions
@@ -169,6 +168,8 @@ def package(
     """Write everything beside the artifact in ``folder`` and return the manifest.  Renders only:
     the plan, the measurements (``val``), the predictions for the built artifact (``pred``:
     build.predict_artifact) and the layer similarity matrix."""
+    from .plots import pareto_plot, similarity_heatmap  # matplotlib: only when a package is written
+
     folder = Path(folder)
     target = prof.target
     context = plan.budget.context

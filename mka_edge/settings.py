@@ -210,6 +210,15 @@ class ModelSettings(Record):
     )
     max_memory: Any = max_memory_setting()
 
+    def check(self) -> ModelSettings:
+        """Counts that must be positive, refused in one line before anything loads."""
+        for name in ("samples", "seq_len", "positions", "repeats", "loss_samples", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                flag = next(s for f, s in self.specs() if f.name == name).flags[0]
+                raise UserError(f"{flag} must be at least 1 (got {v})")
+        return self
+
     def load_options(self) -> dict[str, Any]:
         """What loads the model and its calibration batch (mka.context.build_context), without the
         model's name: the part of a plan's settings that plan.json records (as ``merge_opts``)."""
@@ -219,6 +228,8 @@ class ModelSettings(Record):
     def from_load_options(cls, values: dict | None, model: str | None = None) -> ModelSettings:
         """Back from ``load_options`` (plan.json is untrusted input: an unknown key or a wrong type is
         refused in one line)."""
+        if values is not None and not isinstance(values, dict):
+            raise UserError(f"model settings must be a mapping (got {type(values).__name__}); plan again")
         values = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in (values or {}).items()}
         known = {f.name: f for f, s in cls.specs() if s.expose and f.name != "model"}
         unknown = sorted(set(values) - set(known))
@@ -235,7 +246,7 @@ class ModelSettings(Record):
             )
             if not ok:
                 raise UserError(f"model setting {name} = {v!r} has the wrong type; plan again")
-        return cls(model=model, given=frozenset(values), **values)
+        return cls(model=model, given=frozenset(values), **values).check()
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,13 @@ def test_a_ranked_plan_is_typed_when_read_and_an_attempt_writes_the_manifest_s_f
     a = Attempt("sleb", 1, "Q8_0", False, "f16/f16", None, 0.05, 0.06, True)
     assert "heal" not in a.to_json() and a.to_json()["measured_kl"] == 0.06
     assert Attempt(*dataclasses.astuple(a)[:-1], heal={"steps": 3}).to_json()["heal"] == {"steps": 3}
+
+
+def test_counts_must_be_positive_and_plan_json_model_settings_must_be_a_mapping():
+    with pytest.raises(UserError, match="--batch-size must be at least 1 \\(got 0\\)"):
+        ModelSettings(batch_size=0).check()
+    with pytest.raises(UserError, match="--samples must be at least 1"):
+        ModelSettings.from_load_options({"samples": -2})
+    with pytest.raises(UserError, match="must be a mapping"):
+        ModelSettings.from_load_options(["device", "cpu"])
+    assert ModelSettings(samples=None).check().samples is None  # not given: the recipe's default later

@@ -39,3 +39,17 @@ def test_overrides_set_each_named_tensor_s_type_and_the_dry_run_predicts_them(ti
     assert changed == {"blk.0.ffn_down.weight", "blk.1.ffn_up.weight", *v}  # nothing else moved
     predicted = dry_run_types(base, [ftype], overrides)[ftype]
     assert {n: t.upper() for n, t in predicted.items()} == {n: t.upper() for n, t in after.items()}
+
+
+def test_a_bad_override_is_one_line_before_any_child_starts(tmp_path, monkeypatch):
+    import subprocess
+
+    import pytest
+
+    from mka_edge.errors import UserError
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a child started"))
+    with pytest.raises(UserError, match="unknown ggml type 'Q9_9'"):
+        dry_run_types(tmp_path / "x.gguf", [7], {tensor_pattern("blk.0.attn_q.weight"): "Q9_9"})
+    with pytest.raises(UserError, match="is not a regular expression"):
+        dry_run_types(tmp_path / "x.gguf", [7], {"blk.(0": "Q8_0"})

@@ -147,6 +147,7 @@ def _dry_run(src: str, ftypes: list[int], overrides: dict[str, str] | None = Non
             tt, keep = override_array(overrides)
             params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         if llama_cpp.llama_model_quantize(src.encode(), b"", ctypes.byref(params)) != 0:
+            print("".join(text)[-2000:], file=sys.stderr)  # llama.cpp's reason went to the callback
             return 1
         out[ftype] = {m.group(1): (m.group(3) or m.group(2)) for m in _TENSOR_LINE.finditer("".join(text))}
     print(json.dumps(out))
@@ -156,6 +157,7 @@ def _dry_run(src: str, ftypes: list[int], overrides: dict[str, str] | None = Non
 def dry_run_types(src: Path, ftypes: list[int], overrides: dict[str, str] | None = None) -> dict[int, dict[str, str]]:
     """The ggml type llama.cpp's quantizer would give each tensor of ``src``, per file type (with
     ``overrides``, {pattern: type}, applied as the quantize call applies them)."""
+    check_overrides(overrides or {})
     check_llama_cpp()
     cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", "--dry-run", str(src), *map(str, ftypes)]
     with tempfile.TemporaryDirectory(prefix="mka-edge-overrides-") as tmp:
@@ -200,6 +202,20 @@ def main(argv: list[str]) -> int:
     return 0 if rc == 0 else 1
 
 
+def check_overrides(overrides: dict[str, str]) -> None:
+    """Each pattern a valid regular expression and each type a ggml type, refused in one line here
+    rather than by the quantizer's child."""
+    import gguf
+
+    for pattern, type_name in overrides.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"tensor type override {pattern!r} is not a regular expression ({exc})") from None
+        if str(type_name).upper() not in gguf.GGMLQuantizationType.__members__:
+            raise UserError(f"tensor type override {pattern!r}: unknown ggml type {type_name!r}")
+
+
 def _write_overrides(folder: Path, overrides: dict[str, str]) -> str:
     path = folder / "overrides.json"
     path.write_text(json.dumps(overrides))
@@ -220,6 +236,7 @@ def quantize(
     {pattern: ggml type} per-tensor types (``tensor_pattern`` names one tensor), in one quantize call."""
     from mka_edge.validate.runner import run_with_progress
 
+    check_overrides(overrides or {})
     check_llama_cpp()
     cmd = [sys.executable, "-m", "mka_edge.exporters.llama_quantize", str(src), str(dst), str(ftype), str(nthread)]
     if imatrix is not None:
