@@ -25,9 +25,16 @@ from .host_need import available_ram, check_load, host_need
 from .killpoints import killpoint
 from .kv_cache import BASELINE_CACHE
 from .memory_use import release_freed_memory
-from .mka.context import build_context
 from .models.loading import load_model
-from .planning import DEFAULT_MODEL, PlanSettings, load_plan, plan_from_settings, profile_fingerprint, resolve_settings
+from .planning import (
+    DEFAULT_MODEL,
+    PlanSettings,
+    load_context,
+    load_plan,
+    plan_from_settings,
+    profile_fingerprint,
+    resolve_settings,
+)
 from .produce import produce
 from .profiles import Profile, load_profile
 from .records import Attempt, Plan, Ranked
@@ -204,9 +211,7 @@ def _saved_plan(plan_file: str | Path, profile: str, model: str | None) -> tuple
     spec = model if model is not None else plan.settings.get("model")
     load = ModelSettings.from_load_options(plan.settings.get("merge_opts"))
     dtype = check_load(read_shape(spec, trust_remote_code=load.trust_remote_code), load.device, load.dtype)
-    ctx = build_context(
-        model=spec, **{**load.load_options(), "dtype": str(dtype).removeprefix("torch.")}
-    )  # as planning
+    ctx = load_context(spec, load, dtype)
     if ctx.lm.fingerprint != plan.model.get("fingerprint"):
         raise UserError(
             f"--plan {plan_file} was made for model {plan.model.get('spec')!r}, not for "

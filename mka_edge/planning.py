@@ -693,6 +693,12 @@ def _best_quant(cands) -> str | None:
     return min(cands, key=lambda c: (c.kl, c.memory_mb)).quant if cands else None
 
 
+def load_context(spec: str | None, load: ModelSettings, dtype):
+    """The model and calibration batch as a plan measures them, in the dtype ``check_load`` chose;
+    a saved plan's build loads it the same way."""
+    return build_context(model=spec, **{**load.load_options(), "dtype": str(dtype).removeprefix("torch.")})
+
+
 def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print, keep: Path | None = None) -> Planned:
     """``keep``: see ``measure`` (a build's hand-over folder for the probe's file)."""
     cheap = cheap_facts(s)
@@ -705,7 +711,7 @@ def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print, kee
         refuse_unreachable_bar(
             s, costs, feasible_over(s, cheap.shape.shape, lambda c: _optimistic_edits(c, k_reach), lambda: modes)
         )
-    ctx = build_context(model=s.model, **{**s.load.load_options(), "dtype": str(dtype).removeprefix("torch.")})
+    ctx = load_context(s.model, s.load, dtype)
     if s.load.dtype == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":
         log(f"      computing in {dtype} as stored: a float32 copy would not fit this host's RAM")
     return Planned(solve(measure(s, cheap, ctx, progress=progress, log=log, keep=keep), s), ctx)

@@ -191,16 +191,19 @@ class Choice:
     attn_removed: list = field(default_factory=list)  # original layers kept without attention
 
 
+def is_a(v: Any, kind: type | tuple) -> bool:
+    """``isinstance`` as a JSON reader needs it: true and false are not numbers unless bool is asked for."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))
+
+
 def _checked(d: dict, key: str, kind: type | tuple, where: str, *, optional: bool = False, minimum=None):
     """``d[key]`` if it has the type a plan gives it, else one line naming the field (plan.json is
     a file a user may get from elsewhere)."""
     v = d.get(key)
     if v is None and optional:
         return None
-    ok = isinstance(v, kind) and not (
-        isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
-    )
-    if not ok or (minimum is not None and v < minimum):
+    if not is_a(v, kind) or (minimum is not None and v < minimum):
         want = {int: "a non-negative integer", str: "text", bool: "true or false"}.get(kind, "a number")
         raise UserError(f"{where}: field '{key}' must be {want} (got {v!r}); plan again")
     return v

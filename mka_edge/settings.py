@@ -23,6 +23,7 @@ import click
 from .errors import UserError
 from .heal_modes import MODES as HEAL_MODES
 from .mka.method_table import ALL_METHODS, AUTO_POOL, TABLE
+from .records import is_a
 from .targets import TARGETS
 
 
@@ -236,15 +237,9 @@ class ModelSettings(Record):
         if unknown:
             raise UserError(f"unknown model setting(s) {', '.join(unknown)}; plan again with this mka-edge")
         for name, v in values.items():
-            want = known[name].metadata["spec"].type
-            ok = v is None or (
-                isinstance(v, bool)
-                if known[name].metadata["spec"].is_flag
-                else isinstance(v, int) and not isinstance(v, bool)
-                if want is int
-                else isinstance(v, str)
-            )
-            if not ok:
+            spec = known[name].metadata["spec"]
+            kind = bool if spec.is_flag else int if spec.type is int else str
+            if v is not None and not is_a(v, kind):
                 raise UserError(f"model setting {name} = {v!r} has the wrong type; plan again")
         return cls(model=model, given=frozenset(values), **values).check()
 
@@ -306,7 +301,7 @@ class HealSettings(Record):
 
         if self.steps < 0:
             raise UserError(f"{flag} must be 0 or more (got {self.steps})")
-        values = {k: v for k, v in self.values().items()}
+        values = self.values()
         values.update(calibration=calibration, seed=seed, heldout_chunks=heldout_chunks)
         return heal_config(values, set(self.given), model_spec)
 
@@ -670,19 +665,12 @@ class ExportRun(Record):
 
     def target_options(self) -> dict[str, Any]:
         """The format-specific options given, refused in one line when another format owns one."""
-        given = {
-            "pre_tokenizer": self.pre_tokenizer,
-            "threads": self.threads,
-            "calibration": self.calibration,
-            "imatrix": self.imatrix,
-            "intermediate": None if self.intermediate.lower() == "auto" else self.intermediate.upper(),
-            "context": self.context,
-            "single_file": self.single_file,
-        }
+        owners = {name: t.name.upper() for t in TARGETS.values() for name in t.export_options}
+        given = {name: getattr(self, name) for name in owners}  # the targets' tables name the fields
+        given["intermediate"] = None if self.intermediate.lower() == "auto" else self.intermediate.upper()
         target = TARGETS[self.fmt]
         wrong = [name for name, v in given.items() if v and name not in target.export_options]
         if wrong:
-            owners = {name: t.name.upper() for t in TARGETS.values() for name in t.export_options}
             raise UserError(
                 f"{', '.join('--' + w.replace('_', '-') for w in wrong)} "
                 f"appl{'y' if len(wrong) > 1 else 'ies'} to {owners[wrong[0]]} only, not --format {self.fmt}"
