@@ -28,7 +28,7 @@ from .mka.context import build_context
 from .mka.method_table import ALL_METHODS
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
-from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Plan, QuantCost, Ranked
+from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Efficiency, Plan, QuantCost, Ranked
 from .settings import ModelSettings
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
@@ -277,14 +277,13 @@ def _optimistic_edits(cost: QuantCost, k_reach: int) -> list[EditSet]:
     return [EditSet("", k, tuple(smallest_kept(list(cost.per_layer), k))) for k in range(k_reach + 1)]
 
 
-def feasible_over(s: PlanSettings, shape: Shape, edits_of, caches, model: str | None = None):
+def feasible_over(s: PlanSettings, shape: Shape, edits_of, caches, eff: float):
     """costs -> their candidates that fit the budget and speed floor, each type over its own edit
     sets ``edits_of(cost)`` and the cache modes ``caches()`` gives when called (as now known).
-    ``model``: the loaded model's fingerprint (its speed calibration); None before loading (an
-    upper bound of the efficiency: what a refusal may rest on)."""
+    ``eff``: the loaded model's decode efficiency; before loading, an upper bound of it (what a
+    refusal may rest on)."""
 
     def run(costs: dict[str, QuantCost]) -> list[Candidate]:
-        eff = speed.efficiency(s.target.name, model)[0]
         out = []
         for q, c in costs.items():
             cands = _enumerate(s, shape, {q: c}, eff, edits_of(c), caches())
@@ -322,24 +321,31 @@ class _Measurer:
         self.costs: dict[str, QuantCost] = {}
         self.caches: dict[str, CacheCost] = {}
         self.source = ""
+        self.efficiency: Efficiency | None = None  # as timed by this plan's measurements
+
+    def eff(self) -> Efficiency:
+        """The decode efficiency this plan timed, else the one this host recorded for the model
+        before (or the labelled prior)."""
+        return self.efficiency or speed.efficiency(self.t.name, self.lm.fingerprint)
 
     def feasible(self, edits_of):
         """costs -> their feasible candidates over ``edits_of(cost)`` and the cache modes as now known."""
-        return feasible_over(self.s, self.shape, edits_of, lambda: list(self.caches.values()), self.lm.fingerprint)
+        return feasible_over(self.s, self.shape, edits_of, lambda: list(self.caches.values()), self.eff().value)
 
     def measure_types(self, quants: list[str]) -> None:
-        got, self.source = self.t.quant_costs(
+        got, self.source, timed = self.t.quant_costs(
             self.lm,
             self.cheap.shape,
             {q: self.sizes[q] for q in quants},
             quants,
             measure=self.cheap.measure,
             progress=self.progress,
-            calibrate_speed=not speed.calibrated(self.t.name, self.lm.fingerprint),
+            calibrate_speed=self.efficiency is None and not speed.calibrated(self.t.name, self.lm.fingerprint),
             log=self.log,
             **({} if self.s.imatrix else {"imatrix": False}),  # --no-imatrix: nothing measured with a matrix
             **({"session": self.session} if self.session is not None else {}),
         )
+        self.efficiency = timed or self.efficiency
         got = plain_costs(got) if not self.s.imatrix else got
         for q, c in got.items():  # a measured file's cost keeps the dry run's embedding bytes
             if "embd_bytes" not in c.extra and "embd_bytes" in self.sizes[q].extra:
@@ -401,12 +407,10 @@ def measure(
     with t.probe_session(ctx.lm, progress=progress, imatrix=s.imatrix, plain_too=s.measure_all) as session:
         m = _Measurer(s, cheap, ctx, session, progress=progress, log=log)
         prune = cheap.measure and not s.measure_all
-        if (
-            prune
-            and not speed.calibrated(t.name, ctx.lm.fingerprint)
-            and not t.calibrate_speed(session, list(s.quants))
-        ):
-            prune = False  # this target calibrates only inside its probe: measure as before
+        if cheap.measure:  # the host's decode speed first; a target that times it only in its probe says None
+            m.efficiency = t.calibrate_speed(session, list(s.quants))
+            if m.efficiency is None and not speed.calibrated(t.name, ctx.lm.fingerprint):
+                prune = False  # this target calibrates only inside its probe: measure as before
         # a build's hand-over of the probe's file (not with --measure-all: it would keep every type's)
         retain = prune and keep is not None and hasattr(session, "retain_only")
         if retain:
@@ -451,7 +455,7 @@ def measure(
                 if retain:
                     session.retain_only(_best_quant(unmerged(m.costs)))
         costs = m.costs
-        eff, eff_source = speed.efficiency(t.name, ctx.lm.fingerprint)  # a probe may calibrate it on a first run
+        eff, eff_source = m.eff()
         ref_layers = next(iter(sizes.values())).per_layer
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
         # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now
@@ -709,7 +713,15 @@ def plan_from_settings(s: PlanSettings, *, progress: bool = True, log=print, kee
         costs = cheap.sizes if s.imatrix else plain_costs(cheap.sizes)
         k_reach = _reach(s, cheap)
         refuse_unreachable_bar(
-            s, costs, feasible_over(s, cheap.shape.shape, lambda c: _optimistic_edits(c, k_reach), lambda: modes)
+            s,
+            costs,
+            feasible_over(
+                s,
+                cheap.shape.shape,
+                lambda c: _optimistic_edits(c, k_reach),
+                lambda: modes,
+                speed.efficiency(s.target.name, None).value,  # before loading: the upper bound
+            ),
         )
     ctx = load_context(s.model, s.load, dtype)
     if s.load.dtype == "auto" and str(dtype) != "torch.float32" and ctx.device.type == "cpu":

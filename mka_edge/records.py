@@ -8,12 +8,30 @@ The merge log and its steps live beside the merge (``merge_log.py``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import UserError
 from .kv_cache import BASELINE_CACHE
 
 PLAN_SCHEMA = 2  # 2: cache mode, imatrix and attention removal in the choice
+
+
+class Efficiency(NamedTuple):
+    """A model's decode efficiency on this host for one target, and the sentence saying where it
+    comes from (calibrated here, or which prior).  A measured fact the planner is handed back by
+    whatever measured it, not one it reads from a file the measurement wrote."""
+
+    value: float
+    source: str
+
+
+class MeasuredCosts(NamedTuple):
+    """A target's answer to ``quant_costs``: the types' costs, the sentence saying where their KL
+    comes from, and the decode efficiency timed while measuring them (None when none was timed)."""
+
+    costs: dict[str, QuantCost]
+    source: str
+    efficiency: Efficiency | None = None
 
 
 @dataclass(frozen=True)

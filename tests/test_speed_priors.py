@@ -68,3 +68,24 @@ def test_a_model_too_large_to_probe_gets_a_conservative_labelled_speed_share_for
     expected = speed_share_floor(smallest, 0.5 * cache_bytes(shape, 4096, BASELINE_CACHE))
     assert q8.speed_factor == pytest.approx(expected, abs=1e-4) and MIN_SPEED_SHARE <= q8.speed_factor < 1.0
     assert not q8.speed_measured and q8.kl == 0.01
+
+
+def test_the_efficiency_a_probe_times_is_handed_back_not_read_back(cache, monkeypatch):
+    """Issue 24 item 3: the ONNX target computes the efficiency from its int8 probe entry and
+    returns it with the costs (``MeasuredCosts.efficiency``); the record it leaves is for later plans."""
+    from types import SimpleNamespace
+
+    from mka_edge.solver import onnx_probe, speed
+    from mka_edge.targets import get_target
+
+    entry = {"per_layer": [4e7, 4e7], "other": 2e7, "kl": 0.01, "host_gen_tps": 50.0, "format": "onnx"}
+    monkeypatch.setattr(onnx_probe, "probe_onnx", lambda lm, quants, progress: {"int8": dict(entry)})
+    monkeypatch.setattr(speed, "host_bandwidth_gbps", lambda: 10.0)
+    t = get_target("onnx")
+    lm = SimpleNamespace(fingerprint="model-x")
+    kw = dict(measure=True, progress=False, log=lambda m: None)
+    got = t.quant_costs(lm, None, {}, ["int8"], calibrate_speed=True, **kw)
+    assert got.efficiency.value == pytest.approx(50.0 * 1e8 / 10e9) and got.efficiency.source.startswith("calibrated")
+    assert speed.efficiency("onnx", "model-x") == got.efficiency  # recorded for the next plan, as handed back
+    assert t.quant_costs(lm, None, {}, ["int8"], calibrate_speed=False, **kw).efficiency is None
+    assert got.costs["int8"].kl == pytest.approx(0.01)

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_tiny, predicted_memory_mb, tiny_build_inputs
 
 from mka_edge.errors import UserError
-from mka_edge.records import ArtifactSummary, Plan, QuantCost
+from mka_edge.records import ArtifactSummary, MeasuredCosts, Plan, QuantCost
 from mka_edge.solver.memory import MIB, MemoryPrediction, Shape
 from mka_edge.targets import TARGETS, ReportMemory, Target, get_target, register, target_for_artifact, unregister
 
@@ -53,7 +53,7 @@ class FakeTarget(Target):
         return {q: QuantCost(q, self.name, (1.0 * MIB,) * 8, 2.0 * MIB) for q in quants}
 
     def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log):
-        return {q: c.with_kl({"w8": 0.01, "w4": 0.2}[q]) for q, c in sizes.items()}, "made up"
+        return MeasuredCosts({q: c.with_kl({"w8": 0.01, "w4": 0.2}[q]) for q, c in sizes.items()}, "made up")
 
     def kv_bytes(self, shape, context, quant, kv_type):
         return 0.0
@@ -115,7 +115,7 @@ def test_a_third_target_flows_through_solve_and_the_report(tmp_path, fake_target
     s = resolve_settings(str(prof), "some-model", method="sleb")
     assert s.target is fake_target and s.quants == ("w8", "w4")
     sizes = fake_target.type_sizes(None, list(s.quants), True)
-    costs, source = fake_target.quant_costs(
+    costs, source, _ = fake_target.quant_costs(
         None, None, sizes, list(s.quants), measure=True, progress=False, calibrate_speed=False, log=print
     )
     curve = {"kl": [0.0, 0.05, 0.1], "kept": [list(range(8)), list(range(7)), list(range(6))], "complete": True}

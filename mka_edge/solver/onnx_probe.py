@@ -25,7 +25,6 @@ from ..validate.runner import run_child
 from .memory import Shape
 from .onnx_memory import PROMPT_TOKENS, predict_onnx
 from .quant_probe import cached_entries
-from .speed import calibrate
 
 PROBE_VERSION = 2
 RATIO_CONTEXT = 1024
@@ -51,10 +50,9 @@ def initializer_bytes_split(folder: Path) -> dict:
     return {"per_layer": [per_layer[i] for i in layers], "repack_per_layer": [0] * len(layers), "other": other}
 
 
-def probe_onnx(
-    lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True, calibrate_speed: bool = False
-) -> dict[str, dict]:
-    """{quant: {'per_layer', 'other', 'kl', 'top1', 'ppl', 'resident_ratio', 'quantized_ops', 'format': 'onnx'}}."""
+def probe_onnx(lm, quants: list[str], chunks: int = 2, threads: int = 2, progress: bool = True) -> dict[str, dict]:
+    """{quant: {'per_layer', 'other', 'kl', 'top1', 'ppl', 'resident_ratio', 'host_gen_tps', 'quantized_ops',
+    'format': 'onnx'}}: ``host_gen_tps`` is the decode speed the target's speed calibration starts from."""
 
     folder = cache_root() / "quant_probe"
     keys = {
@@ -69,7 +67,7 @@ def probe_onnx(
     with entry_lock(folder / f"onnx-probe-{lm.fingerprint[:20]}", "the ONNX quant probe of this model"):
         results, missing = cached_entries(folder, "onnx-", keys)  # measured while this process waited?
         if missing:
-            _measure_onnx(lm, missing, keys, results, folder, chunks, threads, progress, calibrate_speed)
+            _measure_onnx(lm, missing, keys, results, folder, chunks, threads, progress)
     return results
 
 
@@ -82,10 +80,9 @@ def _measure_onnx(
     chunks: int,
     threads: int,
     progress: bool,
-    calibrate_speed: bool,
 ) -> None:
     """Export, run and time each missing type; called with the probe's lock held (``probe_onnx``),
-    so two plans started together measure (and calibrate the host's speed) once."""
+    so two plans started together measure once."""
     ref_path, _ = compact_reference(lm, chunks, progress=progress)
     prompt = np.load(ref_path)["ids"].reshape(-1)[:PROMPT_TOKENS].tolist()
     shape = Shape.from_config(lm.model.config)
@@ -124,7 +121,5 @@ def _measure_onnx(
                 "tensor_types": info["quantized_ops"] or {"float": 1},
                 "measured_on": f"{chunks} x 512 held-out tokens",
             }
-            if q == "int8" and calibrate_speed:
-                calibrate(lat["gen_tps"]["median"], wb, "onnx", lm.fingerprint)
             atomic_write_text(folder / f"onnx-{q}-{keys[q][:20]}.json", json.dumps(res))
             results[q] = res

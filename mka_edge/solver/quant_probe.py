@@ -34,7 +34,7 @@ from ..validate.reference import compact_reference
 from ..validate.runner import run_child
 from ..validate.workers import GGUF_WORKER as WORKER
 from .memory import repacked
-from .speed import calibrate
+from .speed import Efficiency, calibrate, efficiency
 
 PROBE_VERSION = 4  # 3: each type measured plain and with an importance matrix; 4: Q4_K counted as repacked
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -87,7 +87,7 @@ def cached_entries(folder: Path, prefix: str, keys: dict[str, str]) -> tuple[dic
     return results, missing
 
 
-def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int, model: str) -> None:
+def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int, model: str) -> Efficiency:
     """Host decode speed of the Q8_0 probe file: the efficiency the speed model starts from."""
 
     prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()
@@ -101,7 +101,7 @@ def _calibrate_speed(art: Path, entry: dict, ref_path: Path, threads: int, model
     # only gathered per token, not read
     tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(art)).tensors}
     gathered = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
-    calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"] - gathered, "gguf", model)
+    return calibrate(lat["gen_tps"]["median"], sum(entry["per_layer"]) + entry["other"] - gathered, "gguf", model)
 
 
 def _measure(lm, base: Path, art: Path, q: str, float_type: str, ref_path: Path, threads: int, matrix) -> dict:
@@ -198,19 +198,20 @@ class ProbeSession:
             quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
         return art
 
-    def calibrate(self) -> None:
+    def calibrate(self) -> Efficiency:
         """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL.
-        Once per host and model: a process that waited for another's calibration reads it instead."""
+        Once per host and model: a process that waited for another's calibration (or a later plan)
+        is handed the one recorded."""
         from .speed import calibrated
 
         with entry_lock(self.folder / "speed-calibration", "the host's speed calibration"):
             if calibrated("gguf", self.lm.fingerprint):
-                return
+                return efficiency("gguf", self.lm.fingerprint)
             _, _, ref_path = self._base()
             art = self.q8_0()
-            _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads, self.lm.fingerprint)
+            return _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads, self.lm.fingerprint)
 
-    def measure(self, quants: list[str], calibrate_speed: bool = False) -> dict[str, dict]:
+    def measure(self, quants: list[str]) -> dict[str, dict]:
         """The entries of ``quants`` (see ``probe``), from the cache or measured now."""
         keys = {q: self._key(q) for q in quants}
         results, missing = cached_entries(self.folder, "", keys)
@@ -233,8 +234,6 @@ class ProbeSession:
                 if not qt.needs_imatrix and (self.plain_too or not self._helps(q)):
                     plain = _measure(lm, base, art, q, float_type, ref_path, self.threads, None)
                     self.runs += 1
-                    if q == "Q8_0" and calibrate_speed:
-                        _calibrate_speed(art, plain, ref_path, self.threads, lm.fingerprint)
                 if self._helps(q):
                     art = tmp / f"{q}-imatrix.gguf"
                     imat = _measure(lm, base, art, q, float_type, ref_path, self.threads, matrix)
@@ -293,7 +292,6 @@ def probe(
     chunks: int = 2,
     threads: int = 2,
     progress: bool = True,
-    calibrate_speed: bool = False,
     imatrix: bool = True,
     calibration: str | None = None,
     plain_too: bool = True,
@@ -308,4 +306,4 @@ def probe(
     matrix is measured with it only (no ``kl_plain``); one that ignores it plainly only (no
     ``kl_imatrix``).  ``plain_too`` False: a type a matrix helps is measured with it only."""
     with ProbeSession(lm, chunks, threads, progress, imatrix, calibration, plain_too) as session:
-        return session.measure(quants, calibrate_speed)
+        return session.measure(quants)

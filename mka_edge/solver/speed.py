@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..cache import atomic_write_text, cache_root, entry_lock
+from ..records import Efficiency
 from .cost_models import cost_model
 
 # The prior's ceiling: below every efficiency measured so far (llama.cpp on 2-core hosts, SmolLM2 and
@@ -61,8 +62,11 @@ def _records(target: str) -> dict[str, dict]:
     return data.get("models", {}) if "models" in data else {"(unknown model)": data}
 
 
-def calibrate(measured_tps: float, bytes_tok: float, target: str, model: str, host_gbps: float | None = None) -> dict:
-    """Record ``model``'s decode efficiency on this host for ``target`` (beside other models')."""
+def calibrate(
+    measured_tps: float, bytes_tok: float, target: str, model: str, host_gbps: float | None = None
+) -> Efficiency:
+    """``model``'s decode efficiency on this host for ``target``, from one measured decode speed;
+    recorded beside other models' (later plans, and the bound before a model loads, read it)."""
     host_gbps = host_gbps or host_bandwidth_gbps()
     eff = measured_tps * bytes_tok / (host_gbps * 1e9)
     rec = {
@@ -78,7 +82,13 @@ def calibrate(measured_tps: float, bytes_tok: float, target: str, model: str, ho
         records = {k: v for k, v in _records(target).items() if k != "(unknown model)"}
         records[model] = rec
         atomic_write_text(path, json.dumps({"models": records}, indent=1))
-    return rec
+    return _as_efficiency(rec)
+
+
+def _as_efficiency(rec: dict) -> Efficiency:
+    return Efficiency(
+        float(rec["efficiency"]), f"calibrated on this host for this model ({rec['measured_tps']:.1f} tok/s measured)"
+    )
 
 
 def calibrated(target: str, model: str) -> bool:
@@ -86,7 +96,7 @@ def calibrated(target: str, model: str) -> bool:
     return model in _records(target)
 
 
-def efficiency(target: str, model: str | None) -> tuple[float, str]:
+def efficiency(target: str, model: str | None) -> Efficiency:
     """Per target (llama.cpp and onnxruntime use the same bandwidth very differently) and per model:
     the model's own calibration, else the labelled conservative prior (module docstring).
     ``model`` None (a check before the model loads, whose fingerprint is not known yet): the
@@ -94,19 +104,19 @@ def efficiency(target: str, model: str | None) -> tuple[float, str]:
     records = _records(target)
     if model is None:
         top = max([DEFAULT_EFFICIENCY, *(float(r["efficiency"]) for r in records.values())])
-        return top, "upper bound before the model loads: the highest calibration on this host"
+        return Efficiency(top, "upper bound before the model loads: the highest calibration on this host")
     if model in records:
-        rec = records[model]
-        return float(
-            rec["efficiency"]
-        ), f"calibrated on this host for this model ({rec['measured_tps']:.1f} tok/s measured)"
+        return _as_efficiency(records[model])
     if records:
         low = min(float(r["efficiency"]) for r in records.values())
-        return min(low, DEFAULT_EFFICIENCY), (
-            f"conservative prior: this model's decode not measured here; the lowest of {len(records)} "
-            f"calibration(s) on this host, at most {DEFAULT_EFFICIENCY}"
+        return Efficiency(
+            min(low, DEFAULT_EFFICIENCY),
+            (
+                f"conservative prior: this model's decode not measured here; the lowest of {len(records)} "
+                f"calibration(s) on this host, at most {DEFAULT_EFFICIENCY}"
+            ),
         )
-    return DEFAULT_EFFICIENCY, "conservative prior: no decode measured on this host yet"
+    return Efficiency(DEFAULT_EFFICIENCY, "conservative prior: no decode measured on this host yet")
 
 
 def predict_tps(bandwidth_gbps: float, bytes_tok: float, eff: float) -> float:

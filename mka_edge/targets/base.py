@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import UserError
-from ..records import ArtifactSummary, CacheCost, QuantCost
+from ..records import ArtifactSummary, CacheCost, Efficiency, MeasuredCosts, QuantCost
 from ..solver.cost_models import COST_MODELS, register_cost_model
 from ..validate.formats import register_format, unregister_format
 
@@ -127,9 +127,11 @@ class Target(ABC):
         calibrate_speed: bool,
         log,
         imatrix: bool = True,
-    ) -> tuple[dict[str, QuantCost], str]:
-        """Measured (or prior) costs with KL, and the sentence that says where they come from.
-        A target with ``probe_session`` also takes ``session=`` (the plan measures type by type)."""
+    ) -> MeasuredCosts:
+        """Measured (or prior) costs with KL, the sentence that says where they come from and, with
+        ``calibrate_speed``, the decode efficiency timed on one of the measured files (None when the
+        types asked for hold none this target times).  A target with ``probe_session`` also takes
+        ``session=`` (the plan measures type by type)."""
 
     def probe_session(self, lm, *, progress: bool, imatrix: bool, plain_too: bool = True):
         """A context manager whose value is passed to ``quant_costs(session=)`` so that measuring
@@ -137,10 +139,11 @@ class Target(ABC):
         ``plain_too`` False: a type an importance matrix helps is measured with one only."""
         return contextlib.nullcontext(None)
 
-    def calibrate_speed(self, session, quants: list[str]) -> bool:
-        """Time this host's decode once for the speed model, apart from any type's probe; False when
-        the target calibrates only inside its probe (a plan then measures every type)."""
-        return False
+    def calibrate_speed(self, session, quants: list[str]) -> Efficiency | None:
+        """This host's decode efficiency for the session's model, timed now (or recorded by an
+        earlier plan), apart from any type's probe; None when the target times decode only inside
+        its probe (a plan then measures every type, and ``quant_costs`` hands the efficiency back)."""
+        return None
 
     def source_grids(self, lm) -> frozenset[str]:
         """Tensor types that may reproduce the loaded model's own quantization grid exactly."""

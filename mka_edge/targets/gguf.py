@@ -6,13 +6,15 @@ them, so that listing targets, profiles or `--help` does not load them.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..cache import atomic_write_text
 from ..errors import UserError
 from ..kv_cache import BASELINE_CACHE
-from ..records import ArtifactSummary, QuantCost
+from ..records import ArtifactSummary, Efficiency, MeasuredCosts, QuantCost
 from ..solver import memory
+from ..solver.speed import efficiency
 from ..validate.formats import Format, check_count, compare_tokens, dist_version
 from ..validate.workers import GGUF_WORKER
 from .base import ReportMemory, Target, register
@@ -170,27 +172,30 @@ class GgufTarget(Target):
 
     def quant_costs(
         self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True, session=None
-    ):
+    ) -> MeasuredCosts:
         from ..solver.quant_prior import SOURCE
 
         if not measure:
-            return sizes, f"prior: {SOURCE}; measured on Llama-3-8B, it does not transfer to every model"
-        from ..solver.quant_probe import probe
+            return MeasuredCosts(sizes, f"prior: {SOURCE}; measured on Llama-3-8B, it does not transfer to every model")
+        from ..solver.quant_probe import ProbeSession
 
-        if session is not None:
-            costs = session.measure(quants, calibrate_speed)
-        else:
-            log(
-                "measuring each quant type on this model with llama.cpp, plain and with an importance matrix "
-                "(cached after the first plan)"
-            )
-            costs = probe(lm, quants, progress=progress, calibrate_speed=calibrate_speed, imatrix=imatrix)
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                log(
+                    "measuring each quant type on this model with llama.cpp, plain and with an importance matrix "
+                    "(cached after the first plan)"
+                )
+                session = stack.enter_context(ProbeSession(lm, progress=progress, imatrix=imatrix))
+            costs = session.measure(quants)
+            # the host's decode speed, timed on the Q8_0 file the probe just wrote
+            eff = session.calibrate() if calibrate_speed and "Q8_0" in quants else None
         # each cost is the better of plain and importance-matrix quantization; extra["imatrix"]
         # (with kl_plain / kl_imatrix) says which, and is what the build exports with
-        return (
+        return MeasuredCosts(
             {q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
             "measured on this model (llama.cpp quantizer, held-out KL; per type the better of plain "
             "and importance-matrix quantization)",
+            eff,
         )
 
     def probe_session(self, lm, *, progress, imatrix, plain_too=True):
@@ -198,12 +203,12 @@ class GgufTarget(Target):
 
         return ProbeSession(lm, progress=progress, imatrix=imatrix, plain_too=plain_too)
 
-    def calibrate_speed(self, session, quants) -> bool:
-        """The host's decode speed on a Q8_0 file, as the Q8_0 probe would calibrate it; a plan
-        without Q8_0 among its types never calibrated, and keeps the default here too."""
+    def calibrate_speed(self, session, quants) -> Efficiency:
+        """The host's decode efficiency on a Q8_0 file, as the Q8_0 probe would calibrate it; a plan
+        without Q8_0 among its types never calibrated, and gets this host's prior."""
         if "Q8_0" in quants:
-            session.calibrate()
-        return True
+            return session.calibrate()
+        return efficiency(self.name, session.lm.fingerprint)
 
     def source_grids(self, lm) -> frozenset[str]:
         """Tensor types that can hold a GGUF source's own grid exactly (``quant_types.GRIDS_CONTAINING``):

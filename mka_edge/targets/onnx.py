@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..cache import atomic_write_text
 from ..errors import UserError
-from ..records import ArtifactSummary, QuantCost
-from ..solver import onnx_memory
+from ..records import ArtifactSummary, MeasuredCosts, QuantCost
+from ..solver import onnx_memory, speed
 from ..validate.formats import Format, check_count, compare_tokens, dist_version
 from ..validate.workers import ONNX_WORKER
 from .base import ReportMemory, Target, register
@@ -146,7 +146,9 @@ class OnnxTarget(Target):
             )
         return out
 
-    def quant_costs(self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True):
+    def quant_costs(
+        self, lm, ms, sizes, quants, *, measure, progress, calibrate_speed, log, imatrix=True
+    ) -> MeasuredCosts:
         if not measure:
             from ..solver.quant_prior import PUBLISHED, SOURCE
 
@@ -154,17 +156,23 @@ class OnnxTarget(Target):
                 q: c.with_kl(PUBLISHED[PRIOR_AS[q]][1], source=f"prior: llama.cpp {PRIOR_AS[q]} figure")
                 for q, c in sizes.items()
             }
-            return costs, (
+            return MeasuredCosts(
+                costs,
                 f"prior: {SOURCE}, each ONNX type read as the nearest llama.cpp scheme; "
-                "it does not transfer to every model"
+                "it does not transfer to every model",
             )
         from ..solver.onnx_probe import probe_onnx
 
         log("measuring each ONNX quant type on this model in onnxruntime (cached after the first plan)")
-        costs = probe_onnx(lm, quants, progress=progress, calibrate_speed=calibrate_speed)
-        return (
+        costs = probe_onnx(lm, quants, progress=progress)
+        eff = None
+        if calibrate_speed and "int8" in costs:  # the speed model starts from int8's timed decode
+            d = costs["int8"]
+            eff = speed.calibrate(d["host_gen_tps"], sum(d["per_layer"]) + d["other"], self.name, lm.fingerprint)
+        return MeasuredCosts(
             {q: QuantCost.from_json(q, self.name, d) for q, d in costs.items()},
             "measured on this model (onnxruntime-genai builder + onnxruntime quantizer, held-out KL in onnxruntime)",
+            eff,
         )
 
     def kv_bytes(self, shape, context, quant, kv_type):
