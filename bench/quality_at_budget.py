@@ -38,10 +38,11 @@ import numpy as np
 from mka_edge.errors import UserError
 from mka_edge.mka.context import build_context
 from mka_edge.models.loading import load_model
-from mka_edge.planning import _enumerate, cheap_facts, measure, resolve_settings, solve
+from mka_edge.planning import cheap_facts, measure, resolve_settings
 from mka_edge.produce import produce
 from mka_edge.records import EditSet
 from mka_edge.solver.feasibility import smallest_kept
+from mka_edge.solver.solve import enumerate_plans, solve
 from mka_edge.validate.jobs import AccuracyJob, LatencyJob
 from mka_edge.validate.reference import compact_reference
 from mka_edge.validate.runner import run_child
@@ -166,7 +167,7 @@ def main() -> None:
     s = resolve_settings(args.profile, None, budget_mb=1e6, context=args.context, measure_all=True, **OLD)
     facts = measure(s, cheap_facts(s), ctx, progress=True, log=print)
     ref = next(iter(facts.costs.values())).per_layer
-    edge = _enumerate(
+    edge = enumerate_plans(
         s,
         facts.shape,
         facts.costs,

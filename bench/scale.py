@@ -313,7 +313,8 @@ def merge_settings(b: Bench):
 
 def stage_plan(b: Bench) -> dict:
     from mka_edge.mka.context import MergeContext
-    from mka_edge.planning import cheap_facts, measure, resolve_settings, solve
+    from mka_edge.planning import cheap_facts, measure, resolve_settings
+    from mka_edge.solver.solve import solve
 
     a, lm = b.args, b.state["lm"]
     s = resolve_settings(

@@ -26,8 +26,8 @@ from .killpoints import killpoint
 from .kv_cache import BASELINE_CACHE
 from .memory_use import release_freed_memory
 from .models.loading import load_model
+from .models.recipes import DEFAULT_MODEL
 from .planning import (
-    DEFAULT_MODEL,
     PlanSettings,
     load_context,
     load_plan,
@@ -47,6 +47,7 @@ from .solver.search import Candidate
 from .solver.speed import bytes_per_token, efficiency, predict_tps
 from .validate.checks import Thresholds
 from .validate.core import context_needed, validate_artifact
+from .validate.result import ValidationResult
 
 
 def usable_cpus() -> int:
@@ -227,7 +228,7 @@ class Tried:
     attempt: Attempt
     artifact: Path
     summary: object  # the target's ArtifactSummary
-    validation: dict
+    validation: ValidationResult
     merged_dir: Path | None
 
 
@@ -284,9 +285,7 @@ def try_candidate(cand: Ranked, i: int, plan: Plan, ctx, target, tmp: Path, **kw
             "heldout_kl_before": heal_record["heldout_before"]["kl"],
             "heldout_kl_after": heal_record["heldout_after"]["kl"],
         }
-    attempt = Attempt(
-        method, k, quant, cand.imatrix, cache, cand.attn_layers, cand.kl, val["accuracy"]["kl"], val["passed"], healed
-    )
+    attempt = Attempt(method, k, quant, cand.imatrix, cache, cand.attn_layers, cand.kl, val.kl, val.passed, healed)
     return Tried(attempt, art, summary, val, merged_dir)
 
 
@@ -349,7 +348,7 @@ def execute(
             "attn_layers": a.attn_layers,
             "artifact": t.artifact.name,
         }
-        pred = predict_artifact(tmp, chosen, t.summary, plan, t.validation["latency"], ctx.model.config, prof)
+        pred = predict_artifact(tmp, chosen, t.summary, plan, t.validation.latency, ctx.model.config, prof)
         release_freed_memory()  # the export's and validation's freed buffers, before the similarity's states
         # the layer similarity explains a merge; a plan that merges nothing skips its pass (85 s at 1.5B)
         similarity = ctx.similarity().matrix.numpy() if a.k else None

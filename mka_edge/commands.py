@@ -213,9 +213,9 @@ def validate(artifact: str, run: ValidateRun) -> Outcome:
         kv_type=run.kv_type,
         flash_attn=None if run.flash_attn == "auto" else run.flash_attn,
     )
-    text = Path(r["out"], "validation.md").read_text() + f"\nwrote {r['out']}/validation.json"
-    failed = "; ".join(f"{c['check']}: {c['value']:.4g} vs {c['limit']:.4g}" for c in r["checks"] if not c["passed"])
-    return Outcome(text, r["passed"], f"validation failed ({failed})" if failed else "")
+    text = (r.out / "validation.md").read_text() + f"\nwrote {r.out}/validation.json"
+    failed = r.failures()
+    return Outcome(text, r.passed, f"validation failed ({failed})" if failed else "")
 
 
 def plan_settings(plan: PlanOptions, model: ModelSettings, heal: HealSettings, *, refuse_below_bar: bool = False):

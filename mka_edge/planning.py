@@ -6,7 +6,7 @@
    refuse an impossible budget in seconds.
 3. ``measure``: the measured facts (the only stage that loads the model, probes quant types and
    builds the merge curve; all cached).
-4. ``solve(facts, settings) -> Plan``: pure; the same facts give the same plan.
+4. ``solver.solve.solve(facts, settings) -> Plan``: pure; the same facts give the same plan.
 
 ``build`` executes a Plan (a fresh one, or one saved by ``plan --out``).
 """
@@ -18,31 +18,28 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import __version__
 from .cache import atomic_write_text, stable_hash
 from .errors import UserError
 from .heal.distill import effective_heal
 from .host_need import check_load
 from .kv_cache import BASELINE_CACHE, CacheMode
 from .mka.context import build_context
-from .mka.method_table import ALL_METHODS
+from .mka.method_table import ALL_METHODS, ATTENTION_METHOD
 from .mka.methods import check_alpha
 from .profiles import Profile, load_profile, resolved
-from .records import CACHE_KL_FLOOR, Budget, CacheCost, Choice, EditSet, Efficiency, Plan, QuantCost, Ranked
+from .records import CACHE_KL_FLOOR, Budget, CacheCost, EditSet, Efficiency, Plan, QuantCost, Ranked
 from .settings import ModelSettings
 from .solver import speed
 from .solver.bar import refuse_if_bar_missed
-from .solver.feasibility import ModelShape, check_any_fits, check_shape, read_shape, smallest_kept
+from .solver.feasibility import check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, MIB, Shape, cache_bytes
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
 from .solver.scope import speed_share_floor, unsettled
-from .solver.search import Candidate, choose, edit_sets, pareto
-from .solver.search import candidates as enumerate_candidates
+from .solver.search import Candidate, edit_sets
+from .solver.solve import CheapFacts, Facts, enumerate_plans, solve
 from .target_protocols import CostModel
 
 PROBE_MAX_PARAMS = 3e9  # above this, quantizing every type to measure it costs more than the build
-DEFAULT_MODEL = "smollm2-135m"
-ATTENTION_METHOD = "sleb-attn"  # the trajectory that removes attention sub-blocks (and layers)
 ATTENTION_STEPS_PER_LAYER = 2  # an attention unit is about half a layer's reference bytes
 ATTENTION_BASES = ("sleb-fast", "sleb")  # whole-layer methods beside which the sleb-attn curve is offered
 
@@ -75,6 +72,30 @@ class PlanSettings:
     def target(self) -> CostModel:
         """The target as the planner may use it: its cost and memory model."""
         return self.profile.target
+
+    def profile_json(self) -> dict:
+        """The profile as plan.json records it, with the identity of its content."""
+        return {**self.profile.as_dict(), "fingerprint": profile_fingerprint(self.profile)}
+
+    def settings_json(self) -> dict:
+        """plan.json's ``settings``: what ``build --plan`` re-plans with (``merge_opts``: the model
+        settings, ``ModelSettings.load_options``)."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "alpha": self.alpha,
+            "k_max": self.k_max,
+            "quants": list(self.quants),
+            "quality_prior": self.quality_prior,
+            "heal": asdict(self.heal) if self.heal is not None else None,
+            "heal_points": self.heal_points,
+            "merge_opts": self.load.load_options(),
+            "kv_type": self.kv_type,
+            "flash_attn": self.flash_attn,
+            "attention_removal": self.attention_removal,
+            "imatrix": self.imatrix,
+            "measure_all": self.measure_all,
+        }
 
     def forbidden(self) -> str:
         """The levers ruled out, for the "nothing fits" line."""
@@ -162,19 +183,6 @@ def resolve_settings(
     )
 
 
-@dataclass(frozen=True)
-class CheapFacts:
-    """What the model's config and the quantizer's dry run tell, before any weights load."""
-
-    shape: ModelShape
-    sizes: dict[str, QuantCost]
-    exact: bool
-    measure: bool  # quant costs are measured on this model (else llama.cpp's published prior)
-    k_max: int
-    modes: tuple[str, ...] = (BASELINE_CACHE,)  # the cache modes this plan chooses between
-    attention_removal: bool = False  # the sleb-attn curve is a candidate source
-
-
 def cheap_facts(s: PlanSettings) -> CheapFacts:
     """Shape, context and type sizes; refuses an impossible budget before any model work."""
     ms = read_shape(s.model, trust_remote_code=s.load.trust_remote_code)
@@ -202,24 +210,6 @@ def cheap_facts(s: PlanSettings) -> CheapFacts:
     return CheapFacts(ms, sizes, exact, measure, k_max, tuple(modes), attn)
 
 
-@dataclass(frozen=True)
-class Facts:
-    """The measured facts a plan is solved from (all cached)."""
-
-    cheap: CheapFacts
-    fingerprint: str
-    shape: Shape
-    costs: dict[str, QuantCost]
-    quant_source: str
-    efficiency: float
-    efficiency_source: str
-    curve: dict
-    healed: dict | None
-    caches: tuple[CacheCost, ...] = (CacheCost(BASELINE_CACHE),)
-    attn_curve: dict | None = None  # the sleb-attn curve (healed when the plan heals)
-    scope: dict = field(default_factory=dict)  # what was measured, what was not and why (solver/scope.py)
-
-
 def plain_costs(costs: dict[str, QuantCost]) -> dict[str, QuantCost]:
     """The costs without importance-matrix quantization (``--no-imatrix``, the old space): each
     type at its plain KL; types that need a matrix dropped."""
@@ -229,23 +219,6 @@ def plain_costs(costs: dict[str, QuantCost]) -> dict[str, QuantCost]:
             continue
         out[q] = replace(c, kl=c.extra.get("kl_plain", c.kl), extra={**c.extra, "imatrix": False})
     return out
-
-
-def _enumerate(s: PlanSettings, facts_shape: Shape, costs, eff: float, edits: list[EditSet], caches) -> list[Candidate]:
-    b = s.budget
-    return enumerate_candidates(
-        facts_shape,
-        edits,
-        costs,
-        list(caches),
-        context=b.context,
-        budget_mb=b.memory_mb,
-        bandwidth_gbps=s.profile.bandwidth_gbps,
-        efficiency=eff,
-        min_tps=b.min_tokens_per_s,
-        max_kl=b.max_quality_loss,
-        overhead_mb=DEFAULT_OVERHEAD_MB,
-    )
 
 
 def _reach(s: PlanSettings, cheap: CheapFacts) -> int:
@@ -286,7 +259,7 @@ def feasible_over(s: PlanSettings, shape: Shape, edits_of, caches, eff: float):
     def run(costs: dict[str, QuantCost]) -> list[Candidate]:
         out = []
         for q, c in costs.items():
-            cands = _enumerate(s, shape, {q: c}, eff, edits_of(c), caches())
+            cands = enumerate_plans(s, shape, {q: c}, eff, edits_of(c), caches())
             out += [x for x in cands if x.fits_memory and x.fits_speed]
         return out
 
@@ -460,7 +433,7 @@ def measure(
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
         # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now
         refuse_unreachable_bar(s, {**costs, **bounded}, m.feasible(lambda c: _optimistic_edits(c, k_reach)))
-        edge = _enumerate(
+        edge = enumerate_plans(
             s,
             m.shape,
             {**costs, **bounded},
@@ -540,141 +513,6 @@ def measure(
         tuple(m.caches.values()),
         attn_curve,
         scope_rec,
-    )
-
-
-def all_edit_sets(facts: Facts, s: PlanSettings) -> list[EditSet]:
-    """The edit sets a plan chooses between: the method's curve, then the attention curve's steps."""
-    out = edit_sets(facts.curve, s.method)
-    if facts.attn_curve:
-        out += edit_sets(facts.attn_curve, ATTENTION_METHOD)[1:]  # its K=0 is the same unmerged model
-    return out
-
-
-def solve(facts: Facts, s: PlanSettings) -> Plan:
-    """The plan: every (K, type) pair predicted, the feasible ones ranked, the reason.  No I/O."""
-    curve, healed, heal = facts.curve, facts.healed, s.heal
-    edits = all_edit_sets(facts, s)
-    cands = _enumerate(s, facts.shape, facts.costs, facts.efficiency, edits, facts.caches)
-    ranked, reason = choose(
-        cands, s.budget.memory_mb, s.budget.min_tokens_per_s, s.budget.context, forbidden=s.forbidden()
-    )
-    best = ranked[0]
-    best_edit = next(e for e in edits if (e.method, e.k) == (best.method, best.k))
-    if not curve.get("complete", True):
-        reach = len(curve["kl"]) - 1
-        reason += (
-            "; no merge was scored: the best quant type that fits at all already fits unmerged, and "
-            "merging only adds loss"
-            if reach == 0
-            else f"; the merge curve stopped at K={reach}, whose held-out KL ({curve['kl'][reach]:.3f} nats) already "
-            f"rules out beating the best unmerged plan"
-        )
-    t = s.target
-    budget = Budget(**{**asdict(s.budget), "kv_cache_type": best.cache})  # the cache the plan is for
-    return Plan(
-        mka_edge=__version__,
-        profile={**s.profile.as_dict(), "fingerprint": profile_fingerprint(s.profile)},
-        model={
-            "spec": s.model or DEFAULT_MODEL,
-            "fingerprint": facts.fingerprint,
-            "layers": facts.cheap.shape.n_layers,
-        },
-        format=t.name,
-        budget=budget,
-        choice=Choice(
-            best.method,
-            s.alpha,
-            best.k,
-            best.quant,
-            best.layers,
-            list(best_edit.kept),
-            best.as_dict(),
-            best.cache,
-            best.imatrix,
-            list(best_edit.attn_removed),
-        ),
-        reason=reason,
-        alternatives=[c.as_dict() for c in ranked[1:6]],
-        pareto=[c.as_dict() for c in pareto(cands)],
-        models={
-            "quality": (
-                "KL(K, q, c) = held-out KL of the edit set at K after healing "
-                f"({heal.steps} steps, {heal.train}; healed at K = {', '.join(map(str, healed['healed_at']))}, "
-                "the K between by the interpolated healed/unhealed ratio) + KL of quant q on the unmerged model "
-                "+ KL of cache mode c on the unmerged Q8_0 model"
-                if healed
-                else "KL(K, q, c) = held-out KL of the edit set at K + KL of quant q on the unmerged model "
-                "+ KL of cache mode c on the unmerged Q8_0 model"
-            ),
-            "quant_cost": facts.quant_source,
-            "cache_cost": "measured on this model in llama.cpp (Q8_0 file, held-out KL over the f16 cache without "
-            "flash attention; decode speed with the cache filled to the plan's context, as a share of that mode's)"
-            if len(facts.caches) > 1
-            else "one cache mode",
-            "memory": t.memory_model,
-            "speed": f"efficiency {facts.efficiency:.3f} ({facts.efficiency_source}) x device bandwidth / bytes per token; "
-            "a device prediction, not a measurement",
-        },
-        curve={
-            "kl": curve["kl"],
-            "method": s.method,
-            "complete": curve.get("complete", True),
-            **(
-                {
-                    "attention": {
-                        "method": ATTENTION_METHOD,
-                        "kl": facts.attn_curve["kl"],
-                        "attn_removed": facts.attn_curve.get("attn_removed"),
-                        "kept": facts.attn_curve.get("kept"),
-                        "bytes_saved": facts.attn_curve.get("bytes_saved"),
-                        "complete": facts.attn_curve.get("complete", True),
-                    }
-                }
-                if facts.attn_curve
-                else {}
-            ),
-            **(
-                {
-                    "unhealed_kl": healed["unhealed_kl"],
-                    "heal_steps": healed["steps"],
-                    "heal_train": healed["train"],
-                    "healed_at": healed["healed_at"],
-                }
-                if healed
-                else {}
-            ),
-        },
-        heal=asdict(heal) if healed else None,
-        quant_costs={q: c.plan_json() for q, c in facts.costs.items()},
-        cache_costs={
-            c.mode: {
-                "kl": c.kl,
-                "speed_factor": c.speed_factor,
-                "speed_measured": c.speed_measured,
-                "kl_measured": c.kl_measured,
-            }
-            for c in facts.caches
-        },
-        scope=facts.scope,
-        candidates=[c.as_dict() for c in cands],
-        ranked=[Ranked(c.method, c.k, c.quant, c.imatrix, c.cache, c.attn_layers, c.kl) for c in ranked],
-        settings={
-            "model": s.model,
-            "method": s.method,
-            "alpha": s.alpha,
-            "k_max": s.k_max,
-            "quants": list(s.quants),
-            "quality_prior": s.quality_prior,
-            "heal": asdict(heal) if heal is not None else None,
-            "heal_points": s.heal_points,
-            "merge_opts": s.load.load_options(),
-            "kv_type": s.kv_type,
-            "flash_attn": s.flash_attn,
-            "attention_removal": s.attention_removal,
-            "imatrix": s.imatrix,
-            "measure_all": s.measure_all,
-        },
     )
 
 

@@ -14,6 +14,7 @@ from .cache import atomic_write_text
 from .kv_cache import BASELINE_CACHE
 from .records import ArtifactSummary, Plan
 from .target_protocols import Packager
+from .validate.result import ValidationResult
 from .versions import versions
 
 
@@ -36,12 +37,12 @@ def _report(
     target: Packager,
     chosen: dict,
     summary: ArtifactSummary,
-    val: dict,
+    val: ValidationResult,
     attempts: list,
     mem: dict,
     device_tps: float,
 ) -> str:
-    p, ch, a, lat = plan.profile, plan.choice, val["accuracy"], val["latency"]
+    p, ch, a, lat = plan.profile, plan.choice, val.accuracy, val.latency
     pred = next((c for c in plan.candidates if same_plan(c, chosen)), ch.predicted)
     line = target.artifact_line(chosen["artifact"], chosen["quant"], summary, plan.model["layers"])
     lines = [
@@ -133,7 +134,7 @@ def _report(
     return "\n".join(lines) + "\n"
 
 
-def _model_card(plan: Plan, target: Packager, chosen: dict, summary: ArtifactSummary, val: dict) -> str:
+def _model_card(plan: Plan, target: Packager, chosen: dict, summary: ArtifactSummary, val: ValidationResult) -> str:
     f = target.card_facts(summary)
     return f"""# {Path(chosen["artifact"]).stem}
 
@@ -144,8 +145,8 @@ def _model_card(plan: Plan, target: Packager, chosen: dict, summary: ArtifactSum
 
 - Format: {f["format"]}
 - Size: {f["size"]}
-- Quality loss against the source model: mean KL {val["accuracy"]["kl"]:.3f} nats, perplexity {val["accuracy"]["ppl_change_pct"]:+.1f}%,
-  top-1 agreement {100 * val["accuracy"]["top1"]:.1f}% on held-out Wikipedia text
+- Quality loss against the source model: mean KL {val.accuracy["kl"]:.3f} nats, perplexity {val.accuracy["ppl_change_pct"]:+.1f}%,
+  top-1 agreement {100 * val.accuracy["top1"]:.1f}% on held-out Wikipedia text
 - Licence: that of the source model; calibration text: Wikipedia (CC BY-SA)
 - Provenance: {f["provenance"]} (method, merged-layer map, source hash); details in report.md
 
@@ -158,7 +159,7 @@ def package(
     plan: Plan,
     chosen: dict,
     summary: ArtifactSummary,
-    val: dict,
+    val: ValidationResult,
     attempts: list,
     merged_dir: Path | None,
     prof,
@@ -175,7 +176,7 @@ def package(
     context = plan.budget.context
     mem, device_tps, eff_src = pred["memory"], pred["generation_tps"], pred["efficiency_source"]
     atomic_write_text(folder / "plan.json", json.dumps(plan.to_json(), indent=2))
-    atomic_write_text(folder / "validation.json", json.dumps(val, indent=2))
+    atomic_write_text(folder / "validation.json", json.dumps(val.to_json(), indent=2))
     if merged_dir is not None:
         shutil.copy(merged_dir / "merge_log.json", folder / "merge_log.json")
     if similarity is not None:  # None: a plan that merges nothing, where it explains no choice
@@ -213,8 +214,8 @@ def package(
         "reason": plan.reason,
         "host_figures": {
             "label": "measured on the build host, not the device",
-            "latency": val["latency"],
-            "accuracy": val["accuracy"],
+            "latency": val.latency,
+            "accuracy": val.accuracy,
         },
         "device_predictions": {
             "label": "predicted for the device from its profile",

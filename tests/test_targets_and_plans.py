@@ -18,6 +18,7 @@ from mka_edge.errors import UserError
 from mka_edge.records import ArtifactSummary, MeasuredCosts, Plan, QuantCost
 from mka_edge.solver.memory import MIB, MemoryPrediction, Shape
 from mka_edge.targets import TARGETS, ReportMemory, Target, get_target, register, target_for_artifact, unregister
+from mka_edge.validate.result import ValidationResult
 
 SHAPE = Shape(n_layers=8, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_ff=128, n_vocab=400)
 
@@ -104,8 +105,9 @@ def fake_target():
 
 def test_a_third_target_flows_through_solve_and_the_report(tmp_path, fake_target):
     """One class and one register call: the profile loader, the solver and the report take it."""
-    from mka_edge.planning import CheapFacts, Facts, resolve_settings, solve
+    from mka_edge.planning import resolve_settings
     from mka_edge.report import _model_card, _report
+    from mka_edge.solver.solve import CheapFacts, Facts, solve
 
     prof = tmp_path / "fake.yaml"
     prof.write_text(
@@ -128,7 +130,8 @@ def test_a_third_target_flows_through_solve_and_the_report(tmp_path, fake_target
     summary = fake_target.summary({"path": "m.fake", "quant": "w8"})
     chosen = {"k": 2, "quant": "w8", "artifact": "m.fake"}
     lat = {"gen_tps": {"median": 3.0}, "prompt_tokens": 8, "gen_tokens": 8, "peak_rss_mb": 20.0}
-    val = {"accuracy": {"kl": 0.07, "ppl_change_pct": 1.0, "ppl": 10.0, "ref_ppl": 9.9, "top1": 0.9}, "latency": lat}
+    acc = {"kl": 0.07, "ppl_change_pct": 1.0, "ppl": 10.0, "ref_ppl": 9.9, "top1": 0.9}
+    val = ValidationResult("0", "fake", {}, {}, {}, {}, acc, lat, None, {}, ())
     mem = {
         "runtime": "fake runtime",
         "predicted_device_mb": 15.0,

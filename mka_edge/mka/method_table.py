@@ -20,6 +20,9 @@ class MethodRow:
     by_bytes: bool = False
 
 
+# the method whose steps remove attention sub-blocks as well as layers: the plan's attention curve
+ATTENTION_METHOD = "sleb-attn"
+
 # auto's pool is taken in this order (ties in calibration KL go to the first)
 TABLE: tuple[MethodRow, ...] = (
     MethodRow("mka-guided", True, True, "protected first/last layer, loss-guided choice among the most similar pairs"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .result import Check
+
 
 @dataclass
 class Thresholds:
@@ -14,17 +16,19 @@ class Thresholds:
         return {"max_kld": self.max_kld, "min_tokens_per_s": self.min_tokens_per_s}
 
 
-def evaluate(th: Thresholds, kl: float | None, gen_tps: float | None) -> list[dict]:
+def evaluate(th: Thresholds, kl: float | None, gen_tps: float | None) -> tuple[Check, ...]:
+    """The checks ``th`` sets, against the measured KL and host decode speed (an unset threshold
+    or an unmeasured value adds none)."""
     checks = []
     if th.max_kld is not None and kl is not None:
-        checks.append({"check": "mean KL <= max_kld", "value": kl, "limit": th.max_kld, "passed": kl <= th.max_kld})
+        checks.append(Check("mean KL <= max_kld", kl, th.max_kld, kl <= th.max_kld))
     if th.min_tokens_per_s is not None and gen_tps is not None:
         checks.append(
-            {
-                "check": "generation tokens/s (host) >= min_tokens_per_s",
-                "value": gen_tps,
-                "limit": th.min_tokens_per_s,
-                "passed": gen_tps >= th.min_tokens_per_s,
-            }
+            Check(
+                "generation tokens/s (host) >= min_tokens_per_s",
+                gen_tps,
+                th.min_tokens_per_s,
+                gen_tps >= th.min_tokens_per_s,
+            )
         )
-    return checks
+    return tuple(checks)

@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from .checks import Thresholds, evaluate
 from .formats import format_for_artifact
 from .jobs import AccuracyJob, LatencyJob
 from .reference import compact_reference, mmlu_jobs, reference_mmlu
+from .result import ValidationResult
 from .runner import run_child
 
 
@@ -60,7 +62,7 @@ def validate_artifact(
     progress: bool = True,
     timeout_s: float = 3600,
     reference_model=None,
-) -> dict:
+) -> ValidationResult:
     """Validate ``artifact`` in its runtime against ``reference`` (loaded here), or against
     ``reference_model``, a LoadedModel of that reference the caller already holds (a build's
     source: loading it a second time held two copies at the reference's peak)."""
@@ -141,13 +143,12 @@ def validate_artifact(
             th.max_kld if th.max_kld is not None else profile.max_quality_loss,
             th.min_tokens_per_s if th.min_tokens_per_s is not None else profile.min_tokens_per_s,
         )
-    checks = evaluate(th, acc["kl"], lat["gen_tps"]["median"])
-    result = {
-        "mka_edge": __version__,
-        "format": fmt.name,
-        "artifact": {k: v for k, v in info.items() if k != "provenance"} | {"provenance": info.get("provenance")},
-        "reference": {"model": ref_spec, **ref_summary, "mmlu": ref_mmlu},
-        "runtime": {
+    result = ValidationResult(
+        __version__,
+        fmt.name,
+        {k: v for k, v in info.items() if k != "provenance"} | {"provenance": info.get("provenance")},
+        {"model": ref_spec, **ref_summary, "mmlu": ref_mmlu},
+        {
             "name": fmt.runtime_name,
             "version": fmt.runtime_version(),
             "threads": threads,
@@ -155,24 +156,23 @@ def validate_artifact(
             "attention": lat.get("attention", "runtime's own"),
             "context": context,
         },
-        "host": {
+        {
             "label": "host figures: measured on this machine, not predictions for the target device",
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "system": platform.system(),
         },
-        "accuracy": acc,
-        "latency": lat | {"prompt_tokens": len(prompt), "gen_tokens": gen_tokens, "repeats": repeats},
-        "profile": profile.name if profile else None,
-        "thresholds": th.as_dict(),
-        "checks": checks,
-        "passed": all(c["passed"] for c in checks),
-    }
+        acc,
+        lat | {"prompt_tokens": len(prompt), "gen_tokens": gen_tokens, "repeats": repeats},
+        profile.name if profile else None,
+        th.as_dict(),
+        evaluate(th, acc["kl"], lat["gen_tps"]["median"]),
+    )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "validation.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "validation.md", markdown(result, fmt.artifact_rows(result["artifact"])))
-    result["out"] = str(out)
-    return result
+    written = result.to_json()
+    atomic_write_text(out / "validation.json", json.dumps(written, indent=2))
+    atomic_write_text(out / "validation.md", markdown(written, fmt.artifact_rows(result.artifact)))
+    return replace(result, out=out)
 
 
 def markdown(r: dict, artifact_rows: list[tuple[str, str]]) -> str:
