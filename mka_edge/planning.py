@@ -325,6 +325,27 @@ class _Measurer:
                 got[q] = replace(c, extra={**c.extra, "embd_bytes": self.sizes[q].extra["embd_bytes"]})
         self.costs.update(got)
 
+    def best_first(self, todo: list[str], bound, now, grids, skipped: dict, retain: bool, nowhere: str | None = None):
+        """Measure the types of ``todo`` that can change the choice, best first (solver/scope.py
+        ``next_to_measure``: ``bound`` the optimistic candidates, ``now`` the ones the incumbent
+        comes from), settling cache modes between; what cannot change it lands in ``skipped``.
+        ``retain``: the probe keeps only the file of the best unmerged plan (a build's hand-over)."""
+        from .solver import scope
+
+        unmerged = self.feasible(lambda c: _optimistic_edits(c, 0))
+        kw = {"nowhere": nowhere} if nowhere is not None else {}
+        while True:
+            self.settle(now)
+            q = scope.next_to_measure(
+                todo, self.sizes, self.costs, bound, now, grids, skipped, prior=scope.published_kl, **kw
+            )
+            if q is None:
+                return
+            self.measure_types([q])
+            todo.remove(q)
+            if retain:
+                self.session.retain_only(_best_quant(unmerged(self.costs)))
+
     def measure_caches(self, modes: list[str], timed: bool) -> None:
         costs = self.t.cache_costs(
             self.lm,
@@ -364,6 +385,47 @@ class _Measurer:
                 self.caches[mode] = self.t.cache_speed(self.lm, mode, **common)
 
 
+def _curves(s: PlanSettings, cheap: CheapFacts, ctx, m: _Measurer, costs_now, *, progress: bool, log):
+    """The merge curve (healed where the plan heals) and the attention curve, each only as far as
+    it can change the choice: ``needed_merge_kl`` over the plans at K = 0 and K = k_max with the
+    types' costs as now known (measured, or their bound: ``costs_now``)."""
+    k_max = cheap.k_max
+    ref_layers = next(iter(cheap.sizes.values())).per_layer
+    eff = m.eff().value
+    edge = enumerate_plans(
+        s,
+        m.shape,
+        costs_now,
+        eff,
+        [EditSet(s.method, k, tuple(smallest_kept(ref_layers, k))) for k in range(k_max + 1)],
+        list(m.caches.values()),
+    )
+    useful_below = needed_merge_kl(
+        [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed and c.quant in m.costs],
+        [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed],
+    )
+    heal = s.heal
+    if heal is not None and useful_below is not None and useful_below > 0:
+        useful_below = None  # healing lowers the merge KL: only the "no merge can win" case holds
+    curve = merge_curve(ctx, s.method, k_max, s.alpha, progress=progress, log=log, useful_below=useful_below)
+    healed = None
+    if heal is not None and len(curve["kl"]) > 1:
+        healed = healed_curve(ctx, curve, s.method, s.alpha, heal, points=s.heal_points, progress=progress, log=log)
+        curve = dict(curve, kl=healed["kl"])
+    attn_curve = None
+    if cheap.attention_removal and s.method != ATTENTION_METHOD:
+        steps = min(ATTENTION_STEPS_PER_LAYER * k_max, 2 * cheap.shape.n_layers - 2)
+        attn_curve = merge_curve(
+            ctx, ATTENTION_METHOD, steps, s.alpha, progress=progress, log=log, useful_below=useful_below
+        )
+        if heal is not None and len(attn_curve["kl"]) > 1:
+            h = healed_curve(
+                ctx, attn_curve, ATTENTION_METHOD, s.alpha, heal, points=s.heal_points, progress=progress, log=log
+            )
+            attn_curve = dict(attn_curve, kl=h["kl"], unhealed_kl=h["unhealed_kl"])
+    return curve, healed, attn_curve
+
+
 def measure(
     s: PlanSettings, cheap: CheapFacts, ctx, *, progress: bool = True, log=print, keep: Path | None = None
 ) -> Facts:
@@ -375,7 +437,7 @@ def measure(
     from .solver import scope
 
     t = s.target
-    k_max, sizes = cheap.k_max, cheap.sizes
+    sizes = cheap.sizes
     # rule 5 of solver/scope.py: with an importance matrix only, where one helps (--measure-all: both ways)
     with t.probe_session(ctx.lm, progress=progress, imatrix=s.imatrix, plain_too=s.measure_all) as session:
         m = _Measurer(s, cheap, ctx, session, progress=progress, log=log)
@@ -393,6 +455,7 @@ def measure(
         modes_skipped: list[dict] = []
         grids = t.source_grids(ctx.lm) if prune else frozenset()
         todo: list[str] = []
+        unmerged = m.feasible(lambda c: _optimistic_edits(c, 0))
         if not prune:
             m.measure_caches(list(cheap.modes), timed=True)
             if not cheap.measure:
@@ -415,69 +478,19 @@ def measure(
             log("measuring the quant types that can change the choice, best first (cached after the first plan)")
             todo = list(s.quants)
             bound = m.feasible(lambda c: _optimistic_edits(c, k_reach))
-            unmerged = m.feasible(lambda c: _optimistic_edits(c, 0))
-            while True:
-                m.settle(unmerged)
-                q = scope.next_to_measure(
-                    todo, sizes, m.costs, bound, unmerged, grids, skipped, prior=scope.published_kl
-                )
-                if q is None:
-                    break
-                m.measure_types([q])
-                todo.remove(q)
-                if retain:
-                    session.retain_only(_best_quant(unmerged(m.costs)))
+            m.best_first(todo, bound, unmerged, grids, skipped, retain)
         costs = m.costs
         eff, eff_source = m.eff()
-        ref_layers = next(iter(sizes.values())).per_layer
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
         # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now
         refuse_unreachable_bar(s, {**costs, **bounded}, m.feasible(lambda c: _optimistic_edits(c, k_reach)))
-        edge = enumerate_plans(
-            s,
-            m.shape,
-            {**costs, **bounded},
-            eff,
-            [EditSet(s.method, k, tuple(smallest_kept(ref_layers, k))) for k in range(k_max + 1)],
-            list(m.caches.values()),
-        )
-        useful_below = needed_merge_kl(
-            [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed and c.quant in costs],
-            [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed],
-        )
-        heal = s.heal
-        if heal is not None and useful_below is not None and useful_below > 0:
-            useful_below = None  # healing lowers the merge KL: only the "no merge can win" case holds
-        curve = merge_curve(ctx, s.method, k_max, s.alpha, progress=progress, log=log, useful_below=useful_below)
-        healed = None
-        if heal is not None and len(curve["kl"]) > 1:
-            healed = healed_curve(ctx, curve, s.method, s.alpha, heal, points=s.heal_points, progress=progress, log=log)
-            curve = dict(curve, kl=healed["kl"])
-        attn_curve = None
-        if cheap.attention_removal and s.method != ATTENTION_METHOD:
-            steps = min(ATTENTION_STEPS_PER_LAYER * k_max, 2 * cheap.shape.n_layers - 2)
-            attn_curve = merge_curve(
-                ctx, ATTENTION_METHOD, steps, s.alpha, progress=progress, log=log, useful_below=useful_below
-            )
-            if heal is not None and len(attn_curve["kl"]) > 1:
-                h = healed_curve(
-                    ctx, attn_curve, ATTENTION_METHOD, s.alpha, heal, points=s.heal_points, progress=progress, log=log
-                )
-                attn_curve = dict(attn_curve, kl=h["kl"], unhealed_kl=h["unhealed_kl"])
+        curve, healed, attn_curve = _curves(s, cheap, ctx, m, {**costs, **bounded}, progress=progress, log=log)
         ctx.references.clear()  # the curves' shared held-out reference (vocabulary-wide) is not needed past them
         if prune:  # the types that fit only merged, now against the curves' real points
             edits = edit_sets(curve, s.method) + (edit_sets(attn_curve, ATTENTION_METHOD)[1:] if attn_curve else [])
             real = m.feasible(lambda c: edits)
             nowhere = "fits only with more merging than can change the plan (the merge curves stop before it fits)"
-            while True:
-                m.settle(real)
-                q = scope.next_to_measure(todo, sizes, m.costs, real, real, grids, skipped, nowhere, scope.published_kl)
-                if q is None:
-                    break
-                m.measure_types([q])
-                todo.remove(q)
-                if retain:
-                    session.retain_only(_best_quant(unmerged(m.costs)))
+            m.best_first(todo, real, real, grids, skipped, retain, nowhere)
             broken = scope.check_order(sizes, costs, grids)
             by_order = [q for q, sk in skipped.items() if "precision order" in sk.why]
             if broken and by_order:  # the rule failed on this model: what it skipped is measured after all
