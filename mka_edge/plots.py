@@ -60,3 +60,49 @@ def pareto_plot(
     fig.savefig(tmp, metadata={"Software": None})
     plt.close(fig)
     tmp.replace(path)
+
+
+# bits per weight of the ggml types an allocation uses, for the heatmap's colour order
+_TYPE_BITS = {
+    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_1": 6, "Q5_K": 5.5, "Q5_0": 5.5,
+    "Q4_1": 5, "Q4_K": 4.5, "IQ4_NL": 4.5, "Q4_0": 4.5, "IQ4_XS": 4.25, "Q3_K": 3.44, "Q2_K": 2.63,
+}  # fmt: skip
+
+
+def allocation_heatmap(
+    types: dict[str, str], n_layers: int, removed: list[int], path: Path, title: str, kind_bytes: dict | None = None
+) -> None:
+    """Layers x tensor kinds, colour = the ggml type each tensor was written in (the actual type,
+    fallbacks included); removed layers blank.  ``kind_bytes``: bytes per kind, printed under
+    the kinds' labels."""
+    import re
+
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    cells: dict[tuple[int, str], str] = {}
+    for name, t in types.items():
+        m = re.match(r"^blk\.(\d+)\.(.+)\.weight$", name)
+        if m:
+            cells[(int(m.group(1)), m.group(2))] = t
+    kinds = sorted({k for _, k in cells})
+    used = sorted({t for t in cells.values()}, key=lambda t: -_TYPE_BITS.get(t, 0))
+    grid = np.full((n_layers, len(kinds)), np.nan)
+    for (layer, kind), t in cells.items():
+        grid[layer, kinds.index(kind)] = used.index(t)
+    cmap = ListedColormap(plt.get_cmap("viridis_r", max(len(used), 2))(range(len(used))))
+    cmap.set_bad("white")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(kinds), 1.5 + 0.18 * n_layers), dpi=120)
+    im = ax.imshow(grid, cmap=cmap, norm=BoundaryNorm(np.arange(len(used) + 1) - 0.5, len(used)), aspect="auto")
+    labels = [k + (f"\n{kind_bytes[k] / 2**20:.1f} MiB" if kind_bytes and k in kind_bytes else "") for k in kinds]
+    ax.set_xticks(range(len(kinds)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
+    ax.set_ylabel("layer" + (f" (removed: {', '.join(map(str, removed))})" if removed else ""))
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(im, ax=ax, ticks=range(len(used)))
+    bar.ax.set_yticklabels(used, fontsize=7)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)

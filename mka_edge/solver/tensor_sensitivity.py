@@ -1,0 +1,139 @@
+"""How much KL each tensor adds at each type (issue 25): the error llama.cpp's own quantizer
+makes on it, weighted by the importance matrix, calibrated per tensor kind against a handful of
+llama.cpp KL measurements.
+
+Why this estimate:
+- The error is the quantizer's real one: each candidate type is written once for the whole model
+  by llama.cpp (with the importance matrix where the type takes one, and with llama.cpp's
+  fallbacks for rows a type cannot take), and each tensor is read back with gguf-py's
+  ``quants.dequantize``.  No reimplementation of a quantizer, so no drift from what a build writes.
+- The weighting is the importance matrix's: llama.cpp's imatrix is the mean square of each input
+  column's activation on calibration text, so ``sum_j imp_j * |W[:, j] - Q(W)[:, j]|^2`` is the
+  expected squared error of the tensor's output, ``E |(W - Q(W)) x|^2``, with the columns taken
+  as uncorrelated (the diagonal that llama.cpp's quantizer minimizes too).  A tensor without an
+  entry (the token embedding, read by row) is weighted uniformly.
+- KL is second order in the output error, so for small errors it is linear in these squared
+  errors, with a factor that depends on where the tensor sits: one factor per tensor kind
+  (``attn_q`` ... ``ffn_down``, ``token_embd``), measured by quantizing that kind alone to a low
+  type with everything else at Q8_0 (``kind_scales``).  A prediction for a mix is the sum over
+  its tensors (``predict``), an additivity assumption the bench checks against measured KL.
+
+Bytes are exact: each tensor's bytes at a type are the bytes llama.cpp wrote for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .allocate import Option
+
+_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
+
+
+def kind_of(name: str) -> tuple[str, int | None]:
+    """(kind, layer) of a GGUF tensor name: ``blk.3.ffn_down.weight`` -> (``ffn_down``, 3);
+    ``token_embd.weight`` -> (``token_embd``, None)."""
+    m = _BLOCK_TENSOR.match(name)
+    if m:
+        return m.group(2), int(m.group(1))
+    return name.removesuffix(".weight"), None
+
+
+@dataclass
+class TensorCost:
+    """One weight tensor: its kind and layer, and per candidate type the ggml type llama.cpp gave
+    it (a fallback for rows the type cannot take shows here), its bytes and its weighted error."""
+
+    name: str
+    kind: str
+    layer: int | None
+    actual: dict[str, str] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    err: dict[str, float] = field(default_factory=dict)
+
+
+def weighted_error(ref: np.ndarray, deq: np.ndarray, imp: np.ndarray | None) -> float:
+    """``sum_ij imp_j (ref_ij - deq_ij)^2`` with rows i and input columns j (uniform without ``imp``)."""
+    d = ref.astype(np.float64) - deq.astype(np.float64)
+    d2 = d * d
+    if imp is None:
+        return float(d2.sum())
+    return float((d2 @ imp.astype(np.float64)).sum())
+
+
+def _float_rows(t) -> np.ndarray:
+    """A GGUF tensor as float32 rows (ne[1] x ne[0]), dequantized when stored quantized."""
+    import gguf
+
+    data = np.asarray(t.data)
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return data.astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+    return gguf.quants.dequantize(data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+
+
+def tensor_table(base: Path, files: dict[str, Path], imatrix: dict[str, np.ndarray]) -> dict[str, TensorCost]:
+    """Every 2-D weight of ``base`` (the float GGUF the quantizer read) against each candidate
+    type's file (``files``: type -> the whole model quantized with that type as its request)."""
+    import gguf
+
+    ref = {t.name: t for t in gguf.GGUFReader(str(base)).tensors if len(t.shape) == 2}
+    table = {name: TensorCost(name, *kind_of(name)) for name in ref}
+    for q, path in files.items():
+        for t in gguf.GGUFReader(str(path)).tensors:
+            if t.name not in table:
+                continue
+            row = table[t.name]
+            row.actual[q] = t.tensor_type.name
+            row.bytes[q] = int(t.n_bytes)
+            row.err[q] = weighted_error(_float_rows(ref[t.name]), _float_rows(t), imatrix.get(t.name))
+    return table
+
+
+def kind_errors(table: dict[str, TensorCost], types: dict[str, str]) -> dict[str, float]:
+    """Summed weighted error per kind of the mix ``types`` (tensor -> candidate type)."""
+    out: dict[str, float] = {}
+    for name, q in types.items():
+        row = table[name]
+        out[row.kind] = out.get(row.kind, 0.0) + row.err[q]
+    return out
+
+
+def kind_scales(
+    table: dict[str, TensorCost], isolated: dict[str, tuple[str, float]], floor: tuple[str, float]
+) -> dict[str, float]:
+    """Nats per unit of weighted error, per kind: ``isolated[kind] = (low type, measured KL)`` of a
+    file with that kind alone at the low type and every other tensor at ``floor``'s type, whose
+    own measured KL is ``floor[1]``.  The kind's KL is the measured difference (at least 0)."""
+    base_type, base_kl = floor
+    scales = {}
+    for kind, (low, kl) in isolated.items():
+        rows = [r for r in table.values() if r.kind == kind]
+        extra = sum(r.err[low] - r.err[base_type] for r in rows)
+        scales[kind] = max(kl - base_kl, 0.0) / extra if extra > 0 else 0.0
+    return scales
+
+
+def predict(table: dict[str, TensorCost], scales: dict[str, float], types: dict[str, str]) -> float:
+    """Predicted KL of the mix ``types`` (tensor -> candidate type): the sum of each tensor's
+    scaled error (a kind without a scale counts as free: measure it before trusting the sum)."""
+    return sum(scales.get(table[n].kind, 0.0) * table[n].err[q] for n, q in types.items())
+
+
+def options(table: dict[str, TensorCost], scales: dict[str, float], names: list[str] | None = None) -> dict:
+    """{tensor: [Option]} for ``allocate``: each candidate type's exact bytes and predicted KL.
+    Candidate types that llama.cpp wrote as the same ggml type for a tensor are one option."""
+    out = {}
+    for name in names if names is not None else list(table):
+        row = table[name]
+        seen: dict[str, Option] = {}
+        for q in row.err:
+            o = Option(q, row.bytes[q], scales.get(row.kind, 0.0) * row.err[q])
+            key = row.actual[q]
+            if key not in seen or o.kl < seen[key].kl:
+                seen[key] = o
+        out[name] = list(seen.values())
+    return out
