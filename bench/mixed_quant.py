@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from mka_edge.exporters.imatrix import ensure_imatrix, imatrix_key, read_imatrix
+from mka_edge.exporters.llama_quantize import quantize
+from mka_edge.exporters.quant_types import quant_type
 from mka_edge.models.loading import load_model
 from mka_edge.plots import allocation_heatmap
 from mka_edge.solver import tensor_sensitivity as ts
@@ -65,8 +67,12 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="time decode tokens/s of the compared files")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--summarize", type=Path, help="only summarize a run's mixed_quant-raw.json into --out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        summarize(json.loads(args.summarize.read_text()), args.out)
+        return
     t0 = time.time()
     lm = load_model(args.model)
     rows: list[dict] = []
@@ -90,16 +96,20 @@ def main() -> None:
         # 1. llama.cpp's file types, as a plan measures them (cached entries)
         probe = session.measure(list(UNIFORM_FTYPES + MIXES))
         for q, e in probe.items():
-            rows.append(
-                {
-                    "label": q + ("+imatrix" if e.get("imatrix") else ""),
-                    "kind": "mix" if q in MIXES else "uniform",
-                    "kl": e["kl"],
-                    "tensor_bytes": sum(e["per_layer"]) + e["other"],
-                    "predicted_kl": None,
-                    "from_probe": True,
-                }
-            )
+            row = {
+                "label": q + ("+imatrix" if e.get("imatrix") else ""),
+                "kind": "mix" if q in MIXES else "uniform",
+                "kl": e["kl"],
+                "tensor_bytes": sum(e["per_layer"]) + e["other"],
+                "predicted_kl": None,
+                "from_probe": True,
+            }
+            if args.speed:  # the probe keeps no file: the same one again, for its decode speed
+                art = tmp / f"ftype-{q}.gguf"
+                quantize(base, art, quant_type(q).ftype, args.threads, matrix if e.get("imatrix") else None)
+                row["decode_tps"] = decode_tps(art, prompt, args.threads)
+                art.unlink()
+            rows.append(row)
         # 2. one file per candidate type: the table of errors and bytes
         files = {q: write_request(base, tmp / f"req-{q}.gguf", q, matrix, args.threads) for q in CANDIDATES}
         table = ts.tensor_table(base, files, importance)
@@ -112,7 +122,8 @@ def main() -> None:
             types = {n: (args.calibrate_type if r.kind == kind else "Q8_0") for n, r in table.items()}
             art = write_types(base, tmp / f"cal-{kind}.gguf", types, matrix, args.threads)
             isolated[kind] = (args.calibrate_type, run(f"{kind} at {args.calibrate_type}", "calibration", art)["kl"])
-        scales = ts.kind_scales(table, isolated, ("Q8_0", floor["kl"]))
+        fl = ("Q8_0", floor["kl"])
+        scales = ts.kind_scales(table, isolated, fl)
         # 4. the single-type requests (prediction check and uniform baselines)
         for q, art in files.items():
             if q == "Q8_0":
@@ -122,14 +133,14 @@ def main() -> None:
                 f"request {q}",
                 "uniform",
                 art,
-                ts.predict(table, scales, types),
+                ts.predict(table, scales, types, fl),
                 actual=sorted({r.actual[q] for r in table.values()}),
             )
         rng = random.Random(0)
         for i in range(args.random_mixes):
             types = {n: rng.choice(list(files)) for n in table}
             art = write_types(base, tmp / f"rand-{i}.gguf", types, matrix, args.threads)
-            run(f"random mix {i}", "random", art, ts.predict(table, scales, types))
+            run(f"random mix {i}", "random", art, ts.predict(table, scales, types, fl))
         # 5. the allocations
         by = {r["label"].split("+")[0]: r for r in rows if r.get("from_probe")}
         lo, hi = by["Q3_K_M"]["tensor_bytes"], by["Q6_K"]["tensor_bytes"]
@@ -138,12 +149,15 @@ def main() -> None:
         norms = floor["tensor_bytes"] - sum(table[n].bytes["Q8_0"] for n in table)
         for j, budget in enumerate(np.linspace(lo, hi, args.budgets)):
             alloc = allocate(opts, budget - norms)
+            if alloc is None:
+                print(f"nothing fits {budget / MIB:.1f} MiB")
+                continue
             art = write_types(base, tmp / f"mixed-{j}.gguf", alloc.types, matrix, args.threads)
             row = run(
                 f"mixed @ {budget / MIB:.1f} MiB",
                 "mixed",
                 art,
-                alloc.kl,
+                alloc.kl + fl[1] - sum(scales[table[n].kind] * table[n].err["Q8_0"] for n in table),
                 budget=float(budget),
                 planned_bytes=alloc.bytes + norms,
                 allocation=alloc.summary(),
@@ -164,7 +178,26 @@ def main() -> None:
                 f"{args.model or 'smollm2-135m'}: per-tensor types at {budget / MIB:.1f} MiB of weights",
                 kind_bytes,
             )
-    # the comparison per budget: best uniform and best _M mix that fit, and the mixed plan
+    raw = {
+        "model": args.model or "smollm2-135m",
+        "candidates": list(files),
+        "calibrate_type": args.calibrate_type,
+        "scales": scales,
+        "fallbacks": {q: sorted({r.actual[q] for r in table.values()}) for q in files},
+        "rows": rows,
+        "table_seconds": t_table,
+        # per tensor and candidate: [the type llama.cpp wrote, its bytes, its imatrix-weighted error]
+        "tensors": {n: {q: [r.actual[q], r.bytes[q], r.err[q]] for q in r.err} for n, r in table.items()},
+        "total_seconds": time.time() - t0,
+    }
+    (args.out / "mixed_quant-raw.json").write_text(json.dumps(raw))  # first: a summary that fails loses nothing
+    summarize(raw, args.out)
+
+
+def summarize(raw: dict, out: Path) -> None:
+    """The comparison per budget (best uniform and best _M mix that fit, the mixed plan), the
+    prediction check, the JSON, the table and the plot, from the raw measurements."""
+    rows = raw["rows"]
     table_rows = []
     for r in [r for r in rows if r["kind"] == "mixed"]:
         fit = [u for u in rows if u["kind"] == "uniform" and u["tensor_bytes"] <= r["budget"]]
@@ -174,41 +207,34 @@ def main() -> None:
         table_rows.append(
             {
                 "budget_mib": r["budget"] / MIB,
-                "uniform": bu and {k: bu[k] for k in ("label", "kl", "tensor_bytes") | ({"decode_tps"} & bu.keys())},
-                "m_mix": bm and {k: bm[k] for k in ("label", "kl", "tensor_bytes") | ({"decode_tps"} & bm.keys())},
-                "mixed": {
-                    k: r[k]
-                    for k in ("label", "kl", "tensor_bytes", "predicted_kl", "allocation", "bytes_exact")
-                    | ({"decode_tps"} & r.keys())
-                },
+                "uniform": bu and _pick(bu, ("label", "kl", "tensor_bytes", "decode_tps")),
+                "m_mix": bm and _pick(bm, ("label", "kl", "tensor_bytes", "decode_tps")),
+                "mixed": _pick(
+                    r, ("label", "kl", "tensor_bytes", "predicted_kl", "allocation", "bytes_exact", "decode_tps")
+                ),
                 "ratio_to_uniform": r["kl"] / bu["kl"] if bu else None,
             }
         )
     checked = [r for r in rows if r["predicted_kl"] is not None and r["kind"] != "calibration"]
     result = {
-        "model": args.model or "smollm2-135m",
-        "candidates": list(files),
-        "calibrate_type": args.calibrate_type,
-        "scales": scales,
-        "fallbacks": {q: sorted({r.actual[q] for r in table.values()}) for q in files},
+        **{k: v for k, v in raw.items() if k not in ("rows", "tensors")},
         "rows": [{k: v for k, v in r.items() if k not in ("types", "actual_types")} for r in rows],
         "allocations": {r["label"]: r["actual_types"] for r in rows if r["kind"] == "mixed"},
         "comparison": table_rows,
         "prediction": [{"label": r["label"], "predicted": r["predicted_kl"], "measured": r["kl"]} for r in checked],
-        "table_seconds": t_table,
-        "total_seconds": time.time() - t0,
     }
-    (args.out / "mixed_quant.json").write_text(json.dumps(result, indent=1))
+    (out / "mixed_quant.json").write_text(json.dumps(result, indent=1))
     print(
-        f"\n{'budget MiB':>10} | {'best uniform':>22} | {'best _M mix':>22} | {'mixed (measured / predicted)':>30} | ratio"
+        f"\n{'budget MiB':>10} | {'best uniform':>24} | {'best _M mix':>24} | {'mixed: measured / predicted':>34} | ratio"
     )
     for t in table_rows:
         u, m, x = t["uniform"], t["m_mix"], t["mixed"]
         us = f"{u['label']} {u['kl']:.4f}" if u else "none fits"
         ms = f"{m['label']} {m['kl']:.4f}" if m else "none fits"
         ratio = f"{t['ratio_to_uniform']:.2f}" if t["ratio_to_uniform"] else "-"
+        exact = "bytes exact" if x["bytes_exact"] else "BYTES DIFFER"
         print(
-            f"{t['budget_mib']:10.1f} | {us:>22} | {ms:>22} | {x['kl']:.4f} / {x['predicted_kl']:.4f} {'exact' if x['bytes_exact'] else 'BYTES DIFFER'} | {ratio}"
+            f"{t['budget_mib']:10.1f} | {us:>24} | {ms:>24} | {x['kl']:.4f} / {x['predicted_kl']:.4f} {exact} | {ratio}"
         )
     pred = np.array([[c["predicted"], c["measured"]] for c in result["prediction"]])
     if len(pred):
@@ -216,8 +242,12 @@ def main() -> None:
         print(
             f"\nprediction over {len(pred)} files: median relative error {np.median(err):.2f}, largest {err.max():.2f}"
         )
-    _plot(rows, args.out / "mixed_quant.png", result["model"])
-    print(f"wrote {args.out}/mixed_quant.json and .png ({result['total_seconds']:.0f} s)")
+    _plot(rows, out / "mixed_quant.png", result["model"])
+    print(f"wrote {out}/mixed_quant.json and .png ({raw['total_seconds']:.0f} s)")
+
+
+def _pick(row: dict, keys: tuple[str, ...]) -> dict:
+    return {k: row[k] for k in keys if k in row}
 
 
 def _plot(rows: list[dict], path: Path, model: str) -> None:

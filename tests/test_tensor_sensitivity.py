@@ -63,7 +63,11 @@ def test_an_allocation_is_written_with_exactly_the_planned_bytes_and_runs_in_lla
     alloc = allocate(opts, lo + 0.3 * (hi - lo))
     assert lo < alloc.bytes <= lo + 0.3 * (hi - lo) and len(alloc.counts()) == 2
     assert all(alloc.types[n] == "Q8_0" for n in table if table[n].kind == "ffn_down")
-    assert alloc.kl == pytest.approx(ts.predict(table, scales, alloc.types))
+    floor = ts.predict(table, scales, {n: "Q8_0" for n in table}, ("Q8_0", 0.01))
+    assert floor == pytest.approx(0.01)  # the all-Q8_0 file predicts its own measured KL
+    assert ts.predict(table, scales, alloc.types, ("Q8_0", 0.0)) == pytest.approx(
+        alloc.kl - sum(scales[table[n].kind] * table[n].err["Q8_0"] for n in table)
+    )
     art = write_types(base, tmp / "mixed.gguf", alloc.types, None)
     written = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(str(art)).tensors}
     assert {n: written[n][0] for n in table} == {n: table[n].actual[q] for n, q in alloc.types.items()}

@@ -80,7 +80,7 @@ def tensor_table(base: Path, files: dict[str, Path], imatrix: dict[str, np.ndarr
     type's file (``files``: type -> the whole model quantized with that type as its request)."""
     import gguf
 
-    ref = {t.name: t for t in gguf.GGUFReader(str(base)).tensors if len(t.shape) == 2}
+    ref = {t.name: _float_rows(t) for t in gguf.GGUFReader(str(base)).tensors if len(t.shape) == 2}
     table = {name: TensorCost(name, *kind_of(name)) for name in ref}
     for q, path in files.items():
         for t in gguf.GGUFReader(str(path)).tensors:
@@ -89,7 +89,7 @@ def tensor_table(base: Path, files: dict[str, Path], imatrix: dict[str, np.ndarr
             row = table[t.name]
             row.actual[q] = t.tensor_type.name
             row.bytes[q] = int(t.n_bytes)
-            row.err[q] = weighted_error(_float_rows(ref[t.name]), _float_rows(t), imatrix.get(t.name))
+            row.err[q] = weighted_error(ref[t.name], _float_rows(t), imatrix.get(t.name))
     return table
 
 
@@ -117,10 +117,16 @@ def kind_scales(
     return scales
 
 
-def predict(table: dict[str, TensorCost], scales: dict[str, float], types: dict[str, str]) -> float:
-    """Predicted KL of the mix ``types`` (tensor -> candidate type): the sum of each tensor's
-    scaled error (a kind without a scale counts as free: measure it before trusting the sum)."""
-    return sum(scales.get(table[n].kind, 0.0) * table[n].err[q] for n, q in types.items())
+def predict(
+    table: dict[str, TensorCost], scales: dict[str, float], types: dict[str, str], floor: tuple[str, float]
+) -> float:
+    """Predicted KL of the mix ``types`` (tensor -> candidate type): the measured KL of the all-
+    ``floor[0]`` file (``floor[1]``: what llama.cpp's arithmetic costs even at 8 bits) plus each
+    tensor's scaled error above its error there.  A kind without a scale counts as free."""
+    base_type, base_kl = floor
+    return base_kl + sum(
+        scales.get(table[n].kind, 0.0) * (table[n].err[q] - table[n].err[base_type]) for n, q in types.items()
+    )
 
 
 def options(table: dict[str, TensorCost], scales: dict[str, float], names: list[str] | None = None) -> dict:
