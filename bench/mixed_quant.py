@@ -8,7 +8,8 @@ Steps, each through llama.cpp's own quantizer and runtime, on the unmerged model
    mix rule applies; llama.cpp's fallbacks where rows cannot take it), each read back with
    gguf-py: the imatrix-weighted error and the exact bytes of every tensor at every type;
 3. one calibration file per tensor kind (that kind at ``--calibrate-type``, the rest Q8_0), whose
-   measured KL gives the kind's nats per unit of error (``tensor_sensitivity.kind_scales``);
+   measured KL, shared by the kind's layers, gives each tensor's nats per unit of error
+   (``tensor_sensitivity.tensor_scales``);
 4. at each budget (weight bytes): the allocation of least predicted KL (``allocate``), written in
    one quantize call with per-tensor overrides, its bytes checked against the plan's;
 5. KL (and decode tokens/s with ``--speed``) of every file in llama.cpp against the reference.
@@ -123,7 +124,7 @@ def main() -> None:
             art = write_types(base, tmp / f"cal-{kind}.gguf", types, matrix, args.threads)
             isolated[kind] = (args.calibrate_type, run(f"{kind} at {args.calibrate_type}", "calibration", art)["kl"])
         fl = ("Q8_0", floor["kl"])
-        scales = ts.kind_scales(table, isolated, fl)
+        scales = ts.tensor_scales(table, isolated, fl)
         # 4. the single-type requests (prediction check and uniform baselines)
         for q, art in files.items():
             if q == "Q8_0":
@@ -157,7 +158,7 @@ def main() -> None:
                 f"mixed @ {budget / MIB:.1f} MiB",
                 "mixed",
                 art,
-                alloc.kl + fl[1] - sum(scales[table[n].kind] * table[n].err["Q8_0"] for n in table),
+                ts.predict(table, scales, alloc.types, fl),
                 budget=float(budget),
                 planned_bytes=alloc.bytes + norms,
                 allocation=alloc.summary(),
@@ -182,6 +183,7 @@ def main() -> None:
         "model": args.model or "smollm2-135m",
         "candidates": list(files),
         "calibrate_type": args.calibrate_type,
+        "isolated": isolated,
         "scales": scales,
         "fallbacks": {q: sorted({r.actual[q] for r in table.values()}) for q in files},
         "rows": rows,

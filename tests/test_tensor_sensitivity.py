@@ -46,7 +46,7 @@ def test_the_table_is_the_quantizer_s_own_error_bytes_and_fallbacks(tiny_files):
     by_file = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(files["Q4_0"])).tensors}
     assert all(row.bytes["Q4_0"] == by_file[n] for n, row in table.items())
     # the same written type is one option, whatever was requested
-    opts = ts.options(table, {k: 1.0 for k in {r.kind for r in table.values()}})
+    opts = ts.options(table, dict.fromkeys(table, 1.0))
     assert all(sorted(o.type for o in v) == ["Q4_0", "Q8_0"] for v in opts.values())
 
 
@@ -55,8 +55,7 @@ def test_an_allocation_is_written_with_exactly_the_planned_bytes_and_runs_in_lla
 
     tmp, base, files, importance = tiny_files
     table = ts.tensor_table(base, files, importance)
-    scales = {k: 1.0 for k in {r.kind for r in table.values()}}
-    scales["ffn_down"] = 50.0  # a sensitive kind: it keeps Q8_0 first
+    scales = {n: (50.0 if r.kind == "ffn_down" else 1.0) for n, r in table.items()}  # a sensitive kind
     opts = ts.options(table, scales)
     lo = sum(min(o.bytes for o in v) for v in opts.values())
     hi = sum(max(o.bytes for o in v) for v in opts.values())
@@ -66,7 +65,7 @@ def test_an_allocation_is_written_with_exactly_the_planned_bytes_and_runs_in_lla
     floor = ts.predict(table, scales, {n: "Q8_0" for n in table}, ("Q8_0", 0.01))
     assert floor == pytest.approx(0.01)  # the all-Q8_0 file predicts its own measured KL
     assert ts.predict(table, scales, alloc.types, ("Q8_0", 0.0)) == pytest.approx(
-        alloc.kl - sum(scales[table[n].kind] * table[n].err["Q8_0"] for n in table)
+        alloc.kl - sum(scales[n] * table[n].err["Q8_0"] for n in table)
     )
     art = write_types(base, tmp / "mixed.gguf", alloc.types, None)
     written = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(str(art)).tensors}
@@ -74,3 +73,18 @@ def test_an_allocation_is_written_with_exactly_the_planned_bytes_and_runs_in_lla
     assert sum(written[n][1] for n in table) == alloc.bytes  # the plan's bytes, exactly
     lp = llama_logprobs(art, [1, 5, 9, 3])
     assert np.isfinite(lp).all() and np.allclose(np.exp(lp).sum(-1), 1.0, atol=1e-4)
+
+
+def test_each_layer_of_a_kind_takes_an_equal_share_of_the_kind_s_measured_kl(tiny_files):
+    tmp, base, files, importance = tiny_files
+    table = ts.tensor_table(base, files, importance)
+    kinds = {r.kind for r in table.values()}
+    isolated = {k: ("Q4_0", 0.01 + (0.06 if k == "ffn_down" else 0.0)) for k in kinds}
+    scales = ts.tensor_scales(table, isolated, ("Q8_0", 0.01))
+    down = [n for n, r in table.items() if r.kind == "ffn_down"]
+    # ffn_down alone at Q4_0 predicts its measured KL, each of its 6 layers a sixth of the 0.06 added
+    only_down = {n: ("Q4_0" if n in down else "Q8_0") for n in table}
+    assert ts.predict(table, scales, only_down, ("Q8_0", 0.01)) == pytest.approx(0.07)
+    one = {n: ("Q4_0" if n == down[0] else "Q8_0") for n in table}
+    assert ts.predict(table, scales, one, ("Q8_0", 0.01)) == pytest.approx(0.01 + 0.01)
+    assert ts.predict(table, scales, dict.fromkeys(table, "Q8_0"), ("Q8_0", 0.01)) == pytest.approx(0.01)

@@ -102,18 +102,29 @@ def kind_errors(table: dict[str, TensorCost], types: dict[str, str]) -> dict[str
     return out
 
 
-def kind_scales(
+def tensor_scales(
     table: dict[str, TensorCost], isolated: dict[str, tuple[str, float]], floor: tuple[str, float]
 ) -> dict[str, float]:
-    """Nats per unit of weighted error, per kind: ``isolated[kind] = (low type, measured KL)`` of a
-    file with that kind alone at the low type and every other tensor at ``floor``'s type, whose
-    own measured KL is ``floor[1]``.  The kind's KL is the measured difference (at least 0)."""
+    """Nats per unit of weighted error, per tensor.  ``isolated[kind] = (low type, measured KL)`` of
+    a file with that kind alone at the low type and every other tensor at ``floor``'s type, whose
+    own measured KL is ``floor[1]``.  The kind's added KL (at least 0) is shared equally by its
+    tensors (one per layer), and each tensor's share is spread over its own error scale: at the
+    low type every layer of a kind adds the same KL, at another type its error relative to its
+    error there says how much.
+
+    Why per tensor and not one factor per kind over the kind's summed error: on SmolLM2 a few
+    layers' ``ffn_down`` carry most of the kind's weighted error (inputs with outlier activations),
+    so one factor made every other layer's error almost free, and the allocation put Q2_K/Q3_K
+    there: predicted 0.005-0.024 nats, measured 0.062-0.093 (bench/mixed_quant.py,
+    docs/results.md).  Equal shares predicted the same files within 0.5x-1.6x."""
     base_type, base_kl = floor
     scales = {}
     for kind, (low, kl) in isolated.items():
         rows = [r for r in table.values() if r.kind == kind]
-        extra = sum(r.err[low] - r.err[base_type] for r in rows)
-        scales[kind] = max(kl - base_kl, 0.0) / extra if extra > 0 else 0.0
+        share = max(kl - base_kl, 0.0) / len(rows)
+        for r in rows:
+            extra = r.err[low] - r.err[base_type]
+            scales[r.name] = share / extra if extra > 0 else 0.0
     return scales
 
 
@@ -122,11 +133,9 @@ def predict(
 ) -> float:
     """Predicted KL of the mix ``types`` (tensor -> candidate type): the measured KL of the all-
     ``floor[0]`` file (``floor[1]``: what llama.cpp's arithmetic costs even at 8 bits) plus each
-    tensor's scaled error above its error there.  A kind without a scale counts as free."""
+    tensor's scaled error above its error there.  A tensor without a scale counts as free."""
     base_type, base_kl = floor
-    return base_kl + sum(
-        scales.get(table[n].kind, 0.0) * (table[n].err[q] - table[n].err[base_type]) for n, q in types.items()
-    )
+    return base_kl + sum(scales.get(n, 0.0) * (table[n].err[q] - table[n].err[base_type]) for n, q in types.items())
 
 
 def options(table: dict[str, TensorCost], scales: dict[str, float], names: list[str] | None = None) -> dict:
@@ -137,7 +146,7 @@ def options(table: dict[str, TensorCost], scales: dict[str, float], names: list[
         row = table[name]
         seen: dict[str, Option] = {}
         for q in row.err:
-            o = Option(q, row.bytes[q], scales.get(row.kind, 0.0) * row.err[q])
+            o = Option(q, row.bytes[q], scales.get(name, 0.0) * row.err[q])
             key = row.actual[q]
             if key not in seen or o.kl < seen[key].kl:
                 seen[key] = o
