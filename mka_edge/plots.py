@@ -73,7 +73,8 @@ def allocation_heatmap(
     types: dict[str, str], n_layers: int, removed: list[int], path: Path, title: str, kind_bytes: dict | None = None
 ) -> None:
     """Layers x tensor kinds, colour = the ggml type each tensor was written in (the actual type,
-    fallbacks included); removed layers blank.  ``kind_bytes``: bytes per kind, printed under
+    fallbacks included); removed layers blank; the tensors outside the layers (token embedding,
+    output) named in the title.  ``kind_bytes``: bytes per kind, printed under
     the kinds' labels."""
     import re
 
@@ -98,7 +99,8 @@ def allocation_heatmap(
     ax.set_xticks(range(len(kinds)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
     ax.set_ylabel("layer" + (f" (removed: {', '.join(map(str, removed))})" if removed else ""))
-    ax.set_title(title, fontsize=9)
+    outside = [f"{n.removesuffix('.weight')} {t}" for n, t in sorted(types.items()) if not n.startswith("blk.")]
+    ax.set_title(title + (f"\noutside the layers: {', '.join(outside)}" if outside else ""), fontsize=9)
     bar = fig.colorbar(im, ax=ax, ticks=range(len(used)))
     bar.ax.set_yticklabels(used, fontsize=7)
     fig.tight_layout()
