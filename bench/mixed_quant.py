@@ -172,7 +172,8 @@ def main() -> None:
                 kind_bytes[table[n].kind] = kind_bytes.get(table[n].kind, 0) + table[n].bytes[q]
             n_layers = 1 + max(r.layer for r in table.values() if r.layer is not None)
             allocation_heatmap(
-                actual,
+                {(table[n].layer, table[n].kind): t for n, t in actual.items() if table[n].layer is not None},
+                {table[n].kind: t for n, t in actual.items() if table[n].layer is None},
                 n_layers,
                 [],
                 args.out / f"allocation-{j}.png",

@@ -70,22 +70,22 @@ _TYPE_BITS = {
 
 
 def allocation_heatmap(
-    types: dict[str, str], n_layers: int, removed: list[int], path: Path, title: str, kind_bytes: dict | None = None
+    cells: dict[tuple[int, str], str],
+    outside: dict[str, str],
+    n_layers: int,
+    removed: list[int],
+    path: Path,
+    title: str,
+    kind_bytes: dict | None = None,
 ) -> None:
     """Layers x tensor kinds, colour = the ggml type each tensor was written in (the actual type,
-    fallbacks included); removed layers blank; the tensors outside the layers (token embedding,
-    output) named in the title.  ``kind_bytes``: bytes per kind, printed under
-    the kinds' labels."""
-    import re
-
+    fallbacks included): ``cells`` {(layer, kind): type}; removed layers blank; the tensors
+    outside the layers (``outside``, {kind: type}: token embedding, output) named in the title.
+    ``kind_bytes``: bytes per kind, printed under the kinds' labels.  The caller names the cells
+    (``solver.tensor_sensitivity.kind_of``): this module sits below the solver."""
     import numpy as np
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    cells: dict[tuple[int, str], str] = {}
-    for name, t in types.items():
-        m = re.match(r"^blk\.(\d+)\.(.+)\.weight$", name)
-        if m:
-            cells[(int(m.group(1)), m.group(2))] = t
     kinds = sorted({k for _, k in cells})
     used = sorted({t for t in cells.values()}, key=lambda t: -_TYPE_BITS.get(t, 0))
     grid = np.full((n_layers, len(kinds)), np.nan)
@@ -99,8 +99,8 @@ def allocation_heatmap(
     ax.set_xticks(range(len(kinds)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
     ax.set_ylabel("layer" + (f" (removed: {', '.join(map(str, removed))})" if removed else ""))
-    outside = [f"{n.removesuffix('.weight')} {t}" for n, t in sorted(types.items()) if not n.startswith("blk.")]
-    ax.set_title(title + (f"\noutside the layers: {', '.join(outside)}" if outside else ""), fontsize=9)
+    named = ", ".join(f"{k} {t}" for k, t in sorted(outside.items()))
+    ax.set_title(title + (f"\noutside the layers: {named}" if named else ""), fontsize=9)
     bar = fig.colorbar(im, ax=ax, ticks=range(len(used)))
     bar.ax.set_yticklabels(used, fontsize=7)
     fig.tight_layout()

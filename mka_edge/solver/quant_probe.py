@@ -34,7 +34,7 @@ from ..validate.reference import compact_reference
 from ..validate.runner import run_child
 from ..validate.workers import GGUF_WORKER as WORKER
 from .memory import repacked
-from .speed import Efficiency, calibrate, efficiency
+from .speed import Efficiency, calibrate, calibrated, efficiency
 
 PROBE_VERSION = 4  # 3: each type measured plain and with an importance matrix; 4: Q4_K counted as repacked
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -202,8 +202,6 @@ class ProbeSession:
         """Host decode speed of a Q8_0 file (the speed model's efficiency), without measuring its KL.
         Once per host and model: a process that waited for another's calibration (or a later plan)
         is handed the one recorded."""
-        from .speed import calibrated
-
         with entry_lock(self.folder / "speed-calibration", "the host's speed calibration"):
             if calibrated("gguf", self.lm.fingerprint):
                 return efficiency("gguf", self.lm.fingerprint)

@@ -93,15 +93,6 @@ def tensor_table(base: Path, files: dict[str, Path], imatrix: dict[str, np.ndarr
     return table
 
 
-def kind_errors(table: dict[str, TensorCost], types: dict[str, str]) -> dict[str, float]:
-    """Summed weighted error per kind of the mix ``types`` (tensor -> candidate type)."""
-    out: dict[str, float] = {}
-    for name, q in types.items():
-        row = table[name]
-        out[row.kind] = out.get(row.kind, 0.0) + row.err[q]
-    return out
-
-
 def tensor_scales(
     table: dict[str, TensorCost], isolated: dict[str, tuple[str, float]], floor: tuple[str, float]
 ) -> dict[str, float]:
