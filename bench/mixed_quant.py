@@ -79,7 +79,7 @@ def main() -> None:
     rows: list[dict] = []
     with ProbeSession(lm, threads=args.threads, progress=False) as session, tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base, _, ref_path = session._base()
+        base, _, ref_path = session.base()
         matrix = ensure_imatrix(lm, imatrix_key(lm), progress=False)
         importance = read_imatrix(matrix)[0]
         prompt = np.load(ref_path)["ids"].reshape(-1)[:64].tolist()

@@ -259,7 +259,10 @@ def try_candidate(cand: Ranked, i: int, plan: Plan, ctx, target, tmp: Path, **kw
         f"({target.runtime_label}{'; the file the plan measured, moved' if moved else ''})"
     )
     art = tmp / target.artifact_name(tag)
-    summary = target.export(lm, art, quant, context=context, progress=progress, imatrix=cand.imatrix, made=moved)
+    mixed = {"tensor_types": cand.tensor_types} if cand.tensor_types else {}  # a mixed plan's per-tensor types
+    summary = target.export(
+        lm, art, quant, context=context, progress=progress, imatrix=cand.imatrix, made=moved, **mixed
+    )
     del lm  # a merged model is not needed again; the reference below is the source in ctx
     killpoint("build:after-export")
     log(f"[4/5] validate in {target.runtime_label} (KV cache {cache})")

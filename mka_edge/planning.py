@@ -67,6 +67,8 @@ class PlanSettings:
     # a build (not `plan`) refuses, as soon as it is known, a plan predicted to miss the quality
     # bar (solver/bar.py); --build-anyway turns it off.  Not a plan setting: not in plan.json.
     refuse_below_bar: bool = False
+    mixed: bool = False  # mixed plans: every tensor its own type (solver/mixed_plans.py)
+    mixed_types: tuple[str, ...] = ()  # the ggml types a mixed plan's tensors may take
 
     @property
     def target(self) -> CostModel:
@@ -95,6 +97,7 @@ class PlanSettings:
             "attention_removal": self.attention_removal,
             "imatrix": self.imatrix,
             "measure_all": self.measure_all,
+            **({"mixed": True, "mixed_types": list(self.mixed_types)} if self.mixed else {}),
         }
 
     def forbidden(self) -> str:
@@ -137,6 +140,8 @@ def resolve_settings(
     imatrix: bool = True,
     measure_all: bool = False,
     refuse_below_bar: bool = False,
+    mixed: bool = False,
+    mixed_types: tuple[str, ...] | list[str] | None = None,
 ) -> PlanSettings:
     """The one precedence rule: a value given here (the command line, or the recipe's defaults the
     CLI already applied) wins, else the profile's.  Every check needs no model."""
@@ -162,6 +167,15 @@ def resolve_settings(
         raise UserError("--budget-mb and --context must be positive")
     if heal_points < 0:
         raise UserError(f"--heal-curve-points must be 0 or more (got {heal_points})")
+    if mixed and not prof.target.per_tensor_types:
+        raise UserError(
+            f"--mixed needs per-tensor types, which {prof.target.runtime_label} does not take; drop --mixed"
+        )
+    types: tuple[str, ...] = ()
+    if mixed:
+        from .solver.tensor_probe import CANDIDATES, check_types
+
+        types = check_types(tuple(mixed_types or CANDIDATES))
     return PlanSettings(
         prof,
         model,
@@ -180,6 +194,8 @@ def resolve_settings(
         imatrix,
         measure_all,
         refuse_below_bar,
+        mixed,
+        types,
     )
 
 
@@ -207,6 +223,11 @@ def cheap_facts(s: PlanSettings) -> CheapFacts:
         forbidden=s.forbidden(),
     )
     attn = s.attention_removal and s.target.supports_attention_removal(ms.arch) and s.method in ATTENTION_BASES
+    if s.mixed and not measure:
+        raise UserError(
+            "--mixed measures each tensor's error in llama.cpp, which a model this large (or --quality-prior) "
+            "is not probed for on this host; drop --mixed"
+        )
     return CheapFacts(ms, sizes, exact, measure, k_max, tuple(modes), attn)
 
 
@@ -499,6 +520,7 @@ def measure(
                 for q in by_order:
                     skipped.pop(q)
                 m.settle(real)
+        mixed, mixed_scope = _mixed_costs(s, cheap, m, session, curve, attn_curve, progress=progress, log=log)
         runs = getattr(session, "runs", None)
         if retain and (best := _best_quant(unmerged(m.costs))):
             session.hand_over(best, keep)
@@ -512,6 +534,7 @@ def measure(
         "kl_not_measured": [c.mode for c in m.caches.values() if not c.kl_measured],
         "order_violations": scope.check_order(sizes, costs, grids) if prune else [],
         **({"probe_runs": runs} if runs is not None else {}),
+        **({"mixed": mixed_scope} if mixed_scope else {}),
     }
     return Facts(
         cheap,
@@ -526,7 +549,31 @@ def measure(
         tuple(m.caches.values()),
         attn_curve,
         scope_rec,
+        mixed,
     )
+
+
+def _mixed_costs(s: PlanSettings, cheap: CheapFacts, m: _Measurer, session, curve, attn_curve, *, progress, log):
+    """(per-tensor costs or None, what the plan records of them): measured (``tensor_probe.sensitivity``,
+    cached) only when a mixed plan could beat the best plan with one type, whose KL it can never go
+    below the all-Q8_0 floor of (every mixed tensor is at most Q8_0) plus the least edit set's KL."""
+    if not s.mixed:
+        return None, None
+    from .solver.tensor_probe import CARRIER, sensitivity
+
+    edits = edit_sets(curve, s.method) + (edit_sets(attn_curve, ATTENTION_METHOD)[1:] if attn_curve else [])
+    cands = enumerate_plans(s, m.shape, m.costs, m.eff().value, edits, list(m.caches.values()))
+    best = min((c for c in cands if c.fits_memory and c.fits_speed), key=lambda c: c.kl, default=None)
+    floor = m.costs[CARRIER].kl if CARRIER in m.costs and m.costs[CARRIER].kl is not None else 0.0
+    if best is not None and min(e.kl for e in edits) + floor >= best.kl:
+        why = (
+            f"not measured: the best plan with one type ({best.label}, {best.kl:.4f} nats) already loses no more "
+            f"than the all-{CARRIER} floor ({floor:.4f} nats) every mixed plan starts from"
+        )
+        log(f"mixed plans {why}")
+        return None, {"measured": False, "why": why}
+    sens = sensitivity(session, s.mixed_types, progress=progress, log=log)
+    return sens, {"measured": True, "types": list(s.mixed_types), "floor_kl": sens.floor[1]}
 
 
 class Planned(NamedTuple):

@@ -207,6 +207,9 @@ class Choice:
     cache: str = BASELINE_CACHE  # kv_cache.CacheMode label: K type / V type, +fa with flash attention
     imatrix: bool = False  # the weight type quantized with an importance matrix
     attn_removed: list = field(default_factory=list)  # original layers kept without attention
+    # a mixed plan (quant MIXED): each 2-D weight's ggml type, named as in the edited model (blocks
+    # numbered from 0 after a merge; ``kept_layers[i]`` is the original of block i)
+    tensor_types: dict | None = None
 
 
 def is_a(v: Any, kind: type | tuple) -> bool:
@@ -239,11 +242,17 @@ class Ranked:
     cache: str = BASELINE_CACHE
     attn_layers: int | None = None  # layers keeping attention (None: all)
     kl: float | None = None
+    tensor_types: dict | None = None  # a mixed plan's allocation (tensor name in the edited model -> ggml type)
 
     @classmethod
     def from_json(cls, d: Any, default_method: str, where: str = "plan") -> Ranked:
         if not isinstance(d, dict):
             raise UserError(f"{where}: 'ranked' must be a list of plans (got {d!r}); plan again")
+        types = d.get("tensor_types")
+        if types is not None and not (
+            isinstance(types, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in types.items())
+        ):
+            raise UserError(f"{where}: field 'tensor_types' must map tensor names to ggml types; plan again")
         return cls(
             method=d.get("method") or default_method,
             k=_checked(d, "k", int, where, minimum=0),
@@ -252,6 +261,7 @@ class Ranked:
             cache=_checked(d, "cache", str, where, optional=True) or BASELINE_CACHE,
             attn_layers=_checked(d, "attn_layers", int, where, optional=True, minimum=0),
             kl=_checked(d, "kl", (int, float), where, optional=True),
+            tensor_types=types,
         )
 
     @property

@@ -401,6 +401,24 @@ class PlanOptions(Record):
         "cached): per type the plan takes whichever of plain and imatrix measured lower KL, and the "
         "imatrix-only types (IQ4_XS, IQ3_M) join the candidates.",
     )
+    mixed: bool = setting(
+        False,
+        "--mixed",
+        secondary="--no-mixed",
+        decides_plan=True,
+        help="llama.cpp targets: also consider mixed plans, every weight tensor its own type, allocated under "
+        "the budget left for the weights (with the edit sets' layer and attention removal as the zero-bit end). "
+        "Measures each tensor's importance-matrix-weighted error at each --mixed-types type in llama.cpp's own "
+        "quantizer and one KL per tensor kind: about 7 min on SmolLM2-135M, cached per model. Off by default.",
+    )
+    mixed_types: str = setting(
+        "Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,IQ4_NL,Q4_0,Q3_K,Q2_K",
+        "--mixed-types",
+        decides_plan=True,
+        help="With --mixed: comma-separated ggml tensor types a tensor may take (Q8_0, the floor, must be "
+        "one). Fewer types measure faster; llama.cpp falls back from a K-quant where a tensor's rows "
+        "cannot take it, and the plan counts the type it really writes.",
+    )
     measure_all: bool = setting(
         False,
         "--measure-all",
@@ -431,6 +449,7 @@ class PlanOptions(Record):
         """planning.resolve_settings' keyword arguments (the profile is its first argument)."""
         out = {k: v for k, v in self.values().items() if k != "profile"}
         out["quants"] = self.quants.split(",") if self.quants else None
+        out["mixed_types"] = tuple(self.mixed_types.split(","))
         return out
 
 

@@ -66,3 +66,22 @@ def test_an_impossible_budget_is_none_and_a_generous_one_takes_the_best_of_each(
     # a's upgrade and then has no room for b's; the exact program takes b's
     tight = allocate(opts, 40)
     assert tight.types == {"a": "lo", "b": "hi"} and tight.summary() == "1 tensors at lo, 1 tensors at hi"
+
+
+def test_several_budgets_from_one_program_equal_one_program_each():
+    rng = random.Random(2)
+    from mka_edge.solver.allocate import allocate_at
+
+    for _ in range(10):
+        opts = _instance(rng, 6)
+        lo = sum(min(o.bytes for o in v) for v in opts.values())
+        hi = sum(max(o.bytes for o in v) for v in opts.values())
+        budgets = sorted(rng.uniform(lo - 50, hi) for _ in range(4))
+        many = allocate_at(opts, budgets)
+        for b, got in zip(budgets, many):
+            one = allocate(opts, b)
+            if one is None:
+                assert got is None
+                continue
+            assert got.bytes <= b
+            assert got.kl == pytest.approx(_brute(opts, b), rel=1e-9)

@@ -26,6 +26,9 @@ ADDED = {
     "merge": {"--batch-size"},
     "plan": {"--batch-size", "--loss-samples"},
 }
+# New levers since, each named here when it lands (issue 25: mixed plans).
+for _cmd in ("build", "plan"):
+    ADDED[_cmd] = ADDED[_cmd] | {"--mixed/--no-mixed", "--mixed-types"}
 
 
 def _default(p: click.Option):

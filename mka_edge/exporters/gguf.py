@@ -35,7 +35,7 @@ from .gguf_inspect import inspect_gguf
 from .gguf_names import tensor_name_map
 from .gguf_tokenizer import copy_tokenizer_fields, write_hf_tokenizer
 from .imatrix import imatrix_for, imatrix_provenance
-from .llama_quantize import quantize
+from .llama_quantize import quantize, tensor_pattern
 from .paths import ensure_writable_parent
 from .quant_types import QuantType, quant_type
 
@@ -118,8 +118,14 @@ def _model_name(lm, merge_log: MergeLog | None) -> str:
     return f"{name}-merged-K{k}" if k else name
 
 
-def _provenance(writer, lm, merge_log: MergeLog | None) -> None:
-    """merge_log.provenance as ``mka_edge.*`` metadata (read back by gguf_inspect)."""
+TENSOR_TYPES_KEY = "mka_edge.tensor_types"  # a mixed plan's allocation, JSON {tensor: ggml type}
+
+
+def _provenance(writer, lm, merge_log: MergeLog | None, tensor_types: dict | None = None) -> None:
+    """merge_log.provenance as ``mka_edge.*`` metadata (read back by gguf_inspect); a mixed plan's
+    per-tensor types as ``mka_edge.tensor_types`` (llama.cpp's quantizer copies every key)."""
+    if tensor_types:
+        writer.add_string(TENSOR_TYPES_KEY, json.dumps(tensor_types, sort_keys=True, separators=(",", ":")))
     prov = provenance(lm, merge_log)
     writer.add_string("mka_edge.version", prov["mka_edge"])
     writer.add_string("mka_edge.method", prov["method"])
@@ -292,6 +298,7 @@ def write_float_gguf(
     merge_log: MergeLog | None = None,
     pre_tokenizer: str | None = None,
     progress: bool = False,
+    tensor_types: dict[str, str] | None = None,
 ) -> dict:
     """Write an F32, F16 or BF16 GGUF of a loaded model to ``path`` (caller handles atomicity),
     streaming the tensors: the writer holds one converted tensor at a time, never a model copy."""
@@ -324,7 +331,7 @@ def write_float_gguf(
         if n_vocab != int(config.vocab_size):
             raise UserError(f"tokenizer has {n_vocab} tokens but the model's embedding has {config.vocab_size} rows")
         _hparams(writer, config, n_vocab)
-        _provenance(writer, lm, merge_log)
+        _provenance(writer, lm, merge_log, tensor_types)
         count, freqs = _tensor_infos(writer, lm, float_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -355,13 +362,20 @@ def export_loaded(
     intermediate: str | None = None,
     imatrix: bool = False,
     progress: bool = True,
+    tensor_types: dict[str, str] | None = None,
 ) -> dict:
     """Export a loaded model; returns the summary of the file written (types read back from it).
+    ``tensor_types``: a mixed plan's {tensor name: ggml type} (quant MIXED), written in one
+    quantize call as llama.cpp's per-tensor overrides and recorded in ``mka_edge.tensor_types``.
     ``intermediate`` (F32, F16, BF16; default by ``intermediate_type``) is the float file handed
     to llama.cpp's quantizer.  ``imatrix``: quantize with the model's importance matrix (cached,
     see ``imatrix_for``; calibration text ``imatrix_texts``, default the packaged one) when the
     type takes one; types that need one always get it, types that ignore one never do."""
     q = quant if isinstance(quant, QuantType) else quant_type(quant)
+    if q.per_tensor and not tensor_types:
+        raise UserError(
+            f"{q.name} is a mixed plan's type: it needs the plan's per-tensor types (build a plan with --mixed)"
+        )
     out = check_out_file(out)
     merge_log = read_merge_log(lm.source.get("model_dir"))
     threads = threads or max(1, os.cpu_count() or 1)
@@ -370,7 +384,7 @@ def export_loaded(
         matrix = imatrix_for(lm, imatrix_texts, progress=progress)  # before the slow write: cached after
     clean_stale(out)  # a killed export's scratch folder
     try:
-        return _export_to(lm, out, q, merge_log, pre_tokenizer, threads, intermediate, matrix, progress)
+        return _export_to(lm, out, q, merge_log, pre_tokenizer, threads, intermediate, matrix, progress, tensor_types)
     except OSError as exc:
         float_type = intermediate_type(lm.model.config, q.name, intermediate)
         need = f32_bytes(lm.model.config) * {"F32": 4, "F16": 2, "BF16": 2}[float_type] / 4 * (1 if q.direct else 2)
@@ -420,18 +434,21 @@ def _free_mb(folder: Path) -> float:
         return float("nan")
 
 
-def _export_to(lm, out: Path, q: QuantType, merge_log, pre_tokenizer, threads, intermediate, matrix, progress) -> dict:
+def _export_to(
+    lm, out: Path, q: QuantType, merge_log, pre_tokenizer, threads, intermediate, matrix, progress, tensor_types=None
+) -> dict:
     """export_loaded's write: scratch folder beside ``out``, float GGUF, quantizer, rename."""
     with ExitStack() as stack:
         tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=temp_sibling_prefix(out), dir=out.parent)))
         float_type = intermediate_type(lm.model.config, q.name, intermediate)
         base = tmpdir / f"base-{float_type.lower()}.gguf"
-        tok_info = write_float_gguf(lm, base, float_type, merge_log, pre_tokenizer, progress)
+        tok_info = write_float_gguf(lm, base, float_type, merge_log, pre_tokenizer, progress, tensor_types)
         if q.direct:
             final_tmp = base
         else:
             final_tmp = tmpdir / "quantized.gguf"
-            quantize(base, final_tmp, q.ftype, threads, matrix, progress=progress)
+            overrides = {tensor_pattern(n): t for n, t in (tensor_types or {}).items()} or None
+            quantize(base, final_tmp, q.ftype, threads, matrix, progress=progress, overrides=overrides)
         summary = _rename_into(final_tmp, out)
     summary["path"] = str(out)
     summary["quant"] = q.name

@@ -24,13 +24,14 @@ class QuantType:
     needs_imatrix: bool = False  # llama.cpp refuses (or badly makes) it without an importance matrix
     direct: bool = False  # written by gguf-py itself, without llama.cpp's quantizer
     note: str = ""
+    per_tensor: bool = False  # each tensor at the type a plan allocated it (tt_overrides on this ftype)
 
     @property
     def imatrix_helps(self) -> bool:
         """Whether llama.cpp's quantizer weighs the rounding by an importance matrix when given one:
         the legacy (Q4_0..Q5_1), K and IQ types do; the float types, Q8_0 and the ternary TQ types
         ignore it (ggml's quantize functions for them take no weights)."""
-        return self.needs_imatrix or self.main not in _IMATRIX_IGNORED
+        return self.needs_imatrix or self.per_tensor or self.main not in _IMATRIX_IGNORED
 
     @property
     def nominal_bpw(self) -> float:
@@ -74,6 +75,8 @@ _ROWS = [
     QuantType("IQ2_XXS", 19, "IQ2_XXS", needs_imatrix=True),
     QuantType("IQ1_M", 31, "IQ1_M", needs_imatrix=True),
     QuantType("IQ1_S", 24, "IQ1_S", needs_imatrix=True),
+    # a mixed plan (issue 25): the Q8_0 file type carries per-tensor overrides, so no mix rule applies
+    QuantType("MIXED", 7, "Q8_0", note="per-tensor types from a mixed plan (--mixed)", per_tensor=True),
 ]
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _ROWS}
 

@@ -54,15 +54,24 @@ RESOLUTION = 50_000  # budget steps: the rounding costs at most one step per ten
 def allocate(options: dict[str, list[Option]], budget_bytes: float) -> Allocation | None:
     """The least predicted KL with every tensor at one of its options and at most
     ``budget_bytes`` in all; None when even each tensor's smallest option does not fit."""
+    return allocate_at(options, [budget_bytes])[0]
+
+
+def allocate_at(options: dict[str, list[Option]], budgets: list[float]) -> list[Allocation | None]:
+    """``allocate`` at several budgets from one dynamic program: its table holds the least KL
+    within every budget up to the largest, so each further budget is only a walk back (a plan
+    allocates once per edit set and reads off one budget per cache mode)."""
     import numpy as np
 
     if not options:
-        return Allocation({}, 0, 0.0)
+        return [Allocation({}, 0, 0.0) for _ in budgets]
     names = list(options)
-    if sum(min(o.bytes for o in options[n]) for n in names) > budget_bytes:
-        return None
-    unit = max(1, int(np.ceil(budget_bytes / RESOLUTION)))
-    cap = int(budget_bytes // unit)
+    least = sum(min(o.bytes for o in options[n]) for n in names)
+    top = max(budgets)
+    if least > top:
+        return [None for _ in budgets]
+    unit = max(1, int(np.ceil(top / RESOLUTION)))
+    cap = int(top // unit)
     best = np.zeros(cap + 1)  # least KL of the tensors so far within b units
     picks = []
     for n in names:
@@ -78,18 +87,27 @@ def allocate(options: dict[str, list[Option]], budget_bytes: float) -> Allocatio
             new[better], arg[better] = cand[better], i
         best = new
         picks.append(arg)
-    if not np.isfinite(best[cap]):  # the rounding left no room: the smallest options, then spend
-        pick = {n: min(options[n], key=lambda o: (o.bytes, o.kl)) for n in names}
-    else:
-        pick, b = {}, cap
-        for n, arg in zip(reversed(names), reversed(picks)):
-            o = options[n][int(arg[b])]
-            pick[n] = o
-            b -= -(-o.bytes // unit)
-    pick = _spend({n: options[n] for n in names}, pick, budget_bytes)
-    return Allocation(
-        {n: pick[n].type for n in names}, sum(o.bytes for o in pick.values()), sum(o.kl for o in pick.values())
-    )
+    out: list[Allocation | None] = []
+    for budget in budgets:
+        if least > budget:
+            out.append(None)
+            continue
+        b = int(budget // unit)
+        if not np.isfinite(best[b]):  # the rounding left no room: the smallest options, then spend
+            pick = {n: min(options[n], key=lambda o: (o.bytes, o.kl)) for n in names}
+        else:
+            pick = {}
+            for n, arg in zip(reversed(names), reversed(picks)):
+                o = options[n][int(arg[b])]
+                pick[n] = o
+                b -= -(-o.bytes // unit)
+        pick = _spend({n: options[n] for n in names}, pick, budget)
+        out.append(
+            Allocation(
+                {n: pick[n].type for n in names}, sum(o.bytes for o in pick.values()), sum(o.kl for o in pick.values())
+            )
+        )
+    return out
 
 
 def _spend(options: dict[str, list[Option]], pick: dict[str, Option], budget_bytes: float) -> dict[str, Option]:

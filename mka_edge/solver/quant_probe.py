@@ -175,7 +175,7 @@ class ProbeSession:
             | only
         )
 
-    def _base(self) -> tuple[Path, str, Path]:
+    def base(self) -> tuple[Path, str, Path]:
         """(float base GGUF, its type, reference file), made on first use."""
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mka-edge-probe-")
@@ -189,10 +189,18 @@ class ProbeSession:
             self._made = (base, float_type, ref_path)
         return self._made
 
+    def matrix(self) -> Path:
+        """The unmerged model's importance matrix (cached by ``imatrix_for``'s key), made on first use."""
+        from mka_edge.exporters.imatrix import ensure_imatrix, imatrix_key
+
+        if self._keyed is None:
+            self._keyed = imatrix_key(self.lm, self.calibration)
+        return ensure_imatrix(self.lm, self._keyed, self.progress)
+
     def q8_0(self) -> Path:
         """The unmerged model as Q8_0, quantized once for this plan: the speed calibration, the
         cache-mode probe and the Q8_0 probe all run this one file."""
-        base, _, _ = self._base()
+        base, _, _ = self.base()
         art = Path(self._tmp.name) / "Q8_0.gguf"
         if not art.is_file():
             quantize(base, art, quant_type("Q8_0").ftype, self.threads, None)
@@ -205,7 +213,7 @@ class ProbeSession:
         with entry_lock(self.folder / "speed-calibration", "the host's speed calibration"):
             if calibrated("gguf", self.lm.fingerprint):
                 return efficiency("gguf", self.lm.fingerprint)
-            _, _, ref_path = self._base()
+            _, _, ref_path = self.base()
             art = self.q8_0()
             return _calibrate_speed(art, tensor_bytes_split(art), ref_path, self.threads, self.lm.fingerprint)
 
@@ -222,7 +230,7 @@ class ProbeSession:
                 return results
             from mka_edge.exporters.imatrix import ensure_imatrix
 
-            base, float_type, ref_path = self._base()
+            base, float_type, ref_path = self.base()
             tmp = Path(self._tmp.name)
             matrix = ensure_imatrix(lm, self._keyed, self.progress) if any(self._helps(q) for q in missing) else None
             for q in tqdm(missing, desc="measuring quant types", disable=not self.progress, leave=False):

@@ -43,6 +43,8 @@ class Candidate:
     imatrix: bool = False
     attn_layers: int | None = None  # layers keeping attention (None: all)
     kl_terms: dict | None = None  # {'edits', 'quant', 'cache'}
+    mixed: str | None = None  # a mixed plan's types in a few words ("182 tensors at Q5_0, 29 at Q8_0")
+    tensor_types: dict | None = None  # a mixed plan's allocation {original tensor name: ggml type}; not in as_dict
 
     @property
     def key(self) -> tuple:
@@ -57,6 +59,9 @@ class Candidate:
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        d.pop("tensor_types")  # a few hundred entries: plan.json keeps them once, in its ranked plans
+        if d["mixed"] is None:
+            d.pop("mixed")
         for key in ("memory_mb", "kl", "tps"):
             d[key] = round(d[key], 4)
         if d["kl_terms"]:
@@ -115,7 +120,7 @@ def candidates(
         for quant, cost in probe.items():
             target = cost_model(cost.target)
             wb, rb = cost.weight_bytes(list(e.kept))
-            if e.attn_removed:
+            if e.attn_removed and not cost.extra.get("exact_edit"):  # a mixed cost already left them out
                 per = cost.per_layer
                 rep = cost.repack_per_layer or (0.0,) * len(per)
                 wb -= share * sum(per[i] for i in e.attn_removed)
@@ -206,7 +211,13 @@ def _lever_notes(best: Candidate, feasible: list[Candidate]) -> list[str]:
             f"the {best.cache} cache beats the f16 cache without flash attention "
             + (f"({b.label}, {b.kl:.3f} nats)" if b else "(no plan with it fits)")
         )
-    if best.imatrix:
+    if best.tensor_types is not None:
+        u = best_where(lambda c: c.tensor_types is None)
+        notes.append(
+            f"mixed: {best.mixed}; beat the best plan with one type "
+            + (f"({u.label}, {u.kl:.3f} nats)" if u else "(none fits)")
+        )
+    elif best.imatrix:
         p = best_where(lambda c: c.quant == best.quant and not c.imatrix)
         if p is None:
             notes.append(f"{best.quant} with an importance matrix measured lower KL than without")

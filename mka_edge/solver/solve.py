@@ -24,8 +24,10 @@ from ..records import Budget, CacheCost, Choice, EditSet, Plan, QuantCost, Ranke
 from ..target_protocols import CostModel
 from .feasibility import ModelShape
 from .memory import DEFAULT_OVERHEAD_MB, Shape
+from .mixed_plans import mixed_candidates, renumbered
 from .search import Candidate, choose, edit_sets, pareto
 from .search import candidates as enumerate_candidates
+from .tensor_sensitivity import Sensitivity
 
 
 class PlanInputs(Protocol):
@@ -75,6 +77,7 @@ class Facts:
     caches: tuple[CacheCost, ...] = (CacheCost(BASELINE_CACHE),)
     attn_curve: dict | None = None  # the sleb-attn curve (healed when the plan heals)
     scope: dict = field(default_factory=dict)  # what was measured, what was not and why (solver/scope.py)
+    mixed: Sensitivity | None = None  # per-tensor costs: mixed plans are candidates (--mixed)
 
 
 def enumerate_plans(
@@ -97,6 +100,30 @@ def enumerate_plans(
     )
 
 
+def with_mixed(s: PlanInputs, facts: Facts, edits: list[EditSet], cands: list[Candidate]) -> list[Candidate]:
+    """``cands`` and, with per-tensor costs measured, a mixed plan per edit set and cache mode that
+    could beat the best feasible plan with one type (``mixed_plans.mixed_candidates``)."""
+    if facts.mixed is None:
+        return cands
+    b = s.budget
+    fit = [c.kl for c in cands if c.fits_memory and c.fits_speed]
+    return cands + mixed_candidates(
+        facts.mixed,
+        facts.shape,
+        edits,
+        [c for c in facts.caches if c.kl_measured and c.speed_measured],  # no mixed plan on a bound
+        target=s.target.name,
+        incumbent_kl=min(fit, default=float("inf")),
+        context=b.context,
+        budget_mb=b.memory_mb,
+        bandwidth_gbps=s.profile.bandwidth_gbps,
+        efficiency=facts.efficiency,
+        min_tps=b.min_tokens_per_s,
+        max_kl=b.max_quality_loss,
+        overhead_mb=DEFAULT_OVERHEAD_MB,
+    )
+
+
 def all_edit_sets(facts: Facts, s: PlanInputs) -> list[EditSet]:
     """The edit sets a plan chooses between: the method's curve, then the attention curve's steps."""
     out = edit_sets(facts.curve, s.method)
@@ -110,6 +137,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
     curve, healed, heal = facts.curve, facts.healed, s.heal
     edits = all_edit_sets(facts, s)
     cands = enumerate_plans(s, facts.shape, facts.costs, facts.efficiency, edits, facts.caches)
+    cands = with_mixed(s, facts, edits, cands)
     ranked, reason = choose(
         cands, s.budget.memory_mb, s.budget.min_tokens_per_s, s.budget.context, forbidden=s.forbidden()
     )
@@ -147,6 +175,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
             best.cache,
             best.imatrix,
             list(best_edit.attn_removed),
+            _as_written(best, edits),
         ),
         reason=reason,
         alternatives=[c.as_dict() for c in ranked[1:6]],
@@ -161,7 +190,15 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
                 else "KL(K, q, c) = held-out KL of the edit set at K + KL of quant q on the unmerged model "
                 "+ KL of cache mode c on the unmerged Q8_0 model"
             ),
-            "quant_cost": facts.quant_source,
+            "quant_cost": facts.quant_source
+            + (
+                "; MIXED: per-tensor types allocated under the budget left for the weights, each tensor's "
+                "KL its importance-matrix-weighted error at the type (read back from llama.cpp's own "
+                f"quantizer) x nats per unit of error calibrated per tensor kind at {facts.mixed.calibrate}, "
+                f"plus the all-{facts.mixed.floor[0]} file's measured KL"
+                if facts.mixed is not None
+                else ""
+            ),
             "cache_cost": "measured on this model in llama.cpp (Q8_0 file, held-out KL over the f16 cache without "
             "flash attention; decode speed with the cache filled to the plan's context, as a share of that mode's)"
             if len(facts.caches) > 1
@@ -200,7 +237,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
             ),
         },
         heal=asdict(heal) if healed else None,
-        quant_costs={q: c.plan_json() for q, c in facts.costs.items()},
+        quant_costs={q: c.plan_json() for q, c in facts.costs.items()} | _mixed_json(facts, best),
         cache_costs={
             c.mode: {
                 "kl": c.kl,
@@ -212,6 +249,42 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
         },
         scope=facts.scope,
         candidates=[c.as_dict() for c in cands],
-        ranked=[Ranked(c.method, c.k, c.quant, c.imatrix, c.cache, c.attn_layers, c.kl) for c in ranked],
+        ranked=[
+            Ranked(c.method, c.k, c.quant, c.imatrix, c.cache, c.attn_layers, c.kl, _as_written(c, edits))
+            for c in ranked
+        ],
         settings=s.settings_json(),
     )
+
+
+def _mixed_json(facts: Facts, best: Candidate) -> dict:
+    """plan.json's record of the per-tensor costs a mixed plan was allocated from (the allocation
+    itself is in the choice and in each ranked plan)."""
+    sens = facts.mixed
+    if sens is None:
+        return {}
+    embd = "token_embd.weight"
+    types = best.tensor_types or {}
+    return {
+        "MIXED": {
+            "floor": list(sens.floor),
+            "calibrate": sens.calibrate,
+            "types": sorted({q for r in sens.table.values() for q in r.err}),
+            "tensors": len(sens.table),
+            # the all-floor file's bytes: at least any allocation's (a build's disk check reads it)
+            "bytes": sens.fixed_other
+            + sum(sens.fixed_per_layer)
+            + sum(r.bytes[sens.floor[0]] for r in sens.table.values()),
+            **({"embd_bytes": sens.table[embd].bytes[types[embd]]} if embd in types else {}),
+            "imatrix": True,
+        }
+    }
+
+
+def _as_written(c: Candidate, edits: list[EditSet]) -> dict | None:
+    """A mixed candidate's types in the names of the model its edit set leaves (blocks numbered
+    from 0 after a merge): what the build hands llama.cpp's quantizer and the artifact records."""
+    if c.tensor_types is None:
+        return None
+    e = next(e for e in edits if (e.method, e.k) == (c.method, c.k))
+    return renumbered(c.tensor_types, list(e.kept))

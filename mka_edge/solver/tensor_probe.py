@@ -10,20 +10,28 @@ whenever there is one: llama.cpp uses it for the types that take one.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from mka_edge.exporters.llama_quantize import quantize, tensor_pattern
 from mka_edge.exporters.quant_types import quant_type
 
+from ..cache import atomic_write_text, cache_root, entry_lock, stable_hash
 from ..validate.jobs import AccuracyJob
 from ..validate.runner import run_child
 from ..validate.workers import GGUF_WORKER as WORKER
 from .quant_probe import tensor_bytes_split
+from .tensor_sensitivity import Sensitivity, add_type, empty_table, tensor_scales
 
 # the ggml types a tensor may take, most bits first: the K-quants (256-wide blocks; llama.cpp falls
 # back on rows they cannot take) and the 32-wide ones every row takes
 CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
 CARRIER = "Q8_0"  # the file type the overrides ride on: no mix rules of its own
+CALIBRATE = "Q4_0"  # the low type each tensor kind is calibrated at (every row takes it)
+SENSITIVITY_VERSION = 1
 
 
 def write_types(base: Path, art: Path, types: dict[str, str], matrix: Path | None, threads: int = 2) -> Path:
@@ -49,3 +57,95 @@ def measure_file(art: Path, ref_path: Path, threads: int = 2) -> dict:
         "ppl": acc["ppl"],
         "tensor_bytes": sum(split["per_layer"]) + split["other"],
     }
+
+
+def check_types(types: tuple[str, ...]) -> tuple[str, ...]:
+    """The candidate types of a mixed plan, checked: ggml types, the carrier among them (the
+    floor every prediction starts from) and at least one lower."""
+    import gguf
+
+    from ..errors import UserError
+
+    out = tuple(t.strip().upper() for t in types if t.strip())
+    bad = [t for t in out if t not in gguf.GGMLQuantizationType.__members__]
+    if bad:
+        raise UserError(f"--mixed-types: {', '.join(bad)} not ggml tensor types; choose from {', '.join(CANDIDATES)}")
+    if CARRIER not in out or len(out) < 2:
+        raise UserError(
+            f"--mixed-types must include {CARRIER} (the floor) and at least one lower type (got {','.join(out)})"
+        )
+    return out
+
+
+def sensitivity(session, types: tuple[str, ...] = CANDIDATES, *, progress: bool = True, log=print) -> Sensitivity:
+    """The per-tensor costs of the session's unmerged model at ``types`` (issue 25), cached by
+    model fingerprint, importance matrix, reference and types: one quantize-and-read per type
+    (every weight requested at it), the all-``CARRIER`` file's KL, and one KL per tensor kind at
+    the calibration type (``tensor_sensitivity.tensor_scales``).  About 2 min on SmolLM2 with
+    three types, 7 with the nine ``CANDIDATES``."""
+    from mka_edge.exporters.imatrix import read_imatrix
+
+    types = check_types(types)
+    low = CALIBRATE if CALIBRATE in types else types[-1]
+    matrix = session.matrix()
+    key = stable_hash(
+        {
+            "model": session.lm.fingerprint,
+            "types": list(types),
+            "calibrate": low,
+            "imatrix": matrix.name,
+            "chunks": session.chunks,
+            "v": SENSITIVITY_VERSION,
+        }
+    )
+    path = cache_root() / "tensor_sensitivity" / f"{key[:24]}.json"
+    if path.is_file():
+        return Sensitivity.from_json(json.loads(path.read_text()))
+    with entry_lock(path, "the per-tensor sensitivity of this model"):
+        if path.is_file():  # measured while this process waited
+            return Sensitivity.from_json(json.loads(path.read_text()))
+        log(f"measuring per-tensor sensitivity ({len(types)} types; cached after the first plan)")
+        base, _, ref = session.base()
+        importance = read_imatrix(matrix)[0]
+        table = empty_table(base)
+        kinds = sorted({r.kind for r in table.values()})
+        bar = tqdm(total=len(types) + len(kinds) + 1, desc="per-tensor sensitivity", disable=not progress, leave=False)
+        with tempfile.TemporaryDirectory(prefix="mka-edge-sensitivity-") as tmp:
+            tmp = Path(tmp)
+            floor_kl, fixed = None, None
+            for q in types:
+                art = write_request(base, tmp / f"req-{q}.gguf", q, matrix, session.threads)
+                add_type(table, base, q, art, importance)
+                if q == CARRIER:  # the floor: its KL, and the bytes no allocation changes
+                    m = measure_file(art, ref, session.threads)
+                    floor_kl = m["kl"]
+                    split = tensor_bytes_split(art)
+                    fixed = _fixed_bytes(split, table)
+                    bar.update(1)
+                art.unlink()
+                bar.update(1)
+            isolated = {}
+            for kind in kinds:
+                mix = {n: (low if r.kind == kind else CARRIER) for n, r in table.items()}
+                art = write_types(base, tmp / f"cal-{kind}.gguf", mix, matrix, session.threads)
+                isolated[kind] = (low, measure_file(art, ref, session.threads)["kl"])
+                art.unlink()
+                bar.update(1)
+        bar.close()
+        floor = (CARRIER, float(floor_kl))
+        sens = Sensitivity(table, tensor_scales(table, isolated, floor), floor, low, *fixed)
+        atomic_write_text(path, json.dumps(sens.to_json()))
+    return sens
+
+
+def _fixed_bytes(split: dict, table) -> tuple[tuple[int, ...], int]:
+    """Bytes of the tensors outside the allocation (1-D norms) per layer and outside the layers:
+    the file's split minus the 2-D weights at the carrier type."""
+    per = [int(b) for b in split["per_layer"]]
+    other = int(split["other"])
+    for r in table.values():
+        if r.layer is None:
+            other -= r.bytes[CARRIER]
+        else:
+            per[r.layer] -= r.bytes[CARRIER]
+    return tuple(per), other

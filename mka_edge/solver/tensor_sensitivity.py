@@ -51,6 +51,7 @@ class TensorCost:
     name: str
     kind: str
     layer: int | None
+    rows: int = 0  # ne[1]: whether llama.cpp repacks a type depends on it (solver/memory.repacked)
     actual: dict[str, str] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     err: dict[str, float] = field(default_factory=dict)
@@ -78,19 +79,37 @@ def _float_rows(t) -> np.ndarray:
 def tensor_table(base: Path, files: dict[str, Path], imatrix: dict[str, np.ndarray]) -> dict[str, TensorCost]:
     """Every 2-D weight of ``base`` (the float GGUF the quantizer read) against each candidate
     type's file (``files``: type -> the whole model quantized with that type as its request)."""
+    table = empty_table(base)
+    for q, path in files.items():
+        add_type(table, base, q, path, imatrix)
+    return table
+
+
+def empty_table(base: Path) -> dict[str, TensorCost]:
+    """A row for every 2-D weight of ``base``, no type measured yet."""
     import gguf
 
-    ref = {t.name: _float_rows(t) for t in gguf.GGUFReader(str(base)).tensors if len(t.shape) == 2}
-    table = {name: TensorCost(name, *kind_of(name)) for name in ref}
-    for q, path in files.items():
-        for t in gguf.GGUFReader(str(path)).tensors:
-            if t.name not in table:
-                continue
-            row = table[t.name]
-            row.actual[q] = t.tensor_type.name
-            row.bytes[q] = int(t.n_bytes)
-            row.err[q] = weighted_error(ref[t.name], _float_rows(t), imatrix.get(t.name))
-    return table
+    return {
+        t.name: TensorCost(t.name, *kind_of(t.name), rows=int(t.shape[1]))
+        for t in gguf.GGUFReader(str(base)).tensors
+        if len(t.shape) == 2
+    }
+
+
+def add_type(table: dict[str, TensorCost], base: Path, q: str, path: Path, imatrix: dict[str, np.ndarray]) -> None:
+    """Candidate type ``q``'s column, read from ``path`` (the model with every weight requested at
+    ``q``), one tensor at a time: a plan writes, reads and deletes one such file at a time, so
+    the scratch disk holds one quantized copy beside the float base."""
+    import gguf
+
+    ref = {t.name: t for t in gguf.GGUFReader(str(base)).tensors if t.name in table}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name not in table:
+            continue
+        row = table[t.name]
+        row.actual[q] = t.tensor_type.name
+        row.bytes[q] = int(t.n_bytes)
+        row.err[q] = weighted_error(_float_rows(ref[t.name]), _float_rows(t), imatrix.get(t.name))
 
 
 def tensor_scales(
@@ -143,3 +162,64 @@ def options(table: dict[str, TensorCost], scales: dict[str, float], names: list[
                 seen[key] = o
         out[name] = list(seen.values())
     return out
+
+
+@dataclass
+class Sensitivity:
+    """A model's per-tensor costs, as a plan allocates from them: the table, each tensor's nats per
+    unit of error, the all-``floor`` file's measured KL, and the bytes no allocation changes (the
+    1-D norms, F32 in every file) per layer and outside the layers."""
+
+    table: dict[str, TensorCost]
+    scales: dict[str, float]
+    floor: tuple[str, float]
+    calibrate: str
+    fixed_per_layer: tuple[int, ...]
+    fixed_other: int
+
+    def options(self, names: list[str], resident=None) -> dict:
+        """``options`` over ``names``; ``resident(row, q)``: the bytes a choice holds in memory
+        when that differs from the file's (llama.cpp's repacked copies), which is then what the
+        allocation is budgeted in."""
+        opts = options(self.table, self.scales, names)
+        if resident is None:
+            return opts
+        return {n: [Option(o.type, resident(self.table[n], o.type), o.kl) for o in opts[n]] for n in names}
+
+    def predict(self, types: dict[str, str]) -> float:
+        return predict(self.table, self.scales, types, self.floor)
+
+    def to_json(self) -> dict:
+        return {
+            "tensors": {
+                n: {
+                    "kind": r.kind,
+                    "layer": r.layer,
+                    "rows": r.rows,
+                    "types": {q: [r.actual[q], r.bytes[q], r.err[q]] for q in r.err},
+                }
+                for n, r in self.table.items()
+            },
+            "scales": self.scales,
+            "floor": list(self.floor),
+            "calibrate": self.calibrate,
+            "fixed_per_layer": list(self.fixed_per_layer),
+            "fixed_other": self.fixed_other,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Sensitivity:
+        table = {}
+        for n, r in d["tensors"].items():
+            row = TensorCost(n, r["kind"], r["layer"], r["rows"])
+            for q, (actual, b, e) in r["types"].items():
+                row.actual[q], row.bytes[q], row.err[q] = actual, int(b), float(e)
+            table[n] = row
+        return cls(
+            table,
+            {k: float(v) for k, v in d["scales"].items()},
+            (d["floor"][0], float(d["floor"][1])),
+            d["calibrate"],
+            tuple(int(x) for x in d["fixed_per_layer"]),
+            int(d["fixed_other"]),
+        )

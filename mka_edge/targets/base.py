@@ -100,6 +100,7 @@ class Target(ABC):
     default_quants: ClassVar[tuple[str, ...]]  # the types a plan considers unless told
     default_export_quant: ClassVar[str]
     sizes_are_exact: ClassVar[bool]  # cheap sizes are the bytes the exporter will write
+    per_tensor_types: ClassVar[bool] = False  # the exporter writes a type per tensor (mixed plans, --mixed)
     memory_model: ClassVar[str]  # how predict_memory works, one line for the plan
     speed_calibration_file: ClassVar[str]
     export_options: ClassVar[tuple[str, ...]] = ()  # `mka-edge export` options that only this target takes
@@ -211,10 +212,20 @@ class Target(ABC):
 
     @abstractmethod
     def export(
-        self, lm, out: Path, quant: str, *, context: int, progress: bool, imatrix: bool = False, made=None
+        self,
+        lm,
+        out: Path,
+        quant: str,
+        *,
+        context: int,
+        progress: bool,
+        imatrix: bool = False,
+        made=None,
+        tensor_types: dict | None = None,
     ) -> ArtifactSummary:
         """Write a loaded (merged) model as this target's artifact (``imatrix``: with an importance
-        matrix, where the target's quantizer takes one; ``made``: what ``made_by_probe`` found)."""
+        matrix, where the target's quantizer takes one; ``made``: what ``made_by_probe`` found;
+        ``tensor_types``: a mixed plan's per-tensor types, for targets with ``per_tensor_types``)."""
 
     def made_by_probe(self, folder: Path, lm, quant: str, imatrix: bool):
         """An artifact of the unmerged ``lm`` the plan's probe already wrote in ``folder`` (a

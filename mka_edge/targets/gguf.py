@@ -133,6 +133,7 @@ class GgufTarget(Target):
     default_quants = PLAN_QUANTS
     default_export_quant = "Q4_K_M"
     sizes_are_exact = True
+    per_tensor_types = True  # llama.cpp's quantizer takes tt_overrides
     memory_model = "weights (tensor types llama.cpp writes) + KV + compute buffer + overhead, llama.cpp CPU backend"
     speed_calibration_file = "speed_calibration.json"
     export_options = ("pre_tokenizer", "threads", "calibration", "imatrix", "intermediate")
@@ -141,7 +142,10 @@ class GgufTarget(Target):
         from ..exporters.quant_types import quant_type
 
         # types that need an importance matrix are measured and exported with one (cached per model)
-        return [quant_type(q).name for q in (quants or self.default_quants)]
+        out = [quant_type(q).name for q in (quants or self.default_quants)]
+        if any(quant_type(q).per_tensor for q in out):
+            raise UserError("--quants takes one type per model; per-tensor types are --mixed")
+        return out
 
     def type_sizes(self, ms, quants: list[str], measure: bool) -> dict[str, QuantCost]:
         from ..solver.feasibility import gguf_type_sizes
@@ -282,15 +286,18 @@ class GgufTarget(Target):
     def artifact_name(self, tag: str) -> str:
         return f"{tag}.gguf"
 
-    def export(self, lm, out, quant, *, context, progress, imatrix=False, made=None):
+    def export(self, lm, out, quant, *, context, progress, imatrix=False, made=None, tensor_types=None):
         """``imatrix``: quantize with the model's cached importance matrix (the plan's
         ``QuantCost.extra["imatrix"]``); types that need one get it anyway.  ``made``: (file, its
-        making) the quant probe already wrote of this unmerged model, moved instead of rewritten."""
+        making) the quant probe already wrote of this unmerged model, moved instead of rewritten.
+        ``tensor_types``: a mixed plan's {tensor: ggml type} in this model's names, in one quantize call."""
         from ..exporters.gguf import adopt_quantized, export_loaded
 
         if made is not None:
             return self.summary(adopt_quantized(made[0], out, made[1]))
-        return self.summary(export_loaded(lm, out, quant, progress=progress, imatrix=bool(imatrix)))
+        return self.summary(
+            export_loaded(lm, out, quant, progress=progress, imatrix=bool(imatrix), tensor_types=tensor_types)
+        )
 
     def made_by_probe(self, folder, lm, quant, imatrix):
         """The probe's file of ``quant`` (with or without an importance matrix as ``imatrix``) of

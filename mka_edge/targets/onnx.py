@@ -198,7 +198,7 @@ class OnnxTarget(Target):
     def artifact_name(self, tag: str) -> str:
         return f"{tag}-onnx"
 
-    def export(self, lm, out, quant, *, context, progress, imatrix=False, made=None):
+    def export(self, lm, out, quant, *, context, progress, imatrix=False, made=None, tensor_types=None):
         from ..exporters.onnx import export_loaded_onnx
 
         return self.summary(export_loaded_onnx(lm, out, quant, context=context, progress=progress))
