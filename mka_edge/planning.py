@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,10 +34,11 @@ from .solver import speed
 from .solver.bar import refuse_if_bar_missed
 from .solver.feasibility import check_any_fits, check_shape, read_shape, smallest_kept
 from .solver.memory import DEFAULT_OVERHEAD_MB, MIB, Shape, cache_bytes
+from .solver.mixed_plans import MIXED
 from .solver.quality import healed_curve, merge_curve, needed_merge_kl
 from .solver.scope import speed_share_floor, unsettled
 from .solver.search import Candidate, edit_sets
-from .solver.solve import CheapFacts, Facts, enumerate_plans, solve
+from .solver.solve import CheapFacts, Facts, enumerate_plans, solve, with_mixed
 from .target_protocols import CostModel
 
 PROBE_MAX_PARAMS = 3e9  # above this, quantizing every type to measure it costs more than the build
@@ -425,6 +427,12 @@ def _curves(s: PlanSettings, cheap: CheapFacts, ctx, m: _Measurer, costs_now, *,
         [c for c in edge if c.k == 0 and c.fits_memory and c.fits_speed and c.quant in m.costs],
         [c for c in edge if c.k == k_max and c.fits_memory and c.fits_speed],
     )
+    if s.mixed and useful_below is not None:
+        # a mixed plan turns the bytes a merge frees into bits for the rest, which the types' own
+        # sizes do not show; still, no merge whose own KL reaches the best unmerged plan's can win
+        unmerged = [c.kl for c in edge if c.k == 0 and c.fits_memory and c.fits_speed and c.quant in m.costs]
+        useful_below = max(useful_below, min(unmerged, default=float("inf")))
+        useful_below = None if useful_below == float("inf") else useful_below
     heal = s.heal
     if heal is not None and useful_below is not None and useful_below > 0:
         useful_below = None  # healing lowers the merge KL: only the "no merge can win" case holds
@@ -573,6 +581,14 @@ def _mixed_costs(s: PlanSettings, cheap: CheapFacts, m: _Measurer, session, curv
         log(f"mixed plans {why}")
         return None, {"measured": False, "why": why}
     sens = sensitivity(session, s.mixed_types, progress=progress, log=log)
+
+    def now(costs: dict[str, QuantCost]) -> list[Candidate]:
+        caches = list(m.caches.values())
+        cands = enumerate_plans(s, m.shape, costs, m.eff().value, edits, caches)
+        both = with_mixed(s, sens, m.shape, edits, cands, caches, m.eff().value)
+        return [c for c in both if c.fits_memory and c.fits_speed]
+
+    m.settle(now)  # a mixed plan that ranks first gets its cache mode measured, as any plan does
     return sens, {"measured": True, "types": list(s.mixed_types), "floor_kl": sens.floor[1]}
 
 
@@ -643,6 +659,21 @@ def load_plan(path: Path) -> Plan:
     return plan
 
 
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _check_mixed(entry: Ranked, target) -> None:
+    """A mixed plan's entry: the MIXED type on a target that takes per-tensor types, its tensors
+    named as GGUF names and each type a ggml type (they become the quantizer's overrides)."""
+    import gguf
+
+    if entry.quant != MIXED or not entry.tensor_types or not target.per_tensor_types:
+        raise UserError(f"a {MIXED} plan needs its per-tensor types and a llama.cpp profile")
+    for name, t in entry.tensor_types.items():
+        if not _TENSOR_NAME.match(name) or t.upper() not in gguf.GGMLQuantizationType.__members__:
+            raise UserError(f"tensor type {name[:60]!r} = {t[:20]!r} is not a GGUF tensor at a ggml type")
+
+
 def check_plan_names(plan: Plan, where: str) -> None:
     """Refuse a plan whose choices are not ones mka-edge makes: a known format, merge method and
     alpha, integer K and attention counts, and a quant type of the plan's format.  Why: a build
@@ -655,13 +686,23 @@ def check_plan_names(plan: Plan, where: str) -> None:
     if target is None:
         raise UserError(f"{where}: field 'format' must be text (got {plan.format!r}); plan again")
     choice = Ranked.from_json(
-        {"method": plan.choice.method, "k": plan.choice.k, "quant": plan.choice.quant}, plan.choice.method, where
+        {
+            "method": plan.choice.method,
+            "k": plan.choice.k,
+            "quant": plan.choice.quant,
+            "tensor_types": plan.choice.tensor_types,
+        },
+        plan.choice.method,
+        where,
     )
     for entry in [choice, *plan.ranked]:  # typed by Plan.from_json: here, the names
         if entry.method not in ALL_METHODS:
             raise UserError(f"{where}: unknown merge method {str(entry.method)[:60]!r}; plan again")
         try:
-            target.check_quants([entry.quant])
+            if entry.tensor_types is not None or entry.quant == MIXED:
+                _check_mixed(entry, target)
+            else:
+                target.check_quants([entry.quant])
         except UserError as exc:
             raise UserError(f"{where}: {exc}; plan again") from None
     costs = plan.quant_costs

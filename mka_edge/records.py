@@ -175,6 +175,8 @@ class ArtifactSummary:
     bits_per_weight: float | None
     tensor_types: dict  # GGUF: tensor types written; ONNX: quantized ops
     raw: dict = field(default_factory=dict, compare=False)
+    # a mixed plan's artifact: {"cells": [[layer, kind, type]], "outside": {kind: type}, "kind_bytes": {...}}
+    allocation: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -111,6 +111,28 @@ def _report(
             f"| {c.get('cache', BASELINE_CACHE)} | {c['memory_mb']:.1f} | {c['tps']:.1f} | {c['kl']:.3f} "
             f"| {t.get('edits', 0):.3f} | {t.get('quant', 0):.3f} | {t.get('cache', 0):.3f} | {fits} |"
         )
+    if summary.allocation:
+        a = summary.allocation
+        lines += [
+            "",
+            "## Per-tensor types (mixed plan)",
+            "",
+            "Each weight tensor at the type the plan allocated it, as llama.cpp wrote it; removed layers are blank "
+            "(`mka_edge.tensor_types` in the GGUF holds the list).",
+            "",
+            "| tensor kind | MiB | types |",
+            "|---|---|---|",
+        ]
+        for kind, b in sorted(a["kind_bytes"].items(), key=lambda kv: -kv[1]):
+            types: dict[str, int] = {}
+            for _, k, t in a["cells"]:
+                if k == kind:
+                    types[t] = types.get(t, 0) + 1
+            named = ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1])) or a["outside"].get(
+                kind, ""
+            )
+            lines.append(f"| {kind} | {b / 2**20:.1f} | {named} |")
+        lines += ["", "![Per-tensor types](allocation.png)"]
     lines += [
         "",
         "![Pareto plot](pareto.png)",
@@ -169,7 +191,7 @@ def package(
     """Write everything beside the artifact in ``folder`` and return the manifest.  Renders only:
     the plan, the measurements (``val``), the predictions for the built artifact (``pred``:
     build.predict_artifact) and the layer similarity matrix."""
-    from .plots import pareto_plot, similarity_heatmap  # matplotlib: only when a package is written
+    from .plots import allocation_heatmap, pareto_plot, similarity_heatmap  # matplotlib: only when packaging
 
     folder = Path(folder)
     target = prof.target
@@ -190,6 +212,18 @@ def package(
         folder / "pareto.png",
         f"{plan.model['spec']} on {prof.name}: plans",
     )
+    if summary.allocation:  # a mixed plan: every tensor's type, removed layers blank
+        a = summary.allocation
+        kept = plan.choice.kept_layers if chosen["k"] == plan.choice.k else list(range(summary.block_count))
+        allocation_heatmap(
+            {(kept[layer], kind): t for layer, kind, t in a["cells"]},
+            a["outside"],
+            plan.model["layers"],
+            [i for i in range(plan.model["layers"]) if i not in kept],
+            folder / "allocation.png",
+            f"{plan.model['spec']}: per-tensor types as written",
+            a["kind_bytes"],
+        )
     atomic_write_text(folder / "report.md", _report(plan, target, chosen, summary, val, attempts, mem, device_tps))
     atomic_write_text(folder / "README.md", _model_card(plan, target, chosen, summary, val))
     target.write_run_files(folder, chosen["artifact"], context, prof.threads, chosen.get("cache", BASELINE_CACHE))
@@ -259,11 +293,17 @@ def plan_table(plan: Plan) -> str:
             f"{terms.get('quant', 0):>8.3f} {terms.get('cache', 0):>8.3f}  {fits}{'  <- chosen' if chosen else ''}"
         )
     removed = f", attention removed from {len(ch.attn_removed)} of them" if ch.attn_removed else ""
+    mixed = ""
+    if ch.tensor_types:  # a mixed plan: how many tensors at each type, most first
+        counts: dict[str, int] = {}
+        for t in ch.tensor_types.values():
+            counts[t] = counts.get(t, 0) + 1
+        mixed = " (" + ", ".join(f"{n} at {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")"
     lines += scope_lines(plan.scope)
     lines += [
         "",
         f"choice: {'merge K=' + str(ch.k) + ' (' + ch.method + ')' if ch.k else 'no merge'} -> {ch.layers_after} "
-        f"layers{removed}, {ch.quant}{' with an importance matrix' if ch.imatrix else ''}, KV cache {ch.cache}",
+        f"layers{removed}, {ch.quant}{mixed}{' with an importance matrix' if ch.imatrix else ''}, KV cache {ch.cache}",
         f"why: {plan.reason}",
     ]
     return "\n".join(lines)
@@ -297,4 +337,12 @@ def scope_lines(scope: dict) -> list[str]:
             f"{', '.join(scope['speed_not_measured'])}"
         )
     out += [f"precision order broken: {v}" for v in scope.get("order_violations", [])]
+    mixed = scope.get("mixed")
+    if mixed:
+        out.append(
+            f"per-tensor sensitivity (--mixed): measured at {', '.join(mixed['types'])}, all-Q8_0 floor "
+            f"{mixed['floor_kl']:.4f} nats"
+            if mixed.get("measured")
+            else f"per-tensor sensitivity (--mixed) {mixed['why']}"
+        )
     return out

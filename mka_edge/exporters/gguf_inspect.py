@@ -5,6 +5,7 @@ and the facts reports need (tensor types actually written, real bits per weight)
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ def inspect_gguf(path: str | Path) -> dict:
     provenance = {k[len("mka_edge.") :]: _scalar(v) for k, v in f.items() if k.startswith("mka_edge.")}
     if isinstance(provenance.get("layer_map"), str):
         provenance["layer_map"] = json.loads(provenance["layer_map"])
+    allocation = None
+    if isinstance(provenance.get("tensor_types"), str):  # a mixed plan's file: each tensor as written
+        provenance["tensor_types"] = json.loads(provenance["tensor_types"])
+        allocation = _allocation(reader)
     tokens = f.get("tokenizer.ggml.tokens")
     weight_bytes = sum(type_bytes.values())
     heads, heads_kv = key("attention.head_count"), key("attention.head_count_kv")
@@ -88,7 +93,28 @@ def inspect_gguf(path: str | Path) -> dict:
         "tensor_types": dict(types.most_common()),
         "tensor_type_bytes": dict(type_bytes.most_common()),
         "provenance": provenance,
+        **({"allocation": allocation} if allocation else {}),
     }
+
+
+_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
+
+
+def _allocation(reader) -> dict:
+    """A mixed file's 2-D weights as written: {"cells": [[layer, kind, type]], "outside": {kind:
+    type}, "kind_bytes": {kind: bytes}} (the report's heatmap and per-kind bytes)."""
+    cells, outside, kind_bytes = [], {}, {}
+    for t in reader.tensors:
+        if len(t.shape) != 2:
+            continue
+        m = _BLOCK_TENSOR.match(t.name)
+        kind = m.group(2) if m else t.name.removesuffix(".weight")
+        if m:
+            cells.append([int(m.group(1)), kind, t.tensor_type.name])
+        else:
+            outside[kind] = t.tensor_type.name
+        kind_bytes[kind] = kind_bytes.get(kind, 0) + int(t.n_bytes)
+    return {"cells": cells, "outside": outside, "kind_bytes": kind_bytes}
 
 
 def gguf_tokens(path: str | Path, limit: int | None = None) -> list[str]:

@@ -61,6 +61,13 @@ def renumbered(types: dict[str, str], kept: list[int]) -> dict[str, str]:
     return out
 
 
+def planned_bytes(sens: Sensitivity, types: dict[str, str], kept: list[int]) -> int:
+    """Tensor bytes of the file a mixed plan writes: its tensors at their types plus the kept
+    layers' and the outside's tensors no allocation changes (norms)."""
+    fixed = sens.fixed_other + sum(sens.fixed_per_layer[i] for i in kept)
+    return fixed + sum(sens.table[n].bytes[q] for n, q in types.items())
+
+
 def mixed_cost(sens: Sensitivity, alloc: Allocation, target: str, kl: float) -> QuantCost:
     """The allocation as the cost record every plan is priced from: bytes per original layer (the
     removed layers' at 0), outside the layers, the repacked part, and the predicted KL."""

@@ -24,7 +24,7 @@ from ..records import Budget, CacheCost, Choice, EditSet, Plan, QuantCost, Ranke
 from ..target_protocols import CostModel
 from .feasibility import ModelShape
 from .memory import DEFAULT_OVERHEAD_MB, Shape
-from .mixed_plans import mixed_candidates, renumbered
+from .mixed_plans import mixed_candidates, planned_bytes, renumbered
 from .search import Candidate, choose, edit_sets, pareto
 from .search import candidates as enumerate_candidates
 from .tensor_sensitivity import Sensitivity
@@ -100,24 +100,34 @@ def enumerate_plans(
     )
 
 
-def with_mixed(s: PlanInputs, facts: Facts, edits: list[EditSet], cands: list[Candidate]) -> list[Candidate]:
-    """``cands`` and, with per-tensor costs measured, a mixed plan per edit set and cache mode that
-    could beat the best feasible plan with one type (``mixed_plans.mixed_candidates``)."""
-    if facts.mixed is None:
+def with_mixed(
+    s: PlanInputs,
+    sens: Sensitivity | None,
+    shape: Shape,
+    edits: list[EditSet],
+    cands: list[Candidate],
+    caches,
+    eff: float,
+) -> list[Candidate]:
+    """``cands`` and, with per-tensor costs measured (``sens``), a mixed plan per edit set and
+    cache mode that could beat the best feasible plan with one type
+    (``mixed_plans.mixed_candidates``).  An unmeasured cache mode is priced at its bounds, as for
+    every plan: the planner measures the mode of whichever plan ranks first (``_Measurer.settle``)."""
+    if sens is None:
         return cands
     b = s.budget
     fit = [c.kl for c in cands if c.fits_memory and c.fits_speed]
     return cands + mixed_candidates(
-        facts.mixed,
-        facts.shape,
+        sens,
+        shape,
         edits,
-        [c for c in facts.caches if c.kl_measured and c.speed_measured],  # no mixed plan on a bound
+        list(caches),
         target=s.target.name,
         incumbent_kl=min(fit, default=float("inf")),
         context=b.context,
         budget_mb=b.memory_mb,
         bandwidth_gbps=s.profile.bandwidth_gbps,
-        efficiency=facts.efficiency,
+        efficiency=eff,
         min_tps=b.min_tokens_per_s,
         max_kl=b.max_quality_loss,
         overhead_mb=DEFAULT_OVERHEAD_MB,
@@ -137,7 +147,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
     curve, healed, heal = facts.curve, facts.healed, s.heal
     edits = all_edit_sets(facts, s)
     cands = enumerate_plans(s, facts.shape, facts.costs, facts.efficiency, edits, facts.caches)
-    cands = with_mixed(s, facts, edits, cands)
+    cands = with_mixed(s, facts.mixed, facts.shape, edits, cands, facts.caches, facts.efficiency)
     ranked, reason = choose(
         cands, s.budget.memory_mb, s.budget.min_tokens_per_s, s.budget.context, forbidden=s.forbidden()
     )
@@ -175,7 +185,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
             best.cache,
             best.imatrix,
             list(best_edit.attn_removed),
-            _as_written(best, edits),
+            _as_written(best, edits, facts.mixed),
         ),
         reason=reason,
         alternatives=[c.as_dict() for c in ranked[1:6]],
@@ -250,7 +260,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
         scope=facts.scope,
         candidates=[c.as_dict() for c in cands],
         ranked=[
-            Ranked(c.method, c.k, c.quant, c.imatrix, c.cache, c.attn_layers, c.kl, _as_written(c, edits))
+            Ranked(c.method, c.k, c.quant, c.imatrix, c.cache, c.attn_layers, c.kl, _as_written(c, edits, facts.mixed))
             for c in ranked
         ],
         settings=s.settings_json(),
@@ -265,6 +275,10 @@ def _mixed_json(facts: Facts, best: Candidate) -> dict:
         return {}
     embd = "token_embd.weight"
     types = best.tensor_types or {}
+    planned = {}
+    if types:  # the chosen allocation's tensor bytes in the file: exact, as llama.cpp writes them
+        kept = sorted({sens.table[n].layer for n in types if sens.table[n].layer is not None})
+        planned = {"planned_bytes": planned_bytes(sens, types, kept)}
     return {
         "MIXED": {
             "floor": list(sens.floor),
@@ -277,14 +291,18 @@ def _mixed_json(facts: Facts, best: Candidate) -> dict:
             + sum(r.bytes[sens.floor[0]] for r in sens.table.values()),
             **({"embd_bytes": sens.table[embd].bytes[types[embd]]} if embd in types else {}),
             "imatrix": True,
+            **planned,
         }
     }
 
 
-def _as_written(c: Candidate, edits: list[EditSet]) -> dict | None:
-    """A mixed candidate's types in the names of the model its edit set leaves (blocks numbered
-    from 0 after a merge): what the build hands llama.cpp's quantizer and the artifact records."""
-    if c.tensor_types is None:
+def _as_written(c: Candidate, edits: list[EditSet], sens: Sensitivity | None) -> dict | None:
+    """A mixed candidate's types as llama.cpp writes them (a K-quant a tensor's rows cannot take
+    named by its fallback, which requested directly writes the same bytes), in the names of the
+    model its edit set leaves (blocks numbered from 0 after a merge): what the build hands
+    llama.cpp's quantizer and the artifact records."""
+    if c.tensor_types is None or sens is None:
         return None
     e = next(e for e in edits if (e.method, e.k) == (c.method, c.k))
-    return renumbered(c.tensor_types, list(e.kept))
+    written = {n: sens.table[n].actual[q] for n, q in c.tensor_types.items()}
+    return renumbered(written, list(e.kept))

@@ -341,6 +341,7 @@ class GgufTarget(Target):
             float(info["bits_per_weight"]),
             dict(info["tensor_types"]),
             info,
+            info.get("allocation"),
         )
 
     def claims(self, artifact: Path) -> bool:
