@@ -512,7 +512,8 @@ def measure(
         eff, eff_source = m.eff()
         bounded = {q: sizes[q].with_kl(scope.quant_bound(q, sizes, costs, grids)[0]) for q in todo}
         # before any merge curve: a bar no plan can meet, whatever the merges cost, is refused now
-        refuse_unreachable_bar(s, {**costs, **bounded}, m.feasible(lambda c: _optimistic_edits(c, k_reach)))
+        if not s.mixed:  # a mixed plan may meet a bar no uniform type can; the build checks the plan's own figure
+            refuse_unreachable_bar(s, {**costs, **bounded}, m.feasible(lambda c: _optimistic_edits(c, k_reach)))
         curve, healed, attn_curve = _curves(s, cheap, ctx, m, {**costs, **bounded}, progress=progress, log=log)
         ctx.references.clear()  # the curves' shared held-out reference (vocabulary-wide) is not needed past them
         if prune:  # the types that fit only merged, now against the curves' real points

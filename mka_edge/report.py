@@ -214,14 +214,21 @@ def package(
     )
     if summary.allocation:  # a mixed plan: every tensor's type, removed layers blank
         a = summary.allocation
-        kept = plan.choice.kept_layers if chosen["k"] == plan.choice.k else list(range(summary.block_count))
+        ch = plan.choice
+        own = (chosen.get("method", ch.method), chosen["k"]) == (ch.method, ch.k) and len(ch.kept_layers) == (
+            summary.block_count
+        )
+        # the choice's edit set: blocks at their original layers, removed ones blank; a fallback
+        # with other edits: the built model's own blocks
+        kept = list(ch.kept_layers) if own else list(range(summary.block_count))
+        n = plan.model["layers"] if own else summary.block_count
         allocation_heatmap(
             {(kept[layer], kind): t for layer, kind, t in a["cells"]},
             a["outside"],
-            plan.model["layers"],
-            [i for i in range(plan.model["layers"]) if i not in kept],
+            n,
+            [i for i in range(n) if i not in kept],
             folder / "allocation.png",
-            f"{plan.model['spec']}: per-tensor types as written",
+            f"{plan.model['spec']}: per-tensor types as written" + ("" if own else " (blocks of the built model)"),
             a["kind_bytes"],
         )
     atomic_write_text(folder / "report.md", _report(plan, target, chosen, summary, val, attempts, mem, device_tps))

@@ -25,6 +25,7 @@ class CostModel(Named, Protocol):
 
     default_quants: ClassVar[tuple[str, ...]]
     sizes_are_exact: ClassVar[bool]
+    per_tensor_types: ClassVar[bool]  # mixed plans (--mixed): the exporter writes a type per tensor
     memory_model: ClassVar[str]
     speed_calibration_file: ClassVar[str]
 

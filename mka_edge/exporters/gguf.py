@@ -434,6 +434,20 @@ def _free_mb(folder: Path) -> float:
         return float("nan")
 
 
+def _check_written(path: Path, tensor_types: dict[str, str]) -> None:
+    """A mixed plan's file holds every 2-D weight at its planned type: a name that matched no
+    tensor (a plan for another model, an edited plan.json) would leave that tensor at the Q8_0
+    carrier, over the planned bytes, so it is refused here, before the file is kept."""
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2}
+    wrong = [n for n, t in written.items() if tensor_types.get(n, "").upper() != t]
+    if wrong or set(tensor_types) - set(written):
+        missing = sorted(set(tensor_types) - set(written))
+        raise UserError(
+            f"the mixed plan's tensor types do not match this model ({len(wrong)} tensors written at another type, "
+            f"e.g. {(wrong or missing)[0]}; {len(missing)} planned tensors absent); plan again for this model"
+        )
+
+
 def _export_to(
     lm, out: Path, q: QuantType, merge_log, pre_tokenizer, threads, intermediate, matrix, progress, tensor_types=None
 ) -> dict:
@@ -449,6 +463,8 @@ def _export_to(
             final_tmp = tmpdir / "quantized.gguf"
             overrides = {tensor_pattern(n): t for n, t in (tensor_types or {}).items()} or None
             quantize(base, final_tmp, q.ftype, threads, matrix, progress=progress, overrides=overrides)
+            if tensor_types:
+                _check_written(final_tmp, tensor_types)
         summary = _rename_into(final_tmp, out)
     summary["path"] = str(out)
     summary["quant"] = q.name
@@ -479,6 +495,8 @@ def export_gguf(
     computed first."""
 
     q = quant_type(quant)  # a bad name fails before the slow load
+    if q.per_tensor:
+        raise UserError(f"--quant {q.name} is a mixed plan's type; build a plan with --mixed (mka-edge build --mixed)")
     check_out_file(out)
     config = load_config(model)
     float_type = intermediate_type(config, q.name, intermediate)

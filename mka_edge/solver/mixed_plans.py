@@ -140,7 +140,10 @@ def mixed_candidates(
         # one allocation table per edit set, in the resident bytes of the most repacking cache mode
         ratio = max(slopes)
         opts = sens.options(
-            names, resident=lambda r, q: int(r.bytes[q] * (1 + (ratio if repacked(r.actual[q], r.rows) else 0)))
+            names,
+            resident=lambda r, q: int(
+                r.bytes[q] * (1 + (ratio if r.layer is not None and repacked(r.actual[q], r.rows) else 0))
+            ),
         )
         for cc, alloc in zip(caches, allocate_at(opts, budgets)):
             if alloc is None:

@@ -59,22 +59,34 @@ def measure_file(art: Path, ref_path: Path, threads: int = 2) -> dict:
     }
 
 
-def check_types(types: tuple[str, ...]) -> tuple[str, ...]:
-    """The candidate types of a mixed plan, checked: ggml types, the carrier among them (the
-    floor every prediction starts from) and at least one lower."""
+# the ggml types a mixed plan may give a tensor: quantized, at most Q8_0's bits (Q8_0 is the floor
+# every prediction starts from), and ones llama.cpp's quantizer writes for any weight (with the
+# importance matrix, which a mixed plan always passes)
+ALLOWED = (*CANDIDATES, "Q5_1", "Q4_1", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+
+
+def bits(t: str) -> float:
+    """Nominal bits per weight of a ggml type (gguf-py's block sizes)."""
     import gguf
 
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    return 8.0 * size / block
+
+
+def check_types(types: tuple[str, ...]) -> tuple[str, ...]:
+    """The candidate types of a mixed plan, checked and sorted most bits first: known types, the
+    carrier among them (the floor) and at least one lower."""
     from ..errors import UserError
 
-    out = tuple(t.strip().upper() for t in types if t.strip())
-    bad = [t for t in out if t not in gguf.GGMLQuantizationType.__members__]
+    out = tuple(dict.fromkeys(t.strip().upper() for t in types if t.strip()))
+    bad = [t for t in out if t not in ALLOWED]
     if bad:
-        raise UserError(f"--mixed-types: {', '.join(bad)} not ggml tensor types; choose from {', '.join(CANDIDATES)}")
+        raise UserError(f"--mixed-types: {', '.join(bad)} not allowed; choose from {', '.join(ALLOWED)}")
     if CARRIER not in out or len(out) < 2:
         raise UserError(
             f"--mixed-types must include {CARRIER} (the floor) and at least one lower type (got {','.join(out)})"
         )
-    return out
+    return tuple(sorted(out, key=lambda t: (-bits(t), ALLOWED.index(t))))
 
 
 def sensitivity(session, types: tuple[str, ...] = CANDIDATES, *, progress: bool = True, log=print) -> Sensitivity:
@@ -86,7 +98,7 @@ def sensitivity(session, types: tuple[str, ...] = CANDIDATES, *, progress: bool 
     from mka_edge.exporters.imatrix import read_imatrix
 
     types = check_types(types)
-    low = CALIBRATE if CALIBRATE in types else types[-1]
+    low = CALIBRATE if CALIBRATE in types else types[-1]  # else the fewest bits (check_types sorts)
     matrix = session.matrix()
     key = stable_hash(
         {
