@@ -84,12 +84,13 @@ def enumerate_plans(
     s: PlanInputs, facts_shape: Shape, costs, eff: float, edits: list[EditSet], caches
 ) -> list[Candidate]:
     """Every (edit set, type, cache mode) predicted against the plan's budget and device."""
+    return enumerate_candidates(facts_shape, edits, costs, list(caches), **_device(s, eff))
+
+
+def _device(s: PlanInputs, eff: float) -> dict:
+    """What every candidate is priced against: the budget, the context, the device's speed."""
     b = s.budget
-    return enumerate_candidates(
-        facts_shape,
-        edits,
-        costs,
-        list(caches),
+    return dict(
         context=b.context,
         budget_mb=b.memory_mb,
         bandwidth_gbps=s.profile.bandwidth_gbps,
@@ -115,22 +116,10 @@ def with_mixed(
     every plan: the planner measures the mode of whichever plan ranks first (``_Measurer.settle``)."""
     if sens is None:
         return cands
-    b = s.budget
     fit = [c.kl for c in cands if c.fits_memory and c.fits_speed]
+    best = min(fit, default=float("inf"))
     return cands + mixed_candidates(
-        sens,
-        shape,
-        edits,
-        list(caches),
-        target=s.target.name,
-        incumbent_kl=min(fit, default=float("inf")),
-        context=b.context,
-        budget_mb=b.memory_mb,
-        bandwidth_gbps=s.profile.bandwidth_gbps,
-        efficiency=eff,
-        min_tps=b.min_tokens_per_s,
-        max_kl=b.max_quality_loss,
-        overhead_mb=DEFAULT_OVERHEAD_MB,
+        sens, shape, edits, list(caches), target=s.target.name, incumbent_kl=best, **_device(s, eff)
     )
 
 
