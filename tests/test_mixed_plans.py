@@ -37,7 +37,8 @@ def _sens() -> Sensitivity:
         r.bytes = {"Q8_0": 8 * mib, "Q5_0": 5 * mib}
         r.err = {"Q8_0": 0.0, "Q5_0": 1.0}
     scales = {n: 0.01 for n in table}
-    return Sensitivity(table, scales, ("Q8_0", 0.001), "Q5_0", (1000,) * N_LAYERS, 2000)
+    # 1000 bytes of norms per layer, 300 of them the attention norm
+    return Sensitivity(table, scales, ("Q8_0", 0.001), "Q5_0", (1000,) * N_LAYERS, 2000, (300,) * N_LAYERS)
 
 
 def _shape() -> Shape:
@@ -67,6 +68,8 @@ def test_an_edit_set_keeps_its_layers_tensors_and_renumbers_them():
     assert new["token_embd.weight"] == "Q5_0"
     # bytes: 6 kept weights at 5 MiB (2 + 2 + ffn_down of 3 + the embedding), the norms of the kept layers, the outside
     assert planned_bytes(sens, types, [0, 1, 3]) == 6 * 5 * 2**20 + 3 * 1000 + 2000
+    # layer 3 kept without attention: a deci file drops its attention norm too
+    assert planned_bytes(sens, types, [0, 1, 3], e.attn_removed) == 6 * 5 * 2**20 + 3 * 1000 - 300 + 2000
 
 
 def test_removal_is_the_zero_bit_end_of_the_same_budget():

@@ -61,17 +61,17 @@ def renumbered(types: dict[str, str], kept: list[int]) -> dict[str, str]:
     return out
 
 
-def planned_bytes(sens: Sensitivity, types: dict[str, str], kept: list[int]) -> int:
+def planned_bytes(sens: Sensitivity, types: dict[str, str], kept: list[int], attn_removed=()) -> int:
     """Tensor bytes of the file a mixed plan writes: its tensors at their types plus the kept
-    layers' and the outside's tensors no allocation changes (norms)."""
-    fixed = sens.fixed_other + sum(sens.fixed_per_layer[i] for i in kept)
-    return fixed + sum(sens.table[n].bytes[q] for n, q in types.items())
+    layers' and the outside's tensors no allocation changes (norms, biases; a layer kept without
+    attention has no attention norm)."""
+    return sens.fixed_bytes(kept, attn_removed) + sum(sens.table[n].bytes[q] for n, q in types.items())
 
 
-def mixed_cost(sens: Sensitivity, alloc: Allocation, target: str, kl: float) -> QuantCost:
+def mixed_cost(sens: Sensitivity, alloc: Allocation, target: str, kl: float, attn_removed=()) -> QuantCost:
     """The allocation as the cost record every plan is priced from: bytes per original layer (the
     removed layers' at 0), outside the layers, the repacked part, and the predicted KL."""
-    per = [float(b) for b in sens.fixed_per_layer]
+    per = [float(sens.fixed_layer(i, i in attn_removed)) for i in range(len(sens.fixed_per_layer))]
     rep = [0.0] * len(per)
     other = float(sens.fixed_other)
     embd = 0.0
@@ -117,7 +117,7 @@ def mixed_candidates(
         if e.kl + floor_kl >= incumbent_kl:
             continue
         names = kept_tensors(sens, e)
-        fixed = sens.fixed_other + sum(sens.fixed_per_layer[i] for i in e.kept)
+        fixed = sens.fixed_bytes(e.kept, e.attn_removed)
         sh = shape.with_layers(e.layers, e.attn_layers if e.attn_removed else None)
         probe = QuantCost(MIXED, target, (0.0,), 0.0)
         budgets, slopes = [], []
@@ -149,7 +149,7 @@ def mixed_candidates(
             if alloc is None:
                 continue
             types = alloc.types
-            cost = mixed_cost(sens, alloc, target, sens.predict(types))
+            cost = mixed_cost(sens, alloc, target, sens.predict(types), e.attn_removed)
             (c,) = enumerate_candidates(shape, [e], {MIXED: cost}, [cc], **plan)
             out.append(replace(c, tensor_types=dict(types), mixed=_summary(sens, types)))
     return out

@@ -236,7 +236,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
             ),
         },
         heal=asdict(heal) if healed else None,
-        quant_costs={q: c.plan_json() for q, c in facts.costs.items()} | _mixed_json(facts, best),
+        quant_costs={q: c.plan_json() for q, c in facts.costs.items()} | _mixed_json(facts, best, best_edit),
         cache_costs={
             c.mode: {
                 "kl": c.kl,
@@ -256,7 +256,7 @@ def solve(facts: Facts, s: PlanInputs) -> Plan:
     )
 
 
-def _mixed_json(facts: Facts, best: Candidate) -> dict:
+def _mixed_json(facts: Facts, best: Candidate, edit: EditSet) -> dict:
     """plan.json's record of the per-tensor costs a mixed plan was allocated from (the allocation
     itself is in the choice and in each ranked plan)."""
     sens = facts.mixed
@@ -266,8 +266,7 @@ def _mixed_json(facts: Facts, best: Candidate) -> dict:
     types = best.tensor_types or {}
     planned = {}
     if types:  # the chosen allocation's tensor bytes in the file: exact, as llama.cpp writes them
-        kept = sorted({sens.table[n].layer for n in types if sens.table[n].layer is not None})
-        planned = {"planned_bytes": planned_bytes(sens, types, kept)}
+        planned = {"planned_bytes": planned_bytes(sens, types, list(edit.kept), edit.attn_removed)}
     return {
         "MIXED": {
             "floor": list(sens.floor),

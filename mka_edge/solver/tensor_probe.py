@@ -31,7 +31,7 @@ from .tensor_sensitivity import Sensitivity, add_type, empty_table, tensor_scale
 CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
 CARRIER = "Q8_0"  # the file type the overrides ride on: no mix rules of its own
 CALIBRATE = "Q4_0"  # the low type each tensor kind is calibrated at (every row takes it)
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2  # 2: the attention sub-block's fixed bytes per layer
 
 
 def write_types(base: Path, art: Path, types: dict[str, str], matrix: Path | None, threads: int = 2) -> Path:
@@ -131,8 +131,7 @@ def sensitivity(session, types: tuple[str, ...] = CANDIDATES, *, progress: bool 
                 if q == CARRIER:  # the floor: its KL, and the bytes no allocation changes
                     m = measure_file(art, ref, session.threads)
                     floor_kl = m["kl"]
-                    split = tensor_bytes_split(art)
-                    fixed = _fixed_bytes(split, table)
+                    fixed = _fixed_bytes(art, table)
                     bar.update(1)
                 art.unlink()
                 bar.update(1)
@@ -150,9 +149,16 @@ def sensitivity(session, types: tuple[str, ...] = CANDIDATES, *, progress: bool 
     return sens
 
 
-def _fixed_bytes(split: dict, table) -> tuple[tuple[int, ...], int]:
-    """Bytes of the tensors outside the allocation (1-D norms) per layer and outside the layers:
-    the file's split minus the 2-D weights at the carrier type."""
+def _fixed_bytes(art: Path, table) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """Bytes of the tensors outside the allocation (1-D norms, biases) per layer and outside the
+    layers: the file's split minus the 2-D weights at the carrier type; and per layer the part of
+    them in its attention sub-block (``attn_norm``, q/k/v biases), which a layer kept without
+    attention does not hold (``exporters/gguf_deci.drops_tensor``)."""
+    import gguf
+
+    from .tensor_sensitivity import kind_of
+
+    split = tensor_bytes_split(art)
     per = [int(b) for b in split["per_layer"]]
     other = int(split["other"])
     for r in table.values():
@@ -160,4 +166,11 @@ def _fixed_bytes(split: dict, table) -> tuple[tuple[int, ...], int]:
             other -= r.bytes[CARRIER]
         else:
             per[r.layer] -= r.bytes[CARRIER]
-    return tuple(per), other
+    attn = [0] * len(per)
+    for t in gguf.GGUFReader(str(art)).tensors:
+        if t.name in table:
+            continue
+        kind, layer = kind_of(t.name.replace(".bias", ".weight"))
+        if layer is not None and kind.startswith("attn_"):
+            attn[layer] += int(t.n_bytes)
+    return tuple(per), other, tuple(attn)

@@ -176,6 +176,17 @@ class Sensitivity:
     calibrate: str
     fixed_per_layer: tuple[int, ...]
     fixed_other: int
+    fixed_attn_per_layer: tuple[int, ...] = ()  # the part of fixed_per_layer in the attention sub-block
+
+    def fixed_bytes(self, kept, attn_removed=()) -> int:
+        """The unallocated bytes (norms, biases) of a model keeping these original layers, those in
+        ``attn_removed`` without their attention sub-block."""
+        return self.fixed_other + sum(self.fixed_layer(i, i in attn_removed) for i in kept)
+
+    def fixed_layer(self, i: int, no_attention: bool = False) -> int:
+        return self.fixed_per_layer[i] - (
+            self.fixed_attn_per_layer[i] if no_attention and self.fixed_attn_per_layer else 0
+        )
 
     def options(self, names: list[str], resident=None) -> dict:
         """``options`` over ``names``; ``resident(row, q)``: the bytes a choice holds in memory
@@ -205,6 +216,7 @@ class Sensitivity:
             "calibrate": self.calibrate,
             "fixed_per_layer": list(self.fixed_per_layer),
             "fixed_other": self.fixed_other,
+            "fixed_attn_per_layer": list(self.fixed_attn_per_layer),
         }
 
     @classmethod
@@ -222,4 +234,5 @@ class Sensitivity:
             d["calibrate"],
             tuple(int(x) for x in d["fixed_per_layer"]),
             int(d["fixed_other"]),
+            tuple(int(x) for x in d.get("fixed_attn_per_layer", ())),
         )
