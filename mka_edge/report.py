@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,13 +125,8 @@ def _report(
             "|---|---|---|",
         ]
         for kind, b in sorted(a["kind_bytes"].items(), key=lambda kv: -kv[1]):
-            types: dict[str, int] = {}
-            for _, k, t in a["cells"]:
-                if k == kind:
-                    types[t] = types.get(t, 0) + 1
-            named = ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1])) or a["outside"].get(
-                kind, ""
-            )
+            types = Counter(t for _, k, t in a["cells"] if k == kind)
+            named = ", ".join(f"{n} {t}" for t, n in types.most_common()) or a["outside"].get(kind, "")
             lines.append(f"| {kind} | {b / 2**20:.1f} | {named} |")
         lines += ["", "![Per-tensor types](allocation.png)"]
     lines += [
@@ -302,10 +298,8 @@ def plan_table(plan: Plan) -> str:
     removed = f", attention removed from {len(ch.attn_removed)} of them" if ch.attn_removed else ""
     mixed = ""
     if ch.tensor_types:  # a mixed plan: how many tensors at each type, most first
-        counts: dict[str, int] = {}
-        for t in ch.tensor_types.values():
-            counts[t] = counts.get(t, 0) + 1
-        mixed = " (" + ", ".join(f"{n} at {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")"
+        counts = Counter(ch.tensor_types.values()).most_common()
+        mixed = " (" + ", ".join(f"{n} at {t}" for t, n in counts) + ")"
     lines += scope_lines(plan.scope)
     lines += [
         "",

@@ -21,6 +21,7 @@ uniform plans do; a build measures the file it writes, and falls back on a miss.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 from ..records import CacheCost, EditSet, QuantCost
@@ -158,11 +159,8 @@ def mixed_candidates(
 def _summary(sens: Sensitivity, types: dict[str, str]) -> str:
     """ "182 tensors at Q5_0, 29 at Q8_0" in the types llama.cpp writes (a K-quant request a row
     cannot take is named by its fallback)."""
-    counts: dict[str, int] = {}
-    for n, q in types.items():
-        a = sens.table[n].actual[q]
-        counts[a] = counts.get(a, 0) + 1
-    parts = [f"{c} at {a}" for a, c in sorted(counts.items(), key=lambda kv: -kv[1])]
+    counts = Counter(sens.table[n].actual[q] for n, q in types.items()).most_common()
+    parts = [f"{c} at {a}" for a, c in counts]
     return (
         (parts[0].replace(" at ", " tensors at ", 1) + (", " + ", ".join(parts[1:]) if parts[1:] else ""))
         if parts
